@@ -1,0 +1,175 @@
+"""Public API: :func:`track` for your own step, :func:`analyze` for a MODEL spec."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+import torch
+
+from memprof.engines import get_engine
+from memprof.engines.base import Engine, versions
+from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count, resolve
+from memprof.profile import ModuleStat, PhaseStat, Profile
+from memprof.tracking import Tracker
+from memprof.workload import Workload
+
+
+class TrackSession:
+    """What :func:`track` yields: mark phases and inputs, then read the profile."""
+
+    def __init__(self, tracker: Tracker, model: torch.nn.Module | None, device: str) -> None:
+        self.tracker = tracker
+        self._model = model
+        self._device = device
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Mark a phase (``forward``, ``backward``, ``optimizer``...)."""
+        return self.tracker.phase(name)
+
+    def mark_inputs(self, *tensors: torch.Tensor) -> None:
+        """Count these tensors as the step's inputs."""
+        self.tracker.mark_inputs(tensors)
+
+    def profile(self, name: str | None = None) -> Profile:
+        """The plain-data profile of what ran inside the ``with`` block."""
+        r = self.tracker.result()
+        model = self._model
+        return Profile(
+            engine="track",
+            engine_reason="memprof.track() around user code",
+            device=self._device,
+            model={
+                "name": name or (type(model).__name__ if model is not None else "unknown"),
+                "parameters": parameter_count(model) if model is not None else 0,
+            },
+            workload={},
+            peak_bytes=r.peak_bytes,
+            categories_at_peak=dict(r.categories_at_peak),
+            phases=[PhaseStat(p["name"], p["peak_bytes"]) for p in r.phases],
+            modules=[ModuleStat(m.name, m.type, m.peak_bytes, m.activation_bytes, m.bytes_at_peak) for m in r.modules],
+            peak_phase=r.peak_phase,
+            peak_module=r.peak_module,
+            versions=versions(),
+        )
+
+
+@contextlib.contextmanager
+def track(
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    cuda_rounding: bool = False,
+) -> Iterator[TrackSession]:
+    """Track live tensor memory of the code inside the ``with`` block.
+
+    Tensors that exist on entry (parameters, buffers, gradients, optimizer state)
+    are counted from the start. Every hook and mode is removed on exit, also when
+    the block raises; the model and optimizer are left unchanged.
+
+    Args:
+        model: the model whose memory is broken down by category and module.
+        optimizer: its state is counted as ``optimizer_state``.
+        cuda_rounding: round each storage to the CUDA allocator's 512-byte blocks.
+
+    Yields:
+        A :class:`TrackSession`; call ``.profile()`` after (or inside) the block.
+    """
+    tracker = Tracker(model, optimizer, block_rounding=512 if cuda_rounding else 1)
+    device = "cpu"
+    if model is not None:
+        p = next(model.parameters(), None)
+        if p is not None:
+            device = str(p.device)
+    with tracker:
+        yield TrackSession(tracker, model, device)
+
+
+def estimate_state_bytes(rm: ResolvedModel, workload: Workload) -> int:
+    """Parameters (+ gradients + optimizer state for training), counted on a fake build."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model, _ = build_model(rm, dtype=workload.dtype, attn=workload.attn, load_weights=False, init_weights=False)
+        n = parameter_count(model)
+    rm.notes.clear()
+    per = torch.tensor([], dtype=DTYPES[workload.dtype]).element_size()
+    copies = 1
+    if workload.mode == "train":
+        copies += 1 + {"adamw": 2, "sgd": 1}.get(workload.optimizer, 0)
+    return n * per * copies
+
+
+def analyze(
+    spec: str,
+    *,
+    mode: str = "train",
+    batch_size: int = 8,
+    seq_len: int = 512,
+    dtype: str = "float32",
+    optimizer: str = "adamw",
+    attn: str = "sdpa",
+    task: str | None = None,
+    decode_tokens: int = 0,
+    engine: str | Engine = "auto",
+    snapshot: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Profile:
+    """Profile one step of a model, as ``memprof analyze`` does.
+
+    Args:
+        spec: a MODEL spec (directory, config.json, bundled name, Hub id, ``module:factory``).
+        mode: ``train`` or ``infer``.
+        batch_size: sequences (or images) per step.
+        seq_len: tokens per sequence.
+        dtype: parameter dtype: ``float32``, ``bfloat16`` or ``float16``.
+        optimizer: ``adamw``, ``sgd`` or ``none``.
+        attn: ``eager`` or ``sdpa``.
+        task: override the task picked from the config.
+        decode_tokens: for causal LMs in infer mode, decode steps after the prefill.
+        engine: ``auto``, ``cuda``, ``cpu``, ``sim`` or an :class:`Engine`.
+        snapshot: write a CUDA allocator snapshot (cuda engine).
+        allow_pickle: permit loading ``.bin`` checkpoints.
+        trust_remote_code: permit models that ship their own code.
+        progress: called with a short status line as the work advances.
+
+    Returns:
+        The profile of the measured step.
+
+    Raises:
+        InputError, EnvironmentProblem, OutOfMemory: see :mod:`memprof.errors`.
+    """
+    workload = Workload(
+        mode=mode,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype=dtype,
+        optimizer=optimizer,
+        attn=attn,
+        task=task,
+        decode_tokens=decode_tokens,
+    )
+    workload.validate()
+    rm = resolve(spec, task=task, trust_remote_code=trust_remote_code)
+    if isinstance(engine, Engine):
+        eng = engine
+    else:
+        estimate = None
+        if engine == "auto":
+            if progress:
+                progress("Counting parameters")
+            estimate = estimate_state_bytes(rm, workload)
+        eng = get_engine(engine, estimate_bytes=estimate, snapshot=snapshot)
+    if rm.source == "hub" and eng.load_weights and not rm.has_weights:
+        from memprof.errors import EnvironmentProblem
+        from memprof.models import fetch_hub_weights
+
+        try:
+            fetch_hub_weights(rm)
+        except EnvironmentProblem:
+            rm.notes.append("weights: not in the local cache; random initialisation (memory does not depend on values)")
+    return eng.run(rm, workload, progress=progress, allow_pickle=allow_pickle)
+
+
+__all__ = ["TrackSession", "analyze", "estimate_state_bytes", "track"]

@@ -1,0 +1,86 @@
+"""The command line: parse, call the library, render, return an exit code.
+
+Every command lives in its own module; errors from the library are typed
+(:mod:`memprof.errors`) and turned into one line on stderr and an exit code
+here, in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import typer
+
+
+from memprof.errors import MemprofError, OutOfMemory
+
+app = typer.Typer(
+    name="memprof",
+    help="GPU-memory profiler and optimizer for PyTorch and Hugging Face models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _register() -> None:
+    from memprof.cli import analyze, env
+
+    app.command("analyze")(analyze.analyze)
+    app.command("env")(env.env)
+
+
+_register()
+
+
+def error_line(message: str) -> None:
+    """Print one error line on stderr."""
+    sys.stderr.write(f"memprof: error: {message}\n")
+    sys.stderr.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``memprof`` console script. Returns the exit code."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    command = typer.main.get_command(app)
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rv = command.main(args=args, prog_name="memprof", standalone_mode=False)
+    except OutOfMemory as e:
+        error_line(str(e))
+        code = e.exit_code
+    except MemprofError as e:
+        error_line(str(e))
+        code = e.exit_code
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        code = 130
+    except Exception as e:
+        # Typer vendors its own click in recent releases: match click's
+        # exceptions by shape rather than by class.
+        name = type(e).__name__
+        if name == "Exit" and hasattr(e, "exit_code"):
+            code = int(e.exit_code)
+        elif name == "Abort":
+            error_line("aborted")
+            code = 130
+        elif name == "NoArgsIsHelpError":
+            command.main(args=[*args, "--help"], prog_name="memprof", standalone_mode=False)
+            code = 2
+        elif hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            error_line(e.format_message().replace("\n", " "))
+            code = int(e.exit_code)
+        else:
+            raise
+    else:
+        code = rv if isinstance(rv, int) else 0
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

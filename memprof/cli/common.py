@@ -1,0 +1,54 @@
+"""Helpers shared by the commands: consoles, spinners, JSON output."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from rich.console import Console
+
+from memprof.profile import write_atomic
+
+
+def stdout_console() -> Console:
+    """Console for the report (Rich honours NO_COLOR and non-terminals itself)."""
+    return Console(highlight=False)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+@contextlib.contextmanager
+def spinner(enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr, updated with each progress message."""
+    quiet_libraries()
+    console = stderr_console()
+    if not enabled or not console.is_terminal:
+        yield lambda msg: None
+        return
+    with console.status("Starting", spinner="dots") as status:
+        yield lambda msg: status.update(msg)
+
+
+def quiet_libraries() -> None:
+    """Keep transformers' advisory warnings out of the report."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def write_output(path: str, text: str) -> None:
+    """``-`` writes to stdout, anything else atomically to a file."""
+    if path == "-":
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+    else:
+        write_atomic(Path(path), text)

@@ -1,0 +1,77 @@
+"""Engines: run a workload, return a Profile. ``cuda`` | ``cpu`` | ``sim`` | ``auto``."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from memprof.engines.base import Engine
+from memprof.engines.cpu import CpuEngine
+from memprof.engines.sim import SimEngine
+from memprof.errors import InputError
+
+ENGINES = ("auto", "cuda", "cpu", "sim")
+
+
+def available_ram_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def get_engine(name: str, *, estimate_bytes: int | None = None, snapshot: str | None = None) -> Engine:
+    """The engine called ``name``; ``auto`` picks one and records why in ``engine.reason``.
+
+    Args:
+        name: ``auto``, ``cuda``, ``cpu`` or ``sim``.
+        estimate_bytes: a lower bound of the step's memory (parameters, gradients and
+            optimizer state), used by ``auto`` to decide whether a CPU run fits in RAM.
+        snapshot: path of a CUDA allocator snapshot to write (cuda engine only).
+
+    Raises:
+        InputError: unknown engine name, or ``--snapshot`` without the cuda engine.
+        EnvironmentProblem: ``cuda`` asked for without a GPU.
+    """
+    if name not in ENGINES:
+        raise InputError(f"unknown engine {name!r}; use one of: {', '.join(ENGINES)}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            name, reason = "cuda", "auto: a CUDA GPU is available"
+        else:
+            ram = available_ram_bytes()
+            if estimate_bytes is not None and ram is not None and estimate_bytes > ram // 4:
+                name = "sim"
+                reason = (
+                    f"auto: no GPU, and parameters+gradients+optimizer state alone "
+                    f"({estimate_bytes / 2**30:.1f} GiB) exceed a quarter of free RAM, so the step is simulated"
+                )
+            else:
+                name, reason = "cpu", "auto: no GPU, and the model fits comfortably in RAM, so a real CPU step runs"
+    else:
+        reason = f"--engine {name}"
+    if snapshot and name != "cuda":
+        raise InputError("--snapshot needs the cuda engine (it dumps the CUDA caching allocator's history)")
+    engine: Engine
+    if name == "cuda":
+        from memprof.engines.cuda import CudaEngine
+
+        engine = CudaEngine(snapshot_path=snapshot)
+    elif name == "sim":
+        engine = SimEngine()
+    else:
+        engine = CpuEngine()
+    engine.reason = reason
+    return engine
+
+
+__all__ = ["ENGINES", "CpuEngine", "Engine", "SimEngine", "get_engine"]

@@ -1,0 +1,136 @@
+"""The cuda engine: a real step on the GPU; the caching allocator is the truth.
+
+Protocol (as PyTorch's own memory-tracker tests): a warm-up step first (cuBLAS
+workspace, lazy kernel initialisation, optimizer state), then synchronize,
+collect garbage, empty the cache and reset the peak statistics, and only then
+the measured step. ``max_memory_allocated`` gives the peak; the tracker (with
+512-byte rounding) gives the categories and modules, and whatever the allocator
+holds that tensors do not explain is reported as such. NVML reconciles what
+nvidia-smi shows (CUDA context, allocator cache) with allocated and reserved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from memprof.engines.base import Engine
+from memprof.engines.cuda_semantics import CUDA_BLOCK_ROUNDING
+from memprof.errors import EnvironmentProblem
+
+
+def nvml_snapshot(index: int = 0) -> dict[str, Any] | None:
+    """Device total/used and this process's usage through NVML, or None without NVML."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+        proc_bytes = None
+        try:
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+                if p.pid == os.getpid():
+                    proc_bytes = int(p.usedGpuMemory) if p.usedGpuMemory is not None else None
+        except Exception:
+            pass
+        name = pynvml.nvmlDeviceGetName(h)
+        return {
+            "device_name": name.decode() if isinstance(name, bytes) else str(name),
+            "device_total_bytes": int(mem.total),
+            "device_used_bytes": int(mem.used),
+            "process_used_bytes": proc_bytes,
+            "driver_version": _str(pynvml.nvmlSystemGetDriverVersion()),
+        }
+    except Exception:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def _str(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class CudaEngine(Engine):
+    """A real step on CUDA device ``index``."""
+
+    name = "cuda"
+    block_rounding = CUDA_BLOCK_ROUNDING
+    load_weights = True
+    foreach = None  # torch's default on CUDA is foreach
+
+    def __init__(self, index: int = 0, snapshot_path: str | None = None) -> None:
+        super().__init__()
+        if not torch.cuda.is_available():
+            raise EnvironmentProblem(
+                "--engine cuda: no CUDA GPU is visible to PyTorch (use --engine sim to project a GPU run, or --engine cpu)"
+            )
+        self.index = index
+        self.snapshot_path = snapshot_path
+        self._peak: int | None = None
+        self._reserved: int | None = None
+
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.index)
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.index)
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        with torch.device(self.device()):
+            yield
+
+    def before_measure(self) -> None:
+        torch.cuda.synchronize(self.index)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.index)
+        self._start_allocated = torch.cuda.memory_allocated(self.index)
+        if self.snapshot_path:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+
+    def after_measure(self, extra: dict[str, Any]) -> None:
+        torch.cuda.synchronize(self.index)
+        self._peak = int(torch.cuda.max_memory_allocated(self.index))
+        self._reserved = int(torch.cuda.max_memory_reserved(self.index))
+        stats = torch.cuda.memory_stats(self.index)
+        if self.snapshot_path:
+            torch.cuda.memory._dump_snapshot(self.snapshot_path)
+            torch.cuda.memory._record_memory_history(enabled=None)
+        nv = nvml_snapshot(self.index)
+        extra["nvml"] = nv
+        extra["overheads"] = {
+            "allocated_before_step_bytes": int(self._start_allocated),
+            "num_alloc_retries": int(stats.get("num_alloc_retries", 0)),
+            "included_in_peak": True,
+        }
+        if nv and nv.get("process_used_bytes") is not None:
+            # what nvidia-smi shows beyond the allocator's reservation: CUDA context, libraries
+            extra["overheads"]["context_and_libraries_bytes"] = nv["process_used_bytes"] - int(
+                torch.cuda.memory_reserved(self.index)
+            )
+
+    def allocator_peak(self) -> int | None:
+        return self._peak
+
+    def peak_reserved(self) -> int | None:
+        return self._reserved
+
+    def notes(self) -> list[str]:
+        out = ["cuda engine: peak is torch.cuda.max_memory_allocated of the measured step (reset after the warm-up)"]
+        if self.snapshot_path:
+            out.append(f"allocator snapshot written to {self.snapshot_path} (open it at pytorch.org/memory_viz)")
+        return out

@@ -1,0 +1,143 @@
+"""What a CUDA run does differently from the CPU, applied to a CPU fake-tensor step.
+
+On a CPU-only PyTorch build, fake tensors on device "cuda" crash in backward,
+so the simulation runs CPU fake tensors and applies CUDA semantics here:
+
+* **SDPA kernel choice.** ``F.scaled_dot_product_attention`` is routed to the
+  aten op the CUDA dispatcher would pick (torch's ``sdp_utils.cpp``, order
+  flash -> memory-efficient -> math): flash for float16/bfloat16 with no
+  explicit mask and head dim <= 256 (multiple of 8); memory-efficient for
+  float32/float16/bfloat16 with or without a mask (boolean masks become an
+  additive mask of the query dtype, padded to a multiple of 16 as CUDA does);
+  math otherwise. The aten ops run their meta kernels and their real autograd
+  formulas, so what is saved for backward is what CUDA saves (flash: output and
+  log-sum-exp, never the ``L x L`` scores). On Hopper with a recent cuDNN,
+  PyTorch may prefer cuDNN attention; its saved tensors (output and softmax
+  statistics) are the same size as flash's, so the projection uses flash.
+* **Allocator rounding.** The caching allocator rounds every block up to 512
+  bytes (``kMinBlockSize``); the tracker is run with ``block_rounding=512``.
+* **Workspaces and context.** The cuBLAS workspace and the CUDA context are not
+  tensors; they are reported separately (:func:`cublas_workspace_bytes`), never
+  folded into the peak.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+CUDA_BLOCK_ROUNDING = 512
+
+
+def cublas_workspace_bytes(sm_major: int = 9) -> int:
+    """The cuBLAS workspace PyTorch allocates per handle and stream, by default.
+
+    From ``aten/src/ATen/cuda/CublasHandlePool.cpp`` (``getChosenWorkspaceSize``):
+    ``CUBLAS_WORKSPACE_CONFIG`` defaults to ``:4096:8`` (32 MiB) on Hopper and
+    newer and ``:4096:2:16:8`` (8.125 MiB) before.
+    """
+    if sm_major >= 9:
+        return 4096 * 1024 * 8
+    return 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+def choose_sdpa_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float = 0.0,
+    sm_major: int = 9,
+) -> str:
+    """The kernel CUDA's SDPA dispatcher picks for these inputs: flash, efficient or math."""
+    hd = q.shape[-1]
+    same_dims = k.shape[-1] == hd and v.shape[-1] == hd
+    dense4 = q.dim() == 4 and k.dim() == 4 and v.dim() == 4
+    low = q.dtype in (torch.float16, torch.bfloat16)
+    if (
+        attn_mask is None
+        and low
+        and same_dims
+        and dense4
+        and hd <= 256
+        and hd % 8 == 0
+        and (sm_major >= 8 or q.dtype == torch.float16)
+    ):
+        return "flash"
+    eff_dtypes = (torch.float16, torch.float32) + ((torch.bfloat16,) if sm_major >= 8 else ())
+    align = 8 if low else 4
+    if q.dtype in eff_dtypes and dense4 and hd % align == 0 and v.shape[-1] % align == 0 and k.shape[-1] == hd:
+        return "efficient"
+    return "math"
+
+
+class CudaSDPA(TorchFunctionMode):
+    """Route ``F.scaled_dot_product_attention`` to the kernel CUDA would run.
+
+    ``kernels`` counts the choices made, for the report.
+    """
+
+    def __init__(self, sm_major: int = 9) -> None:
+        super().__init__()
+        self.sm_major = sm_major
+        self.kernels: Counter[str] = Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention or func is torch._C._nn.scaled_dot_product_attention:
+            return self._sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _sdpa(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        kernel = choose_sdpa_kernel(query, key, value, attn_mask, dropout_p, self.sm_major)
+        self.kernels[kernel] += 1
+        aten = torch.ops.aten
+        if kernel == "flash":
+            # Flash takes grouped K/V heads natively (no repeat).
+            out = aten._scaled_dot_product_flash_attention(
+                query, key, value, dropout_p, is_causal, False, scale=scale
+            )
+            return out[0]
+        if kernel == "efficient":
+            if enable_gqa and key.shape[-3] != query.shape[-3]:
+                rep = query.shape[-3] // key.shape[-3]
+                key = key.repeat_interleave(rep, dim=-3)
+                value = value.repeat_interleave(rep, dim=-3)
+            bias = None
+            if attn_mask is not None:
+                bias = attn_mask
+                if bias.dtype == torch.bool:
+                    # convert_boolean_attn_mask: an additive mask of the query dtype
+                    bias = torch.zeros_like(bias, dtype=query.dtype).masked_fill_(~bias, float("-inf"))
+                last = bias.shape[-1]
+                if last % 16:
+                    # preprocess_mask: pad the last dim to a multiple of 16, then slice back
+                    pad = 16 - last % 16
+                    bias = F.pad(bias, (0, pad))[..., :last]
+                bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+            need_lse = torch.is_grad_enabled() and (
+                query.requires_grad or key.requires_grad or value.requires_grad
+            )
+            out = aten._scaled_dot_product_efficient_attention(
+                query, key, value, bias, need_lse, dropout_p, is_causal, scale=scale
+            )
+            return out[0]
+        kw: dict[str, Any] = {"scale": scale}
+        if enable_gqa:
+            kw["enable_gqa"] = True
+        out = aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal, None, **kw)
+        return out[0]

@@ -1,0 +1,54 @@
+"""Typed errors. The CLI maps each class to one exit code, in one place (``memprof.cli``).
+
+Exit codes (documented in the README):
+
+====  =====================================================================
+code  meaning
+====  =====================================================================
+0     success
+1     internal error (a bug in memprof: please report it)
+2     usage or input error: bad flag value, missing path, malformed config
+3     environment error: no GPU for ``--engine cuda``, model not cached
+      while offline, optional dependency missing
+4     the measured step ran out of memory (the partial profile is reported)
+====  =====================================================================
+"""
+
+from __future__ import annotations
+
+
+class MemprofError(Exception):
+    """Base class of every error memprof raises on purpose."""
+
+    exit_code = 1
+
+
+class InputError(MemprofError):
+    """The user's input is wrong: a path, a value, a config file."""
+
+    exit_code = 2
+
+
+class EnvironmentProblem(MemprofError):
+    """The machine cannot do what was asked: no GPU, no network, no package."""
+
+    exit_code = 3
+
+
+class OutOfMemory(MemprofError):
+    """The measured step ran out of memory. ``profile`` holds what was measured."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, profile: object | None = None) -> None:
+        super().__init__(message)
+        self.profile = profile
+
+
+EXIT_CODES = {
+    "ok": 0,
+    "internal": 1,
+    "input": InputError.exit_code,
+    "environment": EnvironmentProblem.exit_code,
+    "out_of_memory": OutOfMemory.exit_code,
+}

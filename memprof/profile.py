@@ -1,0 +1,127 @@
+"""The Profile: plain data, one format for every engine, versioned JSON.
+
+JSON keys other tools rely on (schema ``memprof.profile/1``): ``schema``,
+``engine``, ``device``, ``model``, ``workload``, ``peak_bytes``,
+``peak_reserved_bytes``, ``categories_at_peak`` (exactly the keys of
+:data:`memprof.tracking.CATEGORIES`, summing to ``peak_bytes``), ``phases``
+and ``modules``. Bytes are integers. Other keys may be added within a schema
+version; removing or renaming one bumps it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memprof.errors import InputError
+from memprof.tracking import CATEGORIES
+
+SCHEMA = "memprof.profile/1"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class PhaseStat:
+    name: str
+    peak_bytes: int
+
+
+@dataclass
+class ModuleStat:
+    name: str
+    type: str
+    peak_bytes: int
+    activation_bytes: int
+    bytes_at_peak: int = 0
+
+
+@dataclass
+class Profile:
+    """One measured (or simulated) step."""
+
+    engine: str
+    device: str
+    model: dict[str, Any]
+    workload: dict[str, Any]
+    peak_bytes: int
+    categories_at_peak: dict[str, int]
+    phases: list[PhaseStat]
+    modules: list[ModuleStat]
+    peak_reserved_bytes: int | None = None
+    peak_phase: str | None = None
+    peak_module: str | None = None
+    engine_reason: str = ""
+    overheads: dict[str, Any] = field(default_factory=dict)
+    nvml: dict[str, Any] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    oom: dict[str, Any] | None = None
+    schema: str = SCHEMA
+
+    def __post_init__(self) -> None:
+        missing = set(CATEGORIES) - set(self.categories_at_peak)
+        extra = set(self.categories_at_peak) - set(CATEGORIES)
+        if missing or extra:
+            raise ValueError(f"categories_at_peak must have exactly {CATEGORIES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        # schema first: readers check it before anything else
+        return {"schema": d.pop("schema"), **d}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Profile:
+        """Read a profile written by :meth:`to_dict`.
+
+        Raises:
+            InputError: not a memprof profile, or one from a newer schema.
+        """
+        if not isinstance(d, dict) or "schema" not in d:
+            raise InputError("not a memprof profile (no 'schema' key)")
+        schema = str(d["schema"])
+        name, _, ver = schema.partition("/")
+        if name != "memprof.profile" or not ver.isdigit():
+            raise InputError(f"not a memprof profile (schema {schema!r})")
+        if int(ver) > SCHEMA_VERSION:
+            raise InputError(f"profile schema {schema} is newer than this memprof reads ({SCHEMA}); upgrade memprof")
+        try:
+            d = dict(d)
+            d["phases"] = [PhaseStat(**p) for p in d.get("phases", [])]
+            d["modules"] = [ModuleStat(**m) for m in d.get("modules", [])]
+            known = set(cls.__dataclass_fields__)
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except (TypeError, ValueError) as e:
+            raise InputError(f"malformed memprof profile ({e})") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise InputError(f"profile is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            if not text.endswith("\n"):
+                f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,145 @@
+"""Rich rendering of a Profile. Display only: no measurement, no side effects but printing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich import box
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from memprof.profile import Profile
+from memprof.tracking import CATEGORIES
+from memprof.units import format_bytes, format_count
+
+_CAT_STYLE = {
+    "parameters": "cyan",
+    "buffers": "bright_black",
+    "gradients": "magenta",
+    "optimizer_state": "yellow",
+    "activations": "green",
+    "temporaries": "red",
+    "inputs": "blue",
+}
+
+
+def _bar(frac: float, width: int = 24, style: str = "white") -> Text:
+    frac = max(0.0, min(1.0, frac))
+    full = int(round(frac * width))
+    return Text("█" * full + "·" * (width - full), style=style)
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:5.1f}%" if whole else "  n/a"
+
+
+def summary_table(p: Profile) -> Table:
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column()
+    m, w = p.model, p.workload
+    t.add_row("Model", f"{m.get('name')}  ({m.get('model_type', '')}, {m.get('task', '')}, {format_count(int(m.get('parameters', 0)))} parameters)")
+    if w:
+        step = f"{w.get('mode')}  batch {w.get('batch_size')} x seq {w.get('seq_len')}, {w.get('dtype')}, attn {w.get('attn')}"
+        if w.get("mode") == "train":
+            step += f", optimizer {w.get('optimizer')}"
+        if w.get("decode_tokens"):
+            step += f", {w.get('decode_tokens')} decode tokens"
+        t.add_row("Step", step)
+    t.add_row("Engine", f"{p.engine} on {p.device}" + (f"  [dim]({p.engine_reason})[/dim]" if p.engine_reason else ""))
+    where = ""
+    if p.peak_phase:
+        inside = p.peak_module if p.peak_module and p.peak_module != "<model>" else None
+        where = f"  in {p.peak_phase}" + (f", inside {inside}" if inside else "")
+    t.add_row("Peak allocated", f"[bold]{format_bytes(p.peak_bytes, 2)}[/bold]{where}")
+    if p.peak_reserved_bytes is not None:
+        t.add_row("Peak reserved", format_bytes(p.peak_reserved_bytes, 2) + "  [dim](allocator cache included)[/dim]")
+    ov = p.overheads or {}
+    if ov.get("cublas_workspace_bytes") and not ov.get("included_in_peak", True):
+        proj = p.peak_bytes + int(ov["cublas_workspace_bytes"])
+        t.add_row(
+            "Projected GPU",
+            f"{format_bytes(proj, 2)} max_memory_allocated with the cuBLAS workspace "
+            f"({format_bytes(ov['cublas_workspace_bytes'])}); plus the CUDA context, not projected",
+        )
+    if p.nvml:
+        nv = p.nvml
+        line = f"{nv.get('device_name')}: {format_bytes(nv.get('device_used_bytes'))} used of {format_bytes(nv.get('device_total_bytes'))}"
+        if nv.get("process_used_bytes") is not None:
+            line += f"; this process {format_bytes(nv['process_used_bytes'])} (nvidia-smi)"
+        t.add_row("NVML", line)
+        if ov.get("context_and_libraries_bytes") is not None:
+            t.add_row("", f"[dim]nvidia-smi - reserved = {format_bytes(ov['context_and_libraries_bytes'])} (CUDA context, libraries)[/dim]")
+    return t
+
+
+def categories_table(p: Profile) -> Table:
+    t = Table(title="Memory at the peak, by category", box=box.SIMPLE_HEAVY, title_justify="left")
+    t.add_column("Category")
+    t.add_column("Bytes", justify="right")
+    t.add_column("Share", justify="right")
+    t.add_column("")
+    peak = p.peak_bytes
+    for c in CATEGORIES:
+        v = int(p.categories_at_peak.get(c, 0))
+        t.add_row(Text(c, style=_CAT_STYLE[c]), format_bytes(v), _pct(v, peak), _bar(v / peak if peak else 0, style=_CAT_STYLE[c]))
+    t.add_row(Text("total", style="bold"), Text(format_bytes(peak), style="bold"), "100.0%", "")
+    return t
+
+
+def phases_table(p: Profile) -> Table:
+    t = Table(title="Peak of each phase", box=box.SIMPLE_HEAVY, title_justify="left")
+    t.add_column("Phase")
+    t.add_column("Peak", justify="right")
+    t.add_column("")
+    top = max((ph.peak_bytes for ph in p.phases), default=0)
+    for ph in p.phases:
+        mark = " ◀ peak" if ph.name == p.peak_phase else ""
+        t.add_row(ph.name + mark, format_bytes(ph.peak_bytes), _bar(ph.peak_bytes / top if top else 0, style="cyan"))
+    return t
+
+
+def modules_table(p: Profile, top: int = 15) -> Table:
+    t = Table(
+        title=f"Top {top} modules by memory held at the peak (submodules included)",
+        box=box.SIMPLE_HEAVY,
+        title_justify="left",
+    )
+    t.add_column("Module", min_width=24, overflow="fold")
+    t.add_column("Type", style="dim", max_width=20, no_wrap=True)
+    t.add_column("Held at peak", justify="right")
+    t.add_column("Share", justify="right")
+    t.add_column("Activations", justify="right")
+    t.add_column("Peak while running", justify="right")
+    mods = [m for m in p.modules if m.name != "<model>"]
+    mods.sort(key=lambda m: (-m.bytes_at_peak, -m.peak_bytes, m.name))
+    for m in mods[:top]:
+        t.add_row(m.name, m.type, format_bytes(m.bytes_at_peak), _pct(m.bytes_at_peak, p.peak_bytes), format_bytes(m.activation_bytes), format_bytes(m.peak_bytes))
+    return t
+
+
+def render(p: Profile, console: Console, top: int = 15) -> None:
+    """Print the whole report."""
+    title = "memprof analyze" if p.engine != "track" else "memprof track"
+    console.print(Panel(summary_table(p), title=title, title_align="left", border_style="cyan"))
+    if p.oom:
+        o = p.oom
+        console.print(
+            Panel(
+                f"[bold red]Out of memory[/bold red] in the {o.get('phase')} phase"
+                + (f", inside {o.get('module')}" if o.get("module") else "")
+                + f"\n{o.get('message')}\nlive then: {format_bytes(o.get('live_bytes'))} "
+                + ", ".join(f"{k} {format_bytes(v)}" for k, v in (o.get("live_by_category") or {}).items() if v),
+                border_style="red",
+            )
+        )
+    parts: list[Any] = [categories_table(p)]
+    if p.phases:
+        parts.append(phases_table(p))
+    console.print(Group(*parts))
+    if p.modules and top > 0:
+        console.print(modules_table(p, top))
+    for n in p.notes:
+        console.print(f"[dim]• {n}[/dim]")

@@ -1,0 +1,579 @@
+"""Live tensor storages -> categories and owning modules.
+
+:class:`Tracker` is a ``TorchDispatchMode`` used as a context manager. Every
+tensor storage created while it is active is recorded once, with its size, the
+category it was created in and the module that was running. A weak reference
+to the storage tells when it is freed, so the tracker keeps an exact running
+total of live bytes, and its peak, without ever walking the live set per op.
+
+Categories (``Category``):
+
+* ``parameters``, ``buffers``: the model's own tensors, registered on entry.
+* ``gradients``: ``param.grad`` (tagged by post-accumulate-grad hooks).
+* ``optimizer_state``: tensors held in ``optimizer.state``.
+* ``activations``: tensors autograd saved for the backward pass, and module
+  outputs (in inference, where nothing is saved, the outputs are what flows).
+* ``inputs``: the step's input tensors (registered by the caller).
+* ``temporaries``: everything else created during the step.
+
+Module attribution: a storage belongs to the innermost module running when it
+was created; in backward, to the module whose backward is running (found with
+multi-grad hooks, as ``torch.distributed._tools.mod_tracker`` does).
+
+The breakdown at the peak is taken lazily: the live set at a peak is the same
+as just before the first free that follows it, so the tracker aggregates the
+live set only at those moments, and only when the peak was a new maximum.
+
+Known limitations:
+
+* Memory not held by tensors (the cuBLAS workspace, the CUDA context, the
+  allocator's cache) is invisible here; the cuda engine reads it from the
+  allocator instead.
+* A storage resized in place (``resize_``) keeps the size it had when first
+  seen, except through ``aten.resize_`` itself, which is followed.
+* Non-reentrant checkpointing installs its own saved-tensor hooks, which hide
+  the tensors it saves from the ``activations`` tag (they stay temporaries).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import partial
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class Category(str, Enum):
+    """Where a tensor's memory comes from."""
+
+    PARAMETERS = "parameters"
+    BUFFERS = "buffers"
+    GRADIENTS = "gradients"
+    OPTIMIZER_STATE = "optimizer_state"
+    ACTIVATIONS = "activations"
+    TEMPORARIES = "temporaries"
+    INPUTS = "inputs"
+
+
+CATEGORIES: tuple[str, ...] = tuple(c.value for c in Category)
+_CAT_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
+_PARAM, _BUF, _GRAD, _OPT, _ACT, _TMP, _INP = range(7)
+
+
+def round_cuda_block(nbytes: int) -> int:
+    """Size the CUDA caching allocator really hands out: multiples of 512 bytes."""
+    if nbytes <= 0:
+        return 0
+    return ((nbytes + 511) // 512) * 512
+
+
+@dataclass
+class ModuleStats:
+    """What the tracker learned about one module (plain data)."""
+
+    name: str
+    type: str
+    peak_bytes: int = 0  # highest live bytes while the module ran (forward or backward)
+    activation_bytes: int = 0  # its activations (with submodules') live at the global peak
+    bytes_at_peak: int = 0  # everything it owns (with submodules') live at the global peak
+
+
+@dataclass
+class TrackerResult:
+    """Plain-data result of a tracked region."""
+
+    peak_bytes: int
+    categories_at_peak: dict[str, int]
+    phases: list[dict[str, Any]]
+    modules: list[ModuleStats]
+    peak_phase: str | None
+    peak_module: str | None
+    final_bytes: int
+    live_by_category: dict[str, int] = field(default_factory=dict)
+
+
+class _Frame:
+    """One active module on the forward or backward stack."""
+
+    __slots__ = ("idx", "peak")
+
+    def __init__(self, idx: int, current: int) -> None:
+        self.idx = idx
+        self.peak = current
+
+
+class Tracker(TorchDispatchMode):
+    """Track live tensor memory by category and module.
+
+    Use it as a context manager around the region to measure::
+
+        with Tracker(model, optimizer) as t:
+            with t.phase("forward"):
+                loss = model(**batch).loss
+            ...
+        result = t.result()
+
+    Hooks, saved-tensor hooks and the dispatch mode are all removed on exit,
+    also when the region raises.
+
+    Args:
+        model: the module whose parameters, buffers and submodules are tracked.
+        optimizer: optional optimizer whose state is tracked.
+        block_rounding: round each storage up to this many bytes (512 projects
+            the CUDA caching allocator; 1 counts exact bytes).
+        track_modules: attribute memory to modules (forward and backward).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        block_rounding: int = 1,
+        track_modules: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer = optimizer
+        self.block_rounding = block_rounding
+        self.track_modules = track_modules and model is not None
+        # storage id -> [nbytes, category index, owner module index]
+        self._records: dict[int, list[int]] = {}
+        self._refs: dict[int, weakref.ref] = {}
+        self._cat = [0] * 7
+        self.current = 0
+        self.peak = 0
+        self._dirty = False
+        self._cat_at_peak = [0] * 7
+        self._mod_at_peak: dict[int, tuple[int, int]] = {}
+        self._phase_at_peak: str | None = None
+        self._module_at_peak: int = -1
+        self._phase: str | None = None
+        self._phase_peaks: dict[str, int] = {}
+        self._phase_order: list[str] = []
+        self._new_cat = _TMP
+        # modules
+        self._mod_names: list[str] = []
+        self._mod_types: list[str] = []
+        self._mod_parent: list[int] = []
+        self._mod_index: dict[int, int] = {}
+        self._mod_peak: list[int] = []
+        self._fw_stack: list[_Frame] = []
+        self._bw_stack: list[_Frame] = []
+        self._handles: list[Any] = []
+        self._exit_stack: contextlib.ExitStack | None = None
+        self._closed = False
+        self._active = False
+        self._param_owner: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ setup
+    def __enter__(self) -> Tracker:
+        self._closed = False
+        stack = contextlib.ExitStack()
+        try:
+            if self.model is not None:
+                self._index_modules(self.model)
+                self._register_existing()
+                if self.track_modules:
+                    self._install_module_hooks()
+                self._install_grad_hooks()
+            if self.optimizer is not None:
+                self._register_optimizer_state()
+                self._handles.append(self.optimizer.register_step_post_hook(self._after_optimizer_step))
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack))
+            super().__enter__()
+            self._active = True
+        except BaseException:
+            self._remove_hooks()
+            stack.close()
+            raise
+        self._exit_stack = stack
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if self._active:
+                self._active = False
+                super().__exit__(exc_type, exc, tb)
+        finally:
+            if self._dirty:
+                self._snapshot()
+            self._remove_hooks()
+            if self._exit_stack is not None:
+                self._exit_stack.close()
+                self._exit_stack = None
+            self._closed = True
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._fw_stack.clear()
+        self._bw_stack.clear()
+
+    def _index_modules(self, model: torch.nn.Module) -> None:
+        self._mod_names.clear()
+        self._mod_types.clear()
+        self._mod_parent.clear()
+        self._mod_index.clear()
+        name_of: dict[str, int] = {}
+        for name, mod in model.named_modules(remove_duplicate=True):
+            idx = len(self._mod_names)
+            self._mod_names.append(name or "<model>")
+            self._mod_types.append(type(mod).__name__)
+            parent_name = name.rsplit(".", 1)[0] if "." in name else ("" if name else None)
+            self._mod_parent.append(-1 if parent_name is None else name_of.get(parent_name, 0))
+            name_of[name] = idx
+            self._mod_index[id(mod)] = idx
+        self._mod_peak = [0] * len(self._mod_names)
+        for mod in model.modules():
+            owner = self._mod_index[id(mod)]
+            for p in mod.parameters(recurse=False):
+                self._param_owner.setdefault(id(p), owner)
+
+    def _register_existing(self) -> None:
+        assert self.model is not None
+        for p in self.model.parameters():
+            self.register(p, Category.PARAMETERS, owner=self._param_owner.get(id(p), 0))
+            if p.grad is not None:
+                self.register(p.grad, Category.GRADIENTS, owner=self._param_owner.get(id(p), 0))
+        for mod in self.model.modules():
+            owner = self._mod_index[id(mod)]
+            for b in mod.buffers(recurse=False):
+                self.register(b, Category.BUFFERS, owner=owner)
+
+    def _register_optimizer_state(self) -> None:
+        assert self.optimizer is not None
+        for p, state in self.optimizer.state.items():
+            owner = self._param_owner.get(id(p), 0)
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    self.register(v, Category.OPTIMIZER_STATE, owner=owner, retag=True)
+
+    def _after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        self._register_optimizer_state()
+
+    def _install_grad_hooks(self) -> None:
+        assert self.model is not None
+        for p in self.model.parameters():
+            if p.requires_grad:
+                owner = self._param_owner.get(id(p), 0)
+                self._handles.append(p.register_post_accumulate_grad_hook(partial(self._on_grad, owner)))
+
+    def _on_grad(self, owner: int, p: torch.Tensor) -> None:
+        if p.grad is not None:
+            self.register(p.grad, Category.GRADIENTS, owner=owner, retag=True)
+
+    def _install_module_hooks(self) -> None:
+        assert self.model is not None
+        for mod in self.model.modules():
+            idx = self._mod_index.get(id(mod))
+            if idx is None:
+                continue
+            self._handles.append(mod.register_forward_pre_hook(partial(self._fw_pre, idx)))
+            self._handles.append(mod.register_forward_hook(partial(self._fw_post, idx), always_call=True))
+
+    # ----------------------------------------------------------- module hooks
+    def _fw_pre(self, idx: int, mod: torch.nn.Module, args: Any) -> None:
+        self._fw_stack.append(_Frame(idx, self.current))
+        if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+            tensors = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor) and a.requires_grad]
+            if tensors:
+                # Fires when the gradients w.r.t. the module's inputs exist: its backward ended.
+                torch.autograd.graph.register_multi_grad_hook(tensors, partial(self._bw_post, idx))
+
+    def _fw_post(self, idx: int, mod: torch.nn.Module, args: Any, output: Any) -> None:
+        stack = self._fw_stack
+        # Pop down to this module (always_call=True also runs on exceptions).
+        while stack:
+            frame = stack.pop()
+            self._close_frame(frame)
+            if frame.idx == idx:
+                break
+        outs = [o for o in tree_flatten(output)[0] if isinstance(o, torch.Tensor)]
+        for o in outs:
+            self._retag(o, _ACT, from_cat=_TMP)
+        if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+            req = [o for o in outs if o.requires_grad]
+            if req:
+                # Fires on the first gradient w.r.t. an output: the module's backward begins.
+                torch.autograd.graph.register_multi_grad_hook(req, partial(self._bw_pre, idx), mode="any")
+
+    def _bw_pre(self, idx: int, *args: Any) -> None:
+        if self._closed:
+            return
+        self._bw_stack.append(_Frame(idx, self.current))
+
+    def _bw_post(self, idx: int, *args: Any) -> None:
+        if self._closed:
+            return
+        stack = self._bw_stack
+        if not any(f.idx == idx for f in stack):
+            return
+        while stack:
+            frame = stack.pop()
+            self._close_frame(frame)
+            if frame.idx == idx:
+                break
+
+    def _close_frame(self, frame: _Frame) -> None:
+        if frame.peak > self._mod_peak[frame.idx]:
+            self._mod_peak[frame.idx] = frame.peak
+
+    def end_backward(self) -> None:
+        """Close module frames left open when a backward pass ends."""
+        while self._bw_stack:
+            self._close_frame(self._bw_stack.pop())
+
+    def _owner(self) -> int:
+        if self._bw_stack and torch._C._current_graph_task_id() != -1:
+            return self._bw_stack[-1].idx
+        if self._fw_stack:
+            return self._fw_stack[-1].idx
+        return -1
+
+    # --------------------------------------------------------------- phases
+    @contextlib.contextmanager
+    def phase(self, name: str, category: Category | None = None) -> Iterator[None]:
+        """Mark a phase of the step (``forward``, ``backward``, ``optimizer``...)."""
+        prev, prev_cat = self._phase, self._new_cat
+        self._phase = name
+        if name not in self._phase_peaks:
+            self._phase_peaks[name] = self.current
+            self._phase_order.append(name)
+        elif self.current > self._phase_peaks[name]:
+            self._phase_peaks[name] = self.current
+        if category is not None:
+            self._new_cat = _CAT_INDEX[Category(category).value]
+        try:
+            yield
+        finally:
+            if name == "backward":
+                self.end_backward()
+            self._phase, self._new_cat = prev, prev_cat
+
+    # ------------------------------------------------------------- recording
+    def register(
+        self, t: torch.Tensor, category: Category | str, owner: int = -1, retag: bool = False
+    ) -> None:
+        """Record a tensor created outside the tracked region (or re-tag it)."""
+        cat = _CAT_INDEX[Category(category).value]
+        try:
+            st = t.untyped_storage()
+        except (NotImplementedError, RuntimeError):
+            return
+        sid = id(st)
+        rec = self._records.get(sid)
+        if rec is not None:
+            if retag and rec[1] != cat:
+                self._move(rec, cat)
+                if owner >= 0:
+                    rec[2] = owner
+            return
+        self._add(st, sid, cat, owner)
+
+    def _retag(self, t: torch.Tensor, cat: int, from_cat: int) -> None:
+        try:
+            rec = self._records.get(id(t.untyped_storage()))
+        except (NotImplementedError, RuntimeError):
+            return
+        if rec is not None and rec[1] == from_cat:
+            self._move(rec, cat)
+
+    def _move(self, rec: list[int], cat: int) -> None:
+        # No snapshot here: a tag names the tensor's role (a tensor saved for
+        # backward right after it was made is an activation at that peak too).
+        self._cat[rec[1]] -= rec[0]
+        self._cat[cat] += rec[0]
+        rec[1] = cat
+
+    def _add(self, st: Any, sid: int, cat: int, owner: int) -> None:
+        n = st.nbytes()
+        r = self.block_rounding
+        if r > 1 and n > 0:
+            n = ((n + r - 1) // r) * r
+        self._records[sid] = [n, cat, owner]
+        self._refs[sid] = weakref.ref(st, partial(self._on_free, sid))
+        self._cat[cat] += n
+        cur = self.current + n
+        self.current = cur
+        if self._fw_stack:
+            top = self._fw_stack[-1]
+            if cur > top.peak:
+                top.peak = cur
+        if self._bw_stack:
+            top = self._bw_stack[-1]
+            if cur > top.peak:
+                top.peak = cur
+        ph = self._phase
+        if ph is not None and cur > self._phase_peaks[ph]:
+            self._phase_peaks[ph] = cur
+        if cur > self.peak:
+            self.peak = cur
+            self._dirty = True
+
+    def _on_free(self, sid: int, ref: Any) -> None:
+        if self._closed:
+            self._records.pop(sid, None)
+            self._refs.pop(sid, None)
+            return
+        rec = self._records.pop(sid, None)
+        self._refs.pop(sid, None)
+        if rec is None:
+            return
+        if self._dirty:
+            self._snapshot()
+        self._cat[rec[1]] -= rec[0]
+        self.current -= rec[0]
+
+    def _snapshot(self) -> None:
+        self._dirty = False
+        self._cat_at_peak = list(self._cat)
+        self._phase_at_peak = self._phase
+        self._module_at_peak = self._owner()
+        if not self.track_modules:
+            return
+        per: dict[int, list[int]] = {}
+        for n, cat, owner in self._records.values():
+            if owner < 0:
+                continue
+            acc = per.get(owner)
+            if acc is None:
+                acc = per[owner] = [0, 0]
+            acc[0] += n
+            if cat == _ACT:
+                acc[1] += n
+        self._mod_at_peak = {k: (v[0], v[1]) for k, v in per.items()}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            rec = self._records.get(id(t.untyped_storage()))
+        except (NotImplementedError, RuntimeError):
+            return t
+        if rec is not None and rec[1] == _TMP:
+            self._move(rec, _ACT)
+        return t
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.resize_.default:
+            self._on_resize(args[0])
+            return out
+        if isinstance(out, torch.Tensor):
+            self._maybe_add(out)
+        elif isinstance(out, (tuple, list)):
+            for o in out:
+                if isinstance(o, torch.Tensor):
+                    self._maybe_add(o)
+                elif isinstance(o, (tuple, list)):
+                    for oo in o:
+                        if isinstance(oo, torch.Tensor):
+                            self._maybe_add(oo)
+        return out
+
+    def _maybe_add(self, t: torch.Tensor) -> None:
+        if t.layout is not torch.strided:
+            return
+        st = t.untyped_storage()
+        sid = id(st)
+        if sid not in self._records:
+            self._add(st, sid, self._new_cat, self._owner())
+
+    def _on_resize(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        sid = id(st)
+        rec = self._records.get(sid)
+        if rec is None:
+            self._add(st, sid, self._new_cat, self._owner())
+            return
+        n = st.nbytes()
+        r = self.block_rounding
+        if r > 1 and n > 0:
+            n = ((n + r - 1) // r) * r
+        delta = n - rec[0]
+        if delta < 0 and self._dirty:
+            self._snapshot()
+        rec[0] = n
+        self._cat[rec[1]] += delta
+        self.current += delta
+        if self.current > self.peak:
+            self.peak = self.current
+            self._dirty = True
+
+    # ---------------------------------------------------------------- results
+    def mark_inputs(self, tensors: Iterable[Any]) -> None:
+        """Register the step's input tensors (category ``inputs``)."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self.register(t, Category.INPUTS, retag=True)
+
+    def reset_peak(self) -> None:
+        """Start a new peak from the current live bytes (like ``reset_peak_memory_stats``)."""
+        self.peak = self.current
+        self._dirty = True
+        self._phase_peaks.clear()
+        self._phase_order.clear()
+        self._mod_peak = [0] * len(self._mod_names)
+
+    def live_by_category(self) -> dict[str, int]:
+        """Live bytes by category right now."""
+        return dict(zip(CATEGORIES, self._cat))
+
+    def result(self, top_level_only: bool = False) -> TrackerResult:
+        """The plain-data result. Valid inside or after the tracked region."""
+        if self._dirty:
+            self._snapshot()
+        modules: list[ModuleStats] = []
+        if self.track_modules and self._mod_names:
+            n = len(self._mod_names)
+            incl_total = [0] * n
+            incl_act = [0] * n
+            for idx, (tot, act) in self._mod_at_peak.items():
+                j = idx
+                while j >= 0:
+                    incl_total[j] += tot
+                    incl_act[j] += act
+                    j = self._mod_parent[j]
+            peaks = list(self._mod_peak)
+            # A parent's running peak includes its children's.
+            for j in range(n - 1, 0, -1):
+                p = self._mod_parent[j]
+                if p >= 0 and peaks[j] > peaks[p]:
+                    peaks[p] = peaks[j]
+            for j in range(n):
+                modules.append(
+                    ModuleStats(
+                        name=self._mod_names[j],
+                        type=self._mod_types[j],
+                        peak_bytes=peaks[j],
+                        activation_bytes=incl_act[j],
+                        bytes_at_peak=incl_total[j],
+                    )
+                )
+        phases = [{"name": p, "peak_bytes": self._phase_peaks[p]} for p in self._phase_order]
+        mod_at_peak = (
+            self._mod_names[self._module_at_peak]
+            if self.track_modules and 0 <= self._module_at_peak < len(self._mod_names)
+            else None
+        )
+        return TrackerResult(
+            peak_bytes=self.peak,
+            categories_at_peak=dict(zip(CATEGORIES, self._cat_at_peak)),
+            phases=phases,
+            modules=modules,
+            peak_phase=self._phase_at_peak,
+            peak_module=mod_at_peak,
+            final_bytes=self.current,
+            live_by_category=self.live_by_category(),
+        )
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
