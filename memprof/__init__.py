@@ -17,7 +17,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from memprof.api import analyze, track  # noqa: E402
-from memprof.profile import Profile  # noqa: E402
+from memprof.api import analyze, track
+from memprof.profile import Profile
 
 __all__ = ["Profile", "__version__", "analyze", "track"]

@@ -393,7 +393,7 @@ def build_model(
             raise InputError(f"{rm.spec}: --attn {attn} is not supported by this model ({msg})") from None
         raise InputError(f"{rm.spec}: cannot build the model ({msg})") from None
     model.train(False)
-    return model, InputBuilder(rm)
+    return model, InputBuilder(rm, dtype=tdtype)
 
 
 def _no_init_weights() -> Any:
@@ -477,7 +477,10 @@ class InputBuilder:
             else:
                 inputs["decoder_input_ids"] = ids(B, L)
             return inputs
-        inputs = {"input_ids": ids(B, L), "attention_mask": torch.ones(B, L, dtype=torch.long).to(device)}
+        # No attention_mask: synthetic batches have no padding, and transformers
+        # drops an all-ones mask itself on real tensors (it cannot tell under
+        # fake tensors, and a mask would change CUDA's SDPA kernel choice).
+        inputs = {"input_ids": ids(B, L)}
         if task in ("causal-lm", "masked-lm", "seq2seq-lm") and with_labels:
             inputs["labels"] = inputs["input_ids"].clone()
         elif task == "seq-classification" and with_labels:

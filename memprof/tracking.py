@@ -38,6 +38,7 @@ Known limitations:
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -172,6 +173,9 @@ class Tracker(TorchDispatchMode):
         self._closed = False
         self._active = False
         self._param_owner: dict[int, int] = {}
+        #: where an exception escaped the tracked region (phase, innermost module)
+        self.error_phase: str | None = None
+        self.error_module: str | None = None
 
     # ------------------------------------------------------------------ setup
     def __enter__(self) -> Tracker:
@@ -290,6 +294,9 @@ class Tracker(TorchDispatchMode):
                 torch.autograd.graph.register_multi_grad_hook(tensors, partial(self._bw_post, idx))
 
     def _fw_post(self, idx: int, mod: torch.nn.Module, args: Any, output: Any) -> None:
+        if output is None and self.error_module is None and sys.exc_info()[0] is not None:
+            # always_call hooks run while an exception propagates: innermost first
+            self.error_module = self._mod_names[idx]
         stack = self._fw_stack
         # Pop down to this module (always_call=True also runs on exceptions).
         while stack:
@@ -354,6 +361,12 @@ class Tracker(TorchDispatchMode):
             self._new_cat = _CAT_INDEX[Category(category).value]
         try:
             yield
+        except BaseException:
+            if self.error_phase is None:
+                self.error_phase = name
+                if self.error_module is None and self._owner() >= 0:
+                    self.error_module = self._mod_names[self._owner()]
+            raise
         finally:
             if name == "backward":
                 self.end_backward()

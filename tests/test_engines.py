@@ -1,0 +1,187 @@
+"""Engines run real (cpu) and simulated (sim) steps; their numbers are checked, not only that they ran."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+import memprof
+from memprof.engines import get_engine
+from memprof.engines.cuda_semantics import choose_sdpa_kernel
+from memprof.engines.sim import SimEngine
+from memprof.errors import EnvironmentProblem, InputError, OutOfMemory
+from memprof.models import bundled_models, resolve
+from memprof.tracking import CATEGORIES
+from memprof.workload import Workload
+from tests.conftest import gpu_test, tiny
+
+
+def _check_profile(p):
+    assert set(p.categories_at_peak) == set(CATEGORIES)
+    assert sum(p.categories_at_peak.values()) == p.peak_bytes
+    assert p.peak_bytes == max(ph.peak_bytes for ph in p.phases)
+    assert p.categories_at_peak["parameters"] > 0
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "bert-cls", "t5", "vit", "whisper"])
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_cpu_engine_every_tiny_architecture(name, mode):
+    p = memprof.analyze(tiny(name), engine="cpu", mode=mode, batch_size=2, seq_len=16)
+    _check_profile(p)
+    assert p.engine == "cpu"
+    phases = [ph.name for ph in p.phases]
+    assert phases == (["forward", "backward", "optimizer"] if mode == "train" else ["forward"])
+    if mode == "train":
+        # steady state: Adam's two moments exist for every trainable parameter
+        # (Whisper's encoder positions are frozen, hence a little under 2x)
+        assert p.categories_at_peak["optimizer_state"] >= 1.9 * p.categories_at_peak["parameters"]
+    else:
+        assert p.categories_at_peak["gradients"] == 0 and p.categories_at_peak["optimizer_state"] == 0
+
+
+def test_parameter_bytes_match_the_model():
+    p = memprof.analyze(tiny("llama"), engine="cpu", mode="infer", batch_size=1, seq_len=8)
+    n = p.model["parameters"]
+    assert p.categories_at_peak["parameters"] == n * 4
+
+
+@pytest.mark.parametrize("name", bundled_models())
+def test_sim_engine_every_bundled_config(name):
+    p = memprof.analyze(name, engine="sim", mode="train", batch_size=1, seq_len=64, dtype="bfloat16")
+    _check_profile(p)
+    assert p.engine == "sim" and p.overheads["included_in_peak"] is False
+    # bf16 parameters, 512-byte blocks: at least 2 bytes a parameter
+    assert p.categories_at_peak["parameters"] >= 2 * p.model["parameters"]
+    # every block is a multiple of 512 bytes
+    assert p.peak_bytes % 512 == 0
+
+
+def test_sim_llama_8b_parameter_count():
+    p = memprof.analyze("llama-3-8b", engine="sim", mode="infer", batch_size=1, seq_len=16, dtype="bfloat16")
+    assert p.model["parameters"] == 8_030_261_248
+    assert p.categories_at_peak["parameters"] == pytest.approx(2 * 8_030_261_248, rel=1e-3)
+
+
+def _run(engine, name, **kw):
+    wl = Workload(**kw)
+    return engine.run(resolve(tiny(name)), wl)
+
+
+def test_sim_agrees_with_cpu_on_eager_float32():
+    kw = dict(mode="train", batch_size=4, seq_len=64, attn="eager", dtype="float32", optimizer="none")
+    cpu = _run(get_engine("cpu"), "llama", **kw)
+    sim = SimEngine()
+    sim.block_rounding = 1  # exact bytes, as the cpu engine counts
+    sim_p = _run(sim, "llama", **kw)
+    for a, b in zip(cpu.phases, sim_p.phases):
+        assert a.name == b.name
+        assert b.peak_bytes == pytest.approx(a.peak_bytes, rel=0.01)
+    assert sim_p.peak_bytes == pytest.approx(cpu.peak_bytes, rel=0.01)
+
+
+def test_sim_projects_flash_attention_for_bf16():
+    kw = dict(mode="train", batch_size=2, seq_len=256, dtype="bfloat16", optimizer="none")
+    sdpa = memprof.analyze(tiny("llama"), engine="sim", attn="sdpa", **kw)
+    eager = memprof.analyze(tiny("llama"), engine="sim", attn="eager", **kw)
+    assert sdpa.overheads["sdpa_kernels"] == {"flash": 2}
+    # eager keeps the L x L attention probabilities for backward; flash keeps only its output and log-sum-exp
+    scores = 2 * 4 * 256 * 256 * 2  # batch x heads x L x L, bf16, one layer
+    assert eager.categories_at_peak["activations"] - sdpa.categories_at_peak["activations"] >= scores
+
+
+def test_kernel_choice_rules():
+    bf = torch.empty(1, 4, 8, 64, dtype=torch.bfloat16, device="meta")
+    f32 = torch.empty(1, 4, 8, 64, dtype=torch.float32, device="meta")
+    mask = torch.empty(1, 1, 8, 8, dtype=torch.bool, device="meta")
+    odd = torch.empty(1, 4, 8, 66, dtype=torch.float32, device="meta")
+    big = torch.empty(1, 4, 8, 320, dtype=torch.bfloat16, device="meta")
+    assert choose_sdpa_kernel(bf, bf, bf, None) == "flash"
+    assert choose_sdpa_kernel(bf, bf, bf, mask) == "efficient"
+    assert choose_sdpa_kernel(f32, f32, f32, None) == "efficient"
+    assert choose_sdpa_kernel(odd, odd, odd, None) == "math"
+    assert choose_sdpa_kernel(big, big, big, None) == "efficient"
+
+
+def test_sim_uses_foreach_optimizer_temporaries():
+    # CUDA's default multi-tensor AdamW holds a parameter-sized temporary in its step
+    p = memprof.analyze(tiny("llama"), engine="sim", mode="train", batch_size=1, seq_len=8, dtype="float32")
+    opt_phase = next(ph for ph in p.phases if ph.name == "optimizer")
+    assert p.peak_phase == "optimizer"
+    assert opt_phase.peak_bytes >= 4 * p.categories_at_peak["parameters"] * 0.95
+
+
+def test_infer_decode_has_prefill_and_decode_phases():
+    p = memprof.analyze(tiny("llama"), engine="cpu", mode="infer", batch_size=2, seq_len=16, decode_tokens=4)
+    assert [ph.name for ph in p.phases] == ["prefill", "decode"]
+    with pytest.raises(InputError, match="infer only"):
+        memprof.analyze(tiny("llama"), engine="cpu", mode="train", decode_tokens=2)
+
+
+def test_minilm_real_checkpoint_cpu(minilm_dir):
+    p = memprof.analyze(str(minilm_dir), engine="cpu", mode="infer", batch_size=4, seq_len=128)
+    assert any("loaded from the checkpoint" in n for n in p.notes)
+    assert p.model["parameters"] == 22_713_216
+    assert p.categories_at_peak["parameters"] == 22_713_216 * 4
+    _check_profile(p)
+
+
+def test_auto_engine_picks_cpu_for_small_and_sim_for_huge():
+    e = get_engine("auto", estimate_bytes=1)
+    assert e.name == ("cuda" if torch.cuda.is_available() else "cpu") and "auto" in e.reason
+    if not torch.cuda.is_available():
+        e = get_engine("auto", estimate_bytes=10**15)
+        assert e.name == "sim" and "simulated" in e.reason
+
+
+def test_cuda_engine_without_gpu_is_an_environment_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(EnvironmentProblem, match="no CUDA GPU"):
+        get_engine("cuda")
+
+
+def test_out_of_memory_reports_partial_profile(tmp_path, monkeypatch):
+    (tmp_path / "oomfactory.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            class Greedy(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.inner = torch.nn.Linear(8, 8)
+                def forward(self, x):
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+            class Model(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.pre = torch.nn.Linear(8, 8)
+                    self.greedy = Greedy()
+                def forward(self, x):
+                    return self.greedy(self.pre(x))
+
+            def make():
+                return Model(), lambda b, s: (torch.randn(b, 8),)
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(OutOfMemory) as ei:
+        memprof.analyze("oomfactory:make", engine="cpu", mode="infer", batch_size=2)
+    prof = ei.value.profile
+    assert prof.oom["phase"] == "forward"
+    assert prof.oom["module"] == "greedy"
+    assert prof.oom["live_by_category"]["parameters"] > 0
+    assert "forward phase in greedy" in str(ei.value)
+
+
+@gpu_test
+def test_cuda_engine_matches_allocator():
+    p = memprof.analyze(tiny("llama"), engine="cuda", mode="train", batch_size=2, seq_len=64)
+    _check_profile(p)
+    assert p.peak_reserved_bytes >= p.peak_bytes
+    # what tensors do not explain is the allocator's own (cuBLAS workspace, kernel scratch)
+    assert 0 <= p.overheads["untracked_at_peak_bytes"] <= 64 * 2**20

@@ -1,0 +1,189 @@
+"""The tracker's numbers, checked against sizes computed by hand."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import memprof
+from memprof.tracking import CATEGORIES, Tracker, round_cuda_block
+
+
+class TwoLayer(torch.nn.Module):
+    def __init__(self, d_in=64, d_hidden=256):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(d_in, d_hidden)
+        self.act = torch.nn.ReLU()
+        self.fc2 = torch.nn.Linear(d_hidden, d_in)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _nbytes(module):
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def test_parameters_and_inputs_counted_exactly():
+    torch.manual_seed(0)
+    m = TwoLayer()
+    x = torch.randn(32, 64)
+    with torch.no_grad(), Tracker(m) as t:
+        t.mark_inputs([x])
+        y = m(x)
+    r = t.result()
+    assert r.categories_at_peak["parameters"] == _nbytes(m)
+    assert r.categories_at_peak["inputs"] == x.numel() * 4
+    assert sum(r.categories_at_peak.values()) == r.peak_bytes
+    del y
+
+
+def test_forward_peak_matches_hand_count():
+    m = TwoLayer()
+    x = torch.randn(32, 64)
+    with torch.no_grad(), Tracker(m) as t:
+        t.mark_inputs([x])
+        out = m(x)
+    r = t.result()
+    params, inp = _nbytes(m), x.numel() * 4
+    h = 32 * 256 * 4  # fc1 output; relu makes a second buffer of the same size
+    # peak: params + input + fc1 out + relu out (fc1 out is freed only after relu returns)
+    assert r.peak_bytes == params + inp + 2 * h
+    assert out.numel() * 4 <= r.final_bytes - params - inp
+
+
+def test_training_step_categories():
+    torch.manual_seed(0)
+    m = TwoLayer()
+    opt = torch.optim.AdamW(m.parameters(), foreach=False)
+    x = torch.randn(32, 64)
+
+    def step(t=None):
+        ph = t.phase if t else (lambda n: __import__("contextlib").nullcontext())
+        with ph("forward"):
+            loss = m(x).pow(2).mean()
+        with ph("backward"):
+            loss.backward()
+        with ph("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: optimizer state exists
+    with Tracker(m, opt) as t:
+        t.mark_inputs([x])
+        step(t)
+    r = t.result()
+    P = _nbytes(m)
+    live = t.live_by_category()
+    assert live["optimizer_state"] >= 2 * P  # exp_avg + exp_avg_sq (+ step counters)
+    assert live["gradients"] == 0  # set_to_none
+    assert [p["name"] for p in r.phases] == ["forward", "backward", "optimizer"]
+    phase_peaks = {p["name"]: p["peak_bytes"] for p in r.phases}
+    assert r.peak_bytes == max(phase_peaks.values())
+    assert sum(r.categories_at_peak.values()) == r.peak_bytes
+    # during backward the gradients exist in full, once
+    assert phase_peaks["backward"] >= P + 2 * P + P  # params + adam state + grads
+
+
+def test_activations_are_saved_tensors():
+    m = TwoLayer()
+    x = torch.randn(32, 64)
+    with Tracker(m) as t:
+        t.mark_inputs([x])
+        loss = m(x).pow(2).mean()
+        live = t.live_by_category()
+    # saved for backward: relu output (fc2 input), relu's output mask... at least fc1's output
+    assert live["activations"] >= 32 * 256 * 4
+    del loss
+
+
+def test_gradients_category_and_module_attribution():
+    m = TwoLayer()
+    x = torch.randn(32, 64)
+    with Tracker(m) as t:
+        with t.phase("forward"):
+            loss = m(x).pow(2).mean()
+        with t.phase("backward"):
+            loss.backward()
+        live = t.live_by_category()
+    assert live["gradients"] == _nbytes(m)
+    r = t.result()
+    mods = {mm.name: mm for mm in r.modules}
+    assert set(mods) == {"<model>", "fc1", "act", "fc2"}
+    assert mods["fc1"].bytes_at_peak >= _nbytes(m.fc1)
+    assert mods["<model>"].bytes_at_peak >= mods["fc1"].bytes_at_peak + mods["fc2"].bytes_at_peak
+    assert mods["fc1"].peak_bytes > 0 and mods["<model>"].peak_bytes >= mods["fc1"].peak_bytes
+
+
+def test_hooks_removed_and_model_unchanged_on_error():
+    m = TwoLayer()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    hooks_before = (len(m._forward_hooks), len(m.fc1._forward_pre_hooks))
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), Tracker(m) as t:
+        m(torch.randn(2, 64))
+        raise Boom()
+    assert (len(m._forward_hooks), len(m.fc1._forward_pre_hooks)) == hooks_before
+    assert all(not p._post_accumulate_grad_hooks for p in m.parameters())
+    assert torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    assert _get_current_dispatch_mode() is None
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not t._handles
+
+
+def test_freed_memory_leaves_the_total():
+    with Tracker() as t:
+        a = torch.empty(1000, dtype=torch.float32)
+        assert t.current == 4000
+        del a
+        gc.collect()
+        assert t.current == 0
+    assert t.peak == 4000
+
+
+def test_views_share_storage():
+    with Tracker() as t:
+        a = torch.empty(1000)
+        b = a[10:20]
+        c = a.view(10, 100)
+        assert t.current == 4000
+        del b, c, a
+
+
+def test_cuda_block_rounding():
+    assert round_cuda_block(1) == 512
+    assert round_cuda_block(512) == 512
+    assert round_cuda_block(513) == 1024
+    assert round_cuda_block(0) == 0
+    with Tracker(block_rounding=512) as t:
+        a = torch.empty(10, dtype=torch.float32)  # 40 bytes -> one 512-byte block
+        assert t.current == 512
+        del a
+
+
+def test_public_track_api_profile():
+    m = TwoLayer()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(8, 64)
+    with memprof.track(m, opt) as t:
+        t.mark_inputs(x)
+        with t.phase("forward"):
+            loss = m(x).sum()
+        with t.phase("backward"):
+            loss.backward()
+        with t.phase("optimizer"):
+            opt.step()
+    p = t.profile()
+    assert p.engine == "track"
+    assert set(p.categories_at_peak) == set(CATEGORIES)
+    assert sum(p.categories_at_peak.values()) == p.peak_bytes
+    assert p.model["parameters"] == sum(q.numel() for q in m.parameters())
+    assert p.categories_at_peak["parameters"] == _nbytes(m)
