@@ -107,12 +107,12 @@ def modules_table(p: Profile, top: int = 15) -> Table:
         box=box.SIMPLE_HEAVY,
         title_justify="left",
     )
-    t.add_column("Module", min_width=24, overflow="fold")
-    t.add_column("Type", style="dim", max_width=20, no_wrap=True)
+    t.add_column("Module", min_width=18, overflow="fold")
+    t.add_column("Type", style="dim", max_width=18, no_wrap=True)
     t.add_column("Held at peak", justify="right")
     t.add_column("Share", justify="right")
     t.add_column("Activations", justify="right")
-    t.add_column("Peak while running", justify="right")
+    t.add_column("Running peak", justify="right")
     mods = [m for m in p.modules if m.name != "<model>"]
     mods.sort(key=lambda m: (-m.bytes_at_peak, -m.peak_bytes, m.name))
     for m in mods[:top]:
