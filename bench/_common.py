@@ -82,7 +82,7 @@ def machine() -> str:
     gpu = "CUDA available" if torch.cuda.is_available() else "CPU only, no GPU"
     return (
         f"{os.cpu_count()} cores ({cpu}), {gpu}; torch {torch.__version__} "
-        f"({torch.get_num_threads()} intra-op threads), transformers {transformers.__version__}, "
+        f"({torch.get_num_threads()} intra-op thread{'s' if torch.get_num_threads() != 1 else ''}), transformers {transformers.__version__}, "
         f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
     )
 
@@ -103,9 +103,15 @@ def source() -> str:
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "memprof"], cwd=REPO, capture_output=True, text=True, check=True
+            ["git", "status", "--porcelain", "--", "memprof"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
-        state = f"commit {commit}" + (", with uncommitted changes in memprof/" if dirty else ", memprof/ unmodified")
+        state = f"commit {commit}" + (
+            ", with uncommitted changes in memprof/" if dirty else ", memprof/ unmodified"
+        )
     except (OSError, subprocess.CalledProcessError):
         state = "commit unknown"
     return f"memprof {memprof.__version__} from `{rel}/` ({state})"
@@ -154,7 +160,9 @@ class Timing:
         return f"{min(self.wall):.2f} - {max(self.wall):.2f}"
 
 
-def interleave(variants: Sequence[tuple[Timing, Callable[[], Any]]], repeats: int, log: Callable[[str], None]) -> list[list[Any]]:
+def interleave(
+    variants: Sequence[tuple[Timing, Callable[[], Any]]], repeats: int, log: Callable[[str], None]
+) -> list[list[Any]]:
     """Run every variant ``repeats`` times, interleaved; the order rotates each repeat.
 
     Returns the outputs, ``outs[variant_index][repeat]``.
@@ -166,7 +174,9 @@ def interleave(variants: Sequence[tuple[Timing, Callable[[], Any]]], repeats: in
         for i in order:
             timing, fn = variants[i]
             outs[i].append(timing.run(fn))
-            log(f"  repeat {r + 1}/{repeats} {timing.name}: {timing.wall[-1]:.2f} s wall, {timing.cpu[-1]:.2f} s cpu")
+            log(
+                f"  repeat {r + 1}/{repeats} {timing.name}: {timing.wall[-1]:.2f} s wall, {timing.cpu[-1]:.2f} s cpu"
+            )
     return outs
 
 
@@ -229,7 +239,7 @@ def header_lines(extra: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
-_ORDER = ("sim_speed", "cpu_overhead", "agreement")
+_ORDER = ("sim_speed", "cpu_overhead", "cpu_overhead_threads1", "agreement")
 
 
 def write_section(name: str, text: str, doc: Path = DOC) -> None:

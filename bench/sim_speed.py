@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import _common as C
 
 
 def main() -> int:
@@ -76,6 +76,7 @@ def main() -> int:
         inputs = builder.build(wl.batch_size, wl.seq_len, torch.device("cpu"), with_labels=True)
         input_tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
         optimizer = make_optimizer("adamw", model, foreach=True)
+        assert optimizer is not None
         C.log("warm-up step (untimed)")
         t0 = time.perf_counter()
         run_step(model, inputs, wl, optimizer)
@@ -124,7 +125,14 @@ def main() -> int:
     c_peak = results["c"][0][0] if results["c"] else None
 
     rows = [
-        ["(a) untracked fake step", f"{ta.wall_median:.2f}", ta.spread(), f"{ta.cpu_median:.2f}", "1.00x", "-"],
+        [
+            "(a) untracked fake step",
+            f"{ta.wall_median:.2f}",
+            ta.spread(),
+            f"{ta.cpu_median:.2f}",
+            "1.00x",
+            "-",
+        ],
         [
             "(b) memprof Tracker (rounding 512, modules, phases)",
             f"{tb.wall_median:.2f}",
@@ -146,7 +154,14 @@ def main() -> int:
             ]
         )
     table = C.md_table(
-        ["variant", "wall s (median)", "wall s (min - max)", "cpu s (median)", "vs (a)", "peak bytes reported"],
+        [
+            "variant",
+            "wall s (median)",
+            "wall s (min - max)",
+            "cpu s (median)",
+            "vs (a)",
+            "peak bytes reported",
+        ],
         rows,
         "lrrrrr",
     )
@@ -178,14 +193,15 @@ def main() -> int:
         if c_errors:
             lines.append(f"- MemTracker failed: `{c_errors[0]}`")
     if len(b_peaks) > 1 or len(c_peaks) > 1:
-        lines.append(f"- Note: peaks differed between repeats: Tracker {sorted(b_peaks)}, MemTracker {sorted(c_peaks)}")
+        lines.append(
+            f"- Note: peaks differed between repeats: Tracker {sorted(b_peaks)}, MemTracker {sorted(c_peaks)}"
+        )
     lines.append(
         f"- Tracker's peak phase: `{b_phase}`. SDPA kernels projected per step: "
         + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
     )
     lines.append(
-        f"- Untimed warm-up step: {warm_s:.2f} s. Whole script: "
-        f"{time.perf_counter() - t_start:.0f} s."
+        f"- Untimed warm-up step: {warm_s:.2f} s. Whole script: {time.perf_counter() - t_start:.0f} s."
     )
 
     body = "\n".join(

@@ -291,7 +291,9 @@ class Tracker(TorchDispatchMode):
             tensors = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor) and a.requires_grad]
             if tensors:
                 # Fires when the gradients w.r.t. the module's inputs exist: its backward ended.
-                torch.autograd.graph.register_multi_grad_hook(tensors, partial(self._bw_post, idx))
+                self._handles.append(
+                    torch.autograd.graph.register_multi_grad_hook(tensors, partial(self._bw_post, idx))
+                )
 
     def _fw_post(self, idx: int, mod: torch.nn.Module, args: Any, output: Any) -> None:
         if output is None and self.error_module is None and sys.exc_info()[0] is not None:
@@ -311,7 +313,9 @@ class Tracker(TorchDispatchMode):
             req = [o for o in outs if o.requires_grad]
             if req:
                 # Fires on the first gradient w.r.t. an output: the module's backward begins.
-                torch.autograd.graph.register_multi_grad_hook(req, partial(self._bw_pre, idx), mode="any")
+                self._handles.append(
+                    torch.autograd.graph.register_multi_grad_hook(req, partial(self._bw_pre, idx), mode="any")
+                )
 
     def _bw_pre(self, idx: int, *args: Any) -> None:
         if self._closed:
@@ -437,12 +441,15 @@ class Tracker(TorchDispatchMode):
             self._records.pop(sid, None)
             self._refs.pop(sid, None)
             return
-        rec = self._records.pop(sid, None)
-        self._refs.pop(sid, None)
+        rec = self._records.get(sid)
         if rec is None:
+            self._refs.pop(sid, None)
             return
         if self._dirty:
+            # snapshot while the freed storage is still in the live set
             self._snapshot()
+        del self._records[sid]
+        self._refs.pop(sid, None)
         self._cat[rec[1]] -= rec[0]
         self.current -= rec[0]
 

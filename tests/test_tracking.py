@@ -187,3 +187,28 @@ def test_public_track_api_profile():
     assert sum(p.categories_at_peak.values()) == p.peak_bytes
     assert p.model["parameters"] == sum(q.numel() for q in m.parameters())
     assert p.categories_at_peak["parameters"] == _nbytes(m)
+
+
+def test_module_totals_at_peak_include_the_freed_tensor_and_tracker_is_released():
+    import weakref
+
+    m = TwoLayer()
+    x = torch.randn(16, 64)
+    refs = []
+    for _ in range(3):
+        with Tracker(m) as t:
+            t.mark_inputs([x])
+            loss = m(x).pow(2).mean()
+            loss.backward()
+            del loss
+        r = t.result()
+        root = next(mm for mm in r.modules if mm.name == "<model>")
+        # the model owns its parameters and gradients at the peak (the loss's own
+        # backward ops run outside any module and stay unowned)
+        c = r.categories_at_peak
+        assert root.bytes_at_peak >= c["parameters"] + c["gradients"]
+        refs.append(weakref.ref(t))
+        del t
+        m.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(ref() is None for ref in refs)  # no hook keeps a finished tracker alive
