@@ -412,10 +412,7 @@ class Tracker(TorchDispatchMode):
         rec[1] = cat
 
     def _add(self, st: Any, sid: int, cat: int, owner: int) -> None:
-        n = st.nbytes()
-        r = self.block_rounding
-        if r > 1 and n > 0:
-            n = ((n + r - 1) // r) * r
+        n = self._size(st)
         self._records[sid] = [n, cat, owner]
         self._refs[sid] = weakref.ref(st, partial(self._on_free, sid))
         self._cat[cat] += n
@@ -435,6 +432,12 @@ class Tracker(TorchDispatchMode):
         if cur > self.peak:
             self.peak = cur
             self._dirty = True
+
+    def _size(self, st: Any) -> int:
+        """Bytes a storage occupies, rounded up to the allocator's block size."""
+        n = st.nbytes()
+        r = self.block_rounding
+        return ((n + r - 1) // r) * r if r > 1 and n > 0 else n
 
     def _on_free(self, sid: int, ref: Any) -> None:
         if self._closed:
@@ -513,10 +516,7 @@ class Tracker(TorchDispatchMode):
         if rec is None:
             self._add(st, sid, self._new_cat, self._owner())
             return
-        n = st.nbytes()
-        r = self.block_rounding
-        if r > 1 and n > 0:
-            n = ((n + r - 1) // r) * r
+        n = self._size(st)
         delta = n - rec[0]
         if delta < 0 and self._dirty:
             self._snapshot()
@@ -533,14 +533,6 @@ class Tracker(TorchDispatchMode):
         for t in tensors:
             if isinstance(t, torch.Tensor):
                 self.register(t, Category.INPUTS, retag=True)
-
-    def reset_peak(self) -> None:
-        """Start a new peak from the current live bytes (like ``reset_peak_memory_stats``)."""
-        self.peak = self.current
-        self._dirty = True
-        self._phase_peaks.clear()
-        self._phase_order.clear()
-        self._mod_peak = [0] * len(self._mod_names)
 
     def live_by_category(self) -> dict[str, int]:
         """Live bytes by category right now."""
