@@ -8,11 +8,12 @@ steady-state training step is timed with and without
 inputs marked and ``result()`` taken, as the cpu engine does), alternating
 (the order swaps every repeat).
 
-Target: tracked / untracked <= 1.10.
+Target: tracked / untracked <= 1.10, judged on the median of the per-repeat
+ratios (each repeat times both variants back to back).
 
 Usage::
 
-    .venv/bin/python bench/cpu_overhead.py [--repeats 5] [--batch-size 1] [--seq-len 128] [--no-write]
+    .venv/bin/python bench/cpu_overhead.py [--repeats 11] [--batch-size 1] [--seq-len 128] [--no-write]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import _common as C
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="gpt2")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -81,7 +82,9 @@ def main() -> int:
     ratio = tb.wall_median / ta.wall_median
     cratio = tb.cpu_median / ta.cpu_median
     pw, pc = C.pair_ratios(tb, ta)
-    ok = ratio <= 1.10
+    # Judged on the paired ratios: both variants of a repeat run back to back, so they
+    # share the machine's state; the ratio of medians mixes repeats taken minutes apart.
+    ok = pw <= 1.10
     table = C.md_table(
         [
             "variant",
@@ -126,8 +129,8 @@ def main() -> int:
         "lrrrr",
     )
     lines = [
-        f"- Tracked / untracked: **{ratio:.3f}x** (median wall times); median of per-repeat ratios "
-        f"{pw:.3f}x wall, {pc:.3f}x cpu. Target <= 1.10x: **{'met' if ok else 'NOT met'}**.",
+        f"- Tracked / untracked: **{pw:.3f}x** wall, {pc:.3f}x cpu (median of the per-repeat ratios; "
+        f"ratio of the median times {ratio:.3f}x wall, {cratio:.3f}x cpu). Target <= 1.10x: **{'met' if ok else 'NOT met'}**.",
         f"- Absolute overhead: {tb.wall_median - ta.wall_median:+.3f} s wall, {tb.cpu_median - ta.cpu_median:+.3f} s cpu "
         "per step (difference of the medians).",
         f"- Tracker's peak: {C.fmt_bytes(max(peaks))}"

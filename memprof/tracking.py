@@ -153,7 +153,12 @@ class Tracker(TorchDispatchMode):
         self.peak = 0
         self._dirty = False
         self._cat_at_peak = [0] * 7
-        self._mod_at_peak: dict[int, tuple[int, int]] = {}
+        # live bytes (all, activations) per owner module, kept as running totals so
+        # the breakdown at a peak is a list copy, not a walk over the live set
+        self._mod_tot: list[int] = []
+        self._mod_act: list[int] = []
+        self._mod_tot_at_peak: list[int] = []
+        self._mod_act_at_peak: list[int] = []
         self._phase_at_peak: str | None = None
         self._module_at_peak: int = -1
         self._phase: str | None = None
@@ -237,6 +242,8 @@ class Tracker(TorchDispatchMode):
             name_of[name] = idx
             self._mod_index[id(mod)] = idx
         self._mod_peak = [0] * len(self._mod_names)
+        self._mod_tot = [0] * len(self._mod_names)
+        self._mod_act = [0] * len(self._mod_names)
         for mod in model.modules():
             owner = self._mod_index[id(mod)]
             for p in mod.parameters(recurse=False):
@@ -391,8 +398,8 @@ class Tracker(TorchDispatchMode):
         if rec is not None:
             if retag and rec[1] != cat:
                 self._move(rec, cat)
-                if owner >= 0:
-                    rec[2] = owner
+                if owner >= 0 and owner != rec[2]:
+                    self._set_owner(rec, owner)
             return
         self._add(st, sid, cat, owner)
 
@@ -407,15 +414,34 @@ class Tracker(TorchDispatchMode):
     def _move(self, rec: list[int], cat: int) -> None:
         # No snapshot here: a tag names the tensor's role (a tensor saved for
         # backward right after it was made is an activation at that peak too).
-        self._cat[rec[1]] -= rec[0]
-        self._cat[cat] += rec[0]
+        n, old, owner = rec
+        self._cat[old] -= n
+        self._cat[cat] += n
         rec[1] = cat
+        if owner >= 0 and (old == _ACT) != (cat == _ACT):
+            self._mod_act[owner] += n if cat == _ACT else -n
+
+    def _set_owner(self, rec: list[int], owner: int) -> None:
+        n, cat, old = rec
+        act = cat == _ACT
+        if old >= 0:
+            self._mod_tot[old] -= n
+            if act:
+                self._mod_act[old] -= n
+        self._mod_tot[owner] += n
+        if act:
+            self._mod_act[owner] += n
+        rec[2] = owner
 
     def _add(self, st: Any, sid: int, cat: int, owner: int) -> None:
         n = self._size(st)
         self._records[sid] = [n, cat, owner]
         self._refs[sid] = weakref.ref(st, partial(self._on_free, sid))
         self._cat[cat] += n
+        if owner >= 0:
+            self._mod_tot[owner] += n
+            if cat == _ACT:
+                self._mod_act[owner] += n
         cur = self.current + n
         self.current = cur
         if self._fw_stack:
@@ -453,27 +479,22 @@ class Tracker(TorchDispatchMode):
             self._snapshot()
         del self._records[sid]
         self._refs.pop(sid, None)
-        self._cat[rec[1]] -= rec[0]
-        self.current -= rec[0]
+        n, cat, owner = rec
+        self._cat[cat] -= n
+        self.current -= n
+        if owner >= 0:
+            self._mod_tot[owner] -= n
+            if cat == _ACT:
+                self._mod_act[owner] -= n
 
     def _snapshot(self) -> None:
         self._dirty = False
         self._cat_at_peak = list(self._cat)
         self._phase_at_peak = self._phase
         self._module_at_peak = self._owner()
-        if not self.track_modules:
-            return
-        per: dict[int, list[int]] = {}
-        for n, cat, owner in self._records.values():
-            if owner < 0:
-                continue
-            acc = per.get(owner)
-            if acc is None:
-                acc = per[owner] = [0, 0]
-            acc[0] += n
-            if cat == _ACT:
-                acc[1] += n
-        self._mod_at_peak = {k: (v[0], v[1]) for k, v in per.items()}
+        if self.track_modules:
+            self._mod_tot_at_peak = self._mod_tot[:]
+            self._mod_act_at_peak = self._mod_act[:]
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         try:
@@ -522,6 +543,10 @@ class Tracker(TorchDispatchMode):
             self._snapshot()
         rec[0] = n
         self._cat[rec[1]] += delta
+        if rec[2] >= 0:
+            self._mod_tot[rec[2]] += delta
+            if rec[1] == _ACT:
+                self._mod_act[rec[2]] += delta
         self.current += delta
         if self.current > self.peak:
             self.peak = self.current
@@ -545,14 +570,14 @@ class Tracker(TorchDispatchMode):
         modules: list[ModuleStats] = []
         if self.track_modules and self._mod_names:
             n = len(self._mod_names)
-            incl_total = [0] * n
-            incl_act = [0] * n
-            for idx, (tot, act) in self._mod_at_peak.items():
-                j = idx
-                while j >= 0:
-                    incl_total[j] += tot
-                    incl_act[j] += act
-                    j = self._mod_parent[j]
+            incl_total = self._mod_tot_at_peak[:] or [0] * n
+            incl_act = self._mod_act_at_peak[:] or [0] * n
+            # Modules are indexed parents first: fold children into parents bottom-up.
+            for j in range(n - 1, 0, -1):
+                p = self._mod_parent[j]
+                if p >= 0:
+                    incl_total[p] += incl_total[j]
+                    incl_act[p] += incl_act[j]
             peaks = list(self._mod_peak)
             # A parent's running peak includes its children's.
             for j in range(n - 1, 0, -1):

@@ -202,3 +202,29 @@ def test_module_totals_at_peak_include_the_freed_tensor_and_tracker_is_released(
         m.zero_grad(set_to_none=True)
     gc.collect()
     assert all(ref() is None for ref in refs)  # no hook keeps a finished tracker alive
+
+
+def test_running_module_totals_match_the_live_records():
+    # The per-module totals are kept incrementally (add, free, retag, new owner):
+    # after a whole training step they must equal a walk over the live records.
+    torch.manual_seed(0)
+    m = TwoLayer()
+    opt = torch.optim.AdamW(m.parameters())
+    x = torch.randn(16, 64)
+    t = Tracker(m, opt)
+    with t:
+        for _ in range(2):
+            loss = m(x).square().mean()
+            loss.backward()
+            opt.step()
+        kept = m(x)  # live activations owned by modules
+        n = len(t._mod_tot)
+        tot, act = [0] * n, [0] * n
+        for nbytes, cat, owner in t._records.values():
+            if owner >= 0:
+                tot[owner] += nbytes
+                act[owner] += nbytes if cat == CATEGORIES.index("activations") else 0
+        assert t._mod_tot == tot
+        assert t._mod_act == act
+        assert sum(act) > 0 and all(v >= 0 for v in tot)
+    del kept
