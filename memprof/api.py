@@ -47,7 +47,10 @@ class TrackSession:
             peak_bytes=r.peak_bytes,
             categories_at_peak=dict(r.categories_at_peak),
             phases=[PhaseStat(p["name"], p["peak_bytes"]) for p in r.phases],
-            modules=[ModuleStat(m.name, m.type, m.peak_bytes, m.activation_bytes, m.bytes_at_peak) for m in r.modules],
+            modules=[
+                ModuleStat(m.name, m.type, m.peak_bytes, m.activation_bytes, m.bytes_at_peak)
+                for m in r.modules
+            ],
             peak_phase=r.peak_phase,
             peak_module=r.peak_module,
             versions=versions(),
@@ -90,7 +93,9 @@ def estimate_state_bytes(rm: ResolvedModel, workload: Workload) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model, _ = build_model(rm, dtype=workload.dtype, attn=workload.attn, load_weights=False, init_weights=False)
+        model, _ = build_model(
+            rm, dtype=workload.dtype, attn=workload.attn, load_weights=False, init_weights=False
+        )
         n = parameter_count(model)
     rm.notes.clear()
     per = torch.tensor([], dtype=DTYPES[workload.dtype]).element_size()
@@ -169,7 +174,9 @@ def analyze(
         try:
             fetch_hub_weights(rm)
         except EnvironmentProblem:
-            rm.notes.append("weights: not in the local cache; random initialisation (memory does not depend on values)")
+            rm.notes.append(
+                "weights: not in the local cache; random initialisation (memory does not depend on values)"
+            )
     return eng.run(rm, workload, progress=progress, allow_pickle=allow_pickle)
 
 

@@ -132,7 +132,9 @@ def resolve(
         return _from_directory(spec, path, task, trust_remote_code)
     if path.is_file():
         if path.suffix != ".json":
-            raise InputError(f"{spec}: expected a model directory or a config.json, got a {path.suffix or 'plain'} file")
+            raise InputError(
+                f"{spec}: expected a model directory or a config.json, got a {path.suffix or 'plain'} file"
+            )
         cfg = _load_config_file(path, trust_remote_code)
         name = path.parent.name if path.name == "config.json" else path.stem
         return _finish(ResolvedModel(spec, name, "config", cfg, trust_remote_code=trust_remote_code), task)
@@ -145,9 +147,7 @@ def resolve(
     if _HUB_ID.match(spec):
         return _from_hub(spec, task, trust_remote_code)
     names = ", ".join(bundled_models()) or "none"
-    raise InputError(
-        f"{spec}: no such file or directory, bundled config or Hub id (bundled: {names})"
-    )
+    raise InputError(f"{spec}: no such file or directory, bundled config or Hub id (bundled: {names})")
 
 
 def _looks_like_factory(spec: str) -> bool:
@@ -252,7 +252,9 @@ def _from_hub(spec: str, task: str | None, trust_remote_code: bool) -> ResolvedM
         try:
             local = snapshot_download(spec, allow_patterns=["config.json"])
         except Exception as e:  # network, auth, missing repo: one line for the user
-            raise EnvironmentProblem(f"{spec}: could not fetch config.json from the Hub ({type(e).__name__}: {e})") from None
+            raise EnvironmentProblem(
+                f"{spec}: could not fetch config.json from the Hub ({type(e).__name__}: {e})"
+            ) from None
     rm = _from_directory(spec, Path(local), task, trust_remote_code)
     rm.source = "hub"
     rm.name = spec
@@ -280,7 +282,11 @@ def _finish(rm: ResolvedModel, task: str | None) -> ResolvedModel:
     auto = getattr(transformers, auto_name)
     mapping = getattr(auto, "_model_mapping", None)
     if mapping is not None and type(rm.config) not in mapping:
-        supported = [t for t, a in TASKS.items() if type(rm.config) in getattr(getattr(transformers, a), "_model_mapping", {})]
+        supported = [
+            t
+            for t, a in TASKS.items()
+            if type(rm.config) in getattr(getattr(transformers, a), "_model_mapping", {})
+        ]
         raise InputError(
             f"{rm.spec}: model type {rm.model_type!r} has no {rm.task} head "
             f"(tasks it supports here: {', '.join(supported) or 'none'})"
@@ -386,7 +392,9 @@ def build_model(
         else:
             with contextlib.nullcontext() if init_weights else _no_init_weights():
                 model = auto.from_config(rm.config, **kw)
-            rm.notes.append("weights: random initialisation from the config (memory does not depend on values)")
+            rm.notes.append(
+                "weights: random initialisation from the config (memory does not depend on values)"
+            )
     except ValueError as e:
         msg = str(e).splitlines()[0]
         if "attn_implementation" in msg or "scaled_dot_product_attention" in msg or "sdpa" in msg.lower():
@@ -414,7 +422,9 @@ def _build_factory(rm: ResolvedModel, dtype: torch.dtype) -> tuple[torch.nn.Modu
         model = out
         builder_fn = getattr(model, "example_inputs", None)
     if not isinstance(model, torch.nn.Module):
-        raise InputError(f"{rm.spec}: the factory must return an nn.Module (or (module, input_builder)), got {type(model).__name__}")
+        raise InputError(
+            f"{rm.spec}: the factory must return an nn.Module (or (module, input_builder)), got {type(model).__name__}"
+        )
     if builder_fn is None or not callable(builder_fn):
         raise InputError(
             f"{rm.spec}: no input builder: return (module, builder) where builder(batch_size, seq_len) gives the inputs, "
@@ -428,7 +438,9 @@ def _build_factory(rm: ResolvedModel, dtype: torch.dtype) -> tuple[torch.nn.Modu
 class InputBuilder:
     """Synthetic inputs for a model's task, and the loss of a training step."""
 
-    def __init__(self, rm: ResolvedModel, custom: Callable[..., Any] | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, rm: ResolvedModel, custom: Callable[..., Any] | None = None, dtype: torch.dtype = torch.float32
+    ):
         self.rm = rm
         self.custom = custom
         self.dtype = dtype
@@ -445,7 +457,9 @@ class InputBuilder:
                 f"--seq-len {seq_len} is past {self.rm.name}'s position limit of {limit}; use --seq-len {limit} or less"
             )
 
-    def build(self, batch_size: int, seq_len: int, device: torch.device | str, *, with_labels: bool = True) -> dict[str, Any]:
+    def build(
+        self, batch_size: int, seq_len: int, device: torch.device | str, *, with_labels: bool = True
+    ) -> dict[str, Any]:
         """The keyword inputs of one step, on ``device`` (call inside the engine's tensor mode)."""
         if self.custom is not None:
             raw = self.custom(batch_size, seq_len)
@@ -464,14 +478,24 @@ class InputBuilder:
             size = getattr(c, "image_size", 224)
             size = size if isinstance(size, int) else size[0]
             ch = getattr(c, "num_channels", 3)
-            inputs = {"pixel_values": torch.randn(B, ch, size, size, generator=g).to(device=device, dtype=self.dtype)}
+            inputs = {
+                "pixel_values": torch.randn(B, ch, size, size, generator=g).to(
+                    device=device, dtype=self.dtype
+                )
+            }
             if with_labels:
-                inputs["labels"] = torch.randint(0, max(1, getattr(c, "num_labels", 2)), (B,), generator=g).to(device)
+                inputs["labels"] = torch.randint(
+                    0, max(1, getattr(c, "num_labels", 2)), (B,), generator=g
+                ).to(device)
             return inputs
         if task == "speech-seq2seq":
             frames = 2 * int(getattr(c, "max_source_positions", 1500))
             mels = int(getattr(c, "num_mel_bins", 80))
-            inputs = {"input_features": torch.randn(B, mels, frames, generator=g).to(device=device, dtype=self.dtype)}
+            inputs = {
+                "input_features": torch.randn(B, mels, frames, generator=g).to(
+                    device=device, dtype=self.dtype
+                )
+            }
             if with_labels:
                 inputs["labels"] = ids(B, L)
             else:
@@ -484,7 +508,9 @@ class InputBuilder:
         if task in ("causal-lm", "masked-lm", "seq2seq-lm") and with_labels:
             inputs["labels"] = inputs["input_ids"].clone()
         elif task == "seq-classification" and with_labels:
-            inputs["labels"] = torch.randint(0, max(1, getattr(c, "num_labels", 2)), (B,), generator=g).to(device)
+            inputs["labels"] = torch.randint(0, max(1, getattr(c, "num_labels", 2)), (B,), generator=g).to(
+                device
+            )
         elif task == "seq2seq-lm" and not with_labels:
             inputs["decoder_input_ids"] = ids(B, L)
         return inputs

@@ -90,7 +90,9 @@ class Profile:
         if name != "memprof.profile" or not ver.isdigit():
             raise InputError(f"not a memprof profile (schema {schema!r})")
         if int(ver) > SCHEMA_VERSION:
-            raise InputError(f"profile schema {schema} is newer than this memprof reads ({SCHEMA}); upgrade memprof")
+            raise InputError(
+                f"profile schema {schema} is newer than this memprof reads ({SCHEMA}); upgrade memprof"
+            )
         try:
             d = dict(d)
             d["phases"] = [PhaseStat(**p) for p in d.get("phases", [])]

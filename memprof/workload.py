@@ -63,7 +63,9 @@ class Workload:
         return asdict(self)
 
 
-def make_optimizer(name: str, model: torch.nn.Module, *, foreach: bool | None) -> torch.optim.Optimizer | None:
+def make_optimizer(
+    name: str, model: torch.nn.Module, *, foreach: bool | None
+) -> torch.optim.Optimizer | None:
     """The optimizer of a training step.
 
     Args:

@@ -28,21 +28,49 @@ def test_help_lists_commands():
 
 
 def test_analyze_prints_report(capsys):
-    code, out, err = run(capsys, "analyze", tiny("llama"), "--engine", "cpu", "-b", "2", "-s", "16", "--top", "3")
+    code, out, err = run(
+        capsys, "analyze", tiny("llama"), "--engine", "cpu", "-b", "2", "-s", "16", "--top", "3"
+    )
     assert code == 0, err
-    for text in ("Peak allocated", "Memory at the peak, by category", "Peak of each phase", "Top 3 modules", "steady state"):
+    for text in (
+        "Peak allocated",
+        "Memory at the peak, by category",
+        "Peak of each phase",
+        "Top 3 modules",
+        "steady state",
+    ):
         assert text in out
     assert "\x1b[" not in out  # not a terminal: no escape codes
 
 
 def test_analyze_json_stdout_is_the_profile(capsys):
-    code, out, err = run(capsys, "analyze", tiny("gpt2"), "--engine", "sim", "-b", "1", "-s", "8", "--json", "-")
+    code, out, err = run(
+        capsys, "analyze", tiny("gpt2"), "--engine", "sim", "-b", "1", "-s", "8", "--json", "-"
+    )
     assert code == 0, err
     d = json.loads(out)
     assert d["schema"] == SCHEMA
-    for key in ("engine", "device", "model", "workload", "peak_bytes", "peak_reserved_bytes", "categories_at_peak", "phases", "modules"):
+    for key in (
+        "engine",
+        "device",
+        "model",
+        "workload",
+        "peak_bytes",
+        "peak_reserved_bytes",
+        "categories_at_peak",
+        "phases",
+        "modules",
+    ):
         assert key in d
-    assert set(d["categories_at_peak"]) == {"parameters", "buffers", "gradients", "optimizer_state", "activations", "temporaries", "inputs"}
+    assert set(d["categories_at_peak"]) == {
+        "parameters",
+        "buffers",
+        "gradients",
+        "optimizer_state",
+        "activations",
+        "temporaries",
+        "inputs",
+    }
     assert sum(d["categories_at_peak"].values()) == d["peak_bytes"]
     assert d["workload"]["mode"] == "train" and d["engine"] == "sim"
     assert Profile.from_dict(d).peak_bytes == d["peak_bytes"]
@@ -50,7 +78,21 @@ def test_analyze_json_stdout_is_the_profile(capsys):
 
 def test_analyze_json_file(tmp_path, capsys):
     path = tmp_path / "out" / "p.json"
-    code, out, _ = run(capsys, "analyze", tiny("bert"), "--engine", "cpu", "--mode", "infer", "-b", "1", "-s", "8", "--json", str(path))
+    code, out, _ = run(
+        capsys,
+        "analyze",
+        tiny("bert"),
+        "--engine",
+        "cpu",
+        "--mode",
+        "infer",
+        "-b",
+        "1",
+        "-s",
+        "8",
+        "--json",
+        str(path),
+    )
     assert code == 0
     assert json.loads(path.read_text())["engine"] == "cpu"
     assert "Peak allocated" in out
@@ -67,7 +109,11 @@ def test_analyze_json_file(tmp_path, capsys):
         (["analyze", "gpt2", "--seq-len", "4096", "--engine", "sim"], 2, "position limit of 1024"),
         (["analyze", "gpt2", "--engine", "tpu"], 2, "--engine"),
         (["analyze", "acme/not-cached-model"], 3, "HF_HUB_OFFLINE=1"),
-        (["analyze", "gpt2", "--snapshot", "x.pickle", "--engine", "sim"], 2, "--snapshot needs the cuda engine"),
+        (
+            ["analyze", "gpt2", "--snapshot", "x.pickle", "--engine", "sim"],
+            2,
+            "--snapshot needs the cuda engine",
+        ),
     ],
 )
 def test_bad_input_is_one_line_with_its_exit_code(capsys, monkeypatch, args, code, needle):
@@ -134,7 +180,9 @@ def test_env_command(capsys):
 def test_no_color_respected(capsys, monkeypatch):
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("FORCE_COLOR", "1")
-    code, out, _ = run(capsys, "analyze", tiny("llama"), "--engine", "cpu", "-b", "1", "-s", "8", "--mode", "infer")
+    code, out, _ = run(
+        capsys, "analyze", tiny("llama"), "--engine", "cpu", "-b", "1", "-s", "8", "--mode", "infer"
+    )
     assert code == 0
     assert "\x1b[1m" in out  # styles still render (forced terminal)...
     assert not re.search(r"\x1b\[(?:[0-9;]*;)?(?:3[0-7]|38|9[0-7])[;m]", out)  # ...but no colours

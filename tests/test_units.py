@@ -6,7 +6,14 @@ from memprof.units import format_bytes, format_count, parse_percent, parse_size
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("24GiB", 24 * 2**30), ("512 MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("4096", 4096), ("2k", 2048), ("10B", 10)],
+    [
+        ("24GiB", 24 * 2**30),
+        ("512 MiB", 512 * 2**20),
+        ("1.5GB", 1_500_000_000),
+        ("4096", 4096),
+        ("2k", 2048),
+        ("10B", 10),
+    ],
 )
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
@@ -29,7 +36,7 @@ def test_format_bytes_binary_units():
     assert format_bytes(1023) == "1023 B"
     assert format_bytes(1536) == "1.5 KiB"
     assert format_bytes(3 * 2**30, 2) == "3.00 GiB"
-    assert format_bytes(-2**20) == "-1.0 MiB"
+    assert format_bytes(-(2**20)) == "-1.0 MiB"
     assert format_bytes(None) == "n/a"
 
 

@@ -61,14 +61,28 @@ def analyze(
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Parameter dtype."),
     optimizer: Optim = typer.Option(Optim.adamw, "--optimizer", help="Optimizer of the training step."),
     attn: Attn = typer.Option(Attn.sdpa, "--attn", help="Attention implementation (transformers models)."),
-    engine: EngineName = typer.Option(EngineName.auto, "--engine", "-e", help="cuda, cpu, sim (fake tensors), or auto."),
-    task: Task | None = typer.Option(None, "--task", help="Override the head picked from the config's architectures."),
-    decode_tokens: int = typer.Option(0, "--decode-tokens", help="Infer mode, causal LMs: decode steps after the prefill."),
+    engine: EngineName = typer.Option(
+        EngineName.auto, "--engine", "-e", help="cuda, cpu, sim (fake tensors), or auto."
+    ),
+    task: Task | None = typer.Option(
+        None, "--task", help="Override the head picked from the config's architectures."
+    ),
+    decode_tokens: int = typer.Option(
+        0, "--decode-tokens", help="Infer mode, causal LMs: decode steps after the prefill."
+    ),
     top: int = typer.Option(15, "--top", help="Modules to list."),
-    json_path: str | None = typer.Option(None, "--json", help="Write the profile as JSON to PATH ('-' for stdout)."),
-    snapshot: str | None = typer.Option(None, "--snapshot", help="cuda engine: write an allocator snapshot pickle (memory_viz)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading .bin (pickle) checkpoints."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow models that ship their own code."),
+    json_path: str | None = typer.Option(
+        None, "--json", help="Write the profile as JSON to PATH ('-' for stdout)."
+    ),
+    snapshot: str | None = typer.Option(
+        None, "--snapshot", help="cuda engine: write an allocator snapshot pickle (memory_viz)."
+    ),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Allow loading .bin (pickle) checkpoints."
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow models that ship their own code."
+    ),
 ) -> int:
     """Measure the peak memory of one training or inference step."""
     if top < 0:

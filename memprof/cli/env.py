@@ -69,9 +69,18 @@ def env(
         for col in ("#", "name", "capability", "total", "free", "driver"):
             g.add_column(col)
         for gpu in info["gpus"]:
-            g.add_row(str(gpu["index"]), gpu["name"], gpu["capability"], format_bytes(gpu["total_bytes"]), format_bytes(gpu["free_bytes"]), str(gpu["driver_version"]))
+            g.add_row(
+                str(gpu["index"]),
+                gpu["name"],
+                gpu["capability"],
+                format_bytes(gpu["total_bytes"]),
+                format_bytes(gpu["free_bytes"]),
+                str(gpu["driver_version"]),
+            )
         c.print(g)
     else:
-        c.print("No GPU: the cuda engine is unavailable; cpu (a real CPU step) and sim (a projected GPU step) remain.")
+        c.print(
+            "No GPU: the cuda engine is unavailable; cpu (a real CPU step) and sim (a projected GPU step) remain."
+        )
     c.print("Engines available: " + ", ".join(info["engines"]))
     return 0

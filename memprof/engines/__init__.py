@@ -56,7 +56,10 @@ def get_engine(name: str, *, estimate_bytes: int | None = None, snapshot: str | 
                     f"({estimate_bytes / 2**30:.1f} GiB) exceed a quarter of free RAM, so the step is simulated"
                 )
             else:
-                name, reason = "cpu", "auto: no GPU, and the model fits comfortably in RAM, so a real CPU step runs"
+                name, reason = (
+                    "cpu",
+                    "auto: no GPU, and the model fits comfortably in RAM, so a real CPU step runs",
+                )
     else:
         reason = f"--engine {name}"
     if snapshot and name != "cuda":

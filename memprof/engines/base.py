@@ -136,13 +136,22 @@ class Engine:
                 run_step(model, inputs, workload, optimizer)
             self.before_measure()
             say("Measured step")
-            tracker = Tracker(model, optimizer, block_rounding=self.block_rounding, track_modules=track_modules)
+            tracker = Tracker(
+                model, optimizer, block_rounding=self.block_rounding, track_modules=track_modules
+            )
             oom: dict[str, Any] | None = None
             error: BaseException | None = None
             try:
                 with tracker:
                     tracker.mark_inputs(v for v in inputs.values() if isinstance(v, torch.Tensor))
-                    run_step(model, inputs, workload, optimizer, tracker=tracker, on_phase=lambda p: say(f"Measured step: {p}"))
+                    run_step(
+                        model,
+                        inputs,
+                        workload,
+                        optimizer,
+                        tracker=tracker,
+                        on_phase=lambda p: say(f"Measured step: {p}"),
+                    )
             except BaseException as e:
                 if not is_oom(e):
                     raise
@@ -189,7 +198,9 @@ class Engine:
         notes = list(rm.notes)
         notes += self.notes()
         if workload.mode == "train":
-            notes.append("steady state: one warm-up step ran first, so optimizer state exists as in every step but the first")
+            notes.append(
+                "steady state: one warm-up step ran first, so optimizer state exists as in every step but the first"
+            )
         return Profile(
             engine=self.name,
             engine_reason=self.reason,

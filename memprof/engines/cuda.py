@@ -130,7 +130,11 @@ class CudaEngine(Engine):
         return self._reserved
 
     def notes(self) -> list[str]:
-        out = ["cuda engine: peak is torch.cuda.max_memory_allocated of the measured step (reset after the warm-up)"]
+        out = [
+            "cuda engine: peak is torch.cuda.max_memory_allocated of the measured step (reset after the warm-up)"
+        ]
         if self.snapshot_path:
-            out.append(f"allocator snapshot written to {self.snapshot_path} (open it at pytorch.org/memory_viz)")
+            out.append(
+                f"allocator snapshot written to {self.snapshot_path} (open it at pytorch.org/memory_viz)"
+            )
         return out

@@ -70,7 +70,13 @@ def choose_sdpa_kernel(
         return "flash"
     eff_dtypes = (torch.float16, torch.float32) + ((torch.bfloat16,) if sm_major >= 8 else ())
     align = 8 if low else 4
-    if q.dtype in eff_dtypes and dense4 and hd % align == 0 and v.shape[-1] % align == 0 and k.shape[-1] == hd:
+    if (
+        q.dtype in eff_dtypes
+        and dense4
+        and hd % align == 0
+        and v.shape[-1] % align == 0
+        and k.shape[-1] == hd
+    ):
         return "efficient"
     return "math"
 
@@ -139,5 +145,7 @@ class CudaSDPA(TorchFunctionMode):
         kw: dict[str, Any] = {"scale": scale}
         if enable_gqa:
             kw["enable_gqa"] = True
-        out = aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal, None, **kw)
+        out = aten._scaled_dot_product_attention_math(
+            query, key, value, attn_mask, dropout_p, is_causal, None, **kw
+        )
         return out[0]

@@ -66,5 +66,7 @@ class SimEngine(Engine):
             "and the CUDA context (driver-dependent; measure it with --engine cuda)",
         ]
         if kernels:
-            out.append("SDPA kernels projected: " + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items())))
+            out.append(
+                "SDPA kernels projected: " + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
+            )
         return out

@@ -40,7 +40,10 @@ def summary_table(p: Profile) -> Table:
     t.add_column(style="bold")
     t.add_column()
     m, w = p.model, p.workload
-    t.add_row("Model", f"{m.get('name')}  ({m.get('model_type', '')}, {m.get('task', '')}, {format_count(int(m.get('parameters', 0)))} parameters)")
+    t.add_row(
+        "Model",
+        f"{m.get('name')}  ({m.get('model_type', '')}, {m.get('task', '')}, {format_count(int(m.get('parameters', 0)))} parameters)",
+    )
     if w:
         step = f"{w.get('mode')}  batch {w.get('batch_size')} x seq {w.get('seq_len')}, {w.get('dtype')}, attn {w.get('attn')}"
         if w.get("mode") == "train":
@@ -48,14 +51,20 @@ def summary_table(p: Profile) -> Table:
         if w.get("decode_tokens"):
             step += f", {w.get('decode_tokens')} decode tokens"
         t.add_row("Step", step)
-    t.add_row("Engine", f"{p.engine} on {p.device}" + (f"  [dim]({p.engine_reason})[/dim]" if p.engine_reason else ""))
+    t.add_row(
+        "Engine",
+        f"{p.engine} on {p.device}" + (f"  [dim]({p.engine_reason})[/dim]" if p.engine_reason else ""),
+    )
     where = ""
     if p.peak_phase:
         inside = p.peak_module if p.peak_module and p.peak_module != "<model>" else None
         where = f"  in {p.peak_phase}" + (f", inside {inside}" if inside else "")
     t.add_row("Peak allocated", f"[bold]{format_bytes(p.peak_bytes, 2)}[/bold]{where}")
     if p.peak_reserved_bytes is not None:
-        t.add_row("Peak reserved", format_bytes(p.peak_reserved_bytes, 2) + "  [dim](allocator cache included)[/dim]")
+        t.add_row(
+            "Peak reserved",
+            format_bytes(p.peak_reserved_bytes, 2) + "  [dim](allocator cache included)[/dim]",
+        )
     ov = p.overheads or {}
     if ov.get("cublas_workspace_bytes") and not ov.get("included_in_peak", True):
         proj = p.peak_bytes + int(ov["cublas_workspace_bytes"])
@@ -71,7 +80,10 @@ def summary_table(p: Profile) -> Table:
             line += f"; this process {format_bytes(nv['process_used_bytes'])} (nvidia-smi)"
         t.add_row("NVML", line)
         if ov.get("context_and_libraries_bytes") is not None:
-            t.add_row("", f"[dim]nvidia-smi - reserved = {format_bytes(ov['context_and_libraries_bytes'])} (CUDA context, libraries)[/dim]")
+            t.add_row(
+                "",
+                f"[dim]nvidia-smi - reserved = {format_bytes(ov['context_and_libraries_bytes'])} (CUDA context, libraries)[/dim]",
+            )
     return t
 
 
@@ -84,7 +96,12 @@ def categories_table(p: Profile) -> Table:
     peak = p.peak_bytes
     for c in CATEGORIES:
         v = int(p.categories_at_peak.get(c, 0))
-        t.add_row(Text(c, style=_CAT_STYLE[c]), format_bytes(v), _pct(v, peak), _bar(v / peak if peak else 0, style=_CAT_STYLE[c]))
+        t.add_row(
+            Text(c, style=_CAT_STYLE[c]),
+            format_bytes(v),
+            _pct(v, peak),
+            _bar(v / peak if peak else 0, style=_CAT_STYLE[c]),
+        )
     t.add_row(Text("total", style="bold"), Text(format_bytes(peak), style="bold"), "100.0%", "")
     return t
 
@@ -97,7 +114,9 @@ def phases_table(p: Profile) -> Table:
     top = max((ph.peak_bytes for ph in p.phases), default=0)
     for ph in p.phases:
         mark = " ◀ peak" if ph.name == p.peak_phase else ""
-        t.add_row(ph.name + mark, format_bytes(ph.peak_bytes), _bar(ph.peak_bytes / top if top else 0, style="cyan"))
+        t.add_row(
+            ph.name + mark, format_bytes(ph.peak_bytes), _bar(ph.peak_bytes / top if top else 0, style="cyan")
+        )
     return t
 
 
@@ -116,7 +135,14 @@ def modules_table(p: Profile, top: int = 15) -> Table:
     mods = [m for m in p.modules if m.name != "<model>"]
     mods.sort(key=lambda m: (-m.bytes_at_peak, -m.peak_bytes, m.name))
     for m in mods[:top]:
-        t.add_row(m.name, m.type, format_bytes(m.bytes_at_peak), _pct(m.bytes_at_peak, p.peak_bytes), format_bytes(m.activation_bytes), format_bytes(m.peak_bytes))
+        t.add_row(
+            m.name,
+            m.type,
+            format_bytes(m.bytes_at_peak),
+            _pct(m.bytes_at_peak, p.peak_bytes),
+            format_bytes(m.activation_bytes),
+            format_bytes(m.peak_bytes),
+        )
     return t
 
 
@@ -131,7 +157,9 @@ def render(p: Profile, console: Console, top: int = 15) -> None:
                 f"[bold red]Out of memory[/bold red] in the {o.get('phase')} phase"
                 + (f", inside {o.get('module')}" if o.get("module") else "")
                 + f"\n{o.get('message')}\nlive then: {format_bytes(o.get('live_bytes'))} "
-                + ", ".join(f"{k} {format_bytes(v)}" for k, v in (o.get("live_by_category") or {}).items() if v),
+                + ", ".join(
+                    f"{k} {format_bytes(v)}" for k, v in (o.get("live_by_category") or {}).items() if v
+                ),
                 border_style="red",
             )
         )
