@@ -60,6 +60,8 @@ class Profile:
     versions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     oom: dict[str, Any] | None = None
+    #: optimizations applied to the step, in order: {"name", "options"}
+    optimizations: list[dict[str, Any]] = field(default_factory=list)
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
@@ -126,23 +126,35 @@ class Tracker(TorchDispatchMode):
 
     Args:
         model: the module whose parameters, buffers and submodules are tracked.
-        optimizer: optional optimizer whose state is tracked.
+        optimizer: optional optimizer whose state is tracked, or a sequence of
+            them (one per parameter when the optimizer steps in backward).
         block_rounding: round each storage up to this many bytes (512 projects
             the CUDA caching allocator; 1 counts exact bytes).
         track_modules: attribute memory to modules (forward and backward).
+        device_type: count only storages on this device type (``"cuda"``: host
+            tensors such as offloaded activations are not device memory). Meta
+            tensors are never counted: they hold no memory (the sim engine
+            offloads to them to stand for host memory).
     """
 
     def __init__(
         self,
         model: torch.nn.Module | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         *,
         block_rounding: int = 1,
         track_modules: bool = True,
+        device_type: str | None = None,
     ) -> None:
         super().__init__()
         self.model = model
-        self.optimizer = optimizer
+        if optimizer is None:
+            self.optimizers: list[torch.optim.Optimizer] = []
+        elif isinstance(optimizer, torch.optim.Optimizer):
+            self.optimizers = [optimizer]
+        else:
+            self.optimizers = list(optimizer)
+        self.device_type = device_type
         self.block_rounding = block_rounding
         self.track_modules = track_modules and model is not None
         # storage id -> [nbytes, category index, owner module index]
@@ -193,9 +205,10 @@ class Tracker(TorchDispatchMode):
                 if self.track_modules:
                     self._install_module_hooks()
                 self._install_grad_hooks()
-            if self.optimizer is not None:
+            if self.optimizers:
                 self._register_optimizer_state()
-                self._handles.append(self.optimizer.register_step_post_hook(self._after_optimizer_step))
+                for opt in self.optimizers:
+                    self._handles.append(opt.register_step_post_hook(self._after_optimizer_step))
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack))
             super().__enter__()
             self._active = True
@@ -260,16 +273,16 @@ class Tracker(TorchDispatchMode):
             for b in mod.buffers(recurse=False):
                 self.register(b, Category.BUFFERS, owner=owner)
 
-    def _register_optimizer_state(self) -> None:
-        assert self.optimizer is not None
-        for p, state in self.optimizer.state.items():
-            owner = self._param_owner.get(id(p), 0)
-            for v in state.values():
-                if isinstance(v, torch.Tensor):
-                    self.register(v, Category.OPTIMIZER_STATE, owner=owner, retag=True)
+    def _register_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer] | None = None) -> None:
+        for opt in self.optimizers if optimizers is None else optimizers:
+            for p, state in opt.state.items():
+                owner = self._param_owner.get(id(p), 0)
+                for v in state.values():
+                    if isinstance(v, torch.Tensor):
+                        self.register(v, Category.OPTIMIZER_STATE, owner=owner, retag=True)
 
-    def _after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        self._register_optimizer_state()
+    def _after_optimizer_step(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+        self._register_optimizer_state([opt])
 
     def _install_grad_hooks(self) -> None:
         assert self.model is not None
@@ -392,6 +405,8 @@ class Tracker(TorchDispatchMode):
         try:
             st = t.untyped_storage()
         except (NotImplementedError, RuntimeError):
+            return
+        if not self._counts(t):
             return
         sid = id(st)
         rec = self._records.get(sid)
@@ -527,15 +542,23 @@ class Tracker(TorchDispatchMode):
             return
         st = t.untyped_storage()
         sid = id(st)
-        if sid not in self._records:
+        if sid not in self._records and self._counts(t):
             self._add(st, sid, self._new_cat, self._owner())
+
+    def _counts(self, t: torch.Tensor) -> bool:
+        # the tensor's device, not its storage's: a fake tensor's storage is on meta
+        dev = t.device.type
+        if dev == "meta":
+            return False
+        return self.device_type is None or dev == self.device_type
 
     def _on_resize(self, t: torch.Tensor) -> None:
         st = t.untyped_storage()
         sid = id(st)
         rec = self._records.get(sid)
         if rec is None:
-            self._add(st, sid, self._new_cat, self._owner())
+            if self._counts(t):
+                self._add(st, sid, self._new_cat, self._owner())
             return
         n = self._size(st)
         delta = n - rec[0]

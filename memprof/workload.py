@@ -1,5 +1,10 @@
 """The step to measure: a training step or an inference step, and its settings.
 
+:class:`Workload` is what the user asked for (mode, shapes, dtype, optimizer).
+:class:`StepSetup` is the whole step as plain data: the workload plus what the
+optimizations of a recipe changed (micro-batches, autocast, checkpointing,
+optimizer implementation...). :class:`StepRunner` runs it on a built model.
+
 A training step is forward, loss, backward, optimizer step and zeroing of the
 gradients (``set_to_none``). It is measured in steady state: the engine runs one
 warm-up step first, so the optimizer state exists as in every step of a real run
@@ -10,17 +15,18 @@ LMs, ``decode_tokens > 0`` adds N decode steps on the KV cache after the prefill
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
-from memprof.errors import InputError
+from memprof.errors import EnvironmentProblem, InputError
 from memprof.models import DTYPES, InputBuilder, call_model
 
 MODES = ("train", "infer")
-OPTIMIZERS = ("adamw", "sgd", "none")
+OPTIMIZERS = ("adamw", "sgd", "adafactor", "adamw8bit", "none")
 ATTNS = ("eager", "sdpa")
 
 
@@ -63,25 +69,472 @@ class Workload:
         return asdict(self)
 
 
+@dataclass
+class StepSetup:
+    """The step to run, as plain data: a workload and the settings optimizations change.
+
+    Engines interpret it (:class:`StepRunner`); ``memprof apply`` persists the
+    part that lives in a checkpoint (``config_updates``, storage dtype) and
+    writes the rest as training arguments.
+    """
+
+    workload: Workload
+    #: gradient accumulation: the batch runs as this many equal micro-batches
+    micro_batches: int = 1
+    #: autocast dtype ("bfloat16" / "float16") around forward and loss, or None
+    autocast: str | None = None
+    #: scale the loss (float16 autocast): torch.amp.GradScaler
+    grad_scaler: bool = False
+    #: activation checkpointing of every n-th repeated block; 0 = off
+    checkpointing: int = 0
+    #: saved activations go to host memory (torch.autograd.graph.save_on_cpu)
+    offload_activations: bool = False
+    #: optimizer implementation: auto (the engine's default), foreach, fused, for-loop
+    optimizer_impl: str = "auto"
+    #: zero_grad(set_to_none=...) after the step
+    set_to_none: bool = True
+    #: step each parameter in its gradient hook (full gradients never coexist)
+    optimizer_in_backward: bool = False
+    #: inference under torch.inference_mode instead of torch.no_grad
+    inference_mode: bool = False
+    #: pass use_cache to the model's forward (None: the config's default)
+    use_cache: bool | None = None
+    #: the optimizations applied, in order: {"name", "options"}
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    #: config.json changes that persist in a checkpoint (memprof apply)
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    #: transformers TrainingArguments fields for the training-loop changes
+    training_args: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, workload: Workload | StepSetup) -> StepSetup:
+        """A setup for a plain workload (a copy when given a setup)."""
+        if isinstance(workload, StepSetup):
+            return workload.copy()
+        return cls(workload=workload)
+
+    def copy(self) -> StepSetup:
+        return replace(
+            self,
+            steps=[dict(s) for s in self.steps],
+            config_updates=dict(self.config_updates),
+            training_args=dict(self.training_args),
+            notes=list(self.notes),
+        )
+
+    def update_workload(self, **changes: Any) -> None:
+        self.workload = replace(self.workload, **changes)
+
+    def validate(self) -> None:
+        """Raise InputError listing what is wrong."""
+        self.workload.validate()
+        problems = []
+        if self.micro_batches < 1:
+            problems.append(f"micro-batches must be at least 1, got {self.micro_batches}")
+        elif self.workload.batch_size % self.micro_batches:
+            problems.append(
+                f"batch size {self.workload.batch_size} does not split into {self.micro_batches} equal micro-batches"
+            )
+        if self.optimizer_impl not in OPTIMIZER_IMPLS:
+            problems.append(f"optimizer implementation must be one of {', '.join(OPTIMIZER_IMPLS)}")
+        if self.optimizer_in_backward and self.micro_batches > 1:
+            problems.append("the optimizer cannot step in backward while gradients accumulate")
+        if self.optimizer_in_backward and self.grad_scaler:
+            problems.append(
+                "the optimizer cannot step in backward with a gradient scaler (unscaling needs all gradients)"
+            )
+        if problems:
+            raise InputError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["workload"] = self.workload.to_dict()
+        return d
+
+
+OPTIMIZER_IMPLS = ("auto", "foreach", "fused", "for-loop")
+
+
+@dataclass
+class RunEnv:
+    """What the engine tells the step runner about where it runs."""
+
+    #: "cpu" or "cuda": the device tensors live on
+    device_type: str = "cpu"
+    #: the sim engine: CPU fake tensors standing for a CUDA GPU
+    simulate_cuda: bool = False
+    #: the engine's optimizer implementation for impl "auto" (None: torch's default)
+    default_foreach: bool | None = None
+
+
 def make_optimizer(
-    name: str, model: torch.nn.Module, *, foreach: bool | None
+    name: str,
+    model: torch.nn.Module,
+    *,
+    foreach: bool | None,
+    fused: bool | None = None,
+    params: list[torch.nn.Parameter] | None = None,
 ) -> torch.optim.Optimizer | None:
     """The optimizer of a training step.
 
     Args:
-        name: ``adamw``, ``sgd`` (momentum 0.9) or ``none``.
-        model: its trainable parameters are optimized.
+        name: ``adamw``, ``sgd`` (momentum 0.9), ``adafactor`` (transformers; fixed
+            learning rate, factored second moments), ``adamw8bit`` (torchao or
+            bitsandbytes) or ``none``.
+        model: its trainable parameters are optimized (unless ``params`` is given).
         foreach: the multi-tensor implementation; ``None`` lets torch choose for
             the device (the sim engine passes ``True``, CUDA's default).
+        fused: the fused kernel (AdamW, SGD).
+        params: optimize these parameters only.
+
+    Raises:
+        InputError: unknown name, or an implementation this optimizer or build lacks.
+        EnvironmentProblem: the 8-bit optimizer's library is not installed.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     if name == "none" or not params:
         return None
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-5, foreach=foreach)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach)
+    impl: dict[str, Any] = {}
+    if fused:
+        impl["fused"] = True
+    elif foreach is not None:
+        impl["foreach"] = foreach
+    try:
+        if name == "adamw":
+            return torch.optim.AdamW(params, lr=1e-5, **impl)
+        if name == "sgd":
+            return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **impl)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InputError(f"optimizer {name} with {impl}: {str(e).splitlines()[0]}") from None
+    if name == "adafactor":
+        if fused:
+            raise InputError("adafactor has no fused implementation")
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate: relative steps and parameter scaling compare tensors
+        # with Python numbers, which fake tensors cannot answer (and the memory is the same).
+        return Adafactor(params, lr=1e-3, scale_parameter=False, relative_step=False, warmup_init=False)
+    if name == "adamw8bit":
+        return _adamw8bit(params)
     raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
+def _adamw8bit(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    try:
+        from torchao.optim import AdamW8bit  # type: ignore[import-not-found]
+
+        return AdamW8bit(params, lr=1e-5)
+    except ImportError:
+        pass
+    try:
+        import bitsandbytes as bnb  # type: ignore[import-not-found]
+
+        return bnb.optim.AdamW8bit(params, lr=1e-5)
+    except ImportError:
+        pass
+    raise EnvironmentProblem(
+        "the adamw8bit optimizer needs torchao or bitsandbytes: pip install torchao (or bitsandbytes on a GPU)"
+    )
+
+
+class OptimizerInBackward:
+    """One optimizer per parameter, stepped in the parameter's gradient hook.
+
+    The full set of gradients never exists at once: each gradient is consumed
+    and freed as soon as it is accumulated (the PyTorch tutorial
+    "How to save memory by fusing the optimizer step into the backward pass").
+    """
+
+    def __init__(self, make: Any, params: list[torch.nn.Parameter]) -> None:
+        self.optimizers: dict[torch.nn.Parameter, torch.optim.Optimizer] = {}
+        self._handles = []
+        for p in params:
+            opt = make([p])
+            if opt is None:
+                continue
+            self.optimizers[p] = opt
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    def _hook(self, p: torch.Tensor) -> None:
+        opt = self.optimizers[p]  # type: ignore[index]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class _SimScaler:
+    """The memory of torch.amp.GradScaler without its data-dependent branch.
+
+    GradScaler.step reads found_inf with .item(), which fake tensors cannot
+    answer; the tensors it creates (scale, found_inf, in-place unscaling) are
+    the same here.
+    """
+
+    def __init__(self) -> None:
+        self._scale: torch.Tensor | None = None
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        if self._scale is None:
+            self._scale = torch.full((), 2.0**16, dtype=torch.float32, device=loss.device)
+        return loss * self._scale
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        assert self._scale is not None
+        inv = self._scale.double().reciprocal().float()
+        found_inf = torch.zeros((), dtype=torch.float32, device=self._scale.device)
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv)
+        optimizer.step()
+
+    def update(self) -> None:
+        pass
+
+
+class StepRunner:
+    """A built model prepared for a :class:`StepSetup`: optimizer, checkpointing, hooks.
+
+    Use :meth:`step` for a training or inference step, :meth:`probe` for the
+    quality check (an eval-mode forward without autograd), and :meth:`close`
+    (or ``with``) to remove what was installed on the model.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        setup: StepSetup | Workload,
+        env: RunEnv | None = None,
+        *,
+        build_optimizer: bool = True,
+    ) -> None:
+        self.model = model
+        self.setup = StepSetup.of(setup)
+        self.env = env or RunEnv()
+        self.setup.validate()
+        wl = self.setup.workload
+        self.train = wl.mode == "train"
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.in_backward: OptimizerInBackward | None = None
+        self.scaler: Any = None
+        if self.train and self.setup.checkpointing:
+            enable_checkpointing(model, self.setup.checkpointing)
+        if self.train and build_optimizer:
+            params = [p for p in model.parameters() if p.requires_grad]
+            impl = self.setup.optimizer_impl
+            foreach = {"foreach": True, "for-loop": False}.get(impl, self.env.default_foreach)
+            fused = impl == "fused"
+
+            def make(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
+                return make_optimizer(wl.optimizer, model, foreach=foreach, fused=fused, params=ps)
+
+            if self.setup.optimizer_in_backward:
+                self.in_backward = OptimizerInBackward(make, params)
+            else:
+                self.optimizer = make(params)
+            if self.setup.grad_scaler:
+                self.scaler = (
+                    _SimScaler() if self.env.simulate_cuda else torch.amp.GradScaler(self.env.device_type)
+                )
+
+    # what the tracker should watch
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        if self.in_backward is not None:
+            return list(self.in_backward.optimizers.values())
+        return [self.optimizer] if self.optimizer is not None else []
+
+    def close(self) -> None:
+        if self.in_backward is not None:
+            self.in_backward.remove()
+
+    def __enter__(self) -> StepRunner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # contexts ------------------------------------------------------------
+    def _autocast(self) -> Any:
+        dt = self.setup.autocast
+        if not dt:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device_type, dtype=DTYPES[dt])
+
+    def _offload(self) -> Any:
+        if not (self.setup.offload_activations and self.train):
+            return contextlib.nullcontext()
+        if self.env.simulate_cuda:
+            # Host memory stands as the meta device: the tracker never counts it,
+            # and the copy back in backward is a new device tensor, as on CUDA.
+            def pack(t: torch.Tensor) -> Any:
+                return (t.device, t.to("meta"))
+
+            def unpack(packed: Any) -> torch.Tensor:
+                dev, t = packed
+                return t.to(dev)
+
+            return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        return torch.autograd.graph.save_on_cpu(pin_memory=self.env.device_type == "cuda")
+
+    def _call(self, inputs: dict[str, Any]) -> Any:
+        if self.setup.use_cache is not None and "__args__" not in inputs:
+            inputs = {**inputs, "use_cache": self.setup.use_cache}
+        return call_model(self.model, inputs)
+
+    # steps ---------------------------------------------------------------
+    def step(
+        self,
+        inputs: dict[str, Any],
+        tracker: Any = None,
+        on_phase: Callable[[str], None] | None = None,
+    ) -> None:
+        """Run one step; mark its phases on the tracker when given."""
+        t = tracker if tracker is not None else _NoPhases()
+
+        def enter(name: str) -> Any:
+            if on_phase is not None:
+                on_phase(name)
+            return t.phase(name)
+
+        wl = self.setup.workload
+        if not self.train:
+            grad_off = torch.inference_mode() if self.setup.inference_mode else torch.no_grad()
+            with grad_off, self._autocast():
+                if wl.decode_tokens:
+                    _generate(self.model, inputs, wl.decode_tokens, enter)
+                else:
+                    with enter("forward"):
+                        out = self._call(inputs)
+                        del out
+            return
+        k = self.setup.micro_batches
+        for part in split_batch(inputs, k, wl.batch_size):
+            with enter("forward"):
+                with self._offload(), self._autocast():
+                    out = self._call(part)
+                    loss = InputBuilder.loss(out)
+                    del out
+                if k > 1:
+                    loss = loss / k
+                if self.scaler is not None:
+                    loss = self.scaler.scale(loss)
+            with enter("backward"):
+                loss.backward()
+                del loss
+        with enter("optimizer"):
+            if self.optimizer is not None:
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=self.setup.set_to_none)
+            elif self.in_backward is None:
+                self.model.zero_grad(set_to_none=self.setup.set_to_none)
+
+    def probe(self, inputs: dict[str, Any]) -> tuple[float | None, torch.Tensor | None]:
+        """Loss and main output of an eval-mode forward without autograd (quality check).
+
+        Eval mode turns dropout off, so two setups compare on the same function;
+        the forward runs under the setup's autocast and in the model's dtype.
+        """
+        was = self.model.training
+        self.model.train(False)
+        try:
+            with torch.no_grad(), self._autocast():
+                out = self._call(inputs)
+                loss = InputBuilder.loss(out)
+                main = main_output(out)
+        finally:
+            self.model.train(was)
+        return float(loss.float()), (main.detach().float().clone() if main is not None else None)
+
+
+def main_output(out: Any) -> torch.Tensor | None:
+    """The tensor a quality check compares: logits, else the last hidden state, else the first tensor."""
+    for key in ("logits", "last_hidden_state"):
+        v = getattr(out, key, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        vals = list(out.values())
+    elif isinstance(out, (tuple, list)):
+        vals = list(out)
+    else:
+        vals = [getattr(out, k) for k in getattr(out, "keys", lambda: [])()]
+    for v in vals:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return v
+    return None
+
+
+def split_batch(inputs: dict[str, Any], k: int, batch_size: int) -> list[dict[str, Any]]:
+    """``k`` equal micro-batches of ``inputs`` (views along the batch dimension)."""
+    if k <= 1:
+        return [inputs]
+    size = batch_size // k
+
+    def part(v: Any, i: int) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size:
+            return v[i * size : (i + 1) * size]
+        if isinstance(v, list):
+            return [part(x, i) for x in v]
+        return v
+
+    return [{key: part(v, i) for key, v in inputs.items()} for i in range(k)]
+
+
+def enable_checkpointing(model: torch.nn.Module, every: int) -> str:
+    """Activation checkpointing (non-reentrant) of every ``every``-th repeated block.
+
+    transformers models use their own switch; other modules get the blocks of
+    their longest list of same-type children wrapped in ``torch.utils.checkpoint``.
+
+    Returns:
+        how it was done, for the report.
+
+    Raises:
+        InputError: the model has no repeated blocks to checkpoint.
+    """
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None and getattr(model, "supports_gradient_checkpointing", False):
+        enable(kwargs, every_n_layers=every)
+        return "transformers activation_checkpointing_enable"
+    legacy = getattr(model, "gradient_checkpointing_enable", None)
+    if legacy is not None and getattr(model, "supports_gradient_checkpointing", False) and every == 1:
+        legacy(gradient_checkpointing_kwargs=kwargs)
+        return "transformers gradient_checkpointing_enable"
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise InputError(f"{type(model).__name__} has no repeated blocks to checkpoint")
+    from torch.utils.checkpoint import checkpoint
+
+    for i, block in enumerate(blocks):
+        if i % every:
+            continue
+        # An instance attribute: Module.__call__ (and its hooks) stays outside the checkpoint.
+        block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+    return "torch.utils.checkpoint around repeated blocks"
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The longest ModuleList/Sequential of two or more children of one type."""
+    best: list[torch.nn.Module] = []
+    for mod in model.modules():
+        if isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential)):
+            kids = list(mod.children())
+            if len(kids) >= 2 and len({type(c) for c in kids}) == 1 and len(kids) > len(best):
+                best = kids
+    return best
 
 
 class _NoPhases:
@@ -98,36 +551,13 @@ def run_step(
     tracker: Any = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> None:
-    """Run one step of the workload; mark its phases on the tracker when given."""
-    t = tracker if tracker is not None else _NoPhases()
+    """One plain step of ``workload`` with a given optimizer (no optimizations).
 
-    def enter(name: str) -> Any:
-        if on_phase is not None:
-            on_phase(name)
-        return t.phase(name)
-
-    if workload.mode == "train":
-        with enter("forward"):
-            out = call_model(model, inputs)
-            loss = InputBuilder.loss(out)
-            del out
-        with enter("backward"):
-            loss.backward()
-            del loss
-        with enter("optimizer"):
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                model.zero_grad(set_to_none=True)
-        return
-    with torch.no_grad():
-        if workload.decode_tokens:
-            _generate(model, inputs, workload.decode_tokens, enter)
-        else:
-            with enter("forward"):
-                out = call_model(model, inputs)
-                del out
+    A shortcut for benchmarks and tests; engines use :class:`StepRunner`.
+    """
+    runner = StepRunner(model, workload, build_optimizer=False)
+    runner.optimizer = optimizer
+    runner.step(inputs, tracker=tracker, on_phase=on_phase)
 
 
 def _generate(model: torch.nn.Module, inputs: dict[str, Any], n: int, enter: Callable[[str], Any]) -> None:

@@ -11,19 +11,48 @@ from __future__ import annotations
 import contextlib
 import gc
 import platform
+import statistics
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from memprof import __version__
 from memprof.errors import OutOfMemory
-from memprof.models import ResolvedModel, build_model, parameter_count
+from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count
 from memprof.profile import ModuleStat, PhaseStat, Profile
 from memprof.tracking import CATEGORIES, Tracker, TrackerResult
-from memprof.workload import Workload, make_optimizer, run_step
+from memprof.workload import RunEnv, StepRunner, StepSetup, Workload
 
 Progress = Callable[[str], None]
+
+
+@dataclass
+class Measure:
+    """What to measure beside memory (``memprof compare`` asks for all of it)."""
+
+    #: count the step's FLOPs (torch.utils.flop_counter; works under fake tensors)
+    flops: bool = False
+    #: time this many untracked steps (real engines), report the median
+    timing_steps: int = 0
+    #: probe loss and output before and the loss after the steps (real engines)
+    quality: bool = False
+    #: torch.manual_seed before the build and before the warm-up step
+    seed: int = 0
+
+
+@dataclass
+class RunResult:
+    """A profile and what else was measured on the way."""
+
+    profile: Profile
+    flops: int | None = None
+    seconds: float | None = None
+    loss_before: float | None = None
+    loss_after: float | None = None
+    output: torch.Tensor | None = None
 
 
 def _noop(msg: str) -> None:
@@ -94,7 +123,7 @@ class Engine:
     def run(
         self,
         rm: ResolvedModel,
-        workload: Workload,
+        workload: Workload | StepSetup,
         *,
         progress: Progress | None = None,
         allow_pickle: bool = False,
@@ -106,85 +135,168 @@ class Engine:
             InputError: the model or workload is invalid.
             OutOfMemory: the measured step ran out of memory (the partial profile is attached).
         """
+        return self.run_detailed(
+            rm, workload, progress=progress, allow_pickle=allow_pickle, track_modules=track_modules
+        ).profile
+
+    def run_detailed(
+        self,
+        rm: ResolvedModel,
+        workload: Workload | StepSetup,
+        *,
+        progress: Progress | None = None,
+        allow_pickle: bool = False,
+        track_modules: bool = True,
+        measure: Measure | None = None,
+    ) -> RunResult:
+        """Measure one step, and optionally its FLOPs, its time and a quality probe.
+
+        The step: build the model (seeded), apply the setup, probe its output
+        (real engines, ``measure.quality``), run a warm-up step (counting FLOPs
+        when asked), time untracked steps (real engines, ``measure.timing_steps``),
+        then the tracked step, then probe the loss again.
+
+        Raises:
+            InputError: the model or setup is invalid.
+            OutOfMemory: the measured step ran out of memory (the partial profile is attached).
+        """
         say = progress or _noop
-        workload.validate()
+        measure = measure or Measure()
+        setup = StepSetup.of(workload)
+        setup.validate()
+        workload = setup.workload
         extra: dict[str, Any] = {}
         dev = self.device()
-        with self.context():
-            say(f"Building {rm.name} ({self.name} engine)")
-            model, builder = build_model(
-                rm,
-                dtype=workload.dtype,
-                attn=workload.attn,
-                load_weights=self.load_weights,
-                allow_pickle=allow_pickle,
-                init_weights=self.init_weights,
-            )
-            builder.validate(workload.batch_size, workload.seq_len)
-            if dev.type != "cpu":
-                model = model.to(dev)
-            n_params = parameter_count(model)
-            train = workload.mode == "train"
-            model.train(train)
-            if not train:
-                for p in model.parameters():
-                    p.requires_grad_(False)
-            inputs = builder.build(workload.batch_size, workload.seq_len, dev, with_labels=train)
-            optimizer = make_optimizer(workload.optimizer, model, foreach=self.foreach) if train else None
-            if train or self.name == "cuda":
-                say("Warm-up step (creates optimizer state, initialises kernels)")
-                run_step(model, inputs, workload, optimizer)
-            self.before_measure()
-            say("Measured step")
-            tracker = Tracker(
-                model, optimizer, block_rounding=self.block_rounding, track_modules=track_modules
-            )
-            oom: dict[str, Any] | None = None
-            error: BaseException | None = None
-            try:
-                with tracker:
-                    tracker.mark_inputs(v for v in inputs.values() if isinstance(v, torch.Tensor))
-                    run_step(
+        real = self.name != "sim"
+        notes_before = list(rm.notes)
+        out = RunResult(profile=None)  # type: ignore[arg-type]
+        try:
+            with self.context():
+                say(f"Building {rm.name} ({self.name} engine)")
+                model, builder = self._build(rm, workload, allow_pickle, measure.seed)
+                builder.validate(workload.batch_size, workload.seq_len)
+                if dev.type != "cpu":
+                    model = model.to(dev)
+                n_params = parameter_count(model)
+                train = workload.mode == "train"
+                model.train(train)
+                if not train:
+                    for p in model.parameters():
+                        p.requires_grad_(False)
+                inputs = builder.build(workload.batch_size, workload.seq_len, dev, with_labels=train)
+                env = RunEnv(
+                    device_type=dev.type, simulate_cuda=self.name == "sim", default_foreach=self.foreach
+                )
+                runner = StepRunner(model, setup, env)
+                try:
+                    if real and measure.quality:
+                        say("Quality probe (eval-mode forward)")
+                        out.loss_before, out.output = runner.probe(inputs)
+                    if train or self.name == "cuda" or measure.flops or measure.timing_steps:
+                        say("Warm-up step (creates optimizer state, initialises kernels)")
+                        torch.manual_seed(measure.seed)
+                        if measure.flops:
+                            from torch.utils.flop_counter import FlopCounterMode
+
+                            counter = FlopCounterMode(display=False)
+                            with counter:
+                                runner.step(inputs)
+                            out.flops = int(counter.get_total_flops())
+                        else:
+                            runner.step(inputs)
+                    if real and measure.timing_steps:
+                        times = []
+                        for i in range(measure.timing_steps):
+                            say(f"Timed step {i + 1}/{measure.timing_steps}")
+                            self.synchronize()
+                            t0 = time.perf_counter()
+                            runner.step(inputs)
+                            self.synchronize()
+                            times.append(time.perf_counter() - t0)
+                        out.seconds = statistics.median(times)
+                    self.before_measure()
+                    say("Measured step")
+                    tracker = Tracker(
                         model,
-                        inputs,
-                        workload,
-                        optimizer,
-                        tracker=tracker,
-                        on_phase=lambda p: say(f"Measured step: {p}"),
+                        runner.optimizers,
+                        block_rounding=self.block_rounding,
+                        track_modules=track_modules,
+                        device_type=dev.type if dev.type == "cuda" else None,
                     )
-            except BaseException as e:
-                if not is_oom(e):
-                    raise
-                error = e
-                oom = {
-                    "phase": tracker.error_phase,
-                    "module": tracker.error_module,
-                    "message": str(e).splitlines()[0][:300],
-                    "live_bytes": tracker.current,
-                    "live_by_category": tracker.live_by_category(),
-                }
-            self.after_measure(extra)
-            result = tracker.result()
-        profile = self._profile(rm, workload, n_params, result, extra, oom)
-        del model, optimizer, inputs
+                    oom: dict[str, Any] | None = None
+                    error: BaseException | None = None
+                    try:
+                        with tracker:
+                            tracker.mark_inputs(v for v in inputs.values() if isinstance(v, torch.Tensor))
+                            runner.step(
+                                inputs, tracker=tracker, on_phase=lambda p: say(f"Measured step: {p}")
+                            )
+                    except BaseException as e:
+                        if not is_oom(e):
+                            raise
+                        error = e
+                        oom = {
+                            "phase": tracker.error_phase,
+                            "module": tracker.error_module,
+                            "message": str(e).splitlines()[0][:300],
+                            "live_bytes": tracker.current,
+                            "live_by_category": tracker.live_by_category(),
+                        }
+                    self.after_measure(extra)
+                    result = tracker.result()
+                    if real and measure.quality and train and error is None:
+                        out.loss_after, _ = runner.probe(inputs)
+                finally:
+                    runner.close()
+            out.profile = self._profile(rm, setup, n_params, result, extra, oom)
+        finally:
+            rm.notes[:] = notes_before
+        del model, runner, inputs
         gc.collect()
         if error is not None:
             raise OutOfMemory(
                 f"out of memory in the {oom['phase'] if oom else '?'} phase"
                 f"{' in ' + oom['module'] if oom and oom['module'] else ''}: {oom['message'] if oom else error}",
-                profile,
+                out.profile,
             )
-        return profile
+        return out
+
+    def synchronize(self) -> None:
+        """Wait for the device (real GPU engines)."""
+
+    def _build(
+        self, rm: ResolvedModel, workload: Workload, allow_pickle: bool, seed: int
+    ) -> tuple[torch.nn.Module, Any]:
+        torch.manual_seed(seed)
+        random_init = self.init_weights and not (self.load_weights and rm.has_weights)
+        if random_init and workload.dtype != "float32":
+            # Initialise in float32 and cast: the same seed gives the same weights
+            # (up to rounding) in every dtype, so quality checks compare like with like.
+            model, builder = build_model(
+                rm, dtype="float32", attn=workload.attn, load_weights=False, init_weights=True
+            )
+            model = model.to(DTYPES[workload.dtype])
+            builder.dtype = DTYPES[workload.dtype]
+            return model, builder
+        return build_model(
+            rm,
+            dtype=workload.dtype,
+            attn=workload.attn,
+            load_weights=self.load_weights,
+            allow_pickle=allow_pickle,
+            init_weights=self.init_weights,
+        )
 
     def _profile(
         self,
         rm: ResolvedModel,
-        workload: Workload,
+        setup: StepSetup,
         n_params: int,
         r: TrackerResult,
         extra: dict[str, Any],
         oom: dict[str, Any] | None,
     ) -> Profile:
+        workload = setup.workload
         cats = {c: int(r.categories_at_peak.get(c, 0)) for c in CATEGORIES}
         peak = int(r.peak_bytes)
         alloc_peak = self.allocator_peak()
@@ -197,6 +309,7 @@ class Engine:
             peak = alloc_peak
         notes = list(rm.notes)
         notes += self.notes()
+        notes += setup.notes
         if workload.mode == "train":
             notes.append(
                 "steady state: one warm-up step ran first, so optimizer state exists as in every step but the first"
@@ -229,4 +342,5 @@ class Engine:
             versions=versions(),
             notes=notes,
             oom=oom,
+            optimizations=[dict(st) for st in setup.steps],
         )

@@ -129,6 +129,9 @@ class CudaEngine(Engine):
     def peak_reserved(self) -> int | None:
         return self._reserved
 
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.index)
+
     def notes(self) -> list[str]:
         out = [
             "cuda engine: peak is torch.cuda.max_memory_allocated of the measured step (reset after the warm-up)"

@@ -109,6 +109,13 @@ class CudaSDPA(TorchFunctionMode):
         scale: float | None = None,
         enable_gqa: bool = False,
     ) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu"):
+            # The sim engine emulates CUDA autocast with CPU autocast; CUDA's autocast
+            # casts SDPA's floating inputs to the low-precision dtype (its fp16 list).
+            low = torch.get_autocast_dtype("cpu")
+            query, key, value = (t.to(low) if t.is_floating_point() else t for t in (query, key, value))
+            if attn_mask is not None and attn_mask.is_floating_point():
+                attn_mask = attn_mask.to(low)
         kernel = choose_sdpa_kernel(query, key, value, attn_mask, dropout_p, self.sm_major)
         self.kernels[kernel] += 1
         aten = torch.ops.aten
