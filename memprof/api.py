@@ -88,21 +88,67 @@ def track(
         yield TrackSession(tracker, model, device)
 
 
-def estimate_state_bytes(rm: ResolvedModel, workload: Workload) -> int:
-    """Parameters (+ gradients + optimizer state for training), counted on a fake build."""
+def fake_model(rm: ResolvedModel, workload: Workload) -> torch.nn.Module:
+    """The model built on fake tensors: its structure and sizes, no memory, no values."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        model, _ = build_model(
-            rm, dtype=workload.dtype, attn=workload.attn, load_weights=False, init_weights=False
-        )
-        n = parameter_count(model)
-    rm.notes.clear()
+    notes = list(rm.notes)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model, _ = build_model(
+                rm, dtype=workload.dtype, attn=workload.attn, load_weights=False, init_weights=False
+            )
+    finally:
+        rm.notes[:] = notes
+    return model
+
+
+def estimate_state_bytes(rm: ResolvedModel, workload: Workload) -> int:
+    """Parameters (+ gradients + optimizer state for training), counted on a fake build."""
+    n = parameter_count(fake_model(rm, workload))
     per = torch.tensor([], dtype=DTYPES[workload.dtype]).element_size()
     copies = 1
     if workload.mode == "train":
         copies += 1 + {"adamw": 2, "sgd": 1}.get(workload.optimizer, 0)
     return n * per * copies
+
+
+def prepare(
+    spec: str,
+    workload: Workload,
+    engine: str | Engine = "auto",
+    *,
+    task: str | None = None,
+    snapshot: str | None = None,
+    trust_remote_code: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[ResolvedModel, Engine]:
+    """Resolve a MODEL spec and pick the engine (``auto`` decides from the model's size).
+
+    Raises:
+        InputError, EnvironmentProblem: see :mod:`memprof.errors`.
+    """
+    rm = resolve(spec, task=task, trust_remote_code=trust_remote_code)
+    if isinstance(engine, Engine):
+        eng = engine
+    else:
+        estimate = None
+        if engine == "auto":
+            if progress:
+                progress("Counting parameters")
+            estimate = estimate_state_bytes(rm, workload)
+        eng = get_engine(engine, estimate_bytes=estimate, snapshot=snapshot)
+    if rm.source == "hub" and eng.load_weights and not rm.has_weights:
+        from memprof.errors import EnvironmentProblem
+        from memprof.models import fetch_hub_weights
+
+        try:
+            fetch_hub_weights(rm)
+        except EnvironmentProblem:
+            rm.notes.append(
+                "weights: not in the local cache; random initialisation (memory does not depend on values)"
+            )
+    return rm, eng
 
 
 def analyze(
@@ -157,27 +203,16 @@ def analyze(
         decode_tokens=decode_tokens,
     )
     workload.validate()
-    rm = resolve(spec, task=task, trust_remote_code=trust_remote_code)
-    if isinstance(engine, Engine):
-        eng = engine
-    else:
-        estimate = None
-        if engine == "auto":
-            if progress:
-                progress("Counting parameters")
-            estimate = estimate_state_bytes(rm, workload)
-        eng = get_engine(engine, estimate_bytes=estimate, snapshot=snapshot)
-    if rm.source == "hub" and eng.load_weights and not rm.has_weights:
-        from memprof.errors import EnvironmentProblem
-        from memprof.models import fetch_hub_weights
-
-        try:
-            fetch_hub_weights(rm)
-        except EnvironmentProblem:
-            rm.notes.append(
-                "weights: not in the local cache; random initialisation (memory does not depend on values)"
-            )
+    rm, eng = prepare(
+        spec,
+        workload,
+        engine,
+        task=task,
+        snapshot=snapshot,
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+    )
     return eng.run(rm, workload, progress=progress, allow_pickle=allow_pickle)
 
 
-__all__ = ["TrackSession", "analyze", "estimate_state_bytes", "track"]
+__all__ = ["TrackSession", "analyze", "estimate_state_bytes", "prepare", "track"]

@@ -79,6 +79,7 @@ class ResolvedModel:
     factory: Callable[..., Any] | None = None
     trust_remote_code: bool = False
     notes: list[str] = field(default_factory=list)
+    folder: Path | None = None  # the folder the config came from (tokenizer files live there)
 
     @property
     def model_type(self) -> str:
@@ -137,13 +138,15 @@ def resolve(
             )
         cfg = _load_config_file(path, trust_remote_code)
         name = path.parent.name if path.name == "config.json" else path.stem
-        return _finish(ResolvedModel(spec, name, "config", cfg, trust_remote_code=trust_remote_code), task)
+        rm = ResolvedModel(spec, name, "config", cfg, trust_remote_code=trust_remote_code)
+        rm.folder = path.parent.resolve()
+        return _finish(rm, task)
     if _looks_like_factory(spec):
         return _from_factory(spec)
     bundled = bundled_configs_dir() / f"{spec}.json"
     if bundled.is_file():
         cfg = _load_config_file(bundled, False)
-        return _finish(ResolvedModel(spec, spec, "bundled", cfg), task)
+        return _finish(ResolvedModel(spec, spec, "bundled", cfg, folder=bundled.parent.resolve()), task)
     if _HUB_ID.match(spec):
         return _from_hub(spec, task, trust_remote_code)
     names = ", ".join(bundled_models()) or "none"
@@ -211,6 +214,7 @@ def _from_directory(spec: str, path: Path, task: str | None, trust_remote_code: 
         )
     cfg = _config_from_dict(data, str(cfg_path))
     rm = ResolvedModel(spec, path.resolve().name, "directory", cfg, trust_remote_code=trust_remote_code)
+    rm.folder = path.resolve()
     _locate_weights(rm, path)
     return _finish(rm, task)
 

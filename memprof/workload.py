@@ -166,6 +166,9 @@ class RunEnv:
     simulate_cuda: bool = False
     #: the engine's optimizer implementation for impl "auto" (None: torch's default)
     default_foreach: bool | None = None
+    #: a context the checkpoint recomputation runs in (the sim engine re-enters its
+    #: CUDA-semantics mode there: torch function modes do not follow into backward)
+    recompute_context: Callable[[], Any] | None = None
 
 
 def make_optimizer(
@@ -323,7 +326,7 @@ class StepRunner:
         self.in_backward: OptimizerInBackward | None = None
         self.scaler: Any = None
         if self.train and self.setup.checkpointing:
-            enable_checkpointing(model, self.setup.checkpointing)
+            enable_checkpointing(model, self.setup.checkpointing, self.env.recompute_context)
         if self.train and build_optimizer:
             params = [p for p in model.parameters() if p.requires_grad]
             impl = self.setup.optimizer_impl
@@ -492,7 +495,9 @@ def split_batch(inputs: dict[str, Any], k: int, batch_size: int) -> list[dict[st
     return [{key: part(v, i) for key, v in inputs.items()} for i in range(k)]
 
 
-def enable_checkpointing(model: torch.nn.Module, every: int) -> str:
+def enable_checkpointing(
+    model: torch.nn.Module, every: int, recompute_context: Callable[[], Any] | None = None
+) -> str:
     """Activation checkpointing (non-reentrant) of every ``every``-th repeated block.
 
     transformers models use their own switch; other modules get the blocks of
@@ -504,7 +509,9 @@ def enable_checkpointing(model: torch.nn.Module, every: int) -> str:
     Raises:
         InputError: the model has no repeated blocks to checkpoint.
     """
-    kwargs = {"use_reentrant": False}
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if recompute_context is not None:
+        kwargs["context_fn"] = lambda: (contextlib.nullcontext(), recompute_context())
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None and getattr(model, "supports_gradient_checkpointing", False):
         enable(kwargs, every_n_layers=every)
@@ -522,7 +529,7 @@ def enable_checkpointing(model: torch.nn.Module, every: int) -> str:
         if i % every:
             continue
         # An instance attribute: Module.__call__ (and its hooks) stays outside the checkpoint.
-        block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+        block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), **kwargs)
     return "torch.utils.checkpoint around repeated blocks"
 
 

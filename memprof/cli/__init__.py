@@ -26,9 +26,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from memprof.cli import analyze, env
+    from memprof.cli import analyze, apply, compare, env, recipes
 
     app.command("analyze")(analyze.analyze)
+    app.command("compare")(compare.compare)
+    app.command("apply")(apply.apply)
+    app.add_typer(recipes.app, name="recipes")
     app.command("env")(env.env)
 
 
@@ -52,7 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         error_line(str(e))
         code = e.exit_code
     except MemprofError as e:
-        error_line(str(e))
+        problems = getattr(e, "problems", None)
+        if problems and len(problems) > 1:
+            # a recipe: the summary line, then every problem on its own line
+            error_line(f"{getattr(e, 'source', 'recipe')}: {len(problems)} problems")
+            for p in problems:
+                sys.stderr.write(f"  - {p}\n")
+        else:
+            error_line(str(e))
         code = e.exit_code
     except KeyboardInterrupt:
         error_line("interrupted")

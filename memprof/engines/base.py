@@ -185,7 +185,10 @@ class Engine:
                         p.requires_grad_(False)
                 inputs = builder.build(workload.batch_size, workload.seq_len, dev, with_labels=train)
                 env = RunEnv(
-                    device_type=dev.type, simulate_cuda=self.name == "sim", default_foreach=self.foreach
+                    device_type=dev.type,
+                    simulate_cuda=self.name == "sim",
+                    default_foreach=self.foreach,
+                    recompute_context=self.recompute_context(),
                 )
                 runner = StepRunner(model, setup, env)
                 try:
@@ -260,6 +263,10 @@ class Engine:
                 out.profile,
             )
         return out
+
+    def recompute_context(self) -> Callable[[], Any] | None:
+        """What checkpoint recomputation must run under (see :class:`RunEnv`)."""
+        return None
 
     def synchronize(self) -> None:
         """Wait for the device (real GPU engines)."""

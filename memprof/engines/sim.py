@@ -11,7 +11,7 @@ cuBLAS workspace reported beside the peak.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from memprof.engines.base import Engine
@@ -42,6 +42,12 @@ class SimEngine(Engine):
         self._sdpa = CudaSDPA(self.sm_major)
         with FakeTensorMode(allow_non_fake_inputs=True), self._sdpa:
             yield
+
+    def recompute_context(self) -> Callable[[], Any] | None:
+        # Torch function modes are not active while autograd runs backward, where
+        # checkpointing recomputes: re-enter the SDPA routing there.
+        sdpa = self._sdpa
+        return (lambda: sdpa) if sdpa is not None else None
 
     def before_measure(self) -> None:
         super().before_measure()

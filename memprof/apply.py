@@ -1,0 +1,348 @@
+"""``memprof apply``: write an optimized checkpoint that transformers loads.
+
+What persists in a checkpoint goes into it: the weights (safetensors) in the
+recipe's storage dtype, ``config.json`` with the settings that live there
+(``dtype``, ``attn_implementation``, ``use_cache``), the tokenizer files of the
+source. What belongs to the training loop (checkpointing, autocast,
+accumulation, optimizer, offload) goes into ``memprof.json`` as transformers
+``TrainingArguments`` fields, and into the README of the output as a snippet.
+
+The write is atomic: everything goes to a temporary folder beside ``DIR``,
+which is renamed into place only when complete; ``--force`` swaps an existing
+``DIR`` out and deletes it only after the new one is in place. The source is
+only read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as _dt
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memprof import __version__
+from memprof.api import fake_model, prepare
+from memprof.compare import stack
+from memprof.engines.base import Engine, Measure
+from memprof.errors import InputError
+from memprof.models import DTYPES, build_model
+from memprof.profile import Profile
+from memprof.recipes import Recipe
+from memprof.workload import StepSetup, Workload, main_output
+
+SCHEMA = "memprof.apply/1"
+
+# Files that make up a tokenizer (or processor) in a Hugging Face folder.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+@dataclass
+class ApplyResult:
+    """What was written, and the numbers behind it."""
+
+    output: Path
+    files: list[str]
+    setup: StepSetup
+    skipped: list[str]
+    before: Profile | None
+    after: Profile | None
+    verification: dict[str, Any] | None
+    notes: list[str] = field(default_factory=list)
+
+
+def apply(
+    spec: str,
+    recipe: Recipe,
+    output: str | Path,
+    workload: Workload,
+    *,
+    force: bool = False,
+    engine: str | Engine = "auto",
+    task: str | None = None,
+    profile: bool = True,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ApplyResult:
+    """Write the checkpoint of ``spec`` with ``recipe`` applied to ``output``.
+
+    Args:
+        spec: a transformers MODEL spec (directory, config.json, bundled name, Hub id).
+        recipe: the validated recipe.
+        output: the folder to create.
+        workload: the step the before/after profiles measure (and the training arguments describe).
+        force: replace an existing ``output``.
+        engine: the engine of the before/after profiles.
+        profile: measure the before/after profiles (False: write only).
+
+    Raises:
+        InputError: the output exists (without ``force``) or is inside the source;
+            a model that is not from transformers; invalid recipe for this model.
+    """
+    say = progress or (lambda msg: None)
+    workload.validate()
+    out = Path(output).expanduser().resolve()
+    rm, eng = prepare(spec, workload, engine, task=task, trust_remote_code=trust_remote_code, progress=say)
+    if rm.factory is not None:
+        raise InputError(
+            f"{spec}: memprof apply writes transformers checkpoints; a module:factory model has no config to save"
+        )
+    if out.exists() and not force:
+        raise InputError(f"{out}: already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    src_dir = rm.folder or rm.weights_dir
+    if src_dir is not None:
+        src = Path(src_dir).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise InputError(f"{out}: overlaps the source model folder {src}; choose another output folder")
+
+    setup, skipped = stack(recipe, workload, fake_model(rm, workload))
+    if not setup.steps:
+        raise InputError(
+            "no step of the recipe applies to this model and workload: "
+            + "; ".join(skipped or ["empty recipe"])
+        )
+    before = after = None
+    if profile:
+        m = Measure(flops=True)
+        say("Profiling the baseline")
+        before = eng.run_detailed(rm, StepSetup.of(workload), measure=m, allow_pickle=allow_pickle).profile
+        say("Profiling the optimized step")
+        after = eng.run_detailed(rm, setup, measure=m, allow_pickle=allow_pickle).profile
+
+    dtype = setup.workload.dtype
+    notes: list[str] = []
+    say("Building the model")
+    saved_notes = list(rm.notes)
+    try:
+        with torch.no_grad():
+            torch.manual_seed(0)
+            source, builder = build_model(
+                rm, dtype=workload.dtype, attn=workload.attn, load_weights=True, allow_pickle=allow_pickle
+            )
+    finally:
+        rm.notes[:] = saved_notes
+    has_weights = bool(rm.has_weights)
+    if not has_weights:
+        notes.append(
+            "the source has no weights (a config): the output holds config.json, memprof.json and README.md; "
+            "build it with AutoModel*.from_config(AutoConfig.from_pretrained(DIR))"
+        )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.memprof-", dir=out.parent))
+    try:
+        say("Writing the checkpoint")
+        model = source
+        if has_weights:
+            if dtype != workload.dtype:
+                # a cast copy: the source model stays as loaded, for the verification below
+                model = copy.deepcopy(source).to(DTYPES[dtype])
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.config.save_pretrained(tmp)
+        _update_config(tmp / "config.json", setup, dtype)
+        if src_dir is not None:
+            for name in TOKENIZER_FILES:
+                f = Path(src_dir) / name
+                if f.is_file():
+                    shutil.copy2(f, tmp / name)
+        verification = None
+        if has_weights:
+            say("Verifying: reload with from_pretrained and compare outputs")
+            verification = _verify(rm, tmp, source, builder, workload)
+        meta = {
+            "schema": SCHEMA,
+            "memprof_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"spec": spec, "name": rm.name, "source": rm.source},
+            "recipe": recipe.to_dict(),
+            "applied": setup.steps,
+            "skipped": skipped,
+            "storage_dtype": dtype,
+            "config_updates": setup.config_updates,
+            "training_args": setup.training_args,
+            "notes": setup.notes + notes,
+            "workload": workload.to_dict(),
+            "verification": verification,
+            "profile_before": before.to_dict() if before else None,
+            "profile_after": after.to_dict() if after else None,
+        }
+        (tmp / "memprof.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "README.md").write_text(
+            readme(rm.name, recipe, setup, skipped, before, after, verification, notes)
+        )
+        files = sorted(p.name for p in tmp.iterdir())
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ApplyResult(
+        output=out,
+        files=files,
+        setup=setup,
+        skipped=skipped,
+        before=before,
+        after=after,
+        verification=verification,
+        notes=notes,
+    )
+
+
+def _update_config(path: Path, setup: StepSetup, dtype: str) -> None:
+    cfg = json.loads(path.read_text())
+    cfg["dtype"] = dtype
+    cfg.pop("torch_dtype", None)
+    for k, v in setup.config_updates.items():
+        if k == "dtype":
+            continue
+        cfg[k] = v
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _verify(
+    rm: Any, folder: Path, source: torch.nn.Module, builder: Any, workload: Workload
+) -> dict[str, Any]:
+    """Reload the written checkpoint and compare its output with the source model's."""
+    import transformers
+
+    from memprof.models import TASKS
+
+    auto = getattr(transformers, TASKS[rm.task]) if rm.task in TASKS else transformers.AutoModel
+    reloaded = auto.from_pretrained(str(folder))
+    reloaded.eval()
+    source.eval()
+    inputs = builder.build(2, min(16, workload.seq_len), torch.device("cpu"), with_labels=False)
+    with torch.no_grad():
+        a = main_output(source(**inputs))
+        b = main_output(reloaded(**inputs))
+    if a is None or b is None:
+        return {"reloaded": True, "compared": False}
+    a, b = a.float(), b.float()
+    diff = float((a - b).abs().max())
+    scale = float(a.abs().max()) or 1.0
+    return {
+        "reloaded": True,
+        "compared": True,
+        "reloaded_dtype": str(reloaded.dtype).replace("torch.", ""),
+        "output_max_abs_diff": diff,
+        "output_max_rel_diff": diff / scale,
+        "inputs": f"batch 2, seq {min(16, workload.seq_len)}, eval mode",
+    }
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and restored on failure."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.memprof-old"
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def trainer_snippet(setup: StepSetup) -> str:
+    """A TrainingArguments snippet with the recipe's training-loop settings."""
+    args = {"output_dir": "out", **setup.training_args}
+    lines = ["from transformers import TrainingArguments", "", "args = TrainingArguments("]
+    for k, v in args.items():
+        lines.append(f"    {k}={v!r},")
+    lines.append(")")
+    return "\n".join(lines)
+
+
+def readme(
+    name: str,
+    recipe: Recipe,
+    setup: StepSetup,
+    skipped: list[str],
+    before: Profile | None,
+    after: Profile | None,
+    verification: dict[str, Any] | None,
+    notes: list[str],
+) -> str:
+    from memprof.units import format_bytes
+
+    lines = [
+        f"# {name}, optimized by memprof",
+        "",
+        f"Recipe: {recipe.description or 'recipe'} ({recipe.source or 'inline'}).",
+        "",
+        "Applied, in order: "
+        + ", ".join(f"`{s['name']}` {s['options'] or ''}".strip() for s in setup.steps)
+        + ".",
+    ]
+    if skipped:
+        lines += ["", "Skipped (did not apply): " + "; ".join(skipped) + "."]
+    if before and after:
+        w = before.workload
+        ratio = before.peak_bytes / after.peak_bytes if after.peak_bytes else float("inf")
+        lines += [
+            "",
+            f"Peak memory of one {w.get('mode')} step (batch {w.get('batch_size')}, seq {w.get('seq_len')}, "
+            f"{before.engine} engine): {format_bytes(before.peak_bytes)} before, "
+            f"{format_bytes(after.peak_bytes)} after ({ratio:.2f}x less). Full profiles in `memprof.json`.",
+        ]
+    lines += [
+        "",
+        "## Load it",
+        "",
+        "```python",
+        "from transformers import AutoConfig, AutoModel",
+        "",
+        'model = AutoModel.from_pretrained("THIS_FOLDER")  # or the AutoModelFor... class of your task',
+        "```",
+    ]
+    if verification and verification.get("compared"):
+        lines += [
+            "",
+            f"Verified when written: reloaded with from_pretrained ({verification['reloaded_dtype']}), the output "
+            f"differs from the source model's by at most {verification['output_max_abs_diff']:.3g} "
+            f"({verification['output_max_rel_diff']:.2e} relative; {verification['inputs']}).",
+        ]
+    if setup.training_args:
+        lines += [
+            "",
+            "## Train with it",
+            "",
+            "The training-loop part of the recipe, as transformers `TrainingArguments` fields:",
+            "",
+            "```python",
+            trainer_snippet(setup),
+            "```",
+        ]
+    extra = setup.notes + notes
+    if extra:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in extra]
+    return "\n".join(lines) + "\n"

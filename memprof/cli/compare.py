@@ -1,0 +1,83 @@
+"""``memprof compare MODEL --recipe R``: the baseline, then each recipe step stacked, in one table."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from memprof import recipes
+from memprof.cli import options as O
+from memprof.cli.common import spinner, stdout_console, write_output
+from memprof.compare import compare as run_compare
+from memprof.errors import InputError
+from memprof.report.compare import render_compare
+
+RECIPE = typer.Option(
+    None, "--recipe", "-r", help="Recipe YAML file, or the name of a shipped recipe (see `memprof recipes`)."
+)
+STEP = typer.Option(
+    None,
+    "--step",
+    help="An optimization instead of (or after) a recipe: NAME or NAME:key=value,... (repeatable).",
+)
+
+
+def load_recipe(recipe: str | None, steps: list[str] | None) -> recipes.Recipe:
+    """The recipe of ``--recipe`` and/or ``--step`` options."""
+    if not recipe and not steps:
+        raise InputError("give a recipe (--recipe FILE or a shipped name) or at least one --step")
+    r = recipes.load(recipe) if recipe else None
+    extra = recipes.from_names(steps) if steps else None
+    if r and extra:
+        r.steps += extra.steps
+        return r
+    return r or extra  # type: ignore[return-value]
+
+
+def compare(
+    model: str = O.MODEL,
+    recipe: str | None = RECIPE,
+    step: list[str] | None = STEP,
+    mode: O.Mode = O.MODE,
+    batch_size: int = O.BATCH,
+    seq_len: int = O.SEQ,
+    dtype: O.DType = O.DTYPE,
+    optimizer: O.Optim = O.OPTIM,
+    attn: O.Attn = O.ATTN,
+    engine: O.EngineName = O.ENGINE,
+    task: O.Task | None = O.TASK,
+    decode_tokens: int = O.DECODE,
+    timing_steps: int = typer.Option(
+        2, "--timing-steps", help="Real engines: untracked steps timed per row."
+    ),
+    separate: bool = typer.Option(
+        False, "--separate", help="Measure each step alone on the baseline instead of stacking them."
+    ),
+    json_path: str | None = O.JSON,
+    allow_pickle: bool = O.ALLOW_PICKLE,
+    trust_remote_code: bool = O.TRUST_REMOTE_CODE,
+) -> int:
+    """Profile the baseline, then each optimization of a recipe stacked: memory, FLOPs, time, quality."""
+    if timing_steps < 0:
+        raise typer.BadParameter("must be 0 or more", param_hint="--timing-steps")
+    r = load_recipe(recipe, step)
+    wl = O.workload(mode, batch_size, seq_len, dtype, optimizer, attn, task, decode_tokens)
+    with spinner() as progress:
+        result = run_compare(
+            model,
+            r,
+            wl,
+            engine=engine.value,
+            task=task.value if task else None,
+            timing_steps=timing_steps,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            cumulative=not separate,
+            progress=progress,
+        )
+    if json_path:
+        write_output(json_path, json.dumps(result.to_dict(), indent=2))
+    if json_path != "-":
+        render_compare(result, stdout_console())
+    return 0

@@ -1,0 +1,90 @@
+"""Options shared by the commands that run a step (analyze, compare, apply)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import typer
+
+from memprof.workload import Workload
+
+
+class Mode(str, Enum):
+    train = "train"
+    infer = "infer"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Optim(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+    none = "none"
+
+
+class Attn(str, Enum):
+    eager = "eager"
+    sdpa = "sdpa"
+
+
+class EngineName(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+    sim = "sim"
+
+
+class Task(str, Enum):
+    causal_lm = "causal-lm"
+    masked_lm = "masked-lm"
+    seq_classification = "seq-classification"
+    seq2seq_lm = "seq2seq-lm"
+    speech_seq2seq = "speech-seq2seq"
+    image_classification = "image-classification"
+    feature_extraction = "feature-extraction"
+
+
+MODEL = typer.Argument(
+    ..., help="Model directory, config.json, bundled name (e.g. gpt2), Hub id, or package.module:factory."
+)
+MODE = typer.Option(Mode.train, "--mode", help="Training step or inference step.")
+BATCH = typer.Option(8, "--batch-size", "-b", help="Sequences (or images) per step.")
+SEQ = typer.Option(512, "--seq-len", "-s", help="Tokens per sequence.")
+DTYPE = typer.Option(DType.float32, "--dtype", help="Parameter dtype.")
+OPTIM = typer.Option(Optim.adamw, "--optimizer", help="Optimizer of the training step.")
+ATTN = typer.Option(Attn.sdpa, "--attn", help="Attention implementation (transformers models).")
+ENGINE = typer.Option(EngineName.auto, "--engine", "-e", help="cuda, cpu, sim (fake tensors), or auto.")
+TASK = typer.Option(None, "--task", help="Override the head picked from the config's architectures.")
+DECODE = typer.Option(0, "--decode-tokens", help="Infer mode, causal LMs: decode steps after the prefill.")
+ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading .bin (pickle) checkpoints.")
+TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Allow models that ship their own code.")
+JSON = typer.Option(None, "--json", help="Write the result as JSON to PATH ('-' for stdout).")
+
+
+def workload(
+    mode: Mode,
+    batch_size: int,
+    seq_len: int,
+    dtype: DType,
+    optimizer: Optim,
+    attn: Attn,
+    task: Task | None,
+    decode_tokens: int = 0,
+) -> Workload:
+    """The Workload of the shared options (validated)."""
+    wl = Workload(
+        mode=mode.value,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype=dtype.value,
+        optimizer=optimizer.value,
+        attn=attn.value,
+        task=task.value if task else None,
+        decode_tokens=decode_tokens,
+    )
+    wl.validate()
+    return wl

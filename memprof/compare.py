@@ -1,0 +1,238 @@
+"""Before/after: the baseline step, then each recipe step applied cumulatively.
+
+Every row is a full measurement on the same model, workload, engine, inputs
+and seed: memory (a :class:`~memprof.profile.Profile`), FLOPs counted with
+``torch.utils.flop_counter.FlopCounterMode`` (under fake tensors too), and on
+real engines the median time of untracked steps and a quality check (the loss
+and main output of an eval-mode forward, and the loss after two training
+steps, against the baseline's). A step that does not apply is kept as a
+skipped row with its reason.
+
+JSON (schema ``memprof.compare/1``): ``schema``, ``model``, ``engine``,
+``recipe``, ``baseline`` (a profile), ``baseline_flops``, ``baseline_seconds``,
+``steps`` (list of {``name``, ``options``, ``label``, ``skipped``, ``profile``,
+``flops``, ``seconds``, ``quality``}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memprof.api import fake_model, prepare
+from memprof.engines.base import Engine, Measure, RunResult
+from memprof.errors import InputError, OutOfMemory
+from memprof.optimizations.registry import Optimization
+from memprof.profile import Profile
+from memprof.recipes import Recipe
+from memprof.workload import StepSetup, Workload
+
+SCHEMA = "memprof.compare/1"
+
+
+@dataclass
+class StepResult:
+    """One row: an optimization stacked on everything above it."""
+
+    name: str
+    options: dict[str, Any]
+    label: str
+    profile: Profile | None = None
+    skipped: str | None = None
+    flops: int | None = None
+    seconds: float | None = None
+    quality: dict[str, Any] | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "options": self.options,
+            "label": self.label,
+            "skipped": self.skipped,
+            "error": self.error,
+            "profile": self.profile.to_dict() if self.profile else None,
+            "flops": self.flops,
+            "seconds": self.seconds,
+            "quality": self.quality,
+        }
+
+
+@dataclass
+class Comparison:
+    """The baseline and the cumulative steps of a recipe."""
+
+    model: str
+    engine: str
+    recipe: dict[str, Any]
+    baseline: Profile
+    baseline_flops: int | None
+    baseline_seconds: float | None
+    baseline_quality: dict[str, Any] | None
+    steps: list[StepResult] = field(default_factory=list)
+    schema: str = SCHEMA
+
+    @property
+    def final(self) -> Profile:
+        """The profile of the last step that ran (the baseline if none did)."""
+        for s in reversed(self.steps):
+            if s.profile is not None and s.error is None:
+                return s.profile
+        return self.baseline
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "model": self.model,
+            "engine": self.engine,
+            "recipe": self.recipe,
+            "baseline": self.baseline.to_dict(),
+            "baseline_flops": self.baseline_flops,
+            "baseline_seconds": self.baseline_seconds,
+            "baseline_quality": self.baseline_quality,
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+
+def quality_delta(base: RunResult, run: RunResult) -> dict[str, Any] | None:
+    """The optimized step's loss and output against the baseline's (real engines)."""
+    if run.loss_before is None or base.loss_before is None:
+        return None
+    q: dict[str, Any] = {
+        "loss": run.loss_before,
+        "loss_abs_diff": abs(run.loss_before - base.loss_before),
+        "output_max_abs_diff": None,
+        "output_max_rel_diff": None,
+        "loss_after_steps": run.loss_after,
+        "loss_after_steps_abs_diff": (
+            abs(run.loss_after - base.loss_after)
+            if run.loss_after is not None and base.loss_after is not None
+            else None
+        ),
+    }
+    a, b = run.output, base.output
+    if a is not None and b is not None and a.shape == b.shape:
+        diff = float((a - b).abs().max()) if a.numel() else 0.0
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        q["output_max_abs_diff"] = diff
+        q["output_max_rel_diff"] = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+    return q
+
+
+def baseline_quality(base: RunResult) -> dict[str, Any] | None:
+    if base.loss_before is None:
+        return None
+    return {"loss": base.loss_before, "loss_after_steps": base.loss_after}
+
+
+def compare(
+    spec: str,
+    recipe: Recipe,
+    workload: Workload,
+    *,
+    engine: str | Engine = "auto",
+    task: str | None = None,
+    timing_steps: int = 2,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    cumulative: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> Comparison:
+    """Profile the baseline, then each step of the recipe stacked on the ones before.
+
+    Args:
+        spec: a MODEL spec.
+        recipe: the validated recipe (:func:`memprof.recipes.load`).
+        workload: the baseline step.
+        engine: ``auto``, ``cuda``, ``cpu``, ``sim`` or an :class:`Engine`.
+        timing_steps: untracked steps timed per row on real engines (0: no timing).
+        cumulative: stack the steps (the default); False measures each alone on the baseline.
+        progress: called with short status lines.
+
+    Raises:
+        InputError, EnvironmentProblem: see :mod:`memprof.errors` (OutOfMemory of a
+        row is kept in that row; of the baseline, it is raised).
+    """
+    say = progress or (lambda msg: None)
+    workload.validate()
+    rm, eng = prepare(spec, workload, engine, task=task, trust_remote_code=trust_remote_code, progress=say)
+    real = eng.name != "sim"
+    measure = Measure(flops=True, timing_steps=timing_steps if real else 0, quality=real)
+    total = len(recipe.steps) + 1
+
+    def run(setup: StepSetup, label: str, i: int) -> RunResult:
+        return eng.run_detailed(
+            rm,
+            setup,
+            progress=lambda m: say(f"[{i}/{total}] {label}: {m}"),
+            allow_pickle=allow_pickle,
+            measure=measure,
+        )
+
+    base_setup = StepSetup.of(workload)
+    base = run(base_setup, "baseline", 1)
+    cmp = Comparison(
+        model=rm.name,
+        engine=eng.name,
+        recipe=recipe.to_dict(),
+        baseline=base.profile,
+        baseline_flops=base.flops,
+        baseline_seconds=base.seconds,
+        baseline_quality=baseline_quality(base),
+    )
+    model_view: torch.nn.Module | None = None
+    try:
+        model_view = fake_model(rm, workload)
+    except InputError:
+        model_view = None
+    setup = base_setup
+    for i, step in enumerate(recipe.steps, 2):
+        row = StepResult(name=step.name, options=step.options, label=step.describe())
+        cmp.steps.append(row)
+        trial = setup.copy() if cumulative else base_setup.copy()
+        reason = _apply(step, model_view, trial)
+        if reason:
+            row.skipped = reason
+            continue
+        try:
+            r = run(trial, row.label, i)
+        except OutOfMemory as e:
+            row.profile = e.profile
+            row.error = f"out of memory: {e}"
+            continue
+        row.profile, row.flops, row.seconds = r.profile, r.flops, r.seconds
+        row.quality = quality_delta(base, r)
+        if cumulative:
+            setup = trial
+    return cmp
+
+
+def _apply(step: Optimization, model: torch.nn.Module | None, setup: StepSetup) -> str | None:
+    """Apply ``step`` to ``setup``; the reason it does not apply, or None."""
+    reason = step.applies_to(model, setup)
+    if reason:
+        return reason
+    step.apply(setup)
+    setup.steps.append({"name": step.name, "options": step.options})
+    try:
+        setup.validate()
+    except InputError as e:
+        return str(e)
+    return None
+
+
+def stack(recipe: Recipe, workload: Workload, model: torch.nn.Module | None) -> tuple[StepSetup, list[str]]:
+    """The setup with every applicable step of the recipe, and the skipped steps' reasons."""
+    setup = StepSetup.of(workload)
+    skipped = []
+    for step in recipe.steps:
+        trial = setup.copy()
+        reason = _apply(step, model, trial)
+        if reason:
+            skipped.append(f"{step.describe()}: {reason}")
+        else:
+            setup = trial
+    return setup, skipped

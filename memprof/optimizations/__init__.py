@@ -1,0 +1,33 @@
+"""Optimizations: one small module each, registered by name (see :mod:`.registry`).
+
+Importing this package registers the built-in optimizations::
+
+    from memprof import optimizations
+    opt = optimizations.make("checkpointing", {"every": 2})
+    reason = opt.applies_to(model, setup)  # None when it applies
+    opt.apply(setup)
+"""
+
+from __future__ import annotations
+
+from memprof.optimizations import (  # noqa: F401  (imported to register them)
+    activation_offload,
+    attention,
+    checkpointing,
+    grad_accumulation,
+    inference_mode,
+    mixed_precision,
+    optimizer,
+    optimizer_in_backward,
+)
+from memprof.optimizations.registry import (
+    Optimization,
+    get,
+    make,
+    names,
+    option_help,
+    parse_options,
+    register,
+)
+
+__all__ = ["Optimization", "get", "make", "names", "option_help", "parse_options", "register"]

@@ -1,0 +1,46 @@
+"""The attention implementation (eager -> sdpa)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from memprof.optimizations.registry import Optimization, option, register
+from memprof.workload import StepSetup
+
+
+@register
+class Attention(Optimization):
+    """Switch the attention implementation of a transformers model.
+
+    ``sdpa`` runs ``torch.nn.functional.scaled_dot_product_attention``; on CUDA
+    its flash and memory-efficient kernels never store the ``seq x seq`` score
+    matrix, which eager attention keeps for backward (the sim engine projects
+    CUDA's kernel choice; on a CPU, sdpa's kernel saves less too).
+    """
+
+    name = "attention"
+    summary = "eager -> sdpa attention (no seq x seq scores stored on CUDA's flash/efficient kernels)"
+    modes = ("train", "infer")
+
+    @dataclass
+    class Config:
+        implementation: str = option("sdpa", "attention implementation", choices=("sdpa", "eager"))
+
+    def applies_to(self, model: Any, setup: StepSetup) -> str | None:
+        why = super().applies_to(model, setup)
+        if why:
+            return why
+        impl = self.config.implementation
+        if setup.workload.attn == impl:
+            return f"the step already uses {impl} attention"
+        if model is not None:
+            if not hasattr(model, "config"):
+                return "not a transformers model: its attention is its own code"
+            if impl == "sdpa" and not getattr(model, "_supports_sdpa", False):
+                return f"{type(model).__name__} does not support sdpa attention"
+        return None
+
+    def apply(self, setup: StepSetup) -> None:
+        setup.update_workload(attn=self.config.implementation)
+        setup.config_updates["attn_implementation"] = self.config.implementation

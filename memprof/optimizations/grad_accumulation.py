@@ -1,0 +1,44 @@
+"""Gradient accumulation: the same effective batch in k micro-batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from memprof.optimizations.registry import Optimization, option, register
+from memprof.workload import StepSetup
+
+
+@register
+class GradAccumulation(Optimization):
+    """Run the batch as ``steps`` micro-batches, accumulating gradients.
+
+    Activations scale with the micro-batch; parameters, gradients and optimizer
+    state do not change. The loss of each micro-batch is divided by ``steps``,
+    so the gradient equals the full batch's (up to rounding).
+    """
+
+    name = "grad_accumulation"
+    summary = "the batch in k micro-batches: activations / k, same gradient, same FLOPs"
+
+    @dataclass
+    class Config:
+        steps: int = option(2, "micro-batches per optimizer step", min=1, max=4096)
+
+    def applies_to(self, model: Any, setup: StepSetup) -> str | None:
+        why = super().applies_to(model, setup)
+        if why:
+            return why
+        b = setup.workload.batch_size
+        k = setup.micro_batches * self.config.steps
+        if b % k:
+            return f"batch size {b} does not split into {k} equal micro-batches"
+        if setup.optimizer_in_backward:
+            return "the optimizer steps in backward, which leaves no gradients to accumulate"
+        return None
+
+    def apply(self, setup: StepSetup) -> None:
+        setup.micro_batches *= self.config.steps
+        b = setup.workload.batch_size
+        setup.training_args["per_device_train_batch_size"] = b // setup.micro_batches
+        setup.training_args["gradient_accumulation_steps"] = setup.micro_batches

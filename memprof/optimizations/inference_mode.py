@@ -1,0 +1,44 @@
+"""Inference without autograd state: torch.inference_mode and the KV-cache choice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from memprof.optimizations.registry import Optimization, option, register
+from memprof.workload import StepSetup
+
+
+@register
+class InferenceMode(Optimization):
+    """Run inference under ``torch.inference_mode`` and choose ``use_cache``.
+
+    inference_mode skips version counters and view tracking (speed, not
+    memory: no_grad already stores nothing for backward). ``use_cache: false``
+    stops a causal LM's plain forward from building a KV cache it never reads;
+    generation (``--decode-tokens``) always needs the cache.
+    """
+
+    name = "inference_mode"
+    summary = "torch.inference_mode, and no KV cache for a plain forward"
+    modes = ("infer",)
+
+    @dataclass
+    class Config:
+        use_cache: bool = option(False, "let the forward build a KV cache")
+
+    def applies_to(self, model: Any, setup: StepSetup) -> str | None:
+        why = super().applies_to(model, setup)
+        if why:
+            return why
+        if setup.inference_mode:
+            return "inference_mode is already on"
+        return None
+
+    def apply(self, setup: StepSetup) -> None:
+        setup.inference_mode = True
+        if setup.workload.decode_tokens:
+            setup.notes.append("use_cache stays on: generation reads the KV cache")
+        else:
+            setup.use_cache = self.config.use_cache
+            setup.config_updates["use_cache"] = self.config.use_cache

@@ -1,0 +1,67 @@
+"""The optimizer and its implementation: AdamW, SGD, Adafactor, 8-bit AdamW; foreach or fused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from memprof.optimizations.registry import Optimization, option, register
+from memprof.workload import OPTIMIZER_IMPLS, StepSetup
+
+# transformers TrainingArguments.optim values
+_HF_OPTIM = {
+    ("adamw", "fused"): "adamw_torch_fused",
+    ("adamw", "auto"): "adamw_torch",
+    ("adamw", "foreach"): "adamw_torch",
+    ("adamw", "for-loop"): "adamw_torch",
+    ("sgd", "auto"): "sgd",
+    ("adafactor", "auto"): "adafactor",
+    ("adamw8bit", "auto"): "adamw_torch_8bit",
+}
+
+
+@register
+class OptimizerChoice(Optimization):
+    """Choose the optimizer and how it runs.
+
+    Memory per parameter: AdamW keeps two moments (8 bytes per float32
+    parameter), SGD with momentum one, Adafactor factored second moments
+    (rows + columns), 8-bit AdamW two 1-byte moments. ``impl: fused`` steps all
+    parameters in one kernel without the foreach path's per-step intermediates;
+    ``set_to_none: false`` keeps gradient buffers allocated between steps.
+    """
+
+    name = "optimizer"
+    summary = "AdamW / SGD / Adafactor / 8-bit AdamW, foreach or fused, set_to_none"
+
+    @dataclass
+    class Config:
+        type: str = option("adamw", "the optimizer", choices=("adamw", "sgd", "adafactor", "adamw8bit"))
+        impl: str = option("auto", "implementation (auto: the device's default)", choices=OPTIMIZER_IMPLS)
+        set_to_none: bool = option(True, "free gradients after the step (zero_grad(set_to_none=True))")
+
+        def problems(self) -> list[str]:
+            if self.impl == "fused" and self.type not in ("adamw", "sgd"):
+                return [f"impl 'fused' exists for adamw and sgd, not {self.type}"]
+            if self.impl != "auto" and self.type in ("adafactor", "adamw8bit"):
+                return [f"{self.type} has one implementation; leave impl as auto"]
+            return []
+
+    def applies_to(self, model: Any, setup: StepSetup) -> str | None:
+        why = super().applies_to(model, setup)
+        if why:
+            return why
+        if setup.workload.optimizer == "none":
+            return "the workload has no optimizer (--optimizer none)"
+        return None
+
+    def apply(self, setup: StepSetup) -> None:
+        c = self.config
+        setup.update_workload(optimizer=c.type)
+        setup.optimizer_impl = c.impl
+        setup.set_to_none = c.set_to_none
+        optim = _HF_OPTIM.get((c.type, c.impl))
+        if optim:
+            setup.training_args["optim"] = optim
+        if c.type == "adafactor":
+            setup.training_args["optim_args"] = "scale_parameter=False,relative_step=False,warmup_init=False"

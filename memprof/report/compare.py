@@ -1,0 +1,188 @@
+"""Rich rendering of a Comparison: the savings ladder and the categories before/after."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from memprof.compare import Comparison
+from memprof.profile import Profile
+from memprof.report.terminal import _CAT_STYLE
+from memprof.tracking import CATEGORIES
+from memprof.units import format_bytes
+
+
+def _signed_bytes(n: int) -> str:
+    if n == 0:
+        return "±0 B"
+    return ("+" if n > 0 else "-") + format_bytes(abs(n))
+
+
+def _flops(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, div in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n}"
+
+
+def _pct_change(new: float | None, old: float | None) -> str:
+    if new is None or old is None or old == 0:
+        return ""
+    d = 100.0 * (new - old) / old
+    return f"{d:+.0f}%" if abs(d) >= 0.5 else "±0%"
+
+
+def moved(prev: Profile, cur: Profile, top: int = 2) -> str:
+    """The categories whose bytes at the peak changed most, signed."""
+    deltas = [(c, cur.categories_at_peak[c] - prev.categories_at_peak[c]) for c in CATEGORIES]
+    deltas = [d for d in deltas if abs(d[1]) >= max(1, prev.peak_bytes // 200)]
+    deltas.sort(key=lambda d: -abs(d[1]))
+    return ", ".join(f"{c} {_signed_bytes(v)}" for c, v in deltas[:top]) or "-"
+
+
+def _quality(q: dict[str, Any] | None) -> str:
+    """``output rel diff / loss diff / loss diff after two steps`` (see the column header)."""
+    if not q:
+        return "n/a"
+
+    def f(v: Any) -> str:
+        return "-" if v is None else ("0" if v == 0 else f"{v:.0e}")
+
+    return " / ".join(
+        f(q.get(k)) for k in ("output_max_rel_diff", "loss_abs_diff", "loss_after_steps_abs_diff")
+    )
+
+
+def ladder_table(c: Comparison) -> Table:
+    real = c.baseline_seconds is not None
+    quality = c.baseline_quality is not None
+    t = Table(
+        title="Savings ladder (each step stacked on the ones above)",
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+        title_style="bold",
+    )
+    t.add_column("#", justify="right", style="dim")
+    t.add_column("step", no_wrap=True)
+    for name in ("peak", "change", "vs base", "FLOPs", "Δ FLOPs"):
+        t.add_column(name, justify="right", no_wrap=True)
+    if real:
+        t.add_column("time", justify="right", no_wrap=True)
+        t.add_column("Δ time", justify="right", no_wrap=True)
+    if quality:
+        t.add_column("Δ out rel / loss / loss after 2 steps", no_wrap=True)
+    t.add_column("what moved at the peak")
+    blanks = len(t.columns) - 4  # columns between "peak" and the last one
+
+    base = c.baseline
+    row: list[Any] = [
+        "0",
+        "baseline",
+        format_bytes(base.peak_bytes),
+        "",
+        "1.00x",
+        _flops(c.baseline_flops),
+        "",
+    ]
+    if real:
+        row += [f"{c.baseline_seconds:.3f} s", ""]
+    if quality and c.baseline_quality:
+        row += [f"loss {c.baseline_quality['loss']:.4f}"]
+    t.add_row(*row, "", style="bold")
+    prev, prev_flops, prev_s = base, c.baseline_flops, c.baseline_seconds
+    for i, s in enumerate(c.steps, 1):
+        if s.skipped or s.profile is None or s.error:
+            what = Text("OOM" if s.error else "skipped", style="red" if s.error else "dim")
+            reason = Text(s.error or s.skipped or "", style="red" if s.error else "dim")
+            t.add_row(str(i), Text(s.label, style="dim"), what, *([""] * blanks), reason)
+            continue
+        p = s.profile
+        delta = p.peak_bytes - prev.peak_bytes
+        ratio = base.peak_bytes / p.peak_bytes if p.peak_bytes else float("inf")
+        row = [
+            str(i),
+            s.label,
+            format_bytes(p.peak_bytes),
+            Text(_signed_bytes(delta), style="green" if delta < 0 else ("red" if delta > 0 else "")),
+            f"{ratio:.2f}x",
+            _flops(s.flops),
+            _pct_change(s.flops, prev_flops),
+        ]
+        if real:
+            row += [f"{s.seconds:.3f} s" if s.seconds is not None else "n/a", _pct_change(s.seconds, prev_s)]
+        if quality:
+            row += [_quality(s.quality)]
+        t.add_row(*row, moved(prev, p))
+        prev, prev_flops, prev_s = p, s.flops, s.seconds
+    return t
+
+
+def categories_before_after(c: Comparison) -> Table:
+    base, final = c.baseline, c.final
+    t = Table(title="At the peak, by category", box=box.SIMPLE_HEAD, title_justify="left", title_style="bold")
+    t.add_column("category")
+    t.add_column("baseline", justify="right")
+    t.add_column("final", justify="right")
+    t.add_column("change", justify="right")
+    for cat in CATEGORIES:
+        a, b = base.categories_at_peak[cat], final.categories_at_peak[cat]
+        if not a and not b:
+            continue
+        d = b - a
+        t.add_row(
+            Text(cat, style=_CAT_STYLE[cat]),
+            format_bytes(a),
+            format_bytes(b),
+            Text(_signed_bytes(d), style="green" if d < 0 else ("red" if d > 0 else "")),
+        )
+    t.add_row(
+        Text("total (peak)", style="bold"),
+        format_bytes(base.peak_bytes),
+        format_bytes(final.peak_bytes),
+        _signed_bytes(final.peak_bytes - base.peak_bytes),
+    )
+    return t
+
+
+def render_compare(c: Comparison, console: Console) -> None:
+    b = c.baseline
+    w = b.workload
+    desc = c.recipe.get("description") or "recipe"
+    console.print(
+        f"[bold]memprof compare[/bold]  {c.model}  ·  {desc}  ·  {c.engine} engine  ·  "
+        f"{w.get('mode')} b{w.get('batch_size')} s{w.get('seq_len')} {w.get('dtype')} {w.get('optimizer')}"
+    )
+    console.print(ladder_table(c))
+    console.print(categories_before_after(c))
+    final = c.final
+    ratio = b.peak_bytes / final.peak_bytes if final.peak_bytes else float("inf")
+    last = next((s for s in reversed(c.steps) if s.profile is not None and not s.error), None)
+    flops = _pct_change(last.flops, c.baseline_flops) if last else ""
+    console.print(
+        f"Peak {format_bytes(b.peak_bytes)} → [bold]{format_bytes(final.peak_bytes)}[/bold] "
+        f"({ratio:.2f}x less)" + (f", FLOPs {flops}" if flops else "")
+    )
+    seen = set(b.notes)
+    extra = [n for n in final.notes if n not in seen]
+    skipped = [s for s in c.steps if s.skipped]
+    for n in extra:
+        console.print(f"[dim]• {n}[/dim]")
+    if skipped:
+        console.print(
+            f"[dim]• {len(skipped)} step(s) skipped: they do not apply here (reason in the table)[/dim]"
+        )
+    if c.engine == "sim":
+        console.print(
+            "[dim]• sim engine: FLOPs are counted; step time and quality need a real engine (cpu, cuda)[/dim]"
+        )
+    else:
+        console.print(
+            "[dim]• quality: eval-mode forward against the baseline's on the same inputs and seed "
+            "(max relative difference of the output, loss difference), and the loss after two training steps[/dim]"
+        )
