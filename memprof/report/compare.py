@@ -27,7 +27,7 @@ def _flops(n: int | None) -> str:
         return "n/a"
     for unit, div in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
         if n >= div:
-            return f"{n / div:.1f} {unit}"
+            return f"{n / div:.1f}{unit}"
     return f"{n}"
 
 
@@ -38,12 +38,32 @@ def _pct_change(new: float | None, old: float | None) -> str:
     return f"{d:+.0f}%" if abs(d) >= 0.5 else "±0%"
 
 
+_SHORT = {
+    "parameters": "params",
+    "buffers": "buffers",
+    "gradients": "grads",
+    "optimizer_state": "optim state",
+    "activations": "activations",
+    "temporaries": "temps",
+    "inputs": "inputs",
+}
+
+
+def _label(s: Any) -> Text:
+    """The optimization's name, and below it (dim) the options that differ from the defaults."""
+    label = s.label
+    if "(" in label:
+        name, _, opts = label.partition("(")
+        return Text(name + "\n") + Text(opts.rstrip(")"), style="dim")
+    return Text(label)
+
+
 def moved(prev: Profile, cur: Profile, top: int = 2) -> str:
     """The categories whose bytes at the peak changed most, signed."""
     deltas = [(c, cur.categories_at_peak[c] - prev.categories_at_peak[c]) for c in CATEGORIES]
     deltas = [d for d in deltas if abs(d[1]) >= max(1, prev.peak_bytes // 200)]
     deltas.sort(key=lambda d: -abs(d[1]))
-    return ", ".join(f"{c} {_signed_bytes(v)}" for c, v in deltas[:top]) or "-"
+    return "\n".join(f"{_SHORT[c]} {_signed_bytes(v)}" for c, v in deltas[:top]) or "-"
 
 
 def _quality(q: dict[str, Any] | None) -> str:
@@ -59,41 +79,40 @@ def _quality(q: dict[str, Any] | None) -> str:
     )
 
 
+def _secs(s: float | None) -> str:
+    if s is None:
+        return "n/a"
+    return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"
+
+
 def ladder_table(c: Comparison) -> Table:
+    """One row per step: peak, its change, FLOPs and time (change from the row above), quality, what moved."""
     real = c.baseline_seconds is not None
     quality = c.baseline_quality is not None
     t = Table(
-        title="Savings ladder (each step stacked on the ones above)",
+        title="Savings ladder: each step stacked on the ones above",
         box=box.SIMPLE_HEAD,
         title_justify="left",
         title_style="bold",
+        pad_edge=False,
     )
-    t.add_column("#", justify="right", style="dim")
+    t.add_column("#", justify="right", style="dim", no_wrap=True, min_width=1)
     t.add_column("step", no_wrap=True)
-    for name in ("peak", "change", "vs base", "FLOPs", "Δ FLOPs"):
+    for name in ("peak", "change", "vs base", "FLOPs"):
         t.add_column(name, justify="right", no_wrap=True)
     if real:
         t.add_column("time", justify="right", no_wrap=True)
-        t.add_column("Δ time", justify="right", no_wrap=True)
     if quality:
-        t.add_column("Δ out rel / loss / loss after 2 steps", no_wrap=True)
-    t.add_column("what moved at the peak")
+        t.add_column("Δ quality*", no_wrap=True)
+    t.add_column("moved at the peak", no_wrap=True)
     blanks = len(t.columns) - 4  # columns between "peak" and the last one
 
     base = c.baseline
-    row: list[Any] = [
-        "0",
-        "baseline",
-        format_bytes(base.peak_bytes),
-        "",
-        "1.00x",
-        _flops(c.baseline_flops),
-        "",
-    ]
+    row: list[Any] = ["0", "baseline", format_bytes(base.peak_bytes), "", "1.00x", _flops(c.baseline_flops)]
     if real:
-        row += [f"{c.baseline_seconds:.3f} s", ""]
+        row.append(_secs(c.baseline_seconds))
     if quality and c.baseline_quality:
-        row += [f"loss {c.baseline_quality['loss']:.4f}"]
+        row.append(f"loss {c.baseline_quality['loss']:.4f}")
     t.add_row(*row, "", style="bold")
     prev, prev_flops, prev_s = base, c.baseline_flops, c.baseline_seconds
     for i, s in enumerate(c.steps, 1):
@@ -101,23 +120,23 @@ def ladder_table(c: Comparison) -> Table:
             what = Text("OOM" if s.error else "skipped", style="red" if s.error else "dim")
             reason = Text(s.error or s.skipped or "", style="red" if s.error else "dim")
             t.add_row(str(i), Text(s.label, style="dim"), what, *([""] * blanks), reason)
+            t.columns[-1].no_wrap = False
             continue
         p = s.profile
         delta = p.peak_bytes - prev.peak_bytes
         ratio = base.peak_bytes / p.peak_bytes if p.peak_bytes else float("inf")
         row = [
             str(i),
-            s.label,
+            _label(s),
             format_bytes(p.peak_bytes),
             Text(_signed_bytes(delta), style="green" if delta < 0 else ("red" if delta > 0 else "")),
             f"{ratio:.2f}x",
-            _flops(s.flops),
-            _pct_change(s.flops, prev_flops),
+            _pct_change(s.flops, prev_flops) or "n/a",
         ]
         if real:
-            row += [f"{s.seconds:.3f} s" if s.seconds is not None else "n/a", _pct_change(s.seconds, prev_s)]
+            row.append(_pct_change(s.seconds, prev_s) or "n/a")
         if quality:
-            row += [_quality(s.quality)]
+            row.append(_quality(s.quality))
         t.add_row(*row, moved(prev, p))
         prev, prev_flops, prev_s = p, s.flops, s.seconds
     return t
@@ -177,12 +196,13 @@ def render_compare(c: Comparison, console: Console) -> None:
         console.print(
             f"[dim]• {len(skipped)} step(s) skipped: they do not apply here (reason in the table)[/dim]"
         )
+    console.print("[dim]• FLOPs and time of a step: its change from the row above[/dim]")
     if c.engine == "sim":
         console.print(
             "[dim]• sim engine: FLOPs are counted; step time and quality need a real engine (cpu, cuda)[/dim]"
         )
     else:
         console.print(
-            "[dim]• quality: eval-mode forward against the baseline's on the same inputs and seed "
-            "(max relative difference of the output, loss difference), and the loss after two training steps[/dim]"
+            "[dim]• *Δ quality against the baseline, same inputs and seed: max relative difference of the "
+            "output / absolute loss difference (eval-mode forward) / loss difference after two training steps[/dim]"
         )
