@@ -134,18 +134,21 @@ def apply(
 
     dtype = setup.workload.dtype
     notes: list[str] = []
-    say("Building the model")
-    saved_notes = list(rm.notes)
-    try:
-        with torch.no_grad():
-            torch.manual_seed(0)
-            source, builder = build_model(
-                rm, dtype=workload.dtype, attn=workload.attn, load_weights=True, allow_pickle=allow_pickle
-            )
-    finally:
-        rm.notes[:] = saved_notes
     has_weights = bool(rm.has_weights)
-    if not has_weights:
+    source: torch.nn.Module | None = None
+    builder: Any = None
+    if has_weights:
+        say("Loading the weights")
+        saved_notes = list(rm.notes)
+        try:
+            with torch.no_grad():
+                source, builder = build_model(
+                    rm, dtype=workload.dtype, attn=workload.attn, load_weights=True, allow_pickle=allow_pickle
+                )
+        finally:
+            rm.notes[:] = saved_notes
+    else:
+        # Never materialise random weights: a config's model may not fit in RAM.
         notes.append(
             "the source has no weights (a config): the output holds config.json, memprof.json and README.md; "
             "build it with AutoModel*.from_config(AutoConfig.from_pretrained(DIR))"
@@ -155,14 +158,14 @@ def apply(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.memprof-", dir=out.parent))
     try:
         say("Writing the checkpoint")
-        model = source
-        if has_weights:
+        if source is not None:
+            model = source
             if dtype != workload.dtype:
                 # a cast copy: the source model stays as loaded, for the verification below
                 model = copy.deepcopy(source).to(DTYPES[dtype])
             model.save_pretrained(tmp, safe_serialization=True)
         else:
-            model.config.save_pretrained(tmp)
+            rm.config.save_pretrained(tmp)
         _update_config(tmp / "config.json", setup, dtype)
         if src_dir is not None:
             for name in TOKENIZER_FILES:
@@ -170,7 +173,7 @@ def apply(
                 if f.is_file():
                     shutil.copy2(f, tmp / name)
         verification = None
-        if has_weights:
+        if source is not None:
             say("Verifying: reload with from_pretrained and compare outputs")
             verification = _verify(rm, tmp, source, builder, workload)
         meta = {

@@ -111,8 +111,9 @@ def parse(text: str, source: str = "<recipe>") -> Recipe:
     Raises:
         RecipeError: every problem found.
     """
+    duplicates: list[str] = []
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_loader(duplicates))  # a SafeLoader subclass: no code runs
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -121,7 +122,7 @@ def parse(text: str, source: str = "<recipe>") -> Recipe:
     header = [
         line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#") and line.strip("# ")
     ]
-    problems: list[str] = []
+    problems: list[str] = list(duplicates)
     if not isinstance(data, dict):
         kind = "empty" if data is None else type(data).__name__
         raise RecipeError(
@@ -172,6 +173,27 @@ def parse(text: str, source: str = "<recipe>") -> Recipe:
     if problems:
         raise RecipeError(source, problems)
     return Recipe(description=description, steps=steps, source=source, header=header)
+
+
+def _loader(duplicates: list[str]) -> type[yaml.SafeLoader]:
+    """A SafeLoader that records duplicate keys (safe_load keeps the last one silently)."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+            if key in seen:
+                duplicates.append(
+                    f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one entry"
+                )
+            seen.add(key)
+        return loader.construct_mapping(node)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return Loader
 
 
 def from_names(items: list[str]) -> Recipe:

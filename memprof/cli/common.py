@@ -40,6 +40,7 @@ def quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars would break the report
     except ImportError:  # pragma: no cover
         pass
     logging.getLogger("transformers").setLevel(logging.ERROR)

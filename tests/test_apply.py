@@ -1,0 +1,192 @@
+"""memprof apply: an atomic, loadable optimized checkpoint; the source untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from memprof import apply as apply_mod
+from memprof import recipes
+from memprof.cli import main
+from memprof.workload import Workload
+from tests.conftest import tiny
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A tiny causal LM saved with random weights (a checkpoint no one here hand-wrote)."""
+    d = tmp_path_factory.mktemp("src") / "tiny-llama"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny("llama")))
+    model.save_pretrained(d)
+    return d
+
+
+def test_apply_tiny_lm_reloads_with_the_same_outputs(tiny_lm_dir, tmp_path):
+    before = digest(tiny_lm_dir)
+    out = tmp_path / "opt"
+    r = recipes.from_names(["attention:implementation=eager", "checkpointing", "grad_accumulation:steps=2"])
+    res = apply_mod.apply(str(tiny_lm_dir), r, out, Workload(batch_size=4, seq_len=32), engine="cpu")
+    assert digest(tiny_lm_dir) == before  # the source is only read
+    assert {"model.safetensors", "config.json", "memprof.json", "README.md"} <= set(res.files)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["attn_implementation"] == "eager" and cfg["dtype"] == "float32"
+    meta = json.loads((out / "memprof.json").read_text())
+    assert meta["schema"] == "memprof.apply/1"
+    assert meta["training_args"] == {
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+    }
+    assert meta["profile_after"]["peak_bytes"] < meta["profile_before"]["peak_bytes"]
+    assert "TrainingArguments(" in (out / "README.md").read_text()
+    # loads with from_pretrained and computes what the source computes
+    src = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    new = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert new.config._attn_implementation == "eager"
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(new(ids).logits, src(ids).logits, atol=1e-5, rtol=1e-5)
+    assert meta["verification"]["output_max_abs_diff"] < 1e-5
+
+
+def test_apply_minilm_pure_bf16_with_tokenizer(minilm_dir, tmp_path):
+    before = digest(minilm_dir)
+    out = tmp_path / "minilm-bf16"
+    code = main(
+        [
+            "apply",
+            str(minilm_dir),
+            "--step",
+            "mixed_precision:pure=true",
+            "--output",
+            str(out),
+            "-b",
+            "2",
+            "-s",
+            "32",
+            "-e",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    assert digest(minilm_dir) == before
+    assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
+    new = AutoModel.from_pretrained(out)
+    assert new.dtype == torch.bfloat16
+    src = AutoModel.from_pretrained(minilm_dir).eval()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)  # the copied tokenizer works
+    batch = tok(["memory is the limit", "a second sentence"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a = src(**batch).last_hidden_state
+        b = new.eval()(**batch).last_hidden_state.float()
+    cos = torch.nn.functional.cosine_similarity(a.mean(1), b.mean(1)).min()
+    assert cos > 0.999
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (
+        minilm_dir / "model.safetensors"
+    ).stat().st_size
+
+
+def test_apply_bundled_config_writes_a_config_only_folder(tmp_path, capsys):
+    out = tmp_path / "llama-cfg"
+    code = main(
+        [
+            "apply",
+            "llama-3-8b",
+            "--recipe",
+            "low-memory-finetune",
+            "-o",
+            str(out),
+            "-e",
+            "sim",
+            "-b",
+            "1",
+            "-s",
+            "64",
+            "--no-profile",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert not list(out.glob("*.safetensors"))
+    cfg = AutoConfig.from_pretrained(out)
+    assert str(cfg.dtype).endswith("bfloat16")
+    meta = json.loads((out / "memprof.json").read_text())
+    assert [s["name"] for s in meta["applied"]][-1] == "optimizer_in_backward"
+    assert any("attention" in s and "already uses sdpa" in s for s in meta["skipped"])
+
+
+def test_existing_output_needs_force(tiny_lm_dir, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = [
+        "apply",
+        str(tiny_lm_dir),
+        "--step",
+        "checkpointing",
+        "-o",
+        str(out),
+        "-e",
+        "cpu",
+        "-b",
+        "2",
+        "-s",
+        "8",
+        "--no-profile",
+    ]
+    assert main(args) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main([*args, "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".exists*"))  # no temporary or old folders left
+
+
+def test_failure_midway_leaves_nothing(tiny_lm_dir, tmp_path, monkeypatch):
+    before = digest(tiny_lm_dir)
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(apply_mod, "_verify", boom)
+    out = tmp_path / "never"
+    with pytest.raises(RuntimeError, match="disk full"):
+        apply_mod.apply(
+            str(tiny_lm_dir),
+            recipes.from_names(["checkpointing"]),
+            out,
+            Workload(batch_size=2, seq_len=8),
+            engine="cpu",
+            profile=False,
+        )
+    assert not out.exists()
+    assert not list(tmp_path.iterdir())
+    assert digest(tiny_lm_dir) == before
+
+
+def test_output_inside_the_source_is_refused(tiny_lm_dir, capsys):
+    args = ["apply", str(tiny_lm_dir), "--step", "checkpointing", "-o", str(tiny_lm_dir / "out"), "-e", "cpu"]
+    assert main(args) == 2
+    assert "overlaps the source" in capsys.readouterr().err
+
+
+def test_nothing_applies_is_an_error(tiny_lm_dir, tmp_path, capsys):
+    args = ["apply", str(tiny_lm_dir), "--step", "inference_mode", "-o", str(tmp_path / "o"), "-e", "cpu"]
+    assert main(args) == 2
+    assert "no step of the recipe applies" in capsys.readouterr().err

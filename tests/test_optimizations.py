@@ -1,0 +1,331 @@
+"""Each optimization, proven by its effect on a tiny model: the memory moved, the output held."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from memprof import optimizations
+from memprof.engines import CpuEngine, SimEngine
+from memprof.engines.base import Measure
+from memprof.errors import InputError
+from memprof.models import resolve
+from memprof.optimizations.registry import Optimization, register
+from memprof.tracking import Tracker
+from memprof.workload import StepRunner, StepSetup, Workload, enable_checkpointing
+from tests.conftest import tiny
+
+QUALITY = Measure(quality=True)
+
+
+def setup_with(wl: Workload, *steps: tuple[str, dict]) -> StepSetup:
+    setup = StepSetup.of(wl)
+    for name, opts in steps:
+        opt = optimizations.make(name, opts)
+        assert opt.applies_to(None, setup) is None
+        opt.apply(setup)
+        setup.steps.append({"name": name, "options": opt.options})
+    return setup
+
+
+def run(engine, spec, setup, measure=None):
+    return engine.run_detailed(resolve(spec), setup, measure=measure or Measure())
+
+
+def cats(r):
+    return r.profile.categories_at_peak
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny("llama")
+
+
+# ------------------------------------------------------------------ registry
+def test_registry_rejects_duplicates_and_unknown_names():
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register
+        class Again(Optimization):
+            name = "checkpointing"
+
+            @dataclasses.dataclass
+            class Config:
+                pass
+
+    with pytest.raises(InputError, match="known: .*checkpointing"):
+        optimizations.get("checkpoint")
+    with pytest.raises(InputError, match="did you mean 'checkpointing'"):
+        optimizations.make("checkpointng")
+
+
+def test_options_are_validated_all_at_once():
+    with pytest.raises(InputError) as e:
+        optimizations.make("mixed_precision", {"dtype": "float8", "pure": "yes", "colour": 1})
+    msg = str(e.value)
+    assert "unknown option 'colour'" in msg
+    assert "'dtype' must be one of bfloat16, float16" in msg
+    assert "'pure' must be a boolean" in msg
+    with pytest.raises(InputError, match="at least 1"):
+        optimizations.make("grad_accumulation", {"steps": 0})
+    with pytest.raises(InputError, match="needs dtype bfloat16"):
+        optimizations.make("mixed_precision", {"dtype": "float16", "pure": True})
+    # options round-trip: the config as data builds the same optimization
+    opt = optimizations.make("optimizer", {"type": "sgd", "impl": "foreach"})
+    assert optimizations.make("optimizer", opt.options).options == opt.options
+
+
+def test_applies_to_says_why_not():
+    infer = StepSetup.of(Workload(mode="infer"))
+    assert "train" in optimizations.make("checkpointing").applies_to(None, infer)
+    train = StepSetup.of(Workload(batch_size=3))
+    assert "does not split" in optimizations.make("grad_accumulation", {"steps": 2}).applies_to(None, train)
+    assert "already uses sdpa" in optimizations.make("attention").applies_to(None, train)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert "no list of repeated blocks" in optimizations.make("checkpointing").applies_to(plain, train)
+
+
+# -------------------------------------------------------------- checkpointing
+def test_checkpointing_cuts_activations_and_keeps_the_math(llama):
+    wl = Workload(batch_size=4, seq_len=64)
+    base = run(CpuEngine(), llama, StepSetup.of(wl), QUALITY)
+    ck = run(CpuEngine(), llama, setup_with(wl, ("checkpointing", {})), QUALITY)
+    assert cats(ck)["activations"] < 0.5 * cats(base)["activations"]
+    assert ck.profile.peak_bytes < base.profile.peak_bytes
+    assert ck.loss_before == pytest.approx(base.loss_before, abs=1e-6)
+    assert ck.loss_after == pytest.approx(base.loss_after, abs=1e-6)  # same gradients, same update
+
+
+def test_checkpointing_generic_blocks_recomputes_in_backward():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(
+                torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+                for _ in range(4)
+            )
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = x + b(x)
+            return x
+
+    def step(model):
+        x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+        with Tracker(model) as t:
+            loss = model(x).square().mean()
+            params = sum(p.numel() * p.element_size() for p in model.parameters())
+            saved = t.current - params  # what the forward left alive for backward
+            loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        return saved, grads
+
+    torch.manual_seed(0)
+    plain = Net()
+    ck = Net()
+    ck.load_state_dict(plain.state_dict())
+    assert enable_checkpointing(ck, 1) == "torch.utils.checkpoint around repeated blocks"
+    act_plain, g_plain = step(plain)
+    act_ck, g_ck = step(ck)
+    assert act_ck < 0.2 * act_plain
+    for a, b in zip(g_plain, g_ck):
+        torch.testing.assert_close(a, b)
+
+
+def test_selective_checkpointing_sits_between(llama):
+    wl = Workload(batch_size=4, seq_len=64)
+    cfg = resolve(llama).config.to_dict() | {"num_hidden_layers": 4}
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(cfg, f)
+    every1 = run(CpuEngine(), f.name, setup_with(wl, ("checkpointing", {"every": 1})))
+    every2 = run(CpuEngine(), f.name, setup_with(wl, ("checkpointing", {"every": 2})))
+    none = run(CpuEngine(), f.name, StepSetup.of(wl))
+    assert cats(every1)["activations"] < cats(every2)["activations"] < cats(none)["activations"]
+
+
+def test_checkpointing_in_sim_reroutes_sdpa_during_recompute(llama):
+    # torch function modes are not active in backward: without the recompute context the
+    # recomputation takes the CPU SDPA kernel and checkpoint's tensor count check fails.
+    wl = Workload(batch_size=2, seq_len=64)
+    base = run(SimEngine(), llama, StepSetup.of(wl))
+    ck = run(SimEngine(), llama, setup_with(wl, ("checkpointing", {})))
+    assert cats(ck)["activations"] < cats(base)["activations"]
+
+
+# ------------------------------------------------------------ mixed precision
+def test_autocast_cuts_activations_not_weights(llama):
+    wl = Workload(batch_size=4, seq_len=64)
+    base = run(CpuEngine(), llama, StepSetup.of(wl), QUALITY)
+    ac = run(CpuEngine(), llama, setup_with(wl, ("mixed_precision", {"dtype": "bfloat16"})), QUALITY)
+    assert cats(ac)["parameters"] == cats(base)["parameters"]
+    assert cats(ac)["optimizer_state"] == cats(base)["optimizer_state"]
+    base_fw = next(p.peak_bytes for p in base.profile.phases if p.name == "forward")
+    ac_fw = next(p.peak_bytes for p in ac.profile.phases if p.name == "forward")
+    assert ac_fw < base_fw
+    rel = float((ac.output - base.output).abs().max() / base.output.abs().max())
+    assert 0 < rel < 5e-2  # bf16 rounding: visible, small
+
+
+def test_pure_bf16_halves_weights_gradients_and_optimizer_state(llama):
+    wl = Workload(batch_size=2, seq_len=32)
+    base = run(CpuEngine(), llama, StepSetup.of(wl), QUALITY)
+    pure = run(CpuEngine(), llama, setup_with(wl, ("mixed_precision", {"pure": True})), QUALITY)
+    assert cats(pure)["parameters"] * 2 == cats(base)["parameters"]
+    assert cats(pure)["optimizer_state"] * 2 == pytest.approx(cats(base)["optimizer_state"], rel=0.01)
+    assert pure.profile.workload["dtype"] == "bfloat16"
+    assert abs(pure.loss_before - base.loss_before) < 0.05
+
+
+def test_float16_autocast_adds_a_grad_scaler_in_sim_and_cpu(llama):
+    wl = Workload(batch_size=2, seq_len=32)
+    setup = setup_with(wl, ("mixed_precision", {"dtype": "float16"}))
+    assert setup.grad_scaler
+    for engine in (SimEngine(), CpuEngine()):
+        r = run(engine, llama, setup)
+        assert r.profile.peak_bytes > 0
+
+
+# ---------------------------------------------------------- grad accumulation
+def test_grad_accumulation_divides_activations_and_keeps_the_gradient(llama):
+    wl = Workload(batch_size=8, seq_len=64)
+    base = run(CpuEngine(), llama, StepSetup.of(wl), QUALITY)
+    acc = run(CpuEngine(), llama, setup_with(wl, ("grad_accumulation", {"steps": 4})), QUALITY)
+    assert cats(acc)["activations"] < 0.4 * cats(base)["activations"]
+    assert acc.loss_after == pytest.approx(base.loss_after, abs=1e-5)
+
+
+# ------------------------------------------------------------------ optimizer
+def test_optimizer_state_by_algorithm(llama):
+    wl = Workload(batch_size=2, seq_len=32)
+    params = cats(run(CpuEngine(), llama, StepSetup.of(wl)))["parameters"]
+    states = {
+        kind: cats(run(CpuEngine(), llama, setup_with(wl, ("optimizer", {"type": kind}))))["optimizer_state"]
+        for kind in ("adamw", "sgd", "adafactor")
+    }
+    assert states["adamw"] == pytest.approx(2 * params, rel=0.01)  # two moments (+ step counters)
+    assert states["sgd"] == pytest.approx(params, rel=0.01)  # momentum
+    assert states["adafactor"] < 0.2 * params  # factored second moments
+
+
+def test_fused_optimizer_drops_the_foreach_intermediates_in_sim(llama):
+    wl = Workload(batch_size=1, seq_len=16)
+    foreach = run(SimEngine(), llama, setup_with(wl, ("optimizer", {"impl": "foreach"})))
+    fused = run(SimEngine(), llama, setup_with(wl, ("optimizer", {"impl": "fused"})))
+
+    def opt_peak(r):
+        return next(p.peak_bytes for p in r.profile.phases if p.name == "optimizer")
+
+    assert opt_peak(fused) < opt_peak(foreach)
+
+
+def test_set_to_none_false_keeps_gradients_through_forward(llama):
+    wl = Workload(batch_size=2, seq_len=32)
+    keep = run(CpuEngine(), llama, setup_with(wl, ("optimizer", {"set_to_none": False})))
+    free = run(CpuEngine(), llama, StepSetup.of(wl))
+
+    def fw_peak(r):
+        return next(p.peak_bytes for p in r.profile.phases if p.name == "forward")
+
+    assert fw_peak(keep) - fw_peak(free) == pytest.approx(cats(free)["parameters"], rel=0.01)
+
+
+def test_adamw8bit_without_its_library_says_how_to_install(llama, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_lowbit(name, *args, **kwargs):
+        if name.startswith(("torchao", "bitsandbytes")):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lowbit)
+    from memprof.errors import EnvironmentProblem
+
+    with pytest.raises(EnvironmentProblem, match="pip install torchao"):
+        run(
+            CpuEngine(),
+            llama,
+            setup_with(Workload(batch_size=1, seq_len=8), ("optimizer", {"type": "adamw8bit"})),
+        )
+
+
+# ------------------------------------------------------------------ attention
+def test_sdpa_stops_storing_attention_scores(llama):
+    wl = Workload(batch_size=2, seq_len=128, attn="eager")
+    eager = run(SimEngine(), llama, StepSetup.of(wl))
+    sdpa = run(SimEngine(), llama, setup_with(wl, ("attention", {})))
+    # eager keeps softmax(QK^T) per layer: batch x heads x seq x seq floats
+    scores = 2 * 4 * 128 * 128 * 4
+    assert cats(eager)["activations"] - cats(sdpa)["activations"] >= 0.95 * 2 * scores  # two layers
+    cpu_e = run(CpuEngine(), llama, StepSetup.of(wl), QUALITY)
+    cpu_s = run(CpuEngine(), llama, setup_with(wl, ("attention", {})), QUALITY)
+    torch.testing.assert_close(cpu_s.output, cpu_e.output, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------- activation offload
+def test_activation_offload_moves_activations_off_the_gpu_in_sim(llama):
+    wl = Workload(batch_size=4, seq_len=64)
+    base = run(SimEngine(), llama, StepSetup.of(wl))
+    off = run(SimEngine(), llama, setup_with(wl, ("activation_offload", {})))
+    assert cats(off)["activations"] < 0.2 * cats(base)["activations"]
+    assert off.profile.peak_bytes < base.profile.peak_bytes
+
+
+def test_activation_offload_moves_nothing_on_the_cpu_engine(llama):
+    wl = Workload(batch_size=4, seq_len=64)
+    base = run(CpuEngine(), llama, StepSetup.of(wl), QUALITY)
+    off = run(CpuEngine(), llama, setup_with(wl, ("activation_offload", {})), QUALITY)
+    assert off.profile.peak_bytes == base.profile.peak_bytes  # host memory is the cpu's device memory
+    assert off.loss_after == pytest.approx(base.loss_after, abs=1e-6)
+
+
+# ------------------------------------------------------- optimizer in backward
+def test_optimizer_in_backward_frees_gradients_and_keeps_the_update(llama):
+    wl = Workload(batch_size=2, seq_len=32)
+    base = run(CpuEngine(), llama, setup_with(wl, ("optimizer", {"impl": "for-loop"})), QUALITY)
+    oib = run(
+        CpuEngine(),
+        llama,
+        setup_with(wl, ("optimizer", {"impl": "for-loop"}), ("optimizer_in_backward", {})),
+        QUALITY,
+    )
+
+    def bw_grads(r):
+        return r.profile.categories_at_peak["gradients"]
+
+    params = cats(base)["parameters"]
+    assert bw_grads(oib) < 0.5 * params
+    assert oib.profile.categories_at_peak["optimizer_state"] == pytest.approx(2 * params, rel=0.01)
+    assert oib.loss_after == pytest.approx(base.loss_after, abs=1e-6)
+
+
+def test_optimizer_in_backward_refuses_accumulation():
+    setup = setup_with(Workload(batch_size=4), ("grad_accumulation", {"steps": 2}))
+    assert "accumulate" in optimizations.make("optimizer_in_backward").applies_to(None, setup)
+
+
+# ------------------------------------------------------------- inference mode
+def test_inference_mode_without_kv_cache(llama):
+    wl = Workload(mode="infer", batch_size=2, seq_len=128)
+    base = run(CpuEngine(), llama, StepSetup.of(wl))
+    inf = run(CpuEngine(), llama, setup_with(wl, ("inference_mode", {})))
+    # the KV cache a plain forward builds: 2 (K, V) x layers x batch x kv heads x seq x head dim x 4 bytes
+    kv = 2 * 2 * 2 * 2 * 128 * 16 * 4
+    assert base.profile.peak_bytes - inf.profile.peak_bytes >= kv
+
+
+def test_runner_removes_its_hooks(llama):
+    from memprof.models import build_model
+
+    model, builder = build_model(resolve(llama), dtype="float32", attn="sdpa", load_weights=False)
+    model.train(True)
+    setup = setup_with(Workload(batch_size=2, seq_len=8), ("optimizer_in_backward", {}))
+    with StepRunner(model, setup) as runner:
+        runner.step(builder.build(2, 8, "cpu"))
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
