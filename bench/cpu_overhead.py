@@ -162,6 +162,10 @@ def main() -> int:
     title = "2. Tracking overhead on the cpu engine: GPT-2 small"
     if args.threads:
         title += f" ({args.threads} intra-op thread{'s' if args.threads > 1 else ''}, supplementary)"
+    if (args.batch_size, args.seq_len) != (1, 128):
+        # other shapes are supplementary sections beside the default one
+        name += f"_b{args.batch_size}_s{args.seq_len}"
+        title += f", batch {args.batch_size}, seq {args.seq_len} (supplementary)"
     text = C.section(name, title, body)
     print(text)
     if not args.no_write:

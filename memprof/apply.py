@@ -30,7 +30,7 @@ import torch
 
 from memprof import __version__
 from memprof.api import fake_model, prepare
-from memprof.compare import stack
+from memprof.compare import output_difference, stack
 from memprof.engines.base import Engine, Measure
 from memprof.errors import InputError
 from memprof.models import DTYPES, build_model
@@ -243,15 +243,13 @@ def _verify(
         b = main_output(reloaded(**inputs))
     if a is None or b is None:
         return {"reloaded": True, "compared": False}
-    a, b = a.float(), b.float()
-    diff = float((a - b).abs().max())
-    scale = float(a.abs().max()) or 1.0
+    diff, rel = output_difference(b, a)
     return {
         "reloaded": True,
         "compared": True,
         "reloaded_dtype": str(reloaded.dtype).replace("torch.", ""),
         "output_max_abs_diff": diff,
-        "output_max_rel_diff": diff / scale,
+        "output_max_rel_diff": rel,
         "inputs": f"batch 2, seq {min(16, workload.seq_len)}, eval mode",
     }
 

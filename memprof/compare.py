@@ -115,11 +115,16 @@ def quality_delta(base: RunResult, run: RunResult) -> dict[str, Any] | None:
     }
     a, b = run.output, base.output
     if a is not None and b is not None and a.shape == b.shape:
-        diff = float((a - b).abs().max()) if a.numel() else 0.0
-        scale = float(b.abs().max()) if b.numel() else 0.0
-        q["output_max_abs_diff"] = diff
-        q["output_max_rel_diff"] = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+        q["output_max_abs_diff"], q["output_max_rel_diff"] = output_difference(a, b)
     return q
+
+
+def output_difference(new: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """Max absolute difference, and the same relative to the reference's largest magnitude."""
+    new, ref = new.float(), ref.float()
+    diff = float((new - ref).abs().max()) if new.numel() else 0.0
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    return diff, (diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
 
 
 def baseline_quality(base: RunResult) -> dict[str, Any] | None:
