@@ -37,6 +37,30 @@ Each row stacks one more optimization on the rows above it. Sections are written
 by `bench/ladder.py`; rerun one with the command given in it.
 """
 
+# What the numbers mean, checked against the tables of the run recorded in docs/ladder.md.
+NOTES = """### Reading the tables
+
+- FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over the whole step;
+  checkpointing's recomputation shows as +21 to +24% (the LM head and loss are not
+  recomputed, so it stays under the textbook one third).
+- bfloat16 on this CPU is measured 25-30x *slower* (step time column of (b)): the CPU
+  has AVX2 only (no AVX512-BF16/AMX), so bf16 matmuls run through conversion paths. On a
+  GPU with bf16 tensor cores the same step is faster; the time column of (b) is a
+  statement about this machine, not about bf16.
+- Pure bfloat16 loses small updates: with AdamW at lr 1e-5, most updates are below
+  bf16's resolution, so the loss after two steps differs from the float32 baseline's by
+  about 7e-2 (the float32 run moved, the bf16 run barely did). The memory halves; the
+  training changes. Autocast keeps float32 master weights and differs by under 1e-4.
+- Adafactor runs at its usual fixed learning rate (1e-3, no relative step) against
+  AdamW's 1e-5, so its loss after two steps differs by design, not by precision.
+- Activation offload moves nothing on the cpu engine (host memory is its device
+  memory): 35.72 MiB before and after, as measured; in sim it moves the checkpointed
+  activations to host memory (-916 MiB) and adds the copies back as temporaries.
+- `fastest-fit` avoids recomputation and reaches only 1.20x on this workload: at fp32
+  with AdamW, parameters, gradients and optimizer state (16 bytes a parameter) dominate,
+  and only checkpointing, pure bf16 and a smaller optimizer state move those.
+"""
+
 TRAIN_RECIPES = ("low-memory-finetune", "fastest-fit", "minimal-memory")
 
 
@@ -72,7 +96,9 @@ def main() -> int:
         C.log(f"sim: {name}")
         c = compare(args.model, rec, wl, engine="sim", progress=C.log)
         base = c.baseline
-        rows = [["0", "baseline (fp32, AdamW)", C.gib(base.peak_bytes), "1.00x", "", "", base.peak_phase or ""]]
+        rows = [
+            ["0", "baseline (fp32, AdamW)", C.gib(base.peak_bytes), "1.00x", "", "", base.peak_phase or ""]
+        ]
         prev, prev_flops = base, c.baseline_flops
         for i, s in enumerate(c.steps, 1):
             if s.profile is None:
@@ -98,7 +124,15 @@ def main() -> int:
         if best is None or (ok, ratio) > (best[1], best[2]):
             best = (name, ok, ratio, extra)
         table = C.md_table(
-            ["#", "step", "peak", "vs baseline", "FLOPs vs row above", "FLOPs vs baseline", "peak phase; what moved"],
+            [
+                "#",
+                "step",
+                "peak",
+                "vs baseline",
+                "FLOPs vs row above",
+                "FLOPs vs baseline",
+                "peak phase; what moved",
+            ],
             rows,
             "rlrrrrl",
         )
@@ -198,6 +232,7 @@ def main() -> int:
             "### (b) Real CPU steps, small Llama (time and quality measured)",
             "",
             *cpu_parts,
+            NOTES,
             f"Whole script: {time.perf_counter() - t0:.0f} s.",
         ]
     )

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import datetime as _dt
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -198,6 +199,7 @@ def apply(
             readme(rm.name, recipe, setup, skipped, before, after, verification, notes)
         )
         files = sorted(p.name for p in tmp.iterdir())
+        _normal_permissions(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -252,6 +254,15 @@ def _verify(
         "output_max_rel_diff": rel,
         "inputs": f"batch 2, seq {min(16, workload.seq_len)}, eval mode",
     }
+
+
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp makes a private folder: give it (and its files) the permissions of a normal one."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~umask)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -73,6 +73,7 @@ class SimEngine(Engine):
         ]
         if kernels:
             out.append(
-                "SDPA kernels projected: " + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
+                "SDPA kernel calls projected (checkpoint recomputation calls again): "
+                + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
             )
         return out

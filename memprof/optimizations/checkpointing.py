@@ -20,7 +20,7 @@ class Checkpointing(Optimization):
     """
 
     name = "checkpointing"
-    summary = "recompute block activations in backward instead of storing them (~+1/3 forward FLOPs)"
+    summary = "recompute block activations in backward instead of storing them (one more forward per block)"
 
     @dataclass
     class Config:

@@ -54,9 +54,10 @@ class MixedPrecision(Optimization):
         if self.config.pure:
             setup.update_workload(dtype="bfloat16")
             setup.config_updates["dtype"] = "bfloat16"
-            setup.notes.append(
-                "pure bfloat16: no float32 master weights; updates below bf16 resolution are lost"
-            )
+            if setup.workload.mode == "train":
+                setup.notes.append(
+                    "pure bfloat16: no float32 master weights; updates below bf16 resolution are lost"
+                )
             return
         setup.autocast = dt
         if setup.workload.mode == "train":
