@@ -73,7 +73,6 @@ class SimEngine(Engine):
         ]
         if kernels:
             out.append(
-                "SDPA kernel calls projected (checkpoint recomputation calls again): "
-                + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
+                "SDPA kernel calls projected: " + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
             )
         return out
