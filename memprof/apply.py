@@ -164,7 +164,7 @@ def apply(
             if dtype != workload.dtype:
                 # a cast copy: the source model stays as loaded, for the verification below
                 model = copy.deepcopy(source).to(DTYPES[dtype])
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
         else:
             rm.config.save_pretrained(tmp)
         _update_config(tmp / "config.json", setup, dtype)

@@ -205,7 +205,7 @@ def compare(
         try:
             r = run(trial, row.label, i)
         except OutOfMemory as e:
-            row.profile = e.profile
+            row.profile = e.profile if isinstance(e.profile, Profile) else None
             row.error = f"out of memory: {e}"
             continue
         row.profile, row.flops, row.seconds = r.profile, r.flops, r.seconds

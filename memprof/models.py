@@ -412,7 +412,7 @@ def _no_init_weights() -> Any:
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers < 5
-        from transformers.modeling_utils import no_init_weights
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
     return no_init_weights()
 
 

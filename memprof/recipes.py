@@ -184,7 +184,7 @@ def _loader(duplicates: list[str]) -> type[yaml.SafeLoader]:
     def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+            key = loader.construct_object(key_node)
             if key in seen:
                 duplicates.append(
                     f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one entry"

@@ -226,13 +226,13 @@ def make_optimizer(
 
 def _adamw8bit(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     try:
-        from torchao.optim import AdamW8bit  # type: ignore[import-not-found]
+        from torchao.optim import AdamW8bit
 
         return AdamW8bit(params, lr=1e-5)
     except ImportError:
         pass
     try:
-        import bitsandbytes as bnb  # type: ignore[import-not-found]
+        import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=1e-5)
     except ImportError:
