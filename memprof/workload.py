@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from memprof.chunking import chunked_forward, chunked_lm_loss
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.models import DTYPES, InputBuilder, call_model
 
@@ -99,6 +100,12 @@ class StepSetup:
     inference_mode: bool = False
     #: pass use_cache to the model's forward (None: the config's default)
     use_cache: bool | None = None
+    #: causal LMs, training: LM head and cross-entropy over chunks of this many tokens (0: off)
+    loss_chunk: int = 0
+    #: causal LMs, inference: the forward (or prefill) in chunks of this many tokens (0: off)
+    prefill_chunk: int = 0
+    #: chunks extend the KV cache (exact); False: independent chunks (changes outputs)
+    chunk_exact: bool = True
     #: the optimizations applied, in order: {"name", "options"}
     steps: list[dict[str, Any]] = field(default_factory=list)
     #: config.json changes that persist in a checkpoint (memprof apply)
@@ -385,10 +392,29 @@ class StepRunner:
             return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
         return torch.autograd.graph.save_on_cpu(pin_memory=self.env.device_type == "cuda")
 
-    def _call(self, inputs: dict[str, Any]) -> Any:
+    def _with_cache_choice(self, inputs: dict[str, Any]) -> dict[str, Any]:
         if self.setup.use_cache is not None and "__args__" not in inputs:
-            inputs = {**inputs, "use_cache": self.setup.use_cache}
-        return call_model(self.model, inputs)
+            return {**inputs, "use_cache": self.setup.use_cache}
+        return inputs
+
+    def _call(self, inputs: dict[str, Any]) -> Any:
+        return call_model(self.model, self._with_cache_choice(inputs))
+
+    def _loss(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The training loss of one (micro-)batch."""
+        if self.setup.loss_chunk:
+            return chunked_lm_loss(self.model, self._with_cache_choice(inputs), self.setup.loss_chunk)
+        out = self._call(inputs)
+        return InputBuilder.loss(out)
+
+    def _infer(self, inputs: dict[str, Any], keep_all_logits: bool = False) -> Any:
+        """One inference forward (chunked when the setup says so)."""
+        c = self.setup.prefill_chunk
+        if c:
+            return chunked_forward(
+                self.model, inputs, c, exact=self.setup.chunk_exact, keep_all_logits=keep_all_logits
+            )
+        return self._call(inputs)
 
     # steps ---------------------------------------------------------------
     def step(
@@ -410,19 +436,17 @@ class StepRunner:
             grad_off = torch.inference_mode() if self.setup.inference_mode else torch.no_grad()
             with grad_off, self._autocast():
                 if wl.decode_tokens:
-                    _generate(self.model, inputs, wl.decode_tokens, enter)
+                    _generate(self.model, inputs, wl.decode_tokens, enter, self.setup.prefill_chunk)
                 else:
                     with enter("forward"):
-                        out = self._call(inputs)
+                        out = self._infer(inputs)
                         del out
             return
         k = self.setup.micro_batches
         for part in split_batch(inputs, k, wl.batch_size):
             with enter("forward"):
                 with self._offload(), self._autocast():
-                    out = self._call(part)
-                    loss = InputBuilder.loss(out)
-                    del out
+                    loss = self._loss(part)
                 if k > 1:
                     loss = loss / k
                 if self.scaler is not None:
@@ -451,8 +475,12 @@ class StepRunner:
         self.model.train(False)
         try:
             with torch.no_grad(), self._autocast():
-                out = self._call(inputs)
-                loss = InputBuilder.loss(out)
+                if self.train:
+                    out = self._call(inputs)
+                    loss = self._loss(inputs) if self.setup.loss_chunk else InputBuilder.loss(out)
+                else:
+                    out = self._infer(inputs, keep_all_logits=True)
+                    loss = InputBuilder.loss(out.logits if self.setup.prefill_chunk else out)
                 main = main_output(out)
         finally:
             self.model.train(was)
@@ -567,9 +595,11 @@ def run_step(
     runner.step(inputs, tracker=tracker, on_phase=on_phase)
 
 
-def _generate(model: torch.nn.Module, inputs: dict[str, Any], n: int, enter: Callable[[str], Any]) -> None:
+def _generate(
+    model: torch.nn.Module, inputs: dict[str, Any], n: int, enter: Callable[[str], Any], chunk: int = 0
+) -> None:
     with enter("prefill"):
-        out = model(**inputs, use_cache=True)
+        out = chunked_forward(model, inputs, chunk, exact=True) if chunk else model(**inputs, use_cache=True)
         past = out.past_key_values
         next_ids = out.logits[:, -1:].argmax(-1)
         del out

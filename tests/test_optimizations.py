@@ -329,3 +329,70 @@ def test_runner_removes_its_hooks(llama):
     with StepRunner(model, setup) as runner:
         runner.step(builder.build(2, 8, "cpu"))
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+# ------------------------------------------------------------------- chunking
+def test_chunked_loss_drops_the_full_logits_and_keeps_loss_and_gradient(llama):
+    wl = Workload(batch_size=4, seq_len=128)
+    base = run(CpuEngine(), llama, StepSetup.of(wl), QUALITY)
+    ch = run(CpuEngine(), llama, setup_with(wl, ("chunking", {"size": 16})), QUALITY)
+    logits = 4 * 128 * 512 * 4  # batch x seq x vocab float32
+    assert base.profile.peak_bytes - ch.profile.peak_bytes >= logits
+    assert ch.loss_before == pytest.approx(base.loss_before, abs=1e-5)
+    assert ch.loss_after == pytest.approx(base.loss_after, abs=1e-5)  # same gradient, same update
+
+
+def test_chunked_loss_gradient_equals_the_models_own():
+    from memprof.chunking import chunked_lm_loss
+    from memprof.models import build_model
+
+    rm = resolve(tiny("llama"))
+    model, builder = build_model(rm, dtype="float32", attn="sdpa", load_weights=False)
+    inputs = builder.build(2, 64, "cpu")
+    model(**inputs).loss.backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    chunked_lm_loss(model, inputs, 7).backward()  # uneven chunks on purpose
+    for a, b in zip(ref, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_exact_chunked_prefill_equals_the_full_forward_and_feeds_generation(llama):
+    from memprof.chunking import chunked_forward
+    from memprof.models import build_model
+
+    model, builder = build_model(resolve(llama), dtype="float32", attn="sdpa", load_weights=False)
+    inputs = builder.build(2, 96, "cpu", with_labels=False)
+    with torch.no_grad():
+        full = model(**inputs).logits
+        chunked = chunked_forward(model, inputs, 32, exact=True, keep_all_logits=True)
+        alone = chunked_forward(model, inputs, 32, exact=False, keep_all_logits=True)
+    torch.testing.assert_close(chunked.logits, full, atol=1e-5, rtol=1e-5)
+    assert float((alone.logits - full).abs().max()) > 1e-2  # independent chunks change the outputs
+    wl = Workload(mode="infer", batch_size=2, seq_len=96, decode_tokens=3)
+    gen = run(CpuEngine(), llama, setup_with(wl, ("chunking", {"form": "prefill", "size": 32})))
+    assert [p.name for p in gen.profile.phases] == ["prefill", "decode"]
+
+
+def test_chunked_prefill_lowers_the_inference_peak_and_independent_is_flagged(llama):
+    wl = Workload(mode="infer", batch_size=4, seq_len=128)
+    base = run(CpuEngine(), llama, StepSetup.of(wl), QUALITY)
+    exact = run(CpuEngine(), llama, setup_with(wl, ("chunking", {"form": "prefill", "size": 16})), QUALITY)
+    assert exact.profile.peak_bytes < base.profile.peak_bytes
+    torch.testing.assert_close(exact.output, base.output, atol=1e-5, rtol=1e-5)
+    setup = setup_with(wl, ("chunking", {"form": "independent", "size": 16}))
+    assert any("outputs CHANGE" in n for n in setup.notes)
+
+
+def test_chunking_says_why_not():
+    ch = optimizations.make("chunking", {"size": 512})
+    assert "covers the whole sequence" in ch.applies_to(None, StepSetup.of(Workload(seq_len=256)))
+    assert "inference" in optimizations.make("chunking", {"form": "prefill"}).applies_to(
+        None, StepSetup.of(Workload())
+    )
+    from memprof.api import fake_model
+
+    bert = fake_model(resolve(tiny("bert")), Workload())
+    assert "causal LMs" in optimizations.make("chunking", {"size": 8}).applies_to(
+        bert, StepSetup.of(Workload())
+    )

@@ -14,6 +14,7 @@ from memprof.optimizations import (  # noqa: F401  (imported to register them)
     activation_offload,
     attention,
     checkpointing,
+    chunking,
     grad_accumulation,
     inference_mode,
     mixed_precision,
