@@ -37,6 +37,7 @@ from memprof.errors import InputError
 from memprof.models import DTYPES, build_model
 from memprof.profile import Profile
 from memprof.recipes import Recipe
+from memprof.surgery import apply_transform
 from memprof.workload import StepSetup, Workload, main_output
 
 SCHEMA = "memprof.apply/1"
@@ -161,9 +162,13 @@ def apply(
         say("Writing the checkpoint")
         if source is not None:
             model = source
-            if dtype != workload.dtype:
-                # a cast copy: the source model stays as loaded, for the verification below
-                model = copy.deepcopy(source).to(DTYPES[dtype])
+            if dtype != workload.dtype or setup.model_transforms:
+                # a changed copy: the source model stays as loaded, for the verification below
+                model = copy.deepcopy(source)
+                for transform in setup.model_transforms:
+                    # a checkpoint holds plain weights: masks are folded in (prune.remove)
+                    notes.append(apply_transform(model, {**transform, "permanent": True}))
+                model = model.to(DTYPES[dtype])
             model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
         else:
             rm.config.save_pretrained(tmp)
@@ -246,7 +251,9 @@ def _verify(
     if a is None or b is None:
         return {"reloaded": True, "compared": False}
     diff, rel = output_difference(b, a)
+    cos = torch.nn.functional.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=1)
     return {
+        "output_min_cosine": float(cos.min()),
         "reloaded": True,
         "compared": True,
         "reloaded_dtype": str(reloaded.dtype).replace("torch.", ""),

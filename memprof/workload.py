@@ -25,6 +25,7 @@ import torch
 from memprof.chunking import chunked_forward, chunked_lm_loss
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.models import DTYPES, InputBuilder, call_model
+from memprof.surgery import apply_transform
 
 MODES = ("train", "infer")
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "adamw8bit", "none")
@@ -106,6 +107,8 @@ class StepSetup:
     prefill_chunk: int = 0
     #: chunks extend the KV cache (exact); False: independent chunks (changes outputs)
     chunk_exact: bool = True
+    #: model surgery, in order (memprof.surgery): {"kind", ...options}
+    model_transforms: list[dict[str, Any]] = field(default_factory=list)
     #: the optimizations applied, in order: {"name", "options"}
     steps: list[dict[str, Any]] = field(default_factory=list)
     #: config.json changes that persist in a checkpoint (memprof apply)
@@ -124,6 +127,7 @@ class StepSetup:
     def copy(self) -> StepSetup:
         return replace(
             self,
+            model_transforms=[dict(t) for t in self.model_transforms],
             steps=[dict(s) for s in self.steps],
             config_updates=dict(self.config_updates),
             training_args=dict(self.training_args),
@@ -332,6 +336,8 @@ class StepRunner:
         self.optimizer: torch.optim.Optimizer | None = None
         self.in_backward: OptimizerInBackward | None = None
         self.scaler: Any = None
+        for spec in self.setup.model_transforms:
+            self.setup.notes.append(apply_transform(model, spec))
         if self.train and self.setup.checkpointing:
             enable_checkpointing(model, self.setup.checkpointing, self.env.recompute_context)
         if self.train and build_optimizer:

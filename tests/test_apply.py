@@ -190,3 +190,20 @@ def test_nothing_applies_is_an_error(tiny_lm_dir, tmp_path, capsys):
     args = ["apply", str(tiny_lm_dir), "--step", "inference_mode", "-o", str(tmp_path / "o"), "-e", "cpu"]
     assert main(args) == 2
     assert "no step of the recipe applies" in capsys.readouterr().err
+
+
+def test_apply_structured_pruning_reloads_at_its_new_size(minilm_dir, tmp_path):
+    out = tmp_path / "minilm-pruned"
+    res = apply_mod.apply(
+        str(minilm_dir),
+        recipes.from_names(["pruning:amount=0.25"]),
+        out,
+        Workload(mode="infer", batch_size=2, seq_len=32),
+        engine="cpu",
+    )
+    model = AutoModel.from_pretrained(out)
+    assert model.config.intermediate_size == 1152  # 1536 x 0.75
+    assert sum(p.numel() for p in model.parameters()) < 22_713_216
+    v = res.verification
+    assert v["compared"] and v["output_max_rel_diff"] > 0 and v["output_min_cosine"] > 0.5
+    assert res.after.peak_bytes < res.before.peak_bytes

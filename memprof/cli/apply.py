@@ -77,7 +77,7 @@ def apply(
         t.add_row(
             "Verified",
             f"from_pretrained reload ({v['reloaded_dtype']}): output max abs diff {v['output_max_abs_diff']:.3g} "
-            f"({v['output_max_rel_diff']:.1e} relative) vs the source",
+            f"({v['output_max_rel_diff']:.1e} relative, cosine >= {v['output_min_cosine']:.4f}) vs the source",
         )
     if res.setup.training_args:
         t.add_row("Training args", json.dumps(res.setup.training_args))

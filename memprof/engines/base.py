@@ -191,6 +191,8 @@ class Engine:
                     recompute_context=self.recompute_context(),
                 )
                 runner = StepRunner(model, setup, env)
+                setup = runner.setup  # with what the runner measured (model transforms) in its notes
+                n_params = parameter_count(model)  # after surgery
                 try:
                     if real and measure.quality:
                         say("Quality probe (eval-mode forward)")

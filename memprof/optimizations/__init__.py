@@ -20,6 +20,7 @@ from memprof.optimizations import (  # noqa: F401  (imported to register them)
     mixed_precision,
     optimizer,
     optimizer_in_backward,
+    pruning,
 )
 from memprof.optimizations.registry import (
     Optimization,
