@@ -258,5 +258,20 @@ def write_section(name: str, text: str, doc: Path = DOC) -> None:
     doc.write_text(out)
 
 
+def publish(
+    name: str, title: str, body: str, *, write: bool, doc: Path = DOC, header: str = DOC_HEADER
+) -> str:
+    """Print a section; with ``write``, put it in ``doc`` (created with ``header`` when missing)."""
+    text = section(name, title, body)
+    print(text)
+    if write:
+        if not doc.exists():
+            doc.parent.mkdir(parents=True, exist_ok=True)
+            doc.write_text(header)
+        write_section(name, text, doc=doc)
+        log(f"wrote section {name} to {doc}")
+    return text
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)

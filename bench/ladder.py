@@ -236,13 +236,14 @@ def main() -> int:
             f"Whole script: {time.perf_counter() - t0:.0f} s.",
         ]
     )
-    text = C.section("ladder", "The savings ladder of the shipped training recipes", body)
-    print(text)
-    if not args.no_write:
-        if not DOC.exists():
-            DOC.write_text(HEADER)
-        C.write_section("ladder", text, doc=DOC)
-        C.log(f"wrote {DOC}")
+    C.publish(
+        "ladder",
+        "The savings ladder of the shipped training recipes",
+        body,
+        write=not args.no_write,
+        doc=DOC,
+        header=HEADER,
+    )
     return 0 if best[1] else 1
 
 

@@ -171,13 +171,14 @@ def main() -> int:
             f"Whole script: {time.perf_counter() - t0:.0f} s.",
         ]
     )
-    text = C.section("techniques", "Chunking and pruning, each alone against its baseline", body)
-    print(text)
-    if not args.no_write:
-        if not DOC.exists():
-            DOC.write_text(HEADER)
-        C.write_section("techniques", text, doc=DOC)
-        C.log(f"wrote {DOC}")
+    C.publish(
+        "techniques",
+        "Chunking and pruning, each alone against its baseline",
+        body,
+        write=not args.no_write,
+        doc=DOC,
+        header=HEADER,
+    )
     return 0
 
 
