@@ -16,6 +16,7 @@ whichever device or tensor mode the engine has set up around the call.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import json
 import os
@@ -355,6 +356,7 @@ def build_model(
     load_weights: bool = False,
     allow_pickle: bool = False,
     init_weights: bool = True,
+    config_overrides: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, InputBuilder]:
     """Build the model on the current device / tensor mode, and its input builder.
 
@@ -367,6 +369,7 @@ def build_model(
         allow_pickle: permit loading a pickle (``.bin``) checkpoint.
         init_weights: run the model's weight initialisation (the sim engine skips
             it: fake tensors have no values, and some initialisers read values).
+        config_overrides: config attributes to change before building (on a copy).
 
     Raises:
         InputError: the model cannot be built as asked.
@@ -380,6 +383,12 @@ def build_model(
 
     auto = getattr(transformers, TASKS[rm.task or "feature-extraction"])
     kw: dict[str, Any] = {_dtype_kwarg(): tdtype, "attn_implementation": attn}
+    config = rm.config
+    if config_overrides:
+        config = copy.deepcopy(rm.config)
+        for k, v in config_overrides.items():
+            setattr(config, k, v)
+        kw["config"] = config
     if rm.trust_remote_code:
         kw["trust_remote_code"] = True
     try:
@@ -395,7 +404,7 @@ def build_model(
             rm.notes.append("weights: loaded from the checkpoint")
         else:
             with contextlib.nullcontext() if init_weights else _no_init_weights():
-                model = auto.from_config(rm.config, **kw)
+                model = auto.from_config(kw.pop("config", config), **kw)
             rm.notes.append(
                 "weights: random initialisation from the config (memory does not depend on values)"
             )

@@ -107,6 +107,8 @@ class StepSetup:
     prefill_chunk: int = 0
     #: chunks extend the KV cache (exact); False: independent chunks (changes outputs)
     chunk_exact: bool = True
+    #: config attributes changed before the model is built (e.g. sliding_window)
+    config_overrides: dict[str, Any] = field(default_factory=dict)
     #: model surgery, in order (memprof.surgery): {"kind", ...options}
     model_transforms: list[dict[str, Any]] = field(default_factory=list)
     #: the optimizations applied, in order: {"name", "options"}
@@ -128,6 +130,7 @@ class StepSetup:
         return replace(
             self,
             model_transforms=[dict(t) for t in self.model_transforms],
+            config_overrides=dict(self.config_overrides),
             steps=[dict(s) for s in self.steps],
             config_updates=dict(self.config_updates),
             training_args=dict(self.training_args),

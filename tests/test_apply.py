@@ -207,3 +207,19 @@ def test_apply_structured_pruning_reloads_at_its_new_size(minilm_dir, tmp_path):
     v = res.verification
     assert v["compared"] and v["output_max_rel_diff"] > 0 and v["output_min_cosine"] > 0.5
     assert res.after.peak_bytes < res.before.peak_bytes
+
+
+def test_apply_persists_the_sliding_window(tmp_path):
+    src = tmp_path / "mistral"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny("mistral"))).save_pretrained(src)
+    out = tmp_path / "local"
+    apply_mod.apply(
+        str(src),
+        recipes.from_names(["local_attention:window=32"]),
+        out,
+        Workload(batch_size=2, seq_len=64),
+        engine="cpu",
+        profile=False,
+    )
+    assert AutoConfig.from_pretrained(out).sliding_window == 32

@@ -449,3 +449,28 @@ def test_structured_pruning_says_why_not():
     assert "no feed-forward layout" in optimizations.make("pruning").applies_to(
         gpt2, StepSetup.of(Workload())
     )
+
+
+# ------------------------------------------------------------ local attention
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_sliding_window_is_a_mask_with_eager_and_sdpa(attn):
+    wl = Workload(batch_size=2, seq_len=256, attn=attn)
+    spec = tiny("mistral")
+    base = run(CpuEngine(), spec, StepSetup.of(wl), QUALITY)
+    local = run(CpuEngine(), spec, setup_with(wl, ("local_attention", {"window": 16})), QUALITY)
+    # the window changes the function...
+    assert float((local.output - base.output).abs().max()) > 1e-3
+    # ...but saves nothing here: eager still computes and stores the full scores, and sdpa
+    # trades its causal fast path for an explicit seq x seq mask
+    assert local.profile.peak_bytes >= base.profile.peak_bytes
+    if attn == "sdpa":
+        assert local.profile.peak_bytes > base.profile.peak_bytes
+
+
+def test_local_attention_says_why_not():
+    from memprof.api import fake_model
+
+    llama = fake_model(resolve(tiny("llama")), Workload())
+    opt = optimizations.make("local_attention", {"window": 16})
+    assert "no sliding window" in opt.applies_to(llama, StepSetup.of(Workload(seq_len=64)))
+    assert "covers the whole sequence" in opt.applies_to(None, StepSetup.of(Workload(seq_len=16)))

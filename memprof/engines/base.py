@@ -173,7 +173,7 @@ class Engine:
         try:
             with self.context():
                 say(f"Building {rm.name} ({self.name} engine)")
-                model, builder = self._build(rm, workload, allow_pickle, measure.seed)
+                model, builder = self._build(rm, setup, allow_pickle, measure.seed)
                 builder.validate(workload.batch_size, workload.seq_len)
                 if dev.type != "cpu":
                     model = model.to(dev)
@@ -274,15 +274,22 @@ class Engine:
         """Wait for the device (real GPU engines)."""
 
     def _build(
-        self, rm: ResolvedModel, workload: Workload, allow_pickle: bool, seed: int
+        self, rm: ResolvedModel, setup: StepSetup, allow_pickle: bool, seed: int
     ) -> tuple[torch.nn.Module, Any]:
         torch.manual_seed(seed)
+        workload = setup.workload
+        overrides = setup.config_overrides or None
         random_init = self.init_weights and not (self.load_weights and rm.has_weights)
         if random_init and workload.dtype != "float32":
             # Initialise in float32 and cast: the same seed gives the same weights
             # (up to rounding) in every dtype, so quality checks compare like with like.
             model, builder = build_model(
-                rm, dtype="float32", attn=workload.attn, load_weights=False, init_weights=True
+                rm,
+                dtype="float32",
+                attn=workload.attn,
+                load_weights=False,
+                init_weights=True,
+                config_overrides=overrides,
             )
             model = model.to(DTYPES[workload.dtype])
             builder.dtype = DTYPES[workload.dtype]
@@ -294,6 +301,7 @@ class Engine:
             load_weights=self.load_weights,
             allow_pickle=allow_pickle,
             init_weights=self.init_weights,
+            config_overrides=overrides,
         )
 
     def _profile(

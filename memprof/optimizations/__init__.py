@@ -17,6 +17,7 @@ from memprof.optimizations import (  # noqa: F401  (imported to register them)
     chunking,
     grad_accumulation,
     inference_mode,
+    local_attention,
     mixed_precision,
     optimizer,
     optimizer_in_backward,
