@@ -32,7 +32,7 @@ import torch
 from memprof import __version__
 from memprof.api import fake_model, prepare
 from memprof.compare import output_difference, stack
-from memprof.engines.base import Engine, Measure
+from memprof.engines.base import Engine
 from memprof.errors import InputError
 from memprof.models import DTYPES, build_model
 from memprof.profile import Profile
@@ -128,11 +128,11 @@ def apply(
         )
     before = after = None
     if profile:
-        m = Measure(flops=True)
+        # memory only: memprof.json keeps the two profiles (FLOPs and time are memprof compare's job)
         say("Profiling the baseline")
-        before = eng.run_detailed(rm, StepSetup.of(workload), measure=m, allow_pickle=allow_pickle).profile
+        before = eng.run(rm, StepSetup.of(workload), allow_pickle=allow_pickle)
         say("Profiling the optimized step")
-        after = eng.run_detailed(rm, setup, measure=m, allow_pickle=allow_pickle).profile
+        after = eng.run(rm, setup, allow_pickle=allow_pickle)
 
     dtype = setup.workload.dtype
     notes: list[str] = []

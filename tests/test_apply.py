@@ -25,14 +25,16 @@ def digest(folder: Path) -> dict[str, str]:
     }
 
 
+def save_tiny(name: str, folder: Path) -> Path:
+    """A tiny causal LM saved with random weights (a checkpoint no one here hand-wrote)."""
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny(name))).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def tiny_lm_dir(tmp_path_factory) -> Path:
-    """A tiny causal LM saved with random weights (a checkpoint no one here hand-wrote)."""
-    d = tmp_path_factory.mktemp("src") / "tiny-llama"
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny("llama")))
-    model.save_pretrained(d)
-    return d
+    return save_tiny("llama", tmp_path_factory.mktemp("src") / "tiny-llama")
 
 
 def test_apply_tiny_lm_reloads_with_the_same_outputs(tiny_lm_dir, tmp_path):
@@ -210,9 +212,7 @@ def test_apply_structured_pruning_reloads_at_its_new_size(minilm_dir, tmp_path):
 
 
 def test_apply_persists_the_sliding_window(tmp_path):
-    src = tmp_path / "mistral"
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny("mistral"))).save_pretrained(src)
+    src = save_tiny("mistral", tmp_path / "mistral")
     out = tmp_path / "local"
     apply_mod.apply(
         str(src),

@@ -181,13 +181,19 @@ def test_pure_bf16_halves_weights_gradients_and_optimizer_state(llama):
     assert abs(pure.loss_before - base.loss_before) < 0.05
 
 
-def test_float16_autocast_adds_a_grad_scaler_in_sim_and_cpu(llama):
-    wl = Workload(batch_size=2, seq_len=32)
+def test_float16_autocast_scales_the_loss_and_unscales_the_gradients(llama):
+    # SGD, unlike Adam, is not invariant to the gradient's scale: a gradient left
+    # scaled by 2**16 would wreck the update, so the loss after the steps tells.
+    wl = Workload(batch_size=2, seq_len=32, optimizer="sgd")
     setup = setup_with(wl, ("mixed_precision", {"dtype": "float16"}))
     assert setup.grad_scaler
-    for engine in (SimEngine(), CpuEngine()):
-        r = run(engine, llama, setup)
-        assert r.profile.peak_bytes > 0
+    base = run(CpuEngine(), llama, StepSetup.of(wl), QUALITY)
+    fp16 = run(CpuEngine(), llama, setup, QUALITY)
+    assert fp16.loss_after != fp16.loss_before  # the scaled steps did update the weights
+    assert fp16.loss_after == pytest.approx(base.loss_after, abs=1e-2)
+    assert cats(fp16)["parameters"] == cats(base)["parameters"]  # float32 master weights
+    sim = run(SimEngine(), llama, setup)  # GradScaler reads .item(); the sim's scaler must not
+    assert [p.name for p in sim.profile.phases] == ["forward", "backward", "optimizer"]
 
 
 # ---------------------------------------------------------- grad accumulation

@@ -177,7 +177,6 @@ class Engine:
                 builder.validate(workload.batch_size, workload.seq_len)
                 if dev.type != "cpu":
                     model = model.to(dev)
-                n_params = parameter_count(model)
                 train = workload.mode == "train"
                 model.train(train)
                 if not train:
@@ -192,7 +191,7 @@ class Engine:
                 )
                 runner = StepRunner(model, setup, env)
                 setup = runner.setup  # with what the runner measured (model transforms) in its notes
-                n_params = parameter_count(model)  # after surgery
+                n_params = parameter_count(model)  # after any surgery
                 try:
                     if real and measure.quality:
                         say("Quality probe (eval-mode forward)")

@@ -27,10 +27,7 @@ class Attention(Optimization):
     class Config:
         implementation: str = option("sdpa", "attention implementation", choices=("sdpa", "eager"))
 
-    def applies_to(self, model: Any, setup: StepSetup) -> str | None:
-        why = super().applies_to(model, setup)
-        if why:
-            return why
+    def why_not(self, model: Any, setup: StepSetup) -> str | None:
         impl = self.config.implementation
         if setup.workload.attn == impl:
             return f"the step already uses {impl} attention"

@@ -26,10 +26,9 @@ class Checkpointing(Optimization):
     class Config:
         every: int = option(1, "checkpoint every k-th repeated block (1: all)", min=1, max=1024)
 
-    def applies_to(self, model: Any, setup: StepSetup) -> str | None:
-        why = super().applies_to(model, setup)
-        if why or model is None:
-            return why
+    def why_not(self, model: Any, setup: StepSetup) -> str | None:
+        if model is None:
+            return None
         if hasattr(model, "supports_gradient_checkpointing"):
             if not model.supports_gradient_checkpointing:
                 return f"{type(model).__name__} does not support activation checkpointing"

@@ -36,10 +36,7 @@ class Chunking(Optimization):
         form: str = option("loss", "what to chunk", choices=("loss", "prefill", "independent"))
         size: int = option(256, "tokens per chunk", min=1, max=1_000_000)
 
-    def applies_to(self, model: Any, setup: StepSetup) -> str | None:
-        why = super().applies_to(model, setup)
-        if why:
-            return why
+    def why_not(self, model: Any, setup: StepSetup) -> str | None:
         wl = setup.workload
         form, size = self.config.form, self.config.size
         if form == "loss" and wl.mode != "train":

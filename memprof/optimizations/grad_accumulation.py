@@ -25,10 +25,7 @@ class GradAccumulation(Optimization):
     class Config:
         steps: int = option(2, "micro-batches per optimizer step", min=1, max=4096)
 
-    def applies_to(self, model: Any, setup: StepSetup) -> str | None:
-        why = super().applies_to(model, setup)
-        if why:
-            return why
+    def why_not(self, model: Any, setup: StepSetup) -> str | None:
         b = setup.workload.batch_size
         k = setup.micro_batches * self.config.steps
         if b % k:

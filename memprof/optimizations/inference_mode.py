@@ -27,10 +27,7 @@ class InferenceMode(Optimization):
     class Config:
         use_cache: bool = option(False, "let the forward build a KV cache")
 
-    def applies_to(self, model: Any, setup: StepSetup) -> str | None:
-        why = super().applies_to(model, setup)
-        if why:
-            return why
+    def why_not(self, model: Any, setup: StepSetup) -> str | None:
         if setup.inference_mode:
             return "inference_mode is already on"
         return None

@@ -31,10 +31,7 @@ class LocalAttention(Optimization):
     class Config:
         window: int = option(4096, "tokens each position attends to", min=1, max=10_000_000)
 
-    def applies_to(self, model: Any, setup: StepSetup) -> str | None:
-        why = super().applies_to(model, setup)
-        if why:
-            return why
+    def why_not(self, model: Any, setup: StepSetup) -> str | None:
         if self.config.window >= setup.workload.seq_len:
             return f"a window of {self.config.window} covers the whole sequence of {setup.workload.seq_len}"
         cfg = getattr(model, "config", None)

@@ -36,10 +36,7 @@ class MixedPrecision(Optimization):
                 ]
             return []
 
-    def applies_to(self, model: Any, setup: StepSetup) -> str | None:
-        why = super().applies_to(model, setup)
-        if why:
-            return why
+    def why_not(self, model: Any, setup: StepSetup) -> str | None:
         wl = setup.workload
         if self.config.pure and wl.dtype == "bfloat16":
             return "the step already stores everything in bfloat16"

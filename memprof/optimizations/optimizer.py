@@ -47,10 +47,7 @@ class OptimizerChoice(Optimization):
                 return [f"{self.type} has one implementation; leave impl as auto"]
             return []
 
-    def applies_to(self, model: Any, setup: StepSetup) -> str | None:
-        why = super().applies_to(model, setup)
-        if why:
-            return why
+    def why_not(self, model: Any, setup: StepSetup) -> str | None:
         if setup.workload.optimizer == "none":
             return "the workload has no optimizer (--optimizer none)"
         return None

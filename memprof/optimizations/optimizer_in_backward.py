@@ -26,10 +26,7 @@ class OptimizerInBackward(Optimization):
     class Config:
         pass
 
-    def applies_to(self, model: Any, setup: StepSetup) -> str | None:
-        why = super().applies_to(model, setup)
-        if why:
-            return why
+    def why_not(self, model: Any, setup: StepSetup) -> str | None:
         if setup.workload.optimizer == "none":
             return "the workload has no optimizer (--optimizer none)"
         if setup.micro_batches > 1:

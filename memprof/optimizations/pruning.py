@@ -48,10 +48,7 @@ class Pruning(Optimization):
                 return ["option 'amount' must be above 0"]
             return []
 
-    def applies_to(self, model: Any, setup: StepSetup) -> str | None:
-        why = super().applies_to(model, setup)
-        if why:
-            return why
+    def why_not(self, model: Any, setup: StepSetup) -> str | None:
         if any(t["kind"].startswith("prune") for t in setup.model_transforms):
             return "the model is already pruned by an earlier step"
         if model is not None and self.config.method == "structured":

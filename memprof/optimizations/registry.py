@@ -45,7 +45,8 @@ class Optimization:
     """One optimization: a validated config, an applicability check, and its change to the step.
 
     Subclasses set ``name``, ``summary``, ``Config`` (a dataclass of options),
-    ``modes`` (the workload modes it applies to) and implement :meth:`apply`.
+    ``modes`` (the workload modes it applies to), implement :meth:`apply`, and
+    :meth:`why_not` when more than the mode decides whether it applies.
     """
 
     name: ClassVar[str] = ""
@@ -71,6 +72,10 @@ class Optimization:
         """
         if setup.workload.mode not in self.modes:
             return f"applies to {' and '.join(self.modes)} workloads, not {setup.workload.mode}"
+        return self.why_not(model, setup)
+
+    def why_not(self, model: torch.nn.Module | None, setup: StepSetup) -> str | None:
+        """Subclasses: why not, beyond the workload mode (checked first by :meth:`applies_to`)."""
         return None
 
     def apply(self, setup: StepSetup) -> None:
