@@ -126,6 +126,9 @@ def apply(
             "no step of the recipe applies to this model and workload: "
             + "; ".join(skipped or ["empty recipe"])
         )
+    for t in setup.model_transforms:
+        if t["kind"] == "quantize":
+            quantization_config(t)  # before any work: say now if this format cannot be saved
     before = after = None
     if profile:
         # memory only: memprof.json keeps the two profiles (FLOPs and time are memprof compare's job)
@@ -162,14 +165,20 @@ def apply(
         say("Writing the checkpoint")
         if source is not None:
             model = source
+            quant = [t for t in setup.model_transforms if t["kind"] == "quantize"]
             if dtype != workload.dtype or setup.model_transforms:
                 # a changed copy: the source model stays as loaded, for the verification below
                 model = copy.deepcopy(source)
                 for transform in setup.model_transforms:
+                    if transform["kind"] == "quantize":
+                        continue  # below: transformers' own quantizer writes the reloadable format
                     # a checkpoint holds plain weights: masks are folded in (prune.remove)
                     notes.append(apply_transform(model, {**transform, "permanent": True}))
                 model = model.to(DTYPES[dtype])
-            model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
+            if quant:
+                notes.append(_save_quantized(model, quant[0], tmp, out.parent))
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
         else:
             rm.config.save_pretrained(tmp)
         _update_config(tmp / "config.json", setup, dtype)
@@ -221,6 +230,54 @@ def apply(
     )
 
 
+def quantization_config(spec: dict[str, Any]) -> Any:
+    """The transformers quantization config for a ``quantize`` transform, or InputError if none can be saved."""
+    backend, bits = spec["backend"], spec.get("bits", 8)
+    if backend == "torchao":
+        from transformers import TorchAoConfig
+
+        from memprof.surgery import quiet_imports
+
+        with quiet_imports():
+            from torchao.quantization import Int8WeightOnlyConfig
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    if backend == "bitsandbytes":
+        from transformers import BitsAndBytesConfig
+
+        if bits == 4:
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise InputError(
+        f"{backend} quantization cannot be saved in a format transformers reloads (its packed CPU "
+        "modules have no checkpoint format): install torchao and use the quantization step with backend torchao"
+    )
+
+
+def _save_quantized(model: Any, spec: dict[str, Any], tmp: Path, parent: Path) -> str:
+    """Write ``model`` quantized, through transformers' own quantizer so that from_pretrained reloads it.
+
+    transformers saves a quantized model only when it loaded it quantized: the
+    (already pruned, cast) model is written to a staging folder, loaded back with
+    the quantization config, and that model is saved.
+    """
+    qconfig = quantization_config(spec)
+    stage = Path(tempfile.mkdtemp(prefix=".memprof-stage-", dir=parent))
+    try:
+        model.save_pretrained(stage, safe_serialization=True)
+        quantized = type(model).from_pretrained(str(stage), quantization_config=qconfig, dtype=model.dtype)
+        quantized.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    size = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+    from memprof.units import format_bytes
+
+    return (
+        f"quantized with transformers' {type(qconfig).__name__} ({spec['backend']}, {spec.get('bits', 8)}-bit); "
+        f"weights on disk {format_bytes(size)}; config.json carries quantization_config, so from_pretrained "
+        "reloads it quantized"
+    )
+
+
 def _update_config(path: Path, setup: StepSetup, dtype: str) -> None:
     cfg = json.loads(path.read_text())
     cfg["dtype"] = dtype
@@ -252,8 +309,12 @@ def _verify(
         return {"reloaded": True, "compared": False}
     diff, rel = output_difference(b, a)
     cos = torch.nn.functional.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=1)
+    quantized = sum(
+        1 for m in reloaded.modules() if hasattr(type(getattr(m, "weight", None)), "__tensor_flatten__")
+    )
     return {
         "output_min_cosine": float(cos.min()),
+        "quantized_layers": quantized,
         "reloaded": True,
         "compared": True,
         "reloaded_dtype": str(reloaded.dtype).replace("torch.", ""),

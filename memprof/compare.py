@@ -24,7 +24,7 @@ import torch
 
 from memprof.api import fake_model, prepare
 from memprof.engines.base import Engine, Measure, RunResult
-from memprof.errors import InputError, OutOfMemory
+from memprof.errors import EnvironmentProblem, InputError, OutOfMemory
 from memprof.optimizations.registry import Optimization
 from memprof.profile import Profile
 from memprof.recipes import Recipe
@@ -207,6 +207,11 @@ def compare(
         except OutOfMemory as e:
             row.profile = e.profile if isinstance(e.profile, Profile) else None
             row.error = f"out of memory: {e}"
+            continue
+        except (InputError, EnvironmentProblem) as e:
+            # this step cannot run here (a library, a kernel the engine cannot trace):
+            # the row says why, the other rows still run
+            row.error = str(e)
             continue
         row.profile, row.flops, row.seconds = r.profile, r.flops, r.seconds
         row.quality = quality_delta(base, r)

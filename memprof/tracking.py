@@ -159,6 +159,7 @@ class Tracker(TorchDispatchMode):
         self.track_modules = track_modules and model is not None
         # storage id -> [nbytes, category index, owner module index]
         self._records: dict[int, list[int]] = {}
+        self._keep: list[torch.Tensor] = []
         self._refs: dict[int, weakref.ref] = {}
         self._cat = [0] * 7
         self.current = 0
@@ -232,6 +233,7 @@ class Tracker(TorchDispatchMode):
                 self._exit_stack.close()
                 self._exit_stack = None
             self._closed = True
+            self._keep.clear()
 
     def _remove_hooks(self) -> None:
         for h in self._handles:
@@ -272,6 +274,15 @@ class Tracker(TorchDispatchMode):
             owner = self._mod_index[id(mod)]
             for b in mod.buffers(recurse=False):
                 self.register(b, Category.BUFFERS, owner=owner)
+            packed = getattr(mod, "_packed_params", None)
+            if packed is not None and hasattr(packed, "_weight_bias"):
+                # torch.ao quantized layers keep their weights in an opaque packed
+                # object, not in parameters: count them at their int8 size (an
+                # unpacked copy, kept alive while tracking, stands for the packed one)
+                for t in packed._weight_bias():
+                    if isinstance(t, torch.Tensor):
+                        self._keep.append(t)
+                        self.register(t, Category.PARAMETERS, owner=owner)
 
     def _register_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer] | None = None) -> None:
         for opt in self.optimizers if optimizers is None else optimizers:
@@ -402,6 +413,10 @@ class Tracker(TorchDispatchMode):
     ) -> None:
         """Record a tensor created outside the tracked region (or re-tag it)."""
         cat = _CAT_INDEX[Category(category).value]
+        if _is_wrapper(t):
+            for inner in _inner_tensors(t):
+                self.register(inner, category, owner, retag)
+            return
         try:
             st = t.untyped_storage()
         except (NotImplementedError, RuntimeError):
@@ -512,6 +527,10 @@ class Tracker(TorchDispatchMode):
             self._mod_act_at_peak = self._mod_act[:]
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if _is_wrapper(t):
+            for inner in _inner_tensors(t):
+                self._pack(inner)
+            return t
         try:
             rec = self._records.get(id(t.untyped_storage()))
         except (NotImplementedError, RuntimeError):
@@ -539,6 +558,10 @@ class Tracker(TorchDispatchMode):
 
     def _maybe_add(self, t: torch.Tensor) -> None:
         if t.layout is not torch.strided:
+            return
+        if type(t) is not torch.Tensor and _is_wrapper(t):
+            for inner in _inner_tensors(t):
+                self._maybe_add(inner)
             return
         st = t.untyped_storage()
         sid = id(st)
@@ -633,6 +656,20 @@ class Tracker(TorchDispatchMode):
             final_bytes=self.current,
             live_by_category=self.live_by_category(),
         )
+
+
+def _is_wrapper(t: torch.Tensor) -> bool:
+    """A tensor subclass made of inner tensors (torchao's quantized weights, DTensor...).
+
+    Its own storage is a placeholder of the logical (dense) size; the memory is
+    in the inner tensors, which are counted instead.
+    """
+    return hasattr(type(t), "__tensor_flatten__")
+
+
+def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    names, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
+    return [v for v in (getattr(t, n) for n in names) if isinstance(v, torch.Tensor)]
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:

@@ -239,8 +239,11 @@ def make_optimizer(
 
 
 def _adamw8bit(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    from memprof.surgery import quiet_imports
+
     try:
-        from torchao.optim import AdamW8bit
+        with quiet_imports():
+            from torchao.optim import AdamW8bit
 
         return AdamW8bit(params, lr=1e-5)
     except ImportError:

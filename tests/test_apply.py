@@ -223,3 +223,58 @@ def test_apply_persists_the_sliding_window(tmp_path):
         profile=False,
     )
     assert AutoConfig.from_pretrained(out).sliding_window == 32
+
+
+def test_apply_int8_quantized_minilm_reloads_quantized(minilm_dir, tmp_path):
+    pytest.importorskip("torchao")
+    out = tmp_path / "minilm-int8"
+    res = apply_mod.apply(
+        str(minilm_dir),
+        recipes.from_names(["pruning:amount=0.25", "quantization"]),
+        out,
+        Workload(mode="infer", batch_size=2, seq_len=32),
+        engine="cpu",
+        profile=False,
+    )
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "torchao"
+    model = AutoModel.from_pretrained(out)
+    w = model.encoder.layer[0].attention.self.query.weight
+    assert hasattr(type(w), "__tensor_flatten__") and w.qdata.dtype == torch.int8  # reloaded quantized
+    assert model.config.intermediate_size == 1152  # the pruning before it persisted too
+    v = res.verification
+    assert v["quantized_layers"] == 6 * 6 + 1  # q, k, v, attention output, FFN in and out per layer; pooler
+    assert v["output_max_rel_diff"] > 0 and v["output_min_cosine"] > 0.5
+    # on disk: the int8 Linear weights instead of float32 ones
+    assert (out / "model.safetensors").stat().st_size < 0.8 * (
+        minilm_dir / "model.safetensors"
+    ).stat().st_size
+
+
+def test_apply_refuses_a_quantization_it_cannot_save(tiny_lm_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    code = main(
+        [
+            "apply",
+            str(tiny_lm_dir),
+            "--recipe",
+            str(_recipe(tmp_path, "quantization", {"backend": "torch.ao"})),
+            "--output",
+            str(out),
+            "--mode",
+            "infer",
+            "--engine",
+            "cpu",
+        ]
+    )
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "cannot be saved in a format transformers reloads" in err and len(err.strip().splitlines()) == 1
+
+
+def _recipe(folder: Path, name: str, options: dict) -> Path:
+    import yaml
+
+    f = folder / "recipe.yaml"
+    f.write_text(yaml.safe_dump({"optimizations": [{"name": name, **options}]}))
+    return f

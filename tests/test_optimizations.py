@@ -480,3 +480,60 @@ def test_local_attention_says_why_not():
     opt = optimizations.make("local_attention", {"window": 16})
     assert "no sliding window" in opt.applies_to(llama, StepSetup.of(Workload(seq_len=64)))
     assert "covers the whole sequence" in opt.applies_to(None, StepSetup.of(Workload(seq_len=16)))
+
+
+# --------------------------------------------------------------- quantization
+def _linear_weight_bytes(spec):
+    from memprof.models import build_model
+
+    model, _ = build_model(resolve(spec), dtype="float32", attn="sdpa", load_weights=False)
+    head = model.get_output_embeddings()
+    return sum(
+        m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+    )
+
+
+@pytest.mark.parametrize("backend", ["torchao", "torch.ao"])
+def test_int8_quantization_quarters_the_linear_weights_and_keeps_the_output_close(llama, backend):
+    if backend == "torchao":
+        pytest.importorskip("torchao")
+    wl = Workload(mode="infer", batch_size=2, seq_len=32)
+    base = run(CpuEngine(), llama, StepSetup.of(wl), QUALITY)
+    q = run(CpuEngine(), llama, setup_with(wl, ("quantization", {"backend": backend})), QUALITY)
+    fp32 = _linear_weight_bytes(llama)
+    saved = cats(base)["parameters"] - cats(q)["parameters"]
+    # int8 instead of float32: 3/4 of the Linear weight bytes go (less a scale per output row)
+    assert 0.70 * fp32 < saved <= 0.75 * fp32
+    assert q.profile.peak_bytes < base.profile.peak_bytes
+    diff = (q.output - base.output).abs().max() / base.output.abs().max()
+    assert 0 < diff < (0.05 if backend == "torchao" else 0.3)  # changed, within int8 rounding
+    assert any("Linear layers, weights" in n for n in q.profile.notes)
+
+
+def test_int8_weight_only_quantization_in_sim(llama):
+    pytest.importorskip("torchao")
+    wl = Workload(mode="infer", batch_size=2, seq_len=32)
+    base = run(SimEngine(), llama, StepSetup.of(wl))
+    q = run(SimEngine(), llama, setup_with(wl, ("quantization", {"backend": "torchao"})))
+    saved = cats(base)["parameters"] - cats(q)["parameters"]
+    assert 0.70 * _linear_weight_bytes(llama) < saved <= 0.75 * _linear_weight_bytes(llama)
+
+
+def test_quantization_says_why_not(llama, monkeypatch):
+    from memprof import surgery
+
+    wl = Workload(mode="infer", batch_size=2, seq_len=32)
+    setup = StepSetup.of(wl)
+    assert "train" not in str(optimizations.get("quantization").modes)
+    assert "infer" in optimizations.make("quantization").applies_to(None, StepSetup.of(Workload()))
+    monkeypatch.setattr(surgery, "_installed", lambda name: False)
+    assert "bitsandbytes is not installed" in optimizations.make("quantization", {"bits": 4}).applies_to(
+        None, setup
+    )
+    assert "torchao is not installed" in optimizations.make(
+        "quantization", {"backend": "torchao"}
+    ).applies_to(None, setup)
+    # auto falls back to torch.ao, which the sim engine cannot trace: the row fails with the reason
+    assert surgery.quant_backend("auto", 8) == "torch.ao"
+    with pytest.raises(InputError, match="fake tensors cannot trace"):
+        run(SimEngine(), llama, setup_with(wl, ("quantization", {})))

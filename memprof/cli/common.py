@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,6 +45,15 @@ def quiet_libraries() -> None:
     except ImportError:  # pragma: no cover
         pass
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # transformers imports torchao (when installed) as it loads any model; torchao
+    # logs about native kernels built for other GPUs and pytree registrations, and
+    # torch.ao warns that its quantized dtypes are deprecated: none of it concerns
+    # the measurement.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+    warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
+    warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated")
 
 
 def write_output(path: str, text: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import platform
 import statistics
 import time
@@ -68,6 +69,21 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
+
+
+def extra_flop_formulas() -> dict[Any, Any]:
+    """FLOP formulas torch's counter lacks: torch.ao's dynamic int8 Linear (quantized::linear_dynamic)."""
+
+    def linear_dynamic(x_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        k = x_shape[-1]
+        return 2 * math.prod(out_shape) * k
+
+    out: dict[Any, Any] = {}
+    quantized = getattr(torch.ops, "quantized", None)
+    op = getattr(quantized, "linear_dynamic", None) if quantized is not None else None
+    if op is not None:
+        out[op] = linear_dynamic
+    return out
 
 
 def is_oom(e: BaseException) -> bool:
@@ -202,7 +218,7 @@ class Engine:
                         if measure.flops:
                             from torch.utils.flop_counter import FlopCounterMode
 
-                            counter = FlopCounterMode(display=False)
+                            counter = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
                             with counter:
                                 runner.step(inputs)
                             out.flops = int(counter.get_total_flops())

@@ -22,6 +22,7 @@ from memprof.optimizations import (  # noqa: F401  (imported to register them)
     optimizer,
     optimizer_in_backward,
     pruning,
+    quantization,
 )
 from memprof.optimizations.registry import (
     Optimization,

@@ -117,7 +117,10 @@ def ladder_table(c: Comparison) -> Table:
     prev, prev_flops, prev_s = base, c.baseline_flops, c.baseline_seconds
     for i, s in enumerate(c.steps, 1):
         if s.skipped or s.profile is None or s.error:
-            what = Text("OOM" if s.error else "skipped", style="red" if s.error else "dim")
+            what = Text(
+                ("OOM" if s.error.startswith("out of memory") else "failed") if s.error else "skipped",
+                style="red" if s.error else "dim",
+            )
             reason = Text(s.error or s.skipped or "", style="red" if s.error else "dim")
             t.add_row(str(i), Text(s.label, style="dim"), what, *([""] * blanks), reason)
             t.columns[-1].no_wrap = False
