@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from memprof.api import fake_model, prepare
+from memprof.data import DataSpec, encode, padding_plan
 from memprof.engines.base import Engine, Measure, RunResult
 from memprof.errors import EnvironmentProblem, InputError, OutOfMemory
 from memprof.optimizations.registry import Optimization
@@ -116,6 +117,11 @@ def quality_delta(base: RunResult, run: RunResult) -> dict[str, Any] | None:
     a, b = run.output, base.output
     if a is not None and b is not None and a.shape == b.shape:
         q["output_max_abs_diff"], q["output_max_rel_diff"] = output_difference(a, b)
+    e, f = run.embeddings, base.embeddings
+    if e is not None and f is not None and e.shape == f.shape:
+        cos = torch.nn.functional.cosine_similarity(e, f, dim=1)
+        q["text_cosine_mean"], q["text_cosine_min"] = float(cos.mean()), float(cos.min())
+        q["texts"] = int(e.shape[0])
     return q
 
 
@@ -144,6 +150,8 @@ def compare(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     cumulative: bool = True,
+    data: DataSpec | None = None,
+    probe_texts: int = 128,
     progress: Callable[[str], None] | None = None,
 ) -> Comparison:
     """Profile the baseline, then each step of the recipe stacked on the ones before.
@@ -155,6 +163,9 @@ def compare(
         engine: ``auto``, ``cuda``, ``cpu``, ``sim`` or an :class:`Engine`.
         timing_steps: untracked steps timed per row on real engines (0: no timing).
         cumulative: stack the steps (the default); False measures each alone on the baseline.
+        data: a data sample (``--data FILE`` or ``--lengths``): its token lengths are what
+            dynamic padding batches; a file's first ``probe_texts`` texts also feed the
+            quality check on real engines (cosine of each text's pooled output to the baseline's).
         progress: called with short status lines.
 
     Raises:
@@ -166,6 +177,20 @@ def compare(
     rm, eng = prepare(spec, workload, engine, task=task, trust_remote_code=trust_remote_code, progress=say)
     real = eng.name != "sim"
     measure = Measure(flops=True, timing_steps=timing_steps if real else 0, quality=real)
+    base_setup = StepSetup.of(workload)
+    # a bundled config's folder holds configs, not a tokenizer
+    tok_folder = None if rm.source == "bundled" else (rm.folder or rm.weights_dir)
+    samples = data.load(tok_folder, rm.name) if data else None
+    if samples is not None:
+        base_setup.data_lengths = samples.lengths
+        if workload.mode == "train" or not workload.decode_tokens:
+            fixed = padding_plan(samples.lengths, workload.batch_size, workload.seq_len, "fixed")
+            base_setup.notes.append(
+                f"data {samples.describe()}; padded to a fixed length: {fixed.describe()}"
+            )
+        if real and samples.texts and probe_texts > 0:
+            folder = (data.tokenizer if data else None) or tok_folder
+            measure.texts = encode(samples.texts[:probe_texts], folder, workload.seq_len)  # type: ignore[arg-type]
     total = len(recipe.steps) + 1
 
     def run(setup: StepSetup, label: str, i: int) -> RunResult:
@@ -177,7 +202,6 @@ def compare(
             measure=measure,
         )
 
-    base_setup = StepSetup.of(workload)
     base = run(base_setup, "baseline", 1)
     cmp = Comparison(
         model=rm.name,

@@ -111,6 +111,10 @@ class StepSetup:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     #: model surgery, in order (memprof.surgery): {"kind", ...options}
     model_transforms: list[dict[str, Any]] = field(default_factory=list)
+    #: token lengths of the data sample (--data / --lengths): what dynamic padding batches
+    data_lengths: list[int] = field(default_factory=list)
+    #: dynamic padding's plan over the sample (memprof.data.PaddingPlan.to_dict), or None: fixed
+    padding: dict[str, Any] | None = None
     #: the optimizations applied, in order: {"name", "options"}
     steps: list[dict[str, Any]] = field(default_factory=list)
     #: config.json changes that persist in a checkpoint (memprof apply)
@@ -131,6 +135,7 @@ class StepSetup:
             self,
             model_transforms=[dict(t) for t in self.model_transforms],
             config_overrides=dict(self.config_overrides),
+            padding=dict(self.padding) if self.padding is not None else None,
             steps=[dict(s) for s in self.steps],
             config_updates=dict(self.config_updates),
             training_args=dict(self.training_args),
@@ -164,6 +169,7 @@ class StepSetup:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["workload"] = self.workload.to_dict()
+        d["data_lengths"] = len(self.data_lengths)  # the count: the lengths are the data's
         return d
 
 
@@ -497,6 +503,25 @@ class StepRunner:
         finally:
             self.model.train(was)
         return float(loss.float()), (main.detach().float().clone() if main is not None else None)
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """One vector per text of a real batch: the main output mean-pooled over its tokens.
+
+        For a sentence encoder (MiniLM) that is its sentence embedding (mean
+        pooling, as sentence-transformers does); for an LM, its pooled logits.
+        """
+        was = self.model.training
+        self.model.train(False)
+        try:
+            with torch.no_grad(), self._autocast():
+                main = main_output(self._call(batch))
+        finally:
+            self.model.train(was)
+        mask = batch.get("attention_mask")
+        if main is None or main.dim() != 3 or mask is None or main.shape[:2] != mask.shape:
+            return None
+        m = mask.to(main.device, torch.float32).unsqueeze(-1)
+        return (main.float() * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 def main_output(out: Any) -> torch.Tensor | None:

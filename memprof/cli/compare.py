@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
@@ -54,6 +55,11 @@ def compare(
     separate: bool = typer.Option(
         False, "--separate", help="Measure each step alone on the baseline instead of stacking them."
     ),
+    data: Path | None = O.DATA,
+    text_field: str = O.TEXT_FIELD,
+    tokenizer: str | None = O.TOKENIZER,
+    lengths: str | None = O.LENGTHS,
+    samples: int = O.SAMPLES,
     json_path: str | None = O.JSON,
     allow_pickle: bool = O.ALLOW_PICKLE,
     trust_remote_code: bool = O.TRUST_REMOTE_CODE,
@@ -63,6 +69,7 @@ def compare(
         raise typer.BadParameter("must be 0 or more", param_hint="--timing-steps")
     r = load_recipe(recipe, step)
     wl = O.workload(mode, batch_size, seq_len, dtype, optimizer, attn, task, decode_tokens)
+    data_spec = O.data_spec(data, text_field, tokenizer, lengths, samples)
     with spinner() as progress:
         result = run_compare(
             model,
@@ -74,6 +81,7 @@ def compare(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
             cumulative=not separate,
+            data=data_spec,
             progress=progress,
         )
     if json_path:

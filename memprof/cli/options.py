@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 
 import typer
 
+from memprof.data import DataSpec
 from memprof.workload import Workload
 
 
@@ -63,6 +65,44 @@ DECODE = typer.Option(0, "--decode-tokens", help="Infer mode, causal LMs: decode
 ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading .bin (pickle) checkpoints.")
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Allow models that ship their own code.")
 JSON = typer.Option(None, "--json", help="Write the result as JSON to PATH ('-' for stdout).")
+DATA = typer.Option(
+    None,
+    "--data",
+    exists=True,
+    dir_okay=False,
+    help="Sample texts: a text file (one a line) or JSONL; tokenized with the model's tokenizer "
+    "(for dynamic padding, and the quality check on real engines).",
+)
+TEXT_FIELD = typer.Option("text", "--text-field", help="JSONL: the field holding the text.")
+TOKENIZER = typer.Option(
+    None, "--tokenizer", help="Tokenizer folder for --data (default: the model's own folder)."
+)
+LENGTHS = typer.Option(
+    None,
+    "--lengths",
+    help="Sample token lengths instead of --data: 120,340,88 or uniform(MIN,MAX), normal(MEAN,SD), "
+    "lognormal(MU,SIGMA).",
+)
+SAMPLES = typer.Option(1000, "--samples", help="Draws of a --lengths distribution.")
+
+
+def data_spec(
+    data: Path | None, text_field: str, tokenizer: str | None, lengths: str | None, samples: int
+) -> DataSpec | None:
+    """The DataSpec of the data options (None when none was given)."""
+    if data is None and lengths is None:
+        if tokenizer or text_field != "text":
+            raise typer.BadParameter("goes with --data FILE", param_hint="--tokenizer/--text-field")
+        return None
+    spec = DataSpec(
+        path=str(data) if data else None,
+        text_field=text_field,
+        tokenizer=tokenizer,
+        lengths=lengths,
+        samples=samples,
+    )
+    spec.validate()
+    return spec
 
 
 def workload(

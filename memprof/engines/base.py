@@ -42,6 +42,9 @@ class Measure:
     quality: bool = False
     #: torch.manual_seed before the build and before the warm-up step
     seed: int = 0
+    #: a tokenized batch of real texts (memprof.data.encode): with ``quality``, the
+    #: main output pooled per text is kept, to compare rows by cosine similarity
+    texts: dict[str, Any] | None = None
 
 
 @dataclass
@@ -54,6 +57,8 @@ class RunResult:
     loss_before: float | None = None
     loss_after: float | None = None
     output: torch.Tensor | None = None
+    #: one pooled output vector per probe text (Measure.texts)
+    embeddings: torch.Tensor | None = None
 
 
 def _noop(msg: str) -> None:
@@ -212,6 +217,10 @@ class Engine:
                     if real and measure.quality:
                         say("Quality probe (eval-mode forward)")
                         out.loss_before, out.output = runner.probe(inputs)
+                        if measure.texts is not None:
+                            say("Quality probe on the data's texts")
+                            batch = {k: v.to(dev) for k, v in measure.texts.items()}
+                            out.embeddings = runner.embed(batch)
                     if train or self.name == "cuda" or measure.flops or measure.timing_steps:
                         say("Warm-up step (creates optimizer state, initialises kernels)")
                         torch.manual_seed(measure.seed)

@@ -74,9 +74,12 @@ def _quality(q: dict[str, Any] | None) -> str:
     def f(v: Any) -> str:
         return "-" if v is None else ("0" if v == 0 else f"{v:.0e}")
 
-    return " / ".join(
+    text = " / ".join(
         f(q.get(k)) for k in ("output_max_rel_diff", "loss_abs_diff", "loss_after_steps_abs_diff")
     )
+    if q.get("text_cosine_mean") is not None:
+        text += f"\ncos {q['text_cosine_mean']:.4f} (min {q['text_cosine_min']:.4f})"
+    return text
 
 
 def _secs(s: float | None) -> str:
@@ -209,3 +212,9 @@ def render_compare(c: Comparison, console: Console) -> None:
             "[dim]• *Δ quality against the baseline, same inputs and seed: max relative difference of the "
             "output / absolute loss difference (eval-mode forward) / loss difference after two training steps[/dim]"
         )
+        texts = next((s.quality.get("texts") for s in c.steps if s.quality and s.quality.get("texts")), None)
+        if texts:
+            console.print(
+                f"[dim]• cos: cosine similarity of each text's mean-pooled output to the baseline's, over the "
+                f"first {texts} texts of the data (mean, and the lowest)[/dim]"
+            )
