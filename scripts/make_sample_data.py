@@ -21,9 +21,9 @@ def paragraphs() -> list[str]:
         for p in re.split(r"\n\s*\n", text):
             p = " ".join(p.split())
             # prose only: no code, no grammar rules, no headings
-            if len(p) > 40 and p.count(" ") > 6 and not p.startswith(("***", ">>>", "...")):
-                if not re.search(r"[{}=]{3,}|::=", p):
-                    out.append(p)
+            prose = len(p) > 40 and p.count(" ") > 6 and not p.startswith(("***", ">>>", "..."))
+            if prose and not re.search(r"[{}=]{3,}|::=", p):
+                out.append(p)
     return out
 
 
