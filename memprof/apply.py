@@ -37,7 +37,7 @@ from memprof.errors import InputError
 from memprof.models import DTYPES, build_model
 from memprof.profile import Profile
 from memprof.recipes import Recipe
-from memprof.surgery import apply_transform
+from memprof.surgery import apply_transform, checkpoint_problem
 from memprof.workload import StepSetup, Workload, main_output
 
 SCHEMA = "memprof.apply/1"
@@ -120,12 +120,16 @@ def apply(
         if out == src or src in out.parents or out in src.parents:
             raise InputError(f"{out}: overlaps the source model folder {src}; choose another output folder")
 
-    setup, skipped = stack(recipe, workload, fake_model(rm, workload))
+    setup, skipped = stack(recipe, workload, fake_model(rm, workload), pretrained=rm.has_weights)
     if not setup.steps:
         raise InputError(
             "no step of the recipe applies to this model and workload: "
             + "; ".join(skipped or ["empty recipe"])
         )
+    # Refuse before any profiling: a checkpoint that does not reload as the measured model is worse than none.
+    unsaveable = [why for t in setup.model_transforms if (why := checkpoint_problem(t))]
+    if unsaveable:
+        raise InputError(f"{spec}: cannot write this checkpoint: " + "; ".join(unsaveable))
     before = after = None
     if profile:
         # memory only: memprof.json keeps the two profiles (FLOPs and time are memprof compare's job)
@@ -166,8 +170,9 @@ def apply(
                 # a changed copy: the source model stays as loaded, for the verification below
                 model = copy.deepcopy(source)
                 for transform in setup.model_transforms:
-                    # a checkpoint holds plain weights: masks are folded in (prune.remove)
-                    notes.append(apply_transform(model, {**transform, "permanent": True}))
+                    # a checkpoint holds plain weights: masks are folded in (prune.remove), and
+                    # transforms take the form the config can express (checkpoint=True)
+                    notes.append(apply_transform(model, {**transform, "permanent": True, "checkpoint": True}))
                 model = model.to(DTYPES[dtype])
             model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
         else:

@@ -178,6 +178,7 @@ def compare(
         )
 
     base_setup = StepSetup.of(workload)
+    base_setup.pretrained = rm.has_weights and eng.load_weights
     base = run(base_setup, "baseline", 1)
     cmp = Comparison(
         model=rm.name,
@@ -229,9 +230,15 @@ def _apply(step: Optimization, model: torch.nn.Module | None, setup: StepSetup) 
     return None
 
 
-def stack(recipe: Recipe, workload: Workload, model: torch.nn.Module | None) -> tuple[StepSetup, list[str]]:
-    """The setup with every applicable step of the recipe, and the skipped steps' reasons."""
+def stack(
+    recipe: Recipe, workload: Workload, model: torch.nn.Module | None, *, pretrained: bool = False
+) -> tuple[StepSetup, list[str]]:
+    """The setup with every applicable step of the recipe, and the skipped steps' reasons.
+
+    ``pretrained``: the model's weights are trained ones (see :attr:`StepSetup.pretrained`).
+    """
     setup = StepSetup.of(workload)
+    setup.pretrained = pretrained
     skipped = []
     for step in recipe.steps:
         trial = setup.copy()

@@ -111,6 +111,9 @@ class StepSetup:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     #: model surgery, in order (memprof.surgery): {"kind", ...options}
     model_transforms: list[dict[str, Any]] = field(default_factory=list)
+    #: the step runs on the checkpoint's trained weights (set by compare and apply from the
+    #: model and engine): optimizations that replace layers with new random ones refuse it
+    pretrained: bool = False
     #: the optimizations applied, in order: {"name", "options"}
     steps: list[dict[str, Any]] = field(default_factory=list)
     #: config.json changes that persist in a checkpoint (memprof apply)
