@@ -333,7 +333,8 @@ def prune_heads(model: torch.nn.Module, amount: float, *, checkpoint: bool = Fal
         line = (
             f"attention-head pruning: {len(blocks)} layers, {n_kv - keep_n} of {n_kv} heads zeroed at full "
             "size: BERT's config cannot express fewer heads (transformers sizes its attention as "
-            "hidden_size), so the checkpoint computes the pruned function but is not smaller"
+            "hidden_size), so the checkpoint computes the pruned function but is not smaller; the smaller "
+            "memory holds once the heads are removed after loading (memprof.surgery.prune_heads)"
         )
     elif blocks[0].style == "bert":
         line += (

@@ -9,7 +9,8 @@ from memprof.optimizations.registry import Optimization, option, register
 from memprof.surgery import ffn_layout, heads_layout
 from memprof.workload import StepSetup
 
-METHODS = ("structured", "heads", "unstructured", "2:4")
+# "2to4", not "2:4": YAML 1.1 (PyYAML) reads an unquoted 2:4 as the base-60 number 124
+METHODS = ("structured", "heads", "unstructured", "2to4")
 
 
 @register
@@ -33,7 +34,7 @@ class Pruning(Optimization):
       Llama-style checkpoints reload at the new size (``num_attention_heads``,
       ``num_key_value_heads``, ``head_dim``); BERT's config cannot express fewer
       heads, so its checkpoint holds them zeroed at full size.
-    * ``method: 2:4``: zero 2 of every 4 contiguous input weights by magnitude
+    * ``method: 2to4``: zero 2 of every 4 contiguous input weights by magnitude
       (the semi-structured pattern sparse tensor cores run). Dense zeros save
       nothing; for inference on a CUDA GPU of compute capability >= 8.0 in
       float16/bfloat16 the weights are converted to torch's semi-structured
@@ -52,13 +53,13 @@ class Pruning(Optimization):
         method: str = option(
             "structured",
             "structured: FFN neurons; heads: attention heads (KV groups with GQA); "
-            "unstructured: L1 zeros; 2:4: 2 of every 4 weights zero",
+            "unstructured: L1 zeros; 2to4: 2 of every 4 weights zero (2:4 semi-structured)",
             choices=METHODS,
         )
         amount: float = option(
             0.5,
             "fraction of weights (unstructured), FFN neurons (structured) or heads per layer (heads); "
-            "2:4 is always half",
+            "2to4 is always half",
             min=0.0,
             max=0.95,
         )
@@ -69,8 +70,8 @@ class Pruning(Optimization):
         def problems(self) -> list[str]:
             if self.amount <= 0:
                 return ["option 'amount' must be above 0"]
-            if self.method == "2:4" and self.amount != 0.5:
-                return ["method 2:4 zeroes exactly half of the weights: leave 'amount' at 0.5"]
+            if self.method == "2to4" and self.amount != 0.5:
+                return ["method 2to4 zeroes exactly half of the weights: leave 'amount' at 0.5"]
             return []
 
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
@@ -92,14 +93,14 @@ class Pruning(Optimization):
             )
         elif c.method == "heads":
             setup.model_transforms.append({"kind": "prune_heads", "amount": c.amount})
-        elif c.method == "2:4":
+        elif c.method == "2to4":
             # compressed weights are inference-only: the optimizer cannot step a
             # semi-structured tensor, and training keeps the mask on dense weights
             infer = setup.workload.mode == "infer"
             setup.model_transforms.append({"kind": "sparsify_2to4", "compress": infer})
             if not infer:
                 setup.notes.append(
-                    "2:4 in training: the pattern is applied once here; a real sparse fine-tune re-applies "
+                    "2:4 sparsity in training: the pattern is applied once here; a real sparse fine-tune re-applies "
                     "the mask after every optimizer step, and the dense weights take the same memory"
                 )
         else:
