@@ -130,6 +130,10 @@ def apply(
     unsaveable = [why for t in setup.model_transforms if (why := checkpoint_problem(t))]
     if unsaveable:
         raise InputError(f"{spec}: cannot write this checkpoint: " + "; ".join(unsaveable))
+    # The transforms in the form a checkpoint holds (masks folded in, BERT's heads zeroed
+    # rather than removed): the "after" profile then measures what the written model takes.
+    for transform in setup.model_transforms:
+        transform.update(permanent=True, checkpoint=True)
     before = after = None
     if profile:
         # memory only: memprof.json keeps the two profiles (FLOPs and time are memprof compare's job)
@@ -170,9 +174,7 @@ def apply(
                 # a changed copy: the source model stays as loaded, for the verification below
                 model = copy.deepcopy(source)
                 for transform in setup.model_transforms:
-                    # a checkpoint holds plain weights: masks are folded in (prune.remove), and
-                    # transforms take the form the config can express (checkpoint=True)
-                    notes.append(apply_transform(model, {**transform, "permanent": True, "checkpoint": True}))
+                    notes.append(apply_transform(model, transform))
                 model = model.to(DTYPES[dtype])
             model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
         else:

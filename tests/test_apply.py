@@ -289,4 +289,6 @@ def test_apply_head_pruning_bert_writes_zeroed_heads_that_reload(tmp_path):
         torch.testing.assert_close(new(ids).logits, _pruned_in_memory(AutoModelForMaskedLM, src)(ids).logits)
     meta = json.loads((out / "memprof.json").read_text())
     assert any("not smaller" in n for n in meta["notes"])
+    # the "after" profile measures the model as written: no smaller than before
+    assert meta["profile_after"]["peak_bytes"] == meta["profile_before"]["peak_bytes"]
     assert meta["verification"]["output_max_abs_diff"] > 0
