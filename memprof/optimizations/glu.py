@@ -34,7 +34,8 @@ class Glu(Optimization):
 
     name = "glu"
     summary = (
-        "gated MLP (GeGLU/SwiGLU) at equal parameters, models from a config: ~4/3 MLP activations, measured"
+        "gated MLP (GeGLU/SwiGLU) at equal parameters and FLOPs, models from a config: "
+        "4/3 of the MLP activations with a fused activation, measured"
     )
     modes = ("train", "infer")
 
