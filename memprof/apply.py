@@ -37,7 +37,7 @@ from memprof.errors import InputError
 from memprof.models import DTYPES, build_model
 from memprof.profile import Profile
 from memprof.recipes import Recipe
-from memprof.surgery import apply_transform
+from memprof.surgery import apply_transform, checkpoint_problem
 from memprof.workload import StepSetup, Workload, main_output
 
 SCHEMA = "memprof.apply/1"
@@ -120,7 +120,7 @@ def apply(
         if out == src or src in out.parents or out in src.parents:
             raise InputError(f"{out}: overlaps the source model folder {src}; choose another output folder")
 
-    setup, skipped = stack(recipe, workload, fake_model(rm, workload))
+    setup, skipped = stack(recipe, workload, fake_model(rm, workload), pretrained=rm.has_weights)
     if not setup.steps:
         raise InputError(
             "no step of the recipe applies to this model and workload: "
@@ -129,6 +129,14 @@ def apply(
     for t in setup.model_transforms:
         if t["kind"] == "quantize":
             quantization_config(t)  # before any work: say now if this format cannot be saved
+    # Refuse before any profiling: a checkpoint that does not reload as the measured model is worse than none.
+    unsaveable = [why for t in setup.model_transforms if (why := checkpoint_problem(t))]
+    if unsaveable:
+        raise InputError(f"{spec}: cannot write this checkpoint: " + "; ".join(unsaveable))
+    # The transforms in the form a checkpoint holds (masks folded in, BERT's heads zeroed
+    # rather than removed): the "after" profile then measures what the written model takes.
+    for transform in setup.model_transforms:
+        transform.update(permanent=True, checkpoint=True)
     before = after = None
     if profile:
         # memory only: memprof.json keeps the two profiles (FLOPs and time are memprof compare's job)
@@ -172,8 +180,7 @@ def apply(
                 for transform in setup.model_transforms:
                     if transform["kind"] == "quantize":
                         continue  # below: transformers' own quantizer writes the reloadable format
-                    # a checkpoint holds plain weights: masks are folded in (prune.remove)
-                    notes.append(apply_transform(model, {**transform, "permanent": True}))
+                    notes.append(apply_transform(model, transform))
                 model = model.to(DTYPES[dtype])
             if quant:
                 notes.append(_save_quantized(model, quant[0], tmp, out.parent))

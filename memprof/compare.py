@@ -178,6 +178,7 @@ def compare(
     real = eng.name != "sim"
     measure = Measure(flops=True, timing_steps=timing_steps if real else 0, quality=real)
     base_setup = StepSetup.of(workload)
+    base_setup.pretrained = rm.has_weights and eng.load_weights
     # a bundled config's folder holds configs, not a tokenizer
     tok_folder = None if rm.source == "bundled" else (rm.folder or rm.weights_dir)
     samples = data.load(tok_folder, rm.name) if data else None
@@ -258,9 +259,15 @@ def _apply(step: Optimization, model: torch.nn.Module | None, setup: StepSetup) 
     return None
 
 
-def stack(recipe: Recipe, workload: Workload, model: torch.nn.Module | None) -> tuple[StepSetup, list[str]]:
-    """The setup with every applicable step of the recipe, and the skipped steps' reasons."""
+def stack(
+    recipe: Recipe, workload: Workload, model: torch.nn.Module | None, *, pretrained: bool = False
+) -> tuple[StepSetup, list[str]]:
+    """The setup with every applicable step of the recipe, and the skipped steps' reasons.
+
+    ``pretrained``: the model's weights are trained ones (see :attr:`StepSetup.pretrained`).
+    """
     setup = StepSetup.of(workload)
+    setup.pretrained = pretrained
     skipped = []
     for step in recipe.steps:
         trial = setup.copy()

@@ -115,6 +115,9 @@ class StepSetup:
     data_lengths: list[int] = field(default_factory=list)
     #: dynamic padding's plan over the sample (memprof.data.PaddingPlan.to_dict), or None: fixed
     padding: dict[str, Any] | None = None
+    #: the step runs on the checkpoint's trained weights (set by compare and apply from the
+    #: model and engine): optimizations that replace layers with new random ones refuse it
+    pretrained: bool = False
     #: the optimizations applied, in order: {"name", "options"}
     steps: list[dict[str, Any]] = field(default_factory=list)
     #: config.json changes that persist in a checkpoint (memprof apply)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from memprof import apply as apply_mod
 from memprof import recipes
@@ -25,10 +25,10 @@ def digest(folder: Path) -> dict[str, str]:
     }
 
 
-def save_tiny(name: str, folder: Path) -> Path:
-    """A tiny causal LM saved with random weights (a checkpoint no one here hand-wrote)."""
+def save_tiny(name: str, folder: Path, auto: type = AutoModelForCausalLM) -> Path:
+    """A tiny model (a causal LM unless ``auto`` says otherwise) saved with random weights."""
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny(name))).save_pretrained(folder)
+    auto.from_config(AutoConfig.from_pretrained(tiny(name))).save_pretrained(folder)
     return folder
 
 
@@ -278,3 +278,72 @@ def _recipe(folder: Path, name: str, options: dict) -> Path:
     f = folder / "recipe.yaml"
     f.write_text(yaml.safe_dump({"optimizations": [{"name": name, **options}]}))
     return f
+
+
+def _pruned_in_memory(auto: type, src: Path) -> torch.nn.Module:
+    from memprof.surgery import prune_heads
+
+    model = auto.from_pretrained(src).eval()
+    prune_heads(model, 0.5)
+    return model
+
+
+def test_apply_head_pruning_llama_reloads_smaller(tmp_path, tiny_lm_dir):
+    out = tmp_path / "llama-heads"
+    res = apply_mod.apply(
+        str(tiny_lm_dir),
+        recipes.from_names(["pruning:method=heads"]),
+        out,
+        Workload(mode="infer", batch_size=2, seq_len=32),
+        engine="cpu",
+    )
+    cfg = AutoConfig.from_pretrained(out)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (2, 1, 16)
+    new = AutoModelForCausalLM.from_pretrained(out).eval()
+    src = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    # one of two KV groups per layer: 2 x (q 32x64 + k 16x64 + v 16x64 + o 64x32)
+    assert sum(p.numel() for p in src.parameters()) - sum(p.numel() for p in new.parameters()) == 12288
+    assert (out / "model.safetensors").stat().st_size < (tiny_lm_dir / "model.safetensors").stat().st_size
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            new(ids).logits, _pruned_in_memory(AutoModelForCausalLM, tiny_lm_dir)(ids).logits
+        )
+    assert res.after.peak_bytes < res.before.peak_bytes
+
+
+def test_apply_head_pruning_bert_writes_zeroed_heads_that_reload(tmp_path):
+    src = save_tiny("bert", tmp_path / "bert", AutoModelForMaskedLM)
+    out = tmp_path / "bert-heads"
+    code = main(
+        [
+            "apply",
+            str(src),
+            "--step",
+            "pruning:method=heads",
+            "-o",
+            str(out),
+            "-e",
+            "cpu",
+            "-b",
+            "2",
+            "-s",
+            "32",
+        ]
+    )
+    assert code == 0
+    new = AutoModelForMaskedLM.from_pretrained(out).eval()
+    # BERT's config cannot express fewer heads: same size, half the query rows zero
+    assert sum(p.numel() for p in new.parameters()) == sum(
+        p.numel() for p in AutoModelForMaskedLM.from_pretrained(src).parameters()
+    )
+    q = new.bert.encoder.layer[0].attention.self.query.weight
+    assert int((q.abs().sum(1) == 0).sum()) == 32
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # ...and computes what the heads-removed model computes
+        torch.testing.assert_close(new(ids).logits, _pruned_in_memory(AutoModelForMaskedLM, src)(ids).logits)
+    meta = json.loads((out / "memprof.json").read_text())
+    assert any("not smaller" in n for n in meta["notes"])
+    # the "after" profile measures the model as written: no smaller than before
+    assert meta["profile_after"]["peak_bytes"] == meta["profile_before"]["peak_bytes"]
+    assert meta["verification"]["output_max_abs_diff"] > 0

@@ -16,6 +16,7 @@ from memprof.optimizations import (  # noqa: F401  (imported to register them)
     checkpointing,
     chunking,
     dynamic_padding,
+    glu,
     grad_accumulation,
     inference_mode,
     local_attention,
