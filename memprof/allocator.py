@@ -75,6 +75,8 @@ _EXPANDABLE_VA = 2**46
 
 #: the environment variable the settings go into (read when CUDA initialises)
 ENV_VAR = "PYTORCH_CUDA_ALLOC_CONF"
+#: its device-generic successor (PyTorch 2.8+), read first when set
+GENERIC_ENV_VAR = "PYTORCH_ALLOC_CONF"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 from memprof import optimizations
 from memprof.allocator import (
     ENV_VAR,
+    GENERIC_ENV_VAR,
     AllocatorSettings,
     CachingAllocatorModel,
     MiB,
@@ -315,13 +316,15 @@ def test_sim_engine_with_device_memory_collects_garbage():
 
 # ------------------------------------------------------------- the cuda engine's child process
 def test_child_environment_updates():
-    assert child_env_updates({}) == {ENV_VAR: None}  # defaults: unset, whatever the shell had
-    assert child_env_updates({"expandable_segments": True}) == {ENV_VAR: "expandable_segments:True"}
-    env = {ENV_VAR: "max_split_size_mb:64", "OTHER": "1"}
-    apply_env_updates({ENV_VAR: None}, env)
+    # defaults: both variables unset, whatever the shell had (PyTorch 2.8+ reads PYTORCH_ALLOC_CONF first)
+    assert child_env_updates({}) == {ENV_VAR: None, GENERIC_ENV_VAR: None}
+    exp = "expandable_segments:True"
+    assert child_env_updates({"expandable_segments": True}) == {ENV_VAR: exp, GENERIC_ENV_VAR: exp}
+    env = {ENV_VAR: "max_split_size_mb:64", GENERIC_ENV_VAR: "max_split_size_mb:64", "OTHER": "1"}
+    apply_env_updates(child_env_updates({}), env)
     assert env == {"OTHER": "1"}
     apply_env_updates(child_env_updates({"max_split_size_mb": 128}), env)
-    assert env == {"OTHER": "1", ENV_VAR: "max_split_size_mb:128"}
+    assert env == {"OTHER": "1", ENV_VAR: "max_split_size_mb:128", GENERIC_ENV_VAR: "max_split_size_mb:128"}
 
 
 @pytest.mark.slow
@@ -362,6 +365,8 @@ def test_cuda_engine_measures_allocator_settings_in_a_child_process():
     exp = CudaEngine().run(rm, setup)
     assert base.allocator["source"] == exp.allocator["source"] == "measured"
     assert exp.allocator["conf"] == "expandable_segments:True"
+    if "settings_in_effect" in exp.allocator:  # PyTorch 2.8+: what the allocator parsed
+        assert "expandable_segments:True" in exp.allocator["settings_in_effect"]
     assert any("child process" in n for n in exp.notes)
     for p in (base, exp):
         a = p.allocator

@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from memprof.allocator import ENV_VAR, alloc_conf_string
+from memprof.allocator import ENV_VAR, GENERIC_ENV_VAR, alloc_conf_string
 from memprof.errors import EnvironmentProblem, InputError, MemprofError, OutOfMemory
 from memprof.profile import Profile
 
@@ -30,15 +30,16 @@ def child_env_updates(alloc_conf: Mapping[str, Any] | None) -> dict[str, str | N
     """The environment changes for a child measuring with these allocator settings.
 
     Returns:
-        ``{"PYTORCH_CUDA_ALLOC_CONF": value}``; the value is None (unset the
-        variable) for PyTorch's defaults, so a setting in the user's shell does
+        ``PYTORCH_CUDA_ALLOC_CONF`` and ``PYTORCH_ALLOC_CONF`` (its successor,
+        which recent PyTorch reads first) set to the settings' value; None
+        (unset) for PyTorch's defaults, so a setting in the user's shell does
         not leak into a measurement that asked for the defaults.
 
     Raises:
         InputError: invalid settings.
     """
-    conf = alloc_conf_string(alloc_conf or {})
-    return {ENV_VAR: conf or None}
+    conf = alloc_conf_string(alloc_conf or {}) or None
+    return {ENV_VAR: conf, GENERIC_ENV_VAR: conf}
 
 
 def apply_env_updates(updates: Mapping[str, str | None], env: dict[str, str] | Any = None) -> None:

@@ -195,6 +195,10 @@ class CudaEngine(Engine):
             "alloc_retries": int(stats.get("num_alloc_retries", 0)),
             "ooms": int(stats.get("num_ooms", 0)),
         }
+        in_effect = getattr(torch._C, "_accelerator_getAllocatorSettings", None)  # PyTorch 2.8+
+        if in_effect is not None:
+            # what the allocator parsed, to check the environment reached it
+            extra["allocator"]["settings_in_effect"] = str(in_effect())
         nv = nvml_snapshot(self.index)
         extra["nvml"] = nv
         extra["overheads"] = {
