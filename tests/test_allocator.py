@@ -371,3 +371,19 @@ def test_cuda_engine_measures_allocator_settings_in_a_child_process():
     for p in (base, exp):
         a = p.allocator
         assert a["fragmentation_bytes"] == a["peak_reserved_bytes"] - a["peak_allocated_bytes"] >= 0
+
+
+def test_cli_compare_shows_the_reserved_memory_the_step_moves(capsys, monkeypatch):
+    from memprof.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    args = ["compare", tiny("llama"), "-e", "sim", "-b", "16", "-s", "256", "--step", "allocator"]
+    code = main(args)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "reserved" in out and "caching-allocator model's estimate" in out
+    code = main([*args, "--json", "-"])
+    d = json.loads(capsys.readouterr().out)
+    base, step = d["baseline"], d["steps"][0]["profile"]
+    assert step["peak_bytes"] == base["peak_bytes"]
+    assert step["peak_reserved_bytes"] < base["peak_reserved_bytes"]

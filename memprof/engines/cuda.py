@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from memprof.allocator import ENV_VAR
+from memprof.allocator import ENV_VAR, GENERIC_ENV_VAR
 from memprof.engines.base import Engine, Measure, Progress, RunResult
 from memprof.engines.child import child_env_updates, run_in_child
 from memprof.engines.cuda_semantics import CUDA_BLOCK_ROUNDING
@@ -185,7 +185,7 @@ class CudaEngine(Engine):
             torch.cuda.memory._record_memory_history(enabled=None)
         extra["allocator"] = {
             "source": "measured",
-            "conf": os.environ.get(ENV_VAR, ""),
+            "conf": os.environ.get(GENERIC_ENV_VAR) or os.environ.get(ENV_VAR, ""),
             "peak_reserved_bytes": self._reserved,
             "peak_allocated_bytes": self._peak,
             # what the cache held beyond the tensors at the peaks: fragmentation

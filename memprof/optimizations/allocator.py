@@ -30,7 +30,10 @@ class Allocator(Optimization):
     """
 
     name = "allocator"
-    summary = "caching-allocator settings (PYTORCH_CUDA_ALLOC_CONF): less reserved-but-unused memory"
+    summary = (
+        "caching-allocator settings (PYTORCH_CUDA_ALLOC_CONF): moves reserved-but-unused memory "
+        "(fragmentation), not allocated"
+    )
     modes = ("train", "infer")
 
     @dataclass
