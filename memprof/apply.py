@@ -5,7 +5,9 @@ recipe's storage dtype, ``config.json`` with the settings that live there
 (``dtype``, ``attn_implementation``, ``use_cache``), the tokenizer files of the
 source. What belongs to the training loop (checkpointing, autocast,
 accumulation, optimizer, offload) goes into ``memprof.json`` as transformers
-``TrainingArguments`` fields, and into the README of the output as a snippet.
+``TrainingArguments`` fields, and into the README of the output as a snippet;
+environment variables (the allocator's ``PYTORCH_CUDA_ALLOC_CONF``) go into
+``memprof.json`` as ``environment`` and into the README as ``export`` lines.
 
 The write is atomic: everything goes to a temporary folder beside ``DIR``,
 which is renamed into place only when complete; ``--force`` swaps an existing
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 
 from memprof import __version__
+from memprof.allocator import ENV_VAR, alloc_conf_string
 from memprof.api import fake_model, prepare
 from memprof.compare import output_difference, stack
 from memprof.engines.base import Engine
@@ -209,6 +212,7 @@ def apply(
             "storage_dtype": dtype,
             "config_updates": setup.config_updates,
             "training_args": setup.training_args,
+            "environment": environment(setup),
             "notes": setup.notes + notes,
             "workload": workload.to_dict(),
             "verification": verification,
@@ -359,6 +363,12 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def environment(setup: StepSetup) -> dict[str, str]:
+    """Environment variables the recipe's settings need (set before the training process starts)."""
+    conf = alloc_conf_string(setup.alloc_conf) if setup.alloc_conf else ""
+    return {ENV_VAR: conf} if conf else {}
+
+
 def trainer_snippet(setup: StepSetup) -> str:
     """A TrainingArguments snippet with the recipe's training-loop settings."""
     args = {"output_dir": "out", **setup.training_args}
@@ -427,6 +437,18 @@ def readme(
             "",
             "```python",
             trainer_snippet(setup),
+            "```",
+        ]
+    env = environment(setup)
+    if env:
+        lines += [
+            "",
+            "## Environment",
+            "",
+            "Set before the process starts (PyTorch reads it when CUDA initialises):",
+            "",
+            "```sh",
+            *[f"export {k}={v}" for k, v in env.items()],
             "```",
         ]
     extra = setup.notes + notes

@@ -6,6 +6,15 @@ JSON keys other tools rely on (schema ``memprof.profile/1``): ``schema``,
 :data:`memprof.tracking.CATEGORIES`, summing to ``peak_bytes``), ``phases``
 and ``modules``. Bytes are integers. Other keys may be added within a schema
 version; removing or renaming one bumps it.
+
+``allocator`` (added in schema 1; None in profiles written before it): the
+caching allocator's numbers beside the peak. ``source`` says where they come
+from: ``"measured"`` (cuda engine: ``max_memory_reserved`` and
+``max_memory_allocated``) or ``"model"`` (sim engine: the step's allocations
+replayed through :mod:`memprof.allocator`, an estimate); ``conf`` is the
+``PYTORCH_CUDA_ALLOC_CONF`` in effect, ``peak_reserved_bytes``,
+``peak_allocated_bytes``, ``fragmentation_bytes`` (reserved minus allocated at
+their peaks) and ``segments``.
 """
 
 from __future__ import annotations
@@ -62,6 +71,8 @@ class Profile:
     oom: dict[str, Any] | None = None
     #: optimizations applied to the step, in order: {"name", "options"}
     optimizations: list[dict[str, Any]] = field(default_factory=list)
+    #: the caching allocator's numbers (see the module docstring), or None
+    allocator: dict[str, Any] | None = None
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:

@@ -44,7 +44,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -73,6 +73,20 @@ def round_cuda_block(nbytes: int) -> int:
     if nbytes <= 0:
         return 0
     return ((nbytes + 511) // 512) * 512
+
+
+class TraceEvent(NamedTuple):
+    """One allocation or free of a tracked storage (``Tracker(record_trace=True)``)."""
+
+    #: the storage's id: unique among the storages live at the same time
+    storage: int
+    #: its size as tracked (rounded up to the tracker's ``block_rounding``)
+    nbytes: int
+    #: True: allocated (or first seen); False: freed
+    alloc: bool
+    #: the phase running when it happened (None: before the first phase, e.g. the
+    #: tensors that existed on entry and the inputs)
+    phase: str | None
 
 
 @dataclass
@@ -135,6 +149,10 @@ class Tracker(TorchDispatchMode):
             tensors such as offloaded activations are not device memory). Meta
             tensors are never counted: they hold no memory (the sim engine
             offloads to them to stand for host memory).
+        record_trace: keep the ordered allocations and frees in :attr:`trace`
+            (what :mod:`memprof.allocator` replays); the tensors that exist on
+            entry come first, as allocations. Off: :attr:`trace` is None and
+            nothing is recorded.
     """
 
     def __init__(
@@ -145,6 +163,7 @@ class Tracker(TorchDispatchMode):
         block_rounding: int = 1,
         track_modules: bool = True,
         device_type: str | None = None,
+        record_trace: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -161,6 +180,8 @@ class Tracker(TorchDispatchMode):
         self._records: dict[int, list[int]] = {}
         self._keep: list[torch.Tensor] = []
         self._refs: dict[int, weakref.ref] = {}
+        #: allocations and frees in order (``record_trace=True``), else None
+        self.trace: list[TraceEvent] | None = [] if record_trace else None
         self._cat = [0] * 7
         self.current = 0
         self.peak = 0
@@ -467,6 +488,8 @@ class Tracker(TorchDispatchMode):
         n = self._size(st)
         self._records[sid] = [n, cat, owner]
         self._refs[sid] = weakref.ref(st, partial(self._on_free, sid))
+        if self.trace is not None and n:
+            self.trace.append(TraceEvent(sid, n, True, self._phase))
         self._cat[cat] += n
         if owner >= 0:
             self._mod_tot[owner] += n
@@ -510,6 +533,8 @@ class Tracker(TorchDispatchMode):
         del self._records[sid]
         self._refs.pop(sid, None)
         n, cat, owner = rec
+        if self.trace is not None and n:
+            self.trace.append(TraceEvent(sid, n, False, self._phase))
         self._cat[cat] -= n
         self.current -= n
         if owner >= 0:
@@ -587,6 +612,13 @@ class Tracker(TorchDispatchMode):
         delta = n - rec[0]
         if delta < 0 and self._dirty:
             self._snapshot()
+        if self.trace is not None and delta:
+            # the allocator gives a resized storage a new block (the copy is
+            # brief, so the old block is counted as freed first)
+            if rec[0]:
+                self.trace.append(TraceEvent(sid, rec[0], False, self._phase))
+            if n:
+                self.trace.append(TraceEvent(sid, n, True, self._phase))
         rec[0] = n
         self._cat[rec[1]] += delta
         if rec[2] >= 0:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from memprof.allocator import AllocatorSettings
 from memprof.chunking import chunked_forward, chunked_lm_loss
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.models import DTYPES, InputBuilder, call_model
@@ -124,6 +125,11 @@ class StepSetup:
     config_updates: dict[str, Any] = field(default_factory=dict)
     #: transformers TrainingArguments fields for the training-loop changes
     training_args: dict[str, Any] = field(default_factory=dict)
+    #: CUDA caching allocator settings (memprof.allocator.AllocatorSettings as plain
+    #: data; empty: PyTorch's defaults). They only take effect through
+    #: PYTORCH_CUDA_ALLOC_CONF before CUDA initialises: the cuda engine measures
+    #: them in a child process, the sim engine replays its trace through a model
+    alloc_conf: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -142,6 +148,7 @@ class StepSetup:
             steps=[dict(s) for s in self.steps],
             config_updates=dict(self.config_updates),
             training_args=dict(self.training_args),
+            alloc_conf=dict(self.alloc_conf),
             notes=list(self.notes),
         )
 
@@ -166,6 +173,11 @@ class StepSetup:
             problems.append(
                 "the optimizer cannot step in backward with a gradient scaler (unscaling needs all gradients)"
             )
+        if self.alloc_conf:
+            try:
+                AllocatorSettings.from_dict(self.alloc_conf)
+            except InputError as e:
+                problems.append(str(e))
         if problems:
             raise InputError("; ".join(problems))
 

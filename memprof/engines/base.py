@@ -24,7 +24,7 @@ from memprof import __version__
 from memprof.errors import OutOfMemory
 from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count
 from memprof.profile import ModuleStat, PhaseStat, Profile
-from memprof.tracking import CATEGORIES, Tracker, TrackerResult
+from memprof.tracking import CATEGORIES, TraceEvent, Tracker, TrackerResult
 from memprof.workload import RunEnv, StepRunner, StepSetup, Workload
 
 Progress = Callable[[str], None]
@@ -106,6 +106,8 @@ class Engine:
 
     name = "base"
     block_rounding = 1
+    #: keep the measured step's allocation trace (the sim engine replays it)
+    record_trace = False
     load_weights = True
     init_weights = True
     foreach: bool | None = None
@@ -132,6 +134,9 @@ class Engine:
 
     def peak_reserved(self) -> int | None:
         return None
+
+    def replay_trace(self, trace: list[TraceEvent], setup: StepSetup, extra: dict[str, Any]) -> None:
+        """Engines with ``record_trace``: use the measured step's allocations and frees."""
 
     def allocator_peak(self) -> int | None:
         """The allocator's own peak for the measured step, where there is one."""
@@ -251,6 +256,7 @@ class Engine:
                         block_rounding=self.block_rounding,
                         track_modules=track_modules,
                         device_type=dev.type if dev.type == "cuda" else None,
+                        record_trace=self.record_trace,
                     )
                     oom: dict[str, Any] | None = None
                     error: BaseException | None = None
@@ -272,6 +278,9 @@ class Engine:
                             "live_by_category": tracker.live_by_category(),
                         }
                     self.after_measure(extra)
+                    if tracker.trace is not None:
+                        self.replay_trace(tracker.trace, setup, extra)
+                        tracker.trace = None  # can be long: drop it once used
                     result = tracker.result()
                     if real and measure.quality and train and error is None:
                         out.loss_after, _ = runner.probe(inputs)
@@ -384,4 +393,5 @@ class Engine:
             notes=notes,
             oom=oom,
             optimizations=[dict(st) for st in setup.steps],
+            allocator=extra.get("allocator"),
         )

@@ -7,11 +7,17 @@ the measured step. ``max_memory_allocated`` gives the peak; the tracker (with
 512-byte rounding) gives the categories and modules, and whatever the allocator
 holds that tensors do not explain is reported as such. NVML reconciles what
 nvidia-smi shows (CUDA context, allocator cache) with allocated and reserved.
+
+Allocator settings (``StepSetup.alloc_conf``, the ``allocator`` optimization)
+only take effect through ``PYTORCH_CUDA_ALLOC_CONF`` before CUDA initialises,
+so a step with them is measured in a child process (:mod:`.child`) that sets
+the variable first; the parent's environment is left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 from collections.abc import Iterator
@@ -19,9 +25,13 @@ from typing import Any
 
 import torch
 
-from memprof.engines.base import Engine
+from memprof.allocator import ENV_VAR, GENERIC_ENV_VAR
+from memprof.engines.base import Engine, Measure, Progress, RunResult
+from memprof.engines.child import child_env_updates, run_in_child
 from memprof.engines.cuda_semantics import CUDA_BLOCK_ROUNDING
 from memprof.errors import EnvironmentProblem
+from memprof.models import ResolvedModel
+from memprof.workload import StepSetup, Workload
 
 
 def nvml_snapshot(index: int = 0) -> dict[str, Any] | None:
@@ -71,7 +81,14 @@ class CudaEngine(Engine):
     load_weights = True
     foreach = None  # torch's default on CUDA is foreach
 
-    def __init__(self, index: int = 0, snapshot_path: str | None = None) -> None:
+    def __init__(self, index: int = 0, snapshot_path: str | None = None, *, in_child: bool = False) -> None:
+        """
+        Args:
+            index: the CUDA device.
+            snapshot_path: write an allocator snapshot of the measured step there.
+            in_child: this engine runs in the child process of another one (it
+                measures in-process whatever the allocator settings).
+        """
         super().__init__()
         if not torch.cuda.is_available():
             raise EnvironmentProblem(
@@ -79,8 +96,64 @@ class CudaEngine(Engine):
             )
         self.index = index
         self.snapshot_path = snapshot_path
+        self.in_child = in_child
         self._peak: int | None = None
         self._reserved: int | None = None
+
+    def run_detailed(
+        self,
+        rm: ResolvedModel,
+        workload: Workload | StepSetup,
+        *,
+        progress: Progress | None = None,
+        allow_pickle: bool = False,
+        track_modules: bool = True,
+        measure: Measure | None = None,
+    ) -> RunResult:
+        """Measure one step; with allocator settings, in a child process (see the module docstring)."""
+        setup = StepSetup.of(workload)
+        if self.in_child or not setup.alloc_conf:
+            return super().run_detailed(
+                rm,
+                setup,
+                progress=progress,
+                allow_pickle=allow_pickle,
+                track_modules=track_modules,
+                measure=measure,
+            )
+        setup.validate()
+        if torch.cuda.is_initialized():
+            # the parent's cached blocks would be memory the child cannot have
+            gc.collect()
+            torch.cuda.empty_cache()
+        factory = functools.partial(
+            CudaEngine, index=self.index, snapshot_path=self.snapshot_path, in_child=True
+        )
+        out = run_in_child(
+            factory,
+            child_env_updates(setup.alloc_conf),
+            rm,
+            setup,
+            progress=progress,
+            allow_pickle=allow_pickle,
+            track_modules=track_modules,
+            measure=measure,
+        )
+        profile = out["profile"]
+        profile.engine_reason = self.reason or profile.engine_reason
+        profile.notes.append(
+            f"measured in a child process started with {ENV_VAR}={out['env'].get(ENV_VAR) or '(unset)'} "
+            "(the allocator reads it when CUDA initialises)"
+        )
+        output = out["output"]
+        return RunResult(
+            profile=profile,
+            flops=out["flops"],
+            seconds=out["seconds"],
+            loss_before=out["loss_before"],
+            loss_after=out["loss_after"],
+            output=output.to(self.device()) if output is not None else None,
+        )
 
     def device(self) -> torch.device:
         return torch.device("cuda", self.index)
@@ -110,6 +183,22 @@ class CudaEngine(Engine):
         if self.snapshot_path:
             torch.cuda.memory._dump_snapshot(self.snapshot_path)
             torch.cuda.memory._record_memory_history(enabled=None)
+        extra["allocator"] = {
+            "source": "measured",
+            "conf": os.environ.get(GENERIC_ENV_VAR) or os.environ.get(ENV_VAR, ""),
+            "peak_reserved_bytes": self._reserved,
+            "peak_allocated_bytes": self._peak,
+            # what the cache held beyond the tensors at the peaks: fragmentation
+            "fragmentation_bytes": self._reserved - self._peak,
+            "segments": int(stats.get("segment.all.peak", 0)),
+            "segments_allocated": int(stats.get("num_device_alloc", 0)),
+            "alloc_retries": int(stats.get("num_alloc_retries", 0)),
+            "ooms": int(stats.get("num_ooms", 0)),
+        }
+        in_effect = getattr(torch._C, "_accelerator_getAllocatorSettings", None)  # PyTorch 2.8+
+        if in_effect is not None:
+            # what the allocator parsed, to check the environment reached it
+            extra["allocator"]["settings_in_effect"] = str(in_effect())
         nv = nvml_snapshot(self.index)
         extra["nvml"] = nv
         extra["overheads"] = {

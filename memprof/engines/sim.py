@@ -5,7 +5,10 @@ profiled on a laptop. The step runs on CPU fake tensors (fake tensors on
 "cuda" crash in backward on CPU-only builds) and :mod:`cuda_semantics` applies
 what CUDA does differently: the SDPA kernel choice, the allocator's 512-byte
 blocks, the multi-tensor (foreach) optimizer that CUDA defaults to, and the
-cuBLAS workspace reported beside the peak.
+cuBLAS workspace reported beside the peak. The peak reserved memory is an
+estimate: the measured step's allocations and frees, replayed through a model
+of the caching allocator (:mod:`memprof.allocator`) with the step's allocator
+settings.
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from memprof.allocator import AllocatorEstimate, AllocatorSettings, replay
 from memprof.engines.base import Engine
 from memprof.engines.cuda_semantics import CUDA_BLOCK_ROUNDING, CudaSDPA, cublas_workspace_bytes
+from memprof.tracking import TraceEvent
+from memprof.units import format_bytes
+from memprof.workload import StepSetup
 
 
 class SimEngine(Engine):
@@ -26,11 +33,21 @@ class SimEngine(Engine):
     load_weights = False
     init_weights = False  # fake tensors have no values to initialise
     foreach = True  # torch's default for CUDA tensors
+    record_trace = True  # replayed through the allocator model
 
-    def __init__(self, sm_major: int = 9) -> None:
+    def __init__(self, sm_major: int = 9, device_memory_bytes: int | None = None) -> None:
+        """
+        Args:
+            sm_major: the compute capability projected (SDPA kernel choice).
+            device_memory_bytes: the GPU memory the allocator model may reserve;
+                it enables the model's garbage collection and out-of-memory
+                retries (None: unlimited).
+        """
         super().__init__()
         self.sm_major = sm_major
+        self.device_memory_bytes = device_memory_bytes
         self._sdpa: CudaSDPA | None = None
+        self._estimate: AllocatorEstimate | None = None
 
     def device_name(self) -> str:
         return f"simulated CUDA GPU (sm {self.sm_major}.x semantics, CPU fake tensors)"
@@ -51,6 +68,7 @@ class SimEngine(Engine):
 
     def before_measure(self) -> None:
         super().before_measure()
+        self._estimate = None
         if self._sdpa is not None:
             self._sdpa.kernels.clear()  # count the measured step's kernels only
 
@@ -62,6 +80,15 @@ class SimEngine(Engine):
             "sdpa_kernels": dict(self._sdpa.kernels) if self._sdpa else {},
         }
 
+    def replay_trace(self, trace: list[TraceEvent], setup: StepSetup, extra: dict[str, Any]) -> None:
+        settings = AllocatorSettings.from_dict(setup.alloc_conf)
+        est = replay(trace, settings, capacity_bytes=self.device_memory_bytes)
+        self._estimate = est
+        extra["allocator"] = {"source": "model", **est.to_dict()}
+
+    def peak_reserved(self) -> int | None:
+        return self._estimate.peak_reserved_bytes if self._estimate is not None else None
+
     def notes(self) -> list[str]:
         ws = cublas_workspace_bytes(self.sm_major) / 2**20
         kernels = dict(self._sdpa.kernels) if self._sdpa else {}
@@ -71,6 +98,14 @@ class SimEngine(Engine):
             f"not in the peak: the cuBLAS workspace ({ws:.1f} MiB per stream, allocated on the first matmul) "
             "and the CUDA context (driver-dependent; measure it with --engine cuda)",
         ]
+        est = self._estimate
+        if est is not None:
+            out.append(
+                "peak reserved is an estimate, not a measurement: the step's allocations replayed through a "
+                f"model of the CUDA caching allocator ({est.conf or 'default settings'}; "
+                f"{format_bytes(est.fragmentation_bytes)} reserved beyond the allocated peak, "
+                f"{est.segments} segments)"
+            )
         if kernels:
             out.append(
                 "SDPA kernel calls projected: " + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))

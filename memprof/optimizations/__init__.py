@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from memprof.optimizations import (  # noqa: F401  (imported to register them)
     activation_offload,
+    allocator,
     attention,
     checkpointing,
     chunking,

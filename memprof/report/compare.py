@@ -92,6 +92,8 @@ def ladder_table(c: Comparison) -> Table:
     """One row per step: peak, its change, FLOPs and time (change from the row above), quality, what moved."""
     real = c.baseline_seconds is not None
     quality = c.baseline_quality is not None
+    # reserved memory: measured (cuda) or modelled (sim); it is what the allocator step moves
+    reserved = c.baseline.peak_reserved_bytes is not None
     t = Table(
         title="Savings ladder: each step stacked on the ones above",
         box=box.SIMPLE_HEAD,
@@ -101,7 +103,7 @@ def ladder_table(c: Comparison) -> Table:
     )
     t.add_column("#", justify="right", style="dim", no_wrap=True, min_width=1)
     t.add_column("step", no_wrap=True)
-    for name in ("peak", "change", "vs base", "FLOPs"):
+    for name in ("peak", "change", "vs base") + (("reserved",) if reserved else ()) + ("FLOPs",):
         t.add_column(name, justify="right", no_wrap=True)
     if real:
         t.add_column("time", justify="right", no_wrap=True)
@@ -111,7 +113,10 @@ def ladder_table(c: Comparison) -> Table:
     blanks = len(t.columns) - 4  # columns between "peak" and the last one
 
     base = c.baseline
-    row: list[Any] = ["0", "baseline", format_bytes(base.peak_bytes), "", "1.00x", _flops(c.baseline_flops)]
+    row: list[Any] = ["0", "baseline", format_bytes(base.peak_bytes), "", "1.00x"]
+    if reserved:
+        row.append(format_bytes(base.peak_reserved_bytes))
+    row.append(_flops(c.baseline_flops))
     if real:
         row.append(_secs(c.baseline_seconds))
     if quality and c.baseline_quality:
@@ -137,8 +142,10 @@ def ladder_table(c: Comparison) -> Table:
             format_bytes(p.peak_bytes),
             Text(_signed_bytes(delta), style="green" if delta < 0 else ("red" if delta > 0 else "")),
             f"{ratio:.2f}x",
-            _pct_change(s.flops, prev_flops) or "n/a",
         ]
+        if reserved:
+            row.append(format_bytes(p.peak_reserved_bytes))
+        row.append(_pct_change(s.flops, prev_flops) or "n/a")
         if real:
             row.append(_pct_change(s.seconds, prev_s) or "n/a")
         if quality:
@@ -205,7 +212,8 @@ def render_compare(c: Comparison, console: Console) -> None:
     console.print("[dim]• FLOPs and time of a step: its change from the row above[/dim]")
     if c.engine == "sim":
         console.print(
-            "[dim]• sim engine: FLOPs are counted; step time and quality need a real engine (cpu, cuda)[/dim]"
+            "[dim]• sim engine: FLOPs are counted; step time and quality need a real engine (cpu, cuda); "
+            "reserved is the caching-allocator model's estimate[/dim]"
         )
     else:
         console.print(

@@ -61,10 +61,15 @@ def summary_table(p: Profile) -> Table:
         where = f"  in {p.peak_phase}" + (f", inside {inside}" if inside else "")
     t.add_row("Peak allocated", f"[bold]{format_bytes(p.peak_bytes, 2)}[/bold]{where}")
     if p.peak_reserved_bytes is not None:
-        t.add_row(
-            "Peak reserved",
-            format_bytes(p.peak_reserved_bytes, 2) + "  [dim](allocator cache included)[/dim]",
+        alloc = p.allocator or {}
+        how = (
+            "estimate: the step replayed through a model of the caching allocator"
+            if alloc.get("source") == "model"
+            else "allocator cache included"
         )
+        if alloc.get("conf"):
+            how += f"; {alloc['conf']}"
+        t.add_row("Peak reserved", format_bytes(p.peak_reserved_bytes, 2) + f"  [dim]({how})[/dim]")
     ov = p.overheads or {}
     if ov.get("cublas_workspace_bytes") and not ov.get("included_in_peak", True):
         proj = p.peak_bytes + int(ov["cublas_workspace_bytes"])
