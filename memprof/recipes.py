@@ -105,8 +105,11 @@ def load(spec: str | Path) -> Recipe:
     return parse(text, str(path))
 
 
-def parse(text: str, source: str = "<recipe>") -> Recipe:
+def parse(text: str, source: str = "<recipe>", *, allow_repeats: bool = False) -> Recipe:
     """Validate a recipe's YAML text.
+
+    ``allow_repeats``: an optimization may appear more than once (variants measured
+    each alone, ``memprof compare --separate``); a stacked recipe lists each once.
 
     Raises:
         RecipeError: every problem found.
@@ -168,8 +171,10 @@ def parse(text: str, source: str = "<recipe>") -> Recipe:
     for s in steps:
         seen[s.name] = seen.get(s.name, 0) + 1
     for name, n in seen.items():
-        if n > 1 and name not in ("grad_accumulation",):
-            problems.append(f"{name} appears {n} times; list each optimization once")
+        if n > 1 and not allow_repeats and name not in ("grad_accumulation",):
+            problems.append(
+                f"{name} appears {n} times; list each optimization once (or compare variants with --separate)"
+            )
     if problems:
         raise RecipeError(source, problems)
     return Recipe(description=description, steps=steps, source=source, header=header)
@@ -196,7 +201,7 @@ def _loader(duplicates: list[str]) -> type[yaml.SafeLoader]:
     return Loader
 
 
-def from_names(items: list[str]) -> Recipe:
+def from_names(items: list[str], *, allow_repeats: bool = False) -> Recipe:
     """A recipe from ``--step name[:key=value,...]`` items (values parsed as YAML scalars).
 
     Raises:
@@ -210,4 +215,8 @@ def from_names(items: list[str]) -> Recipe:
             k, eq, v = kv.partition("=")
             entry[k.strip()] = yaml.safe_load(v) if eq else True
         entries.append(entry)
-    return parse(yaml.safe_dump({"description": "from the command line", "optimizations": entries}), "--step")
+    return parse(
+        yaml.safe_dump({"description": "from the command line", "optimizations": entries}),
+        "--step",
+        allow_repeats=allow_repeats,
+    )

@@ -24,12 +24,12 @@ STEP = typer.Option(
 )
 
 
-def load_recipe(recipe: str | None, steps: list[str] | None) -> recipes.Recipe:
-    """The recipe of ``--recipe`` and/or ``--step`` options."""
+def load_recipe(recipe: str | None, steps: list[str] | None, *, allow_repeats: bool = False) -> recipes.Recipe:
+    """The recipe of ``--recipe`` and/or ``--step`` options (``allow_repeats``: ``--step`` variants measured alone)."""
     if not recipe and not steps:
         raise InputError("give a recipe (--recipe FILE or a shipped name) or at least one --step")
     r = recipes.load(recipe) if recipe else None
-    extra = recipes.from_names(steps) if steps else None
+    extra = recipes.from_names(steps, allow_repeats=allow_repeats) if steps else None
     if r and extra:
         r.steps += extra.steps
         return r
@@ -67,7 +67,7 @@ def compare(
     """Profile the baseline, then each optimization of a recipe stacked: memory, FLOPs, time, quality."""
     if timing_steps < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--timing-steps")
-    r = load_recipe(recipe, step)
+    r = load_recipe(recipe, step, allow_repeats=separate)
     wl = O.workload(mode, batch_size, seq_len, dtype, optimizer, attn, task, decode_tokens)
     data_spec = O.data_spec(data, text_field, tokenizer, lengths, samples)
     with spinner() as progress:

