@@ -6,6 +6,11 @@ JSON keys other tools rely on (schema ``memprof.profile/1``): ``schema``,
 :data:`memprof.tracking.CATEGORIES`, summing to ``peak_bytes``), ``phases``
 and ``modules``. Bytes are integers. Other keys may be added within a schema
 version; removing or renaming one bumps it.
+
+Added within version 1: ``split_at_peak`` (distillation: ``student``,
+``teacher``, ``loss`` and ``other``, each the categories of its memory at the
+peak; per category the sides sum to ``categories_at_peak``; ``{}`` for other
+steps and in profiles written before it).
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class Profile:
     oom: dict[str, Any] | None = None
     #: optimizations applied to the step, in order: {"name", "options"}
     optimizations: list[dict[str, Any]] = field(default_factory=list)
+    #: distillation: side (student, teacher, loss, other) -> category -> bytes at the peak
+    split_at_peak: dict[str, dict[str, int]] = field(default_factory=dict)
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:

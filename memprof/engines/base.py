@@ -14,12 +14,13 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from memprof import __version__
+from memprof.distill import SIDES, resolve_teacher
 from memprof.errors import OutOfMemory
 from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count
 from memprof.profile import ModuleStat, PhaseStat, Profile
@@ -177,7 +178,7 @@ class Engine:
                 builder.validate(workload.batch_size, workload.seq_len)
                 if dev.type != "cpu":
                     model = model.to(dev)
-                train = workload.mode == "train"
+                train = workload.training
                 model.train(train)
                 if not train:
                     for p in model.parameters():
@@ -192,6 +193,9 @@ class Engine:
                 runner = StepRunner(model, setup, env)
                 setup = runner.setup  # with what the runner measured (model transforms) in its notes
                 n_params = parameter_count(model)  # after any surgery
+                teacher_info = None
+                if workload.mode == "distill":
+                    teacher_info = self._attach_teacher(rm, runner, inputs, allow_pickle, measure.seed, say)
                 try:
                     if real and measure.quality:
                         say("Quality probe (eval-mode forward)")
@@ -221,11 +225,12 @@ class Engine:
                     self.before_measure()
                     say("Measured step")
                     tracker = Tracker(
-                        model,
+                        runner.tracked,
                         runner.optimizers,
                         block_rounding=self.block_rounding,
                         track_modules=track_modules,
                         device_type=dev.type if dev.type == "cuda" else None,
+                        groups=SIDES if runner.pair is not None else (),
                     )
                     oom: dict[str, Any] | None = None
                     error: BaseException | None = None
@@ -252,7 +257,7 @@ class Engine:
                         out.loss_after, _ = runner.probe(inputs)
                 finally:
                     runner.close()
-            out.profile = self._profile(rm, setup, n_params, result, extra, oom)
+            out.profile = self._profile(rm, setup, n_params, result, extra, oom, teacher_info)
         finally:
             rm.notes[:] = notes_before
         del model, runner, inputs
@@ -264,6 +269,46 @@ class Engine:
                 out.profile,
             )
         return out
+
+    def _attach_teacher(
+        self,
+        rm: ResolvedModel,
+        runner: StepRunner,
+        inputs: dict[str, Any],
+        allow_pickle: bool,
+        seed: int,
+        say: Progress,
+    ) -> dict[str, Any]:
+        """Build the distillation teacher and hand it to the runner; what the profile says of it."""
+        setup = runner.setup
+        wl = setup.workload
+        assert wl.teacher is not None  # Workload.validate: distill needs a teacher
+        trm = resolve_teacher(rm, wl.teacher, load_weights=self.load_weights)
+        dtype = setup.teacher_dtype or wl.dtype
+        say(f"Building the teacher {trm.name}")
+        # The student's config overrides and model transforms are not the teacher's;
+        # another seed, or a teacher of the student's architecture would equal it.
+        tsetup = StepSetup(workload=replace(wl, dtype=dtype, mode="infer", teacher=None))
+        teacher, tbuilder = self._build(trm, tsetup, allow_pickle, seed + 1)
+        tbuilder.validate(wl.batch_size, wl.seq_len)
+        dev = self.device()
+        if dev.type != "cpu":
+            teacher = teacher.to(dev)
+        info = {
+            "name": trm.name,
+            "spec": trm.spec,
+            "source": trm.source,
+            "model_type": trm.model_type,
+            "parameters": parameter_count(teacher),
+            "dtype": dtype,
+        }
+        if setup.teacher_topk:
+            say(f"Teacher: offline top-{setup.teacher_topk} pass")
+        setup.notes.append(runner.attach_teacher(teacher, inputs, rm.task))
+        setup.notes += [f"teacher {n}" if n.startswith("weights:") else n for n in trm.notes]
+        del teacher  # with top-k the runner kept none: the teacher leaves memory here
+        gc.collect()
+        return info
 
     def recompute_context(self) -> Callable[[], Any] | None:
         """What checkpoint recomputation must run under (see :class:`RunEnv`)."""
@@ -311,6 +356,7 @@ class Engine:
         r: TrackerResult,
         extra: dict[str, Any],
         oom: dict[str, Any] | None,
+        teacher: dict[str, Any] | None = None,
     ) -> Profile:
         workload = setup.workload
         cats = {c: int(r.categories_at_peak.get(c, 0)) for c in CATEGORIES}
@@ -322,11 +368,13 @@ class Engine:
             residual = alloc_peak - peak
             extra.setdefault("overheads", {})["untracked_at_peak_bytes"] = residual
             cats["temporaries"] += residual
+            if r.groups_at_peak:
+                r.groups_at_peak["other"]["temporaries"] += residual
             peak = alloc_peak
         notes = list(rm.notes)
         notes += self.notes()
         notes += setup.notes
-        if workload.mode == "train":
+        if workload.training:
             notes.append(
                 "steady state: one warm-up step ran first, so optimizer state exists as in every step but the first"
             )
@@ -341,7 +389,8 @@ class Engine:
                 "model_type": rm.model_type,
                 "task": rm.task,
                 "parameters": n_params,
-            },
+            }
+            | ({"teacher": teacher} if teacher else {}),
             workload=workload.to_dict() | {"task": rm.task},
             peak_bytes=peak,
             peak_reserved_bytes=self.peak_reserved(),
@@ -359,4 +408,5 @@ class Engine:
             notes=notes,
             oom=oom,
             optimizations=[dict(st) for st in setup.steps],
+            split_at_peak={g: {c: int(v) for c, v in cs.items()} for g, cs in r.groups_at_peak.items()},
         )
