@@ -48,6 +48,9 @@ def compare(
     engine: O.EngineName = O.ENGINE,
     task: O.Task | None = O.TASK,
     decode_tokens: int = O.DECODE,
+    teacher: str | None = O.TEACHER,
+    temperature: float = O.TEMPERATURE,
+    ce_weight: float = O.CE_WEIGHT,
     timing_steps: int = typer.Option(
         2, "--timing-steps", help="Real engines: untracked steps timed per row."
     ),
@@ -62,7 +65,19 @@ def compare(
     if timing_steps < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--timing-steps")
     r = load_recipe(recipe, step)
-    wl = O.workload(mode, batch_size, seq_len, dtype, optimizer, attn, task, decode_tokens)
+    wl = O.workload(
+        mode,
+        batch_size,
+        seq_len,
+        dtype,
+        optimizer,
+        attn,
+        task,
+        decode_tokens,
+        teacher,
+        temperature,
+        ce_weight,
+    )
     with spinner() as progress:
         result = run_compare(
             model,

@@ -301,6 +301,8 @@ class Engine:
             "model_type": trm.model_type,
             "parameters": parameter_count(teacher),
             "dtype": dtype,
+            "no_grad": setup.teacher_no_grad or bool(setup.teacher_topk),
+            "topk": setup.teacher_topk,
         }
         if setup.teacher_topk:
             say(f"Teacher: offline top-{setup.teacher_topk} pass")

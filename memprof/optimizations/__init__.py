@@ -15,6 +15,7 @@ from memprof.optimizations import (  # noqa: F401  (imported to register them)
     attention,
     checkpointing,
     chunking,
+    distill,
     grad_accumulation,
     inference_mode,
     local_attention,

@@ -31,7 +31,7 @@ class Pruning(Optimization):
     summary = (
         "unstructured (dense zeros: memory unchanged, measured) or structured FFN neurons (really smaller)"
     )
-    modes = ("train", "infer")
+    modes = ("train", "infer", "distill")
 
     @dataclass
     class Config:
