@@ -170,6 +170,12 @@ class Engine:
         dev = self.device()
         real = self.name != "sim"
         notes_before = list(rm.notes)
+        # resolved before anything is built: a teacher that cannot teach fails fast
+        trm = (
+            resolve_teacher(rm, workload.teacher, load_weights=self.load_weights)
+            if workload.mode == "distill" and workload.teacher
+            else None
+        )
         out = RunResult(profile=None)  # type: ignore[arg-type]
         try:
             with self.context():
@@ -194,8 +200,10 @@ class Engine:
                 setup = runner.setup  # with what the runner measured (model transforms) in its notes
                 n_params = parameter_count(model)  # after any surgery
                 teacher_info = None
-                if workload.mode == "distill":
-                    teacher_info = self._attach_teacher(rm, runner, inputs, allow_pickle, measure.seed, say)
+                if trm is not None:
+                    teacher_info = self._attach_teacher(
+                        rm, trm, runner, inputs, allow_pickle, measure.seed, say
+                    )
                 try:
                     if real and measure.quality:
                         say("Quality probe (eval-mode forward)")
@@ -273,6 +281,7 @@ class Engine:
     def _attach_teacher(
         self,
         rm: ResolvedModel,
+        trm: ResolvedModel,
         runner: StepRunner,
         inputs: dict[str, Any],
         allow_pickle: bool,
@@ -282,8 +291,6 @@ class Engine:
         """Build the distillation teacher and hand it to the runner; what the profile says of it."""
         setup = runner.setup
         wl = setup.workload
-        assert wl.teacher is not None  # Workload.validate: distill needs a teacher
-        trm = resolve_teacher(rm, wl.teacher, load_weights=self.load_weights)
         dtype = setup.teacher_dtype or wl.dtype
         say(f"Building the teacher {trm.name}")
         # The student's config overrides and model transforms are not the teacher's;
