@@ -94,7 +94,12 @@ class Workload:
             raise InputError("; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.mode != "distill":
+            # other steps' profiles stay as they were: no distillation keys
+            for k in ("teacher", "temperature", "ce_weight"):
+                del d[k]
+        return d
 
 
 @dataclass

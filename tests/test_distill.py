@@ -163,6 +163,23 @@ def test_cli_analyze_distill_reports_sides_and_json_round_trips(capsys, tmp_path
     assert Profile.from_dict(d).split_at_peak == {}
 
 
+def test_cli_compare_distill_shows_the_sides_before_and_after(capsys):
+    code, out, err = cli(
+        capsys, "compare", tiny("llama"), "--mode", "distill", "--teacher", tiny("llama-teacher"),
+        "--step", "distill_teacher:topk=8", "-e", "sim", "-b", "2", "-s", "16", "--json", "-",
+    )  # fmt: skip
+    assert code == 0, err
+    d = json.loads(out)
+    base, top = d["baseline"]["split_at_peak"], d["steps"][0]["profile"]["split_at_peak"]
+    assert base["teacher"]["parameters"] > 0 and top["teacher"]["parameters"] == 0
+    code, out, err = cli(
+        capsys, "compare", tiny("llama"), "--mode", "distill", "--teacher", tiny("llama-teacher"),
+        "--step", "distill_teacher", "-e", "sim", "-b", "2", "-s", "16",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "At the peak, by side" in out and "teacher" in out
+
+
 # ------------------------------------------------------------ the baseline
 def test_sides_hold_their_own_parameters_gradients_and_optimizer_state():
     # set_to_none=False keeps the student's gradients allocated between steps,
