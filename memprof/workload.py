@@ -430,7 +430,7 @@ class StepRunner:
         if s.teacher_topk:
             parts = split_batch(inputs, s.micro_batches, s.workload.batch_size)
             with self._autocast():
-                side: torch.nn.Module = TopkTeacher.write(
+                topk = TopkTeacher.write(
                     teacher,
                     parts,
                     s.teacher_topk,
@@ -438,10 +438,10 @@ class StepRunner:
                     device=next(self.model.parameters()).device,
                     simulate=self.env.simulate_cuda,
                 )
-            assert isinstance(side, TopkTeacher)
+            side: torch.nn.Module = topk
             note = (
-                f"teacher: top-{side.k} logits per token precomputed in one offline pass (not measured), "
-                f"{format_bytes(side.stored_bytes())} on disk, read back each step; the KL is over the "
+                f"teacher: top-{topk.k} logits per token precomputed in one offline pass (not measured), "
+                f"{format_bytes(topk.stored_bytes())} on disk, read back each step; the KL is over the "
                 "teacher's top-k renormalised (an approximation)"
             )
         else:
@@ -579,7 +579,7 @@ class StepRunner:
         for i, part in enumerate(split_batch(inputs, k, wl.batch_size)):
             with enter("forward"):
                 with self._offload(), self._autocast():
-                    if self.pair is not None:
+                    if wl.mode == "distill":
                         loss, out = self._distill_loss(part, i)
                         del out
                     else:
@@ -612,7 +612,7 @@ class StepRunner:
         self.model.train(False)
         try:
             with torch.no_grad(), self._autocast():
-                if self.pair is not None:
+                if self.setup.workload.mode == "distill":
                     loss, out = self._distill_loss(inputs, None)
                 elif self.train:
                     out = self._call(inputs)

@@ -109,6 +109,13 @@ def test_workload_and_teacher_validation(tmp_path):
         run(StepSetup.of(distill(teacher=str(tmp_path))))
     with pytest.raises(InputError, match="token by token: the student must be"):
         run(StepSetup.of(distill()), student=tiny("bert-cls"))
+    # a runner never falls back to a plain training step without its teacher
+    from memprof.models import build_model
+    from memprof.workload import StepRunner
+
+    model, builder = build_model(resolve(tiny("llama")))
+    with pytest.raises(InputError, match="needs its teacher"):
+        StepRunner(model, distill()).step(builder.build(B, 8, "cpu"))
 
 
 def cli(capsys, *args):

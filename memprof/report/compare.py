@@ -197,6 +197,7 @@ def render_compare(c: Comparison, console: Console) -> None:
     console.print(
         f"[bold]memprof compare[/bold]  {c.model}  ·  {desc}  ·  {c.engine} engine  ·  "
         f"{w.get('mode')} b{w.get('batch_size')} s{w.get('seq_len')} {w.get('dtype')} {w.get('optimizer')}"
+        + (f"  ·  teacher {b.model['teacher']['name']}" if b.model.get("teacher") else "")
     )
     console.print(ladder_table(c))
     console.print(categories_before_after(c))
