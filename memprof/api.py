@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from memprof.distill import resolve_teacher
 from memprof.engines import get_engine
 from memprof.engines.base import Engine, versions
 from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count, resolve
@@ -108,9 +109,13 @@ def estimate_state_bytes(rm: ResolvedModel, workload: Workload) -> int:
     n = parameter_count(fake_model(rm, workload))
     per = torch.tensor([], dtype=DTYPES[workload.dtype]).element_size()
     copies = 1
-    if workload.mode == "train":
+    if workload.training:
         copies += 1 + {"adamw": 2, "sgd": 1}.get(workload.optimizer, 0)
-    return n * per * copies
+    total = n * per * copies
+    if workload.mode == "distill" and workload.teacher:
+        # the teacher's parameters, in the student's dtype (the baseline's)
+        total += parameter_count(fake_model(resolve_teacher(rm, workload.teacher), workload)) * per
+    return total
 
 
 def prepare(
@@ -129,6 +134,8 @@ def prepare(
         InputError, EnvironmentProblem: see :mod:`memprof.errors`.
     """
     rm = resolve(spec, task=task, trust_remote_code=trust_remote_code)
+    if workload.mode == "distill" and workload.teacher:
+        resolve_teacher(rm, workload.teacher)  # a teacher that cannot teach fails here, before any build
     if isinstance(engine, Engine):
         eng = engine
     else:
@@ -162,6 +169,9 @@ def analyze(
     attn: str = "sdpa",
     task: str | None = None,
     decode_tokens: int = 0,
+    teacher: str | None = None,
+    temperature: float = 1.0,
+    ce_weight: float = 0.5,
     engine: str | Engine = "auto",
     snapshot: str | None = None,
     allow_pickle: bool = False,
@@ -172,7 +182,7 @@ def analyze(
 
     Args:
         spec: a MODEL spec (directory, config.json, bundled name, Hub id, ``module:factory``).
-        mode: ``train`` or ``infer``.
+        mode: ``train``, ``infer`` or ``distill`` (a training step of the student against ``teacher``).
         batch_size: sequences (or images) per step.
         seq_len: tokens per sequence.
         dtype: parameter dtype: ``float32``, ``bfloat16`` or ``float16``.
@@ -180,6 +190,9 @@ def analyze(
         attn: ``eager`` or ``sdpa``.
         task: override the task picked from the config.
         decode_tokens: for causal LMs in infer mode, decode steps after the prefill.
+        teacher: distill: the teacher's MODEL spec (same vocabulary as the student).
+        temperature: distill: softmax temperature of the KL.
+        ce_weight: distill: weight of the student's cross-entropy; the KL gets ``1 - ce_weight``.
         engine: ``auto``, ``cuda``, ``cpu``, ``sim`` or an :class:`Engine`.
         snapshot: write a CUDA allocator snapshot (cuda engine).
         allow_pickle: permit loading ``.bin`` checkpoints.
@@ -201,6 +214,9 @@ def analyze(
         attn=attn,
         task=task,
         decode_tokens=decode_tokens,
+        teacher=teacher,
+        temperature=temperature,
+        ce_weight=ce_weight,
     )
     workload.validate()
     rm, eng = prepare(

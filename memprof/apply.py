@@ -107,6 +107,10 @@ def apply(
     """
     say = progress or (lambda msg: None)
     workload.validate()
+    if workload.mode == "distill":
+        raise InputError(
+            "memprof apply writes one model; profile a distillation step with analyze or compare"
+        )
     out = Path(output).expanduser().resolve()
     rm, eng = prepare(spec, workload, engine, task=task, trust_remote_code=trust_remote_code, progress=say)
     if rm.factory is not None:

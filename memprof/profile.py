@@ -15,6 +15,11 @@ replayed through :mod:`memprof.allocator`, an estimate); ``conf`` is the
 ``PYTORCH_CUDA_ALLOC_CONF`` in effect, ``peak_reserved_bytes``,
 ``peak_allocated_bytes``, ``fragmentation_bytes`` (reserved minus allocated at
 their peaks) and ``segments``.
+
+Added within version 1: ``split_at_peak`` (distillation: ``student``,
+``teacher``, ``loss`` and ``other``, each the categories of its memory at the
+peak; per category the sides sum to ``categories_at_peak``; ``{}`` for other
+steps and in profiles written before it).
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ class Profile:
     optimizations: list[dict[str, Any]] = field(default_factory=list)
     #: the caching allocator's numbers (see the module docstring), or None
     allocator: dict[str, Any] | None = None
+    #: distillation: side (student, teacher, loss, other) -> category -> bytes at the peak
+    split_at_peak: dict[str, dict[str, int]] = field(default_factory=dict)
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:

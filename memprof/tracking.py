@@ -20,6 +20,10 @@ Module attribution: a storage belongs to the innermost module running when it
 was created; in backward, to the module whose backward is running (found with
 multi-grad hooks, as ``torch.distributed._tools.mod_tracker`` does).
 
+Groups: given submodule names (``groups=("student", "teacher")``), the tracker
+also keeps the categories of each group (a submodule with its descendants) at
+the peak; memory outside every group (inputs, code outside modules) is ``other``.
+
 The breakdown at the peak is taken lazily: the live set at a peak is the same
 as just before the first free that follows it, so the tracker aggregates the
 live set only at those moments, and only when the peak was a new maximum.
@@ -112,6 +116,8 @@ class TrackerResult:
     peak_module: str | None
     final_bytes: int
     live_by_category: dict[str, int] = field(default_factory=dict)
+    #: per group (and "other"): bytes by category at the peak; empty without groups
+    groups_at_peak: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class _Frame:
@@ -145,6 +151,8 @@ class Tracker(TorchDispatchMode):
         block_rounding: round each storage up to this many bytes (512 projects
             the CUDA caching allocator; 1 counts exact bytes).
         track_modules: attribute memory to modules (forward and backward).
+        groups: names of submodules whose memory (descendants included) is
+            broken down by category at the peak (``TrackerResult.groups_at_peak``).
         device_type: count only storages on this device type (``"cuda"``: host
             tensors such as offloaded activations are not device memory). Meta
             tensors are never counted: they hold no memory (the sim engine
@@ -164,6 +172,7 @@ class Tracker(TorchDispatchMode):
         track_modules: bool = True,
         device_type: str | None = None,
         record_trace: bool = False,
+        groups: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.model = model
@@ -212,6 +221,14 @@ class Tracker(TorchDispatchMode):
         self._closed = False
         self._active = False
         self._param_owner: dict[int, int] = {}
+        # groups: module index -> group index (the last group is "other"), and
+        # running bytes per (group, category), flat: group * 7 + category
+        self.groups = tuple(groups)
+        self._grouped = bool(self.groups)
+        self._other = len(self.groups)
+        self._mod_group: list[int] = []
+        self._grp = [0] * (7 * (len(self.groups) + 1))
+        self._grp_at_peak = list(self._grp)
         #: where an exception escaped the tracked region (phase, innermost module)
         self.error_phase: str | None = None
         self.error_module: str | None = None
@@ -278,12 +295,24 @@ class Tracker(TorchDispatchMode):
             name_of[name] = idx
             self._mod_index[id(mod)] = idx
         self._mod_peak = [0] * len(self._mod_names)
+        self._mod_group = [self._group_of(n) for n in self._mod_names]
         self._mod_tot = [0] * len(self._mod_names)
         self._mod_act = [0] * len(self._mod_names)
         for mod in model.modules():
             owner = self._mod_index[id(mod)]
             for p in mod.parameters(recurse=False):
                 self._param_owner.setdefault(id(p), owner)
+
+    def _group_of(self, name: str) -> int:
+        for g, prefix in enumerate(self.groups):
+            if name == prefix or name.startswith(prefix + "."):
+                return g
+        return self._other
+
+    def _gi(self, owner: int, cat: int) -> int:
+        """Index of (the owner's group, category) in the flat group counters."""
+        g = self._mod_group[owner] if 0 <= owner < len(self._mod_group) else self._other
+        return g * 7 + cat
 
     def _register_existing(self) -> None:
         assert self.model is not None
@@ -468,6 +497,9 @@ class Tracker(TorchDispatchMode):
         n, old, owner = rec
         self._cat[old] -= n
         self._cat[cat] += n
+        if self._grouped:
+            self._grp[self._gi(owner, old)] -= n
+            self._grp[self._gi(owner, cat)] += n
         rec[1] = cat
         if owner >= 0 and (old == _ACT) != (cat == _ACT):
             self._mod_act[owner] += n if cat == _ACT else -n
@@ -475,6 +507,9 @@ class Tracker(TorchDispatchMode):
     def _set_owner(self, rec: list[int], owner: int) -> None:
         n, cat, old = rec
         act = cat == _ACT
+        if self._grouped:
+            self._grp[self._gi(old, cat)] -= n
+            self._grp[self._gi(owner, cat)] += n
         if old >= 0:
             self._mod_tot[old] -= n
             if act:
@@ -491,6 +526,8 @@ class Tracker(TorchDispatchMode):
         if self.trace is not None and n:
             self.trace.append(TraceEvent(sid, n, True, self._phase))
         self._cat[cat] += n
+        if self._grouped:
+            self._grp[self._gi(owner, cat)] += n
         if owner >= 0:
             self._mod_tot[owner] += n
             if cat == _ACT:
@@ -536,6 +573,8 @@ class Tracker(TorchDispatchMode):
         if self.trace is not None and n:
             self.trace.append(TraceEvent(sid, n, False, self._phase))
         self._cat[cat] -= n
+        if self._grouped:
+            self._grp[self._gi(owner, cat)] -= n
         self.current -= n
         if owner >= 0:
             self._mod_tot[owner] -= n
@@ -545,6 +584,8 @@ class Tracker(TorchDispatchMode):
     def _snapshot(self) -> None:
         self._dirty = False
         self._cat_at_peak = list(self._cat)
+        if self._grouped:
+            self._grp_at_peak = self._grp[:]
         self._phase_at_peak = self._phase
         self._module_at_peak = self._owner()
         if self.track_modules:
@@ -621,6 +662,8 @@ class Tracker(TorchDispatchMode):
                 self.trace.append(TraceEvent(sid, n, True, self._phase))
         rec[0] = n
         self._cat[rec[1]] += delta
+        if self._grouped:
+            self._grp[self._gi(rec[2], rec[1])] += delta
         if rec[2] >= 0:
             self._mod_tot[rec[2]] += delta
             if rec[1] == _ACT:
@@ -687,6 +730,12 @@ class Tracker(TorchDispatchMode):
             peak_module=mod_at_peak,
             final_bytes=self.current,
             live_by_category=self.live_by_category(),
+            groups_at_peak={
+                name: dict(zip(CATEGORIES, self._grp_at_peak[g * 7 : g * 7 + 7]))
+                for g, name in enumerate([*self.groups, "other"])
+            }
+            if self._grouped
+            else {},
         )
 
 

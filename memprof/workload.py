@@ -10,6 +10,9 @@ gradients (``set_to_none``). It is measured in steady state: the engine runs one
 warm-up step first, so the optimizer state exists as in every step of a real run
 but the first. An inference step is a forward pass without autograd; for causal
 LMs, ``decode_tokens > 0`` adds N decode steps on the KV cache after the prefill.
+A distillation step is a training step of the student whose loss compares its
+logits with a teacher's (:mod:`memprof.distill`): the teacher runs beside it,
+or its top-k logits are read back from disk.
 """
 
 from __future__ import annotations
@@ -24,11 +27,15 @@ import torch
 
 from memprof.allocator import AllocatorSettings
 from memprof.chunking import chunked_forward, chunked_lm_loss
+from memprof.distill import DistillLoss, DistillPair, TopkTeacher, teacher_inputs
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.models import DTYPES, InputBuilder, call_model
 from memprof.surgery import apply_transform
+from memprof.units import format_bytes
 
-MODES = ("train", "infer")
+MODES = ("train", "infer", "distill")
+#: modes whose step trains (backward, optimizer): the student, in distillation
+TRAINING_MODES = ("train", "distill")
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "adamw8bit", "none")
 ATTNS = ("eager", "sdpa")
 
@@ -45,6 +52,17 @@ class Workload:
     attn: str = "sdpa"
     task: str | None = None
     decode_tokens: int = 0
+    #: distill: the teacher's MODEL spec (resolved like the student's)
+    teacher: str | None = None
+    #: distill: softmax temperature of both sides of the KL (the KL is scaled by T^2)
+    temperature: float = 1.0
+    #: distill: weight of the student's own cross-entropy; the KL gets 1 - ce_weight
+    ce_weight: float = 0.5
+
+    @property
+    def training(self) -> bool:
+        """True when the step has a backward pass and an optimizer step."""
+        return self.mode in TRAINING_MODES
 
     def validate(self) -> None:
         """Raise InputError listing what is wrong."""
@@ -65,11 +83,24 @@ class Workload:
             problems.append(f"--decode-tokens must be 0 or more, got {self.decode_tokens}")
         if self.decode_tokens and self.mode != "infer":
             problems.append("--decode-tokens applies to --mode infer only")
+        if self.mode == "distill" and not self.teacher:
+            problems.append("--mode distill needs --teacher MODEL")
+        if self.teacher and self.mode != "distill":
+            problems.append("--teacher applies to --mode distill only")
+        if not self.temperature > 0:
+            problems.append(f"--temperature must be above 0, got {self.temperature}")
+        if not 0 <= self.ce_weight <= 1:
+            problems.append(f"--ce-weight must be between 0 and 1, got {self.ce_weight}")
         if problems:
             raise InputError("; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.mode != "distill":
+            # other steps' profiles stay as they were: no distillation keys
+            for k in ("teacher", "temperature", "ce_weight"):
+                del d[k]
+        return d
 
 
 @dataclass
@@ -108,6 +139,13 @@ class StepSetup:
     prefill_chunk: int = 0
     #: chunks extend the KV cache (exact); False: independent chunks (changes outputs)
     chunk_exact: bool = True
+    #: distill: the teacher's forward under torch.no_grad, its parameters frozen
+    teacher_no_grad: bool = False
+    #: distill: the teacher's parameter dtype (None: the student's)
+    teacher_dtype: str | None = None
+    #: distill: the teacher's top-k logits per token precomputed offline and read
+    #: back each step, instead of the teacher itself (0: off)
+    teacher_topk: int = 0
     #: config attributes changed before the model is built (e.g. sliding_window)
     config_overrides: dict[str, Any] = field(default_factory=dict)
     #: model surgery, in order (memprof.surgery): {"kind", ...options}
@@ -169,6 +207,14 @@ class StepSetup:
             problems.append(f"optimizer implementation must be one of {', '.join(OPTIMIZER_IMPLS)}")
         if self.optimizer_in_backward and self.micro_batches > 1:
             problems.append("the optimizer cannot step in backward while gradients accumulate")
+        if self.teacher_dtype is not None and self.teacher_dtype not in DTYPES:
+            problems.append(f"unknown teacher dtype {self.teacher_dtype!r}; use one of: {', '.join(DTYPES)}")
+        if self.teacher_topk < 0:
+            problems.append(f"teacher top-k must be 0 or more, got {self.teacher_topk}")
+        if self.workload.mode != "distill" and (
+            self.teacher_no_grad or self.teacher_dtype or self.teacher_topk
+        ):
+            problems.append("teacher settings apply to distillation steps only")
         if self.optimizer_in_backward and self.grad_scaler:
             problems.append(
                 "the optimizer cannot step in backward with a gradient scaler (unscaling needs all gradients)"
@@ -343,7 +389,9 @@ class StepRunner:
 
     Use :meth:`step` for a training or inference step, :meth:`probe` for the
     quality check (an eval-mode forward without autograd), and :meth:`close`
-    (or ``with``) to remove what was installed on the model.
+    (or ``with``) to remove what was installed on the model. A distillation
+    step needs its teacher first (:meth:`attach_teacher`); ``model`` is the
+    student, and every setting but the ``teacher_*`` ones acts on it.
     """
 
     def __init__(
@@ -359,7 +407,10 @@ class StepRunner:
         self.env = env or RunEnv()
         self.setup.validate()
         wl = self.setup.workload
-        self.train = wl.mode == "train"
+        self.train = wl.training
+        #: distillation: student, teacher and loss as one module (what the tracker watches)
+        self.pair: DistillPair | None = None
+        self._task: str | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.in_backward: OptimizerInBackward | None = None
         self.scaler: Any = None
@@ -385,7 +436,57 @@ class StepRunner:
                     _SimScaler() if self.env.simulate_cuda else torch.amp.GradScaler(self.env.device_type)
                 )
 
+    def attach_teacher(self, teacher: torch.nn.Module, inputs: dict[str, Any], task: str | None) -> str:
+        """Give a distillation step its teacher (built in the teacher's dtype, on the device).
+
+        With ``teacher_topk``, the teacher runs once here over ``inputs`` (each
+        micro-batch), its top-k logits are written to disk, and the runner keeps
+        no reference to it: drop yours and it is gone from memory.
+
+        Returns:
+            a note for the report.
+        """
+        s = self.setup
+        teacher.train(False)  # no dropout: the teacher's targets are deterministic
+        self._task = task
+        if s.teacher_no_grad or s.teacher_topk:
+            teacher.requires_grad_(False)
+        if s.teacher_topk:
+            parts = split_batch(inputs, s.micro_batches, s.workload.batch_size)
+            with self._autocast():
+                topk = TopkTeacher.write(
+                    teacher,
+                    parts,
+                    s.teacher_topk,
+                    task=task,
+                    device=next(self.model.parameters()).device,
+                    simulate=self.env.simulate_cuda,
+                )
+            side: torch.nn.Module = topk
+            note = (
+                f"teacher: top-{topk.k} logits per token precomputed in one offline pass (not measured), "
+                f"{format_bytes(topk.stored_bytes())} on disk, read back each step; the KL is over the "
+                "teacher's top-k renormalised (an approximation)"
+            )
+        else:
+            side = teacher
+            how = (
+                "under torch.no_grad, parameters frozen"
+                if s.teacher_no_grad
+                else "as loaded (parameters require grad) under autograd, logits not detached: backward "
+                "fills teacher gradients the student's optimizer never zeroes (the naive baseline)"
+            )
+            note = f"teacher: forward after the student's, {how}"
+        wl = s.workload
+        self.pair = DistillPair(self.model, side, DistillLoss(wl.temperature, wl.ce_weight))
+        return note
+
     # what the tracker should watch
+    @property
+    def tracked(self) -> torch.nn.Module:
+        """The module the tracker watches: the model, or student + teacher + loss."""
+        return self.pair if self.pair is not None else self.model
+
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
         if self.in_backward is not None:
@@ -395,6 +496,8 @@ class StepRunner:
     def close(self) -> None:
         if self.in_backward is not None:
             self.in_backward.remove()
+        if self.pair is not None and isinstance(self.pair.teacher, TopkTeacher):
+            self.pair.teacher.remove()
 
     def __enter__(self) -> StepRunner:
         return self
@@ -440,6 +543,27 @@ class StepRunner:
         out = self._call(inputs)
         return InputBuilder.loss(out)
 
+    def _distill_loss(self, inputs: dict[str, Any], part: int | None) -> tuple[torch.Tensor, Any]:
+        """The distillation loss of micro-batch ``part`` (None: the whole batch), and the student's output."""
+        pair = self.pair
+        if pair is None:
+            raise InputError("a distillation step needs its teacher (StepRunner.attach_teacher)")
+        w = self.setup.workload.ce_weight
+        student_in = inputs if w > 0 else {k: v for k, v in inputs.items() if k != "labels"}
+        out = self._call(student_in)
+        ce = InputBuilder.loss(out) if w > 0 else None
+        teacher = pair.teacher
+        t: Any
+        if isinstance(teacher, TopkTeacher):
+            t = teacher(part)
+        else:
+            grad_off = torch.no_grad() if self.setup.teacher_no_grad else contextlib.nullcontext()
+            with grad_off:
+                t = call_model(teacher, teacher_inputs(inputs, self._task)).logits
+        loss = pair.loss(out.logits, t, ce)
+        del t, ce
+        return loss, out
+
     def _infer(self, inputs: dict[str, Any], keep_all_logits: bool = False) -> Any:
         """One inference forward (chunked when the setup says so)."""
         c = self.setup.prefill_chunk
@@ -476,10 +600,14 @@ class StepRunner:
                         del out
             return
         k = self.setup.micro_batches
-        for part in split_batch(inputs, k, wl.batch_size):
+        for i, part in enumerate(split_batch(inputs, k, wl.batch_size)):
             with enter("forward"):
                 with self._offload(), self._autocast():
-                    loss = self._loss(part)
+                    if wl.mode == "distill":
+                        loss, out = self._distill_loss(part, i)
+                        del out
+                    else:
+                        loss = self._loss(part)
                 if k > 1:
                     loss = loss / k
                 if self.scaler is not None:
@@ -508,7 +636,9 @@ class StepRunner:
         self.model.train(False)
         try:
             with torch.no_grad(), self._autocast():
-                if self.train:
+                if self.setup.workload.mode == "distill":
+                    loss, out = self._distill_loss(inputs, None)
+                elif self.train:
                     out = self._call(inputs)
                     loss = self._loss(inputs) if self.setup.loss_chunk else InputBuilder.loss(out)
                 else:

@@ -11,6 +11,7 @@ from memprof.apply import apply as run_apply
 from memprof.cli import options as O
 from memprof.cli.common import spinner, stdout_console, write_output
 from memprof.cli.compare import RECIPE, STEP, load_recipe
+from memprof.errors import InputError
 from memprof.units import format_bytes
 
 
@@ -36,6 +37,10 @@ def apply(
     trust_remote_code: bool = O.TRUST_REMOTE_CODE,
 ) -> int:
     """Write an optimized checkpoint (safetensors, config.json, tokenizer, memprof.json, README)."""
+    if mode is O.Mode.distill:
+        raise InputError(
+            "memprof apply writes one model; profile a distillation step with analyze or compare"
+        )
     r = load_recipe(recipe, step)
     wl = O.workload(mode, batch_size, seq_len, dtype, optimizer, attn, task)
     with spinner() as progress:

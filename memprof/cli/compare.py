@@ -24,7 +24,9 @@ STEP = typer.Option(
 )
 
 
-def load_recipe(recipe: str | None, steps: list[str] | None, *, allow_repeats: bool = False) -> recipes.Recipe:
+def load_recipe(
+    recipe: str | None, steps: list[str] | None, *, allow_repeats: bool = False
+) -> recipes.Recipe:
     """The recipe of ``--recipe`` and/or ``--step`` options (``allow_repeats``: ``--step`` variants measured alone)."""
     if not recipe and not steps:
         raise InputError("give a recipe (--recipe FILE or a shipped name) or at least one --step")
@@ -49,6 +51,9 @@ def compare(
     engine: O.EngineName = O.ENGINE,
     task: O.Task | None = O.TASK,
     decode_tokens: int = O.DECODE,
+    teacher: str | None = O.TEACHER,
+    temperature: float = O.TEMPERATURE,
+    ce_weight: float = O.CE_WEIGHT,
     timing_steps: int = typer.Option(
         2, "--timing-steps", help="Real engines: untracked steps timed per row."
     ),
@@ -68,7 +73,19 @@ def compare(
     if timing_steps < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--timing-steps")
     r = load_recipe(recipe, step, allow_repeats=separate)
-    wl = O.workload(mode, batch_size, seq_len, dtype, optimizer, attn, task, decode_tokens)
+    wl = O.workload(
+        mode,
+        batch_size,
+        seq_len,
+        dtype,
+        optimizer,
+        attn,
+        task,
+        decode_tokens,
+        teacher,
+        temperature,
+        ce_weight,
+    )
     data_spec = O.data_spec(data, text_field, tokenizer, lengths, samples)
     with spinner() as progress:
         result = run_compare(

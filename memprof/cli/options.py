@@ -14,6 +14,7 @@ from memprof.workload import Workload
 class Mode(str, Enum):
     train = "train"
     infer = "infer"
+    distill = "distill"
 
 
 class DType(str, Enum):
@@ -53,7 +54,9 @@ class Task(str, Enum):
 MODEL = typer.Argument(
     ..., help="Model directory, config.json, bundled name (e.g. gpt2), Hub id, or package.module:factory."
 )
-MODE = typer.Option(Mode.train, "--mode", help="Training step or inference step.")
+MODE = typer.Option(
+    Mode.train, "--mode", help="Training step, inference step, or distillation (train against --teacher)."
+)
 BATCH = typer.Option(8, "--batch-size", "-b", help="Sequences (or images) per step.")
 SEQ = typer.Option(512, "--seq-len", "-s", help="Tokens per sequence.")
 DTYPE = typer.Option(DType.float32, "--dtype", help="Parameter dtype.")
@@ -64,6 +67,13 @@ TASK = typer.Option(None, "--task", help="Override the head picked from the conf
 DECODE = typer.Option(0, "--decode-tokens", help="Infer mode, causal LMs: decode steps after the prefill.")
 ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading .bin (pickle) checkpoints.")
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Allow models that ship their own code.")
+TEACHER = typer.Option(
+    None, "--teacher", help="--mode distill: the teacher's MODEL spec (same vocabulary as the student)."
+)
+TEMPERATURE = typer.Option(1.0, "--temperature", help="--mode distill: softmax temperature of the KL.")
+CE_WEIGHT = typer.Option(
+    0.5, "--ce-weight", help="--mode distill: weight of the student's cross-entropy (the KL gets the rest)."
+)
 JSON = typer.Option(None, "--json", help="Write the result as JSON to PATH ('-' for stdout).")
 DATA = typer.Option(
     None,
@@ -114,6 +124,9 @@ def workload(
     attn: Attn,
     task: Task | None,
     decode_tokens: int = 0,
+    teacher: str | None = None,
+    temperature: float = 1.0,
+    ce_weight: float = 0.5,
 ) -> Workload:
     """The Workload of the shared options (validated)."""
     wl = Workload(
@@ -125,6 +138,9 @@ def workload(
         attn=attn.value,
         task=task.value if task else None,
         decode_tokens=decode_tokens,
+        teacher=teacher,
+        temperature=temperature,
+        ce_weight=ce_weight,
     )
     wl.validate()
     return wl

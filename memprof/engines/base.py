@@ -15,12 +15,13 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from memprof import __version__
+from memprof.distill import SIDES, resolve_teacher
 from memprof.errors import OutOfMemory
 from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count
 from memprof.profile import ModuleStat, PhaseStat, Profile
@@ -195,6 +196,12 @@ class Engine:
         dev = self.device()
         real = self.name != "sim"
         notes_before = list(rm.notes)
+        # resolved before anything is built: a teacher that cannot teach fails fast
+        trm = (
+            resolve_teacher(rm, workload.teacher, load_weights=self.load_weights)
+            if workload.mode == "distill" and workload.teacher
+            else None
+        )
         out = RunResult(profile=None)  # type: ignore[arg-type]
         try:
             with self.context():
@@ -203,7 +210,7 @@ class Engine:
                 builder.validate(workload.batch_size, workload.seq_len)
                 if dev.type != "cpu":
                     model = model.to(dev)
-                train = workload.mode == "train"
+                train = workload.training
                 model.train(train)
                 if not train:
                     for p in model.parameters():
@@ -218,6 +225,11 @@ class Engine:
                 runner = StepRunner(model, setup, env)
                 setup = runner.setup  # with what the runner measured (model transforms) in its notes
                 n_params = parameter_count(model)  # after any surgery
+                teacher_info = None
+                if trm is not None:
+                    teacher_info = self._attach_teacher(
+                        rm, trm, runner, inputs, allow_pickle, measure.seed, say
+                    )
                 try:
                     if real and measure.quality:
                         say("Quality probe (eval-mode forward)")
@@ -251,12 +263,13 @@ class Engine:
                     self.before_measure()
                     say("Measured step")
                     tracker = Tracker(
-                        model,
+                        runner.tracked,
                         runner.optimizers,
                         block_rounding=self.block_rounding,
                         track_modules=track_modules,
                         device_type=dev.type if dev.type == "cuda" else None,
                         record_trace=self.record_trace,
+                        groups=SIDES if runner.pair is not None else (),
                     )
                     oom: dict[str, Any] | None = None
                     error: BaseException | None = None
@@ -286,7 +299,7 @@ class Engine:
                         out.loss_after, _ = runner.probe(inputs)
                 finally:
                     runner.close()
-            out.profile = self._profile(rm, setup, n_params, result, extra, oom)
+            out.profile = self._profile(rm, setup, n_params, result, extra, oom, teacher_info)
         finally:
             rm.notes[:] = notes_before
         del model, runner, inputs
@@ -298,6 +311,47 @@ class Engine:
                 out.profile,
             )
         return out
+
+    def _attach_teacher(
+        self,
+        rm: ResolvedModel,
+        trm: ResolvedModel,
+        runner: StepRunner,
+        inputs: dict[str, Any],
+        allow_pickle: bool,
+        seed: int,
+        say: Progress,
+    ) -> dict[str, Any]:
+        """Build the distillation teacher and hand it to the runner; what the profile says of it."""
+        setup = runner.setup
+        wl = setup.workload
+        dtype = setup.teacher_dtype or wl.dtype
+        say(f"Building the teacher {trm.name}")
+        # The student's config overrides and model transforms are not the teacher's;
+        # another seed, or a teacher of the student's architecture would equal it.
+        tsetup = StepSetup(workload=replace(wl, dtype=dtype, mode="infer", teacher=None))
+        teacher, tbuilder = self._build(trm, tsetup, allow_pickle, seed + 1)
+        tbuilder.validate(wl.batch_size, wl.seq_len)
+        dev = self.device()
+        if dev.type != "cpu":
+            teacher = teacher.to(dev)
+        info = {
+            "name": trm.name,
+            "spec": trm.spec,
+            "source": trm.source,
+            "model_type": trm.model_type,
+            "parameters": parameter_count(teacher),
+            "dtype": dtype,
+            "no_grad": setup.teacher_no_grad or bool(setup.teacher_topk),
+            "topk": setup.teacher_topk,
+        }
+        if setup.teacher_topk:
+            say(f"Teacher: offline top-{setup.teacher_topk} pass")
+        setup.notes.append(runner.attach_teacher(teacher, inputs, rm.task))
+        setup.notes += [f"teacher {n}" if n.startswith("weights:") else n for n in trm.notes]
+        del teacher  # with top-k the runner kept none: the teacher leaves memory here
+        gc.collect()
+        return info
 
     def recompute_context(self) -> Callable[[], Any] | None:
         """What checkpoint recomputation must run under (see :class:`RunEnv`)."""
@@ -345,6 +399,7 @@ class Engine:
         r: TrackerResult,
         extra: dict[str, Any],
         oom: dict[str, Any] | None,
+        teacher: dict[str, Any] | None = None,
     ) -> Profile:
         workload = setup.workload
         cats = {c: int(r.categories_at_peak.get(c, 0)) for c in CATEGORIES}
@@ -356,11 +411,13 @@ class Engine:
             residual = alloc_peak - peak
             extra.setdefault("overheads", {})["untracked_at_peak_bytes"] = residual
             cats["temporaries"] += residual
+            if r.groups_at_peak:
+                r.groups_at_peak["other"]["temporaries"] += residual
             peak = alloc_peak
         notes = list(rm.notes)
         notes += self.notes()
         notes += setup.notes
-        if workload.mode == "train":
+        if workload.training:
             notes.append(
                 "steady state: one warm-up step ran first, so optimizer state exists as in every step but the first"
             )
@@ -375,7 +432,8 @@ class Engine:
                 "model_type": rm.model_type,
                 "task": rm.task,
                 "parameters": n_params,
-            },
+            }
+            | ({"teacher": teacher} if teacher else {}),
             workload=workload.to_dict() | {"task": rm.task},
             peak_bytes=peak,
             peak_reserved_bytes=self.peak_reserved(),
@@ -394,4 +452,5 @@ class Engine:
             oom=oom,
             optimizations=[dict(st) for st in setup.steps],
             allocator=extra.get("allocator"),
+            split_at_peak={g: {c: int(v) for c, v in cs.items()} for g, cs in r.groups_at_peak.items()},
         )

@@ -16,6 +16,7 @@ from memprof.optimizations import (  # noqa: F401  (imported to register them)
     attention,
     checkpointing,
     chunking,
+    distill,
     dynamic_padding,
     glu,
     grad_accumulation,

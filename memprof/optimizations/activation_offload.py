@@ -20,6 +20,7 @@ class ActivationOffload(Optimization):
 
     name = "activation_offload"
     summary = "activations saved for backward kept in host memory (device memory down, PCIe traffic up)"
+    modes = ("train", "distill")
 
     @dataclass
     class Config:

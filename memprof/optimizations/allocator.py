@@ -34,7 +34,7 @@ class Allocator(Optimization):
         "caching-allocator settings (PYTORCH_CUDA_ALLOC_CONF): moves reserved-but-unused memory "
         "(fragmentation), not allocated"
     )
-    modes = ("train", "infer")
+    modes = ("train", "infer", "distill")
 
     @dataclass
     class Config:

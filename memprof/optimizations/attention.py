@@ -21,7 +21,7 @@ class Attention(Optimization):
 
     name = "attention"
     summary = "eager -> sdpa attention (no seq x seq scores stored on CUDA's flash/efficient kernels)"
-    modes = ("train", "infer")
+    modes = ("train", "infer", "distill")
 
     @dataclass
     class Config:
@@ -40,4 +40,6 @@ class Attention(Optimization):
 
     def apply(self, setup: StepSetup) -> None:
         setup.update_workload(attn=self.config.implementation)
+        if setup.workload.mode == "distill":
+            setup.notes.append(f"the teacher is built with {self.config.implementation} attention too")
         setup.config_updates["attn_implementation"] = self.config.implementation

@@ -21,6 +21,7 @@ class Checkpointing(Optimization):
 
     name = "checkpointing"
     summary = "recompute block activations in backward instead of storing them (one more forward per block)"
+    modes = ("train", "distill")  # distill: the student's blocks
 
     @dataclass
     class Config:

@@ -29,7 +29,7 @@ class Chunking(Optimization):
     summary = (
         "causal LMs: chunked LM head + loss (train), exact chunked prefill or independent chunks (infer)"
     )
-    modes = ("train", "infer")
+    modes = ("train", "infer", "distill")
 
     @dataclass
     class Config:
@@ -39,6 +39,11 @@ class Chunking(Optimization):
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
         wl = setup.workload
         form, size = self.config.form, self.config.size
+        if wl.mode == "distill":
+            return (
+                "the distillation loss compares the student's full logits with the teacher's; a chunked KD loss "
+                "(torchtune's ForwardKLWithChunkedOutputLoss) is not implemented here"
+            )
         if form == "loss" and wl.mode != "train":
             return "the chunked loss applies to training; use form prefill for inference"
         if form != "loss" and wl.mode != "infer":

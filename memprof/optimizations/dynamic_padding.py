@@ -28,7 +28,7 @@ class DynamicPadding(Optimization):
     summary = (
         "pad each batch to its longest sample (or group by length): less compute; peak set by the longest"
     )
-    modes = ("train", "infer")
+    modes = ("train", "infer", "distill")
 
     @dataclass
     class Config:

@@ -20,6 +20,7 @@ class GradAccumulation(Optimization):
 
     name = "grad_accumulation"
     summary = "the batch in k micro-batches: activations / k, same gradient, same FLOPs"
+    modes = ("train", "distill")  # distill: the teacher runs per micro-batch too
 
     @dataclass
     class Config:

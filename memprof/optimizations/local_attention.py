@@ -25,7 +25,7 @@ class LocalAttention(Optimization):
     summary = (
         "sliding-window attention (Mistral-style): changes outputs; with eager/sdpa the window is a mask"
     )
-    modes = ("train", "infer")
+    modes = ("train", "infer", "distill")
 
     @dataclass
     class Config:

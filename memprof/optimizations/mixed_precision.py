@@ -22,7 +22,7 @@ class MixedPrecision(Optimization):
 
     name = "mixed_precision"
     summary = "autocast (activations shrink) or pure bfloat16 (weights, grads, optimizer state halve)"
-    modes = ("train", "infer")
+    modes = ("train", "infer", "distill")
 
     @dataclass
     class Config:
@@ -51,13 +51,15 @@ class MixedPrecision(Optimization):
         if self.config.pure:
             setup.update_workload(dtype="bfloat16")
             setup.config_updates["dtype"] = "bfloat16"
-            if setup.workload.mode == "train":
+            if setup.workload.training:
                 setup.notes.append(
                     "pure bfloat16: no float32 master weights; updates below bf16 resolution are lost"
                 )
+            if setup.workload.mode == "distill" and setup.teacher_dtype is None:
+                setup.notes.append("the teacher follows the student's dtype: bfloat16 too")
             return
         setup.autocast = dt
-        if setup.workload.mode == "train":
+        if setup.workload.training:
             setup.training_args["bf16" if dt == "bfloat16" else "fp16"] = True
             if dt == "float16":
                 setup.grad_scaler = True

@@ -33,6 +33,7 @@ class OptimizerChoice(Optimization):
 
     name = "optimizer"
     summary = "AdamW / SGD / Adafactor / 8-bit AdamW, foreach or fused, set_to_none"
+    modes = ("train", "distill")  # distill: the student's optimizer
 
     @dataclass
     class Config:

@@ -21,6 +21,7 @@ class OptimizerInBackward(Optimization):
 
     name = "optimizer_in_backward"
     summary = "step each parameter in its gradient hook: full gradients never coexist"
+    modes = ("train", "distill")  # distill: the student's parameters
 
     @dataclass
     class Config:

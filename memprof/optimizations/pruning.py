@@ -46,7 +46,7 @@ class Pruning(Optimization):
         "unstructured / 2:4 (zeros: memory unchanged unless 2:4 is compressed on a CUDA GPU, sm >= 8.0), "
         "structured FFN neurons or attention heads (really smaller)"
     )
-    modes = ("train", "infer")
+    modes = ("train", "infer", "distill")
 
     @dataclass
     class Config:

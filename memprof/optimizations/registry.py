@@ -71,7 +71,12 @@ class Optimization:
             setup: the step as configured by the baseline and the steps before this one.
         """
         if setup.workload.mode not in self.modes:
-            return f"applies to {' and '.join(self.modes)} workloads, not {setup.workload.mode}"
+            modes = (
+                ", ".join(self.modes[:-1]) + " and " + self.modes[-1]
+                if len(self.modes) > 1
+                else self.modes[0]
+            )
+            return f"applies to {modes} workloads, not {setup.workload.mode}"
         return self.why_not(model, setup)
 
     def why_not(self, model: torch.nn.Module | None, setup: StepSetup) -> str | None:

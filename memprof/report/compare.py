@@ -182,6 +182,27 @@ def categories_before_after(c: Comparison) -> Table:
     return t
 
 
+def sides_before_after(c: Comparison) -> Table:
+    """Distillation: memory at the peak by side (student, teacher, loss, other), baseline and final."""
+    base, final = c.baseline, c.final
+    t = Table(title="At the peak, by side", box=box.SIMPLE_HEAD, title_justify="left", title_style="bold")
+    t.add_column("side")
+    t.add_column("baseline", justify="right")
+    t.add_column("final", justify="right")
+    t.add_column("change", justify="right")
+    for side in base.split_at_peak:
+        a = sum(base.split_at_peak[side].values())
+        b = sum(final.split_at_peak.get(side, {}).values())
+        d = b - a
+        t.add_row(
+            side,
+            format_bytes(a),
+            format_bytes(b),
+            Text(_signed_bytes(d), style="green" if d < 0 else ("red" if d > 0 else "")),
+        )
+    return t
+
+
 def render_compare(c: Comparison, console: Console) -> None:
     b = c.baseline
     w = b.workload
@@ -189,9 +210,12 @@ def render_compare(c: Comparison, console: Console) -> None:
     console.print(
         f"[bold]memprof compare[/bold]  {c.model}  ·  {desc}  ·  {c.engine} engine  ·  "
         f"{w.get('mode')} b{w.get('batch_size')} s{w.get('seq_len')} {w.get('dtype')} {w.get('optimizer')}"
+        + (f"  ·  teacher {b.model['teacher']['name']}" if b.model.get("teacher") else "")
     )
     console.print(ladder_table(c))
     console.print(categories_before_after(c))
+    if c.baseline.split_at_peak and c.final.split_at_peak:
+        console.print(sides_before_after(c))
     final = c.final
     ratio = b.peak_bytes / final.peak_bytes if final.peak_bytes else float("inf")
     last = next((s for s in reversed(c.steps) if s.profile is not None and not s.error), None)

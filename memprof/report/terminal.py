@@ -46,11 +46,14 @@ def summary_table(p: Profile) -> Table:
     )
     if w:
         step = f"{w.get('mode')}  batch {w.get('batch_size')} x seq {w.get('seq_len')}, {w.get('dtype')}, attn {w.get('attn')}"
-        if w.get("mode") == "train":
+        if w.get("mode") in ("train", "distill"):
             step += f", optimizer {w.get('optimizer')}"
         if w.get("decode_tokens"):
             step += f", {w.get('decode_tokens')} decode tokens"
         t.add_row("Step", step)
+        teacher = m.get("teacher")
+        if w.get("mode") == "distill" and teacher:
+            t.add_row("Teacher", teacher_line(teacher, w))
     t.add_row(
         "Engine",
         f"{p.engine} on {p.device}" + (f"  [dim]({p.engine_reason})[/dim]" if p.engine_reason else ""),
@@ -89,6 +92,37 @@ def summary_table(p: Profile) -> Table:
                 "",
                 f"[dim]nvidia-smi - reserved = {format_bytes(ov['context_and_libraries_bytes'])} (CUDA context, libraries)[/dim]",
             )
+    return t
+
+
+def teacher_line(teacher: dict[str, Any], w: dict[str, Any]) -> str:
+    """The teacher, how it runs, and the loss: one line."""
+    how = (
+        f"top-{teacher['topk']} logits precomputed, read back each step"
+        if teacher.get("topk")
+        else ("no_grad" if teacher.get("no_grad") else "under autograd (naive)")
+    )
+    return (
+        f"{teacher.get('name')}  ({teacher.get('model_type', '')}, "
+        f"{format_count(int(teacher.get('parameters', 0)))} parameters, {teacher.get('dtype')}), {how}; "
+        f"loss {w.get('ce_weight')} x CE + {1 - float(w.get('ce_weight', 0)):g} x KL at T={w.get('temperature')}"
+    )
+
+
+def split_table(p: Profile) -> Table:
+    """Distillation: the memory at the peak by category (rows) and side (columns)."""
+    t = Table(title="Memory at the peak, by side", box=box.SIMPLE_HEAVY, title_justify="left")
+    t.add_column("Category")
+    sides = list(p.split_at_peak)
+    for side in sides:
+        t.add_column(side, justify="right")
+    for c in CATEGORIES:
+        vals = [int(p.split_at_peak[side].get(c, 0)) for side in sides]
+        if any(vals):
+            t.add_row(Text(c, style=_CAT_STYLE[c]), *(format_bytes(v) if v else "·" for v in vals))
+    totals = [sum(p.split_at_peak[side].values()) for side in sides]
+    t.add_row(Text("total", style="bold"), *(Text(format_bytes(v), style="bold") for v in totals))
+    t.add_row("share", *(_pct(v, p.peak_bytes).strip() for v in totals))
     return t
 
 
@@ -172,6 +206,8 @@ def render(p: Profile, console: Console, top: int = 15) -> None:
     if p.phases:
         parts.append(phases_table(p))
     console.print(Group(*parts))
+    if p.split_at_peak:
+        console.print(split_table(p))
     if p.modules and top > 0:
         console.print(modules_table(p, top))
     for n in p.notes:
