@@ -34,7 +34,8 @@ import torch
 from memprof import __version__
 from memprof.allocator import ENV_VAR, alloc_conf_string
 from memprof.api import fake_model, prepare
-from memprof.compare import output_difference, stack
+from memprof.compare import output_difference, stack, tokenizer_folder
+from memprof.data import DataSpec
 from memprof.engines.base import Engine
 from memprof.errors import InputError
 from memprof.models import DTYPES, build_model
@@ -88,6 +89,7 @@ def apply(
     profile: bool = True,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    data: DataSpec | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ApplyResult:
     """Write the checkpoint of ``spec`` with ``recipe`` applied to ``output``.
@@ -100,6 +102,8 @@ def apply(
         force: replace an existing ``output``.
         engine: the engine of the before/after profiles.
         profile: measure the before/after profiles (False: write only).
+        data: a data sample (``--data`` / ``--lengths``) for dynamic padding, whose
+            training-loop settings (``group_by_length``, the collator) go into the README.
 
     Raises:
         InputError: the output exists (without ``force``) or is inside the source;
@@ -127,7 +131,14 @@ def apply(
         if out == src or src in out.parents or out in src.parents:
             raise InputError(f"{out}: overlaps the source model folder {src}; choose another output folder")
 
-    setup, skipped = stack(recipe, workload, fake_model(rm, workload), pretrained=rm.has_weights)
+    samples = data.load(tokenizer_folder(rm), rm.name) if data else None
+    setup, skipped = stack(
+        recipe,
+        workload,
+        fake_model(rm, workload),
+        pretrained=rm.has_weights,
+        data_lengths=samples.lengths if samples else None,
+    )
     if not setup.steps:
         raise InputError(
             "no step of the recipe applies to this model and workload: "

@@ -179,8 +179,7 @@ def compare(
     measure = Measure(flops=True, timing_steps=timing_steps if real else 0, quality=real)
     base_setup = StepSetup.of(workload)
     base_setup.pretrained = rm.has_weights and eng.load_weights
-    # a bundled config's folder holds configs, not a tokenizer
-    tok_folder = None if rm.source == "bundled" else (rm.folder or rm.weights_dir)
+    tok_folder = tokenizer_folder(rm)
     samples = data.load(tok_folder, rm.name) if data else None
     if samples is not None:
         base_setup.data_lengths = samples.lengths
@@ -191,7 +190,7 @@ def compare(
             )
         if real and samples.texts and probe_texts > 0:
             folder = (data.tokenizer if data else None) or tok_folder
-            measure.texts = encode(samples.texts[:probe_texts], folder, workload.seq_len)  # type: ignore[arg-type]
+            measure.texts = encode(samples.texts[:probe_texts], folder, workload.seq_len)
     total = len(recipe.steps) + 1
 
     def run(setup: StepSetup, label: str, i: int) -> RunResult:
@@ -245,6 +244,11 @@ def compare(
     return cmp
 
 
+def tokenizer_folder(rm: Any) -> Any:
+    """Where the model's tokenizer would be (a bundled config's folder holds configs, not a tokenizer)."""
+    return None if rm.source == "bundled" else (rm.folder or rm.weights_dir)
+
+
 def _apply(step: Optimization, model: torch.nn.Module | None, setup: StepSetup) -> str | None:
     """Apply ``step`` to ``setup``; the reason it does not apply, or None."""
     reason = step.applies_to(model, setup)
@@ -260,14 +264,21 @@ def _apply(step: Optimization, model: torch.nn.Module | None, setup: StepSetup) 
 
 
 def stack(
-    recipe: Recipe, workload: Workload, model: torch.nn.Module | None, *, pretrained: bool = False
+    recipe: Recipe,
+    workload: Workload,
+    model: torch.nn.Module | None,
+    *,
+    pretrained: bool = False,
+    data_lengths: list[int] | None = None,
 ) -> tuple[StepSetup, list[str]]:
     """The setup with every applicable step of the recipe, and the skipped steps' reasons.
 
-    ``pretrained``: the model's weights are trained ones (see :attr:`StepSetup.pretrained`).
+    ``pretrained``: the model's weights are trained ones (see :attr:`StepSetup.pretrained`);
+    ``data_lengths``: the token lengths of the data (what dynamic padding batches).
     """
     setup = StepSetup.of(workload)
     setup.pretrained = pretrained
+    setup.data_lengths = list(data_lengths or [])
     skipped = []
     for step in recipe.steps:
         trial = setup.copy()

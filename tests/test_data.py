@@ -154,3 +154,20 @@ def test_text_probe_scores_pruning_by_embedding_cosine(minilm_dir, tmp_path):
     # padding is masked: the pooled embeddings do not move
     assert padded.quality["text_cosine_mean"] == pytest.approx(q["text_cosine_mean"], abs=1e-6)
     assert padded.profile.workload["seq_len"] < 32
+
+
+def test_apply_takes_the_data_for_dynamic_padding(tmp_path):
+    from tests.test_apply import save_tiny
+
+    src = save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    code = main(
+        ["apply", str(src), "-o", str(out), "-e", "cpu", "-b", "4", "-s", "64", "--lengths", "uniform(4,24)",
+         "--step", "dynamic_padding:group_by_length=true"]
+    )  # fmt: skip
+    assert code == 0
+    meta = json.loads((out / "memprof.json").read_text())
+    assert meta["training_args"]["group_by_length"] is True
+    assert meta["profile_after"]["workload"]["seq_len"] == 24
+    assert meta["profile_after"]["peak_bytes"] < meta["profile_before"]["peak_bytes"]
+    assert "DataCollatorWithPadding" in (out / "README.md").read_text()

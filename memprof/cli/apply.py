@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from rich.table import Table
@@ -32,6 +33,11 @@ def apply(
     engine: O.EngineName = O.ENGINE,
     task: O.Task | None = O.TASK,
     no_profile: bool = typer.Option(False, "--no-profile", help="Skip the before/after profiles."),
+    data: Path | None = O.DATA,
+    text_field: str = O.TEXT_FIELD,
+    tokenizer: str | None = O.TOKENIZER,
+    lengths: str | None = O.LENGTHS,
+    samples: int = O.SAMPLES,
     json_path: str | None = O.JSON,
     allow_pickle: bool = O.ALLOW_PICKLE,
     trust_remote_code: bool = O.TRUST_REMOTE_CODE,
@@ -55,6 +61,7 @@ def apply(
             profile=not no_profile,
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
+            data=O.data_spec(data, text_field, tokenizer, lengths, samples),
             progress=progress,
         )
     if json_path:
