@@ -74,6 +74,8 @@ class Comparison:
     baseline_seconds: float | None
     baseline_quality: dict[str, Any] | None
     steps: list[StepResult] = field(default_factory=list)
+    #: steps stacked (True) or each alone against the baseline (--separate)
+    cumulative: bool = True
     schema: str = SCHEMA
 
     @property
@@ -94,6 +96,7 @@ class Comparison:
             "baseline_flops": self.baseline_flops,
             "baseline_seconds": self.baseline_seconds,
             "baseline_quality": self.baseline_quality,
+            "cumulative": self.cumulative,
             "steps": [s.to_dict() for s in self.steps],
         }
 
@@ -211,6 +214,7 @@ def compare(
         baseline_flops=base.flops,
         baseline_seconds=base.seconds,
         baseline_quality=baseline_quality(base),
+        cumulative=cumulative,
     )
     model_view: torch.nn.Module | None = None
     try:

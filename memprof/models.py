@@ -383,9 +383,10 @@ def build_model(
 
     auto = getattr(transformers, TASKS[rm.task or "feature-extraction"])
     kw: dict[str, Any] = {_dtype_kwarg(): tdtype, "attn_implementation": attn}
-    config = rm.config
+    # A copy: from_config keeps the object it is given as model.config, and model
+    # surgery (pruning) rewrites model.config; the resolved model builds again.
+    config = copy.deepcopy(rm.config)
     if config_overrides:
-        config = copy.deepcopy(rm.config)
         for k, v in config_overrides.items():
             setattr(config, k, v)
         kw["config"] = config

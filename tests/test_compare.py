@@ -110,3 +110,21 @@ def test_cli_compare_errors(capsys, args, code, message):
     assert main(args) == code
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_surgery_in_one_row_does_not_leak_into_the_next():
+    # pruning rewrites model.config; the rows after it must build the original model
+    c = compare(
+        tiny("llama"),
+        recipes.from_names(
+            ["pruning:amount=0.5", "pruning:method=heads,amount=0.5", "optimizer:type=sgd"],
+            allow_repeats=True,
+        ),
+        Workload(batch_size=2, seq_len=32),
+        engine="cpu",
+        timing_steps=0,
+        cumulative=False,
+    )
+    base = c.baseline.model["parameters"]
+    ffn, heads, sgd = (s.profile.model["parameters"] for s in c.steps)
+    assert sgd == base and ffn < base and heads < base and ffn != heads

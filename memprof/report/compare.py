@@ -95,7 +95,9 @@ def ladder_table(c: Comparison) -> Table:
     # reserved memory: measured (cuda) or modelled (sim); it is what the allocator step moves
     reserved = c.baseline.peak_reserved_bytes is not None
     t = Table(
-        title="Savings ladder: each step stacked on the ones above",
+        title="Savings ladder: each step stacked on the ones above"
+        if c.cumulative
+        else "Each step alone against the baseline",
         box=box.SIMPLE_HEAD,
         title_justify="left",
         title_style="bold",
@@ -151,8 +153,24 @@ def ladder_table(c: Comparison) -> Table:
         if quality:
             row.append(_quality(s.quality))
         t.add_row(*row, moved(prev, p))
-        prev, prev_flops, prev_s = p, s.flops, s.seconds
+        if c.cumulative:
+            prev, prev_flops, prev_s = p, s.flops, s.seconds
     return t
+
+
+def no_saving(c: Comparison) -> list[str]:
+    """The steps that ran and did not lower the peak (against the row above, or the baseline)."""
+    out = []
+    prev = c.baseline
+    for s in c.steps:
+        if s.profile is None or s.error:
+            continue
+        d = s.profile.peak_bytes - prev.peak_bytes
+        if d >= 0:
+            out.append(f"{s.label} ({_signed_bytes(d)})")
+        if c.cumulative:
+            prev = s.profile
+    return out
 
 
 def categories_before_after(c: Comparison) -> Table:
@@ -213,19 +231,40 @@ def render_compare(c: Comparison, console: Console) -> None:
         + (f"  ·  teacher {b.model['teacher']['name']}" if b.model.get("teacher") else "")
     )
     console.print(ladder_table(c))
-    console.print(categories_before_after(c))
-    if c.baseline.split_at_peak and c.final.split_at_peak:
-        console.print(sides_before_after(c))
-    final = c.final
-    ratio = b.peak_bytes / final.peak_bytes if final.peak_bytes else float("inf")
-    last = next((s for s in reversed(c.steps) if s.profile is not None and not s.error), None)
-    flops = _pct_change(last.flops, c.baseline_flops) if last else ""
-    console.print(
-        f"Peak {format_bytes(b.peak_bytes)} → [bold]{format_bytes(final.peak_bytes)}[/bold] "
-        f"({ratio:.2f}x less)" + (f", FLOPs {flops}" if flops else "")
-    )
+    ran = [s for s in c.steps if s.profile is not None and not s.error]
+    if c.cumulative:
+        console.print(categories_before_after(c))
+        if c.baseline.split_at_peak and c.final.split_at_peak:
+            console.print(sides_before_after(c))
+        final = c.final
+        ratio = b.peak_bytes / final.peak_bytes if final.peak_bytes else float("inf")
+        last = ran[-1] if ran else None
+        flops = _pct_change(last.flops, c.baseline_flops) if last else ""
+        console.print(
+            f"Peak {format_bytes(b.peak_bytes)} → [bold]{format_bytes(final.peak_bytes)}[/bold] "
+            f"({ratio:.2f}x less)" + (f", FLOPs {flops}" if flops else "")
+        )
+    elif ran:
+        best = min(ran, key=lambda s: s.profile.peak_bytes)  # type: ignore[union-attr]
+        low = best.profile.peak_bytes  # type: ignore[union-attr]
+        console.print(
+            f"Lowest peak alone: [bold]{best.label}[/bold], {format_bytes(b.peak_bytes)} → "
+            f"[bold]{format_bytes(low)}[/bold] ({b.peak_bytes / low if low else float('inf'):.2f}x less)"
+        )
+    flat = no_saving(c)
+    if flat:
+        console.print(
+            "[yellow]• no memory saved by: "
+            + "; ".join(flat)
+            + " (what they do instead is in the notes)[/yellow]"
+        )
     seen = set(b.notes)
-    extra = [n for n in final.notes if n not in seen]
+    extra: list[str] = []
+    for s in ran:
+        for n in s.profile.notes:  # type: ignore[union-attr]
+            if n not in seen:
+                seen.add(n)
+                extra.append(n)
     skipped = [s for s in c.steps if s.skipped]
     for n in extra:
         console.print(f"[dim]• {n}[/dim]")
@@ -233,7 +272,11 @@ def render_compare(c: Comparison, console: Console) -> None:
         console.print(
             f"[dim]• {len(skipped)} step(s) skipped: they do not apply here (reason in the table)[/dim]"
         )
-    console.print("[dim]• FLOPs and time of a step: its change from the row above[/dim]")
+    console.print(
+        "[dim]• FLOPs and time of a step: its change from "
+        + ("the row above" if c.cumulative else "the baseline")
+        + "[/dim]"
+    )
     if c.engine == "sim":
         console.print(
             "[dim]• sim engine: FLOPs are counted; step time and quality need a real engine (cpu, cuda); "
