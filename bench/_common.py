@@ -51,6 +51,17 @@ which other processes on the machine disturb less.
 Rerun a section with the command given in it (from the repository root).
 """
 
+TECHNIQUES_DOC = REPO / "docs" / "techniques.md"
+TECHNIQUES_HEADER = """# What each technique really does
+
+Memory, compute and quality of each optimization, alone against its baseline,
+measured by memprof itself (`memprof compare --separate`). The summary table
+(written by `bench/summary.py`) gives every technique one row, with the command and
+the real output each number came from; the section after it (`bench/techniques.py`)
+measures chunking, pruning and sliding windows on a small Llama on the CPU and on the
+TinyLlama-1.1B shape in sim side by side. Rerun a section with the command given in it.
+"""
+
 
 def quiet() -> None:
     """Silence transformers' advisory messages and Python warnings."""
@@ -239,7 +250,7 @@ def header_lines(extra: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
-_ORDER = ("sim_speed", "cpu_overhead", "cpu_overhead_threads1", "agreement")
+_ORDER = ("summary", "sim_speed", "cpu_overhead", "cpu_overhead_threads1", "agreement")
 
 
 def write_section(name: str, text: str, doc: Path = DOC) -> None:

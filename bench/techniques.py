@@ -21,13 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
 
-DOC = C.REPO / "docs" / "techniques.md"
-HEADER = """# What each technique really does
-
-Memory, compute and quality of each optimization, alone against its baseline,
-measured by memprof itself (`memprof compare --separate`). Sections are written by
-`bench/techniques.py`; rerun with the command given in the section.
-"""
+DOC = C.TECHNIQUES_DOC
+HEADER = C.TECHNIQUES_HEADER
 
 # (label, step, mode, when it applies, what the claim is)
 ROWS = [
