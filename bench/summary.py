@@ -253,6 +253,31 @@ ROWS: list[tuple[str, str, int, str]] = [
 ]
 
 
+READING = [
+    "- Zeros are not savings: unstructured and 2:4 pruning leave the peak where it was in dense storage "
+    "(torch's pruning mask, as kept while training, adds a buffer per weight), and cost quality all the same. "
+    "Only removing neurons or heads shrinks tensors, and both cost quality without fine-tuning (the embedding "
+    "cosine).",
+    "- int8 weights cut the weight bytes to about a quarter with almost no change of the embeddings (torchao, "
+    "weights only; each matmul converts one weight back to float, a transient copy the peak includes); "
+    "torch.ao's dynamic int8 also quantizes activations and moves the embeddings more.",
+    "- Step times on this shared 2-core VM move by a third from run to run: read the time column as noise "
+    "unless the FLOPs moved too.",
+    "- Dynamic padding is a compute saving: the tokens processed over the data fall a third (two thirds with "
+    "length grouping), but the peak is set by the longest batch, and one long sample keeps it at the fixed "
+    "length. Outputs are unchanged (padding is masked).",
+    "- A sliding window with eager or SDPA attention is a mask over the full scores: no memory saved (SDPA's "
+    "explicit mask costs more), outputs changed. Only a kernel with native windows skips the masked scores.",
+    "- GLU at equal parameters has equal FLOPs and stores more activations than a plain MLP with a fused "
+    "GELU (both projections and the gate are saved).",
+    "- The distillation teacher is where the memory goes when it is used as loaded: no_grad removes its graph "
+    "and gradients, bfloat16 halves its weights, and precomputed top-k logits take it out of the step.",
+    "- Allocator settings change reserved memory, never allocated: expandable segments help most where tensors "
+    "grow step by step (the KV cache of decoding); max_split_size_mb can reserve more. In sim these are the "
+    "allocator model's estimates; on a GPU the cuda engine measures them.",
+]
+
+
 def show(args: list[str]) -> str:
     return "memprof compare " + " ".join(
         f"'{a}'" if any(c in a for c in "(),=") and not a.startswith("$") else a for a in args
@@ -307,11 +332,10 @@ def cells(group: dict[str, Any], i: int) -> tuple[str, str, str]:
     if s.get("seconds") and group.get("baseline_seconds"):
         compute += f", time {pct(s['seconds'], group['baseline_seconds'])}"
     if s["name"] == "dynamic_padding":
+        # one step of the longest batch says nothing of an epoch: the tokens over the whole data do
         note = next((n for n in p["notes"] if n.startswith("dynamic padding (")), "")
-        if "fewer tokens processed" in note:
-            compute += (
-                "; over the data: " + note.split("): ", 1)[1].split(" fewer tokens")[0] + " fewer tokens"
-            )
+        fewer = note.split("): ", 1)[1].split(" fewer tokens")[0] if "fewer tokens processed" in note else "?"
+        compute = f"{fewer} fewer tokens over the data (the longest batch's step: FLOPs unchanged)"
     q = s.get("quality") or {}
     if q.get("text_cosine_mean") is not None:
         quality = f"embedding cosine {q['text_cosine_mean']:.4f} (min {q['text_cosine_min']:.4f})"
@@ -376,6 +400,10 @@ def main() -> int:
             ),
             "",
             table,
+            "",
+            "What the rows say:",
+            "",
+            *READING,
             "",
             "The commands and their output:",
             "",

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,20 @@ def gpu_test(fn=None):
     """Mark a test that needs a CUDA GPU; skipped without one."""
     mark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
     return mark(pytest.mark.gpu(fn)) if fn else mark
+
+
+def setup_with(wl: Any, *steps: tuple[str, dict]) -> Any:
+    """A StepSetup of ``wl`` with the named optimizations applied (each must apply)."""
+    from memprof import optimizations
+    from memprof.workload import StepSetup
+
+    setup = StepSetup.of(wl)
+    for name, opts in steps:
+        opt = optimizations.make(name, opts)
+        assert opt.applies_to(None, setup) is None
+        opt.apply(setup)
+        setup.steps.append({"name": name, "options": opt.options})
+    return setup
 
 
 def tiny(name: str) -> str:

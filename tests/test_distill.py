@@ -20,7 +20,7 @@ from memprof.models import resolve
 from memprof.profile import Profile
 from memprof.tracking import CATEGORIES
 from memprof.workload import StepSetup, Workload
-from tests.conftest import tiny
+from tests.conftest import setup_with, tiny
 
 B, L, V = 2, 32, 512  # the tiny llamas' vocabulary
 
@@ -30,16 +30,6 @@ def distill(**kw) -> Workload:
     kw.setdefault("seq_len", L)
     kw.setdefault("teacher", tiny("llama-teacher"))
     return Workload(mode="distill", **kw)
-
-
-def setup_with(wl: Workload, *steps: tuple[str, dict]) -> StepSetup:
-    setup = StepSetup.of(wl)
-    for name, opts in steps:
-        opt = optimizations.make(name, opts)
-        assert opt.applies_to(None, setup) is None
-        opt.apply(setup)
-        setup.steps.append({"name": name, "options": opt.options})
-    return setup
 
 
 def run(setup, engine=None, measure=None, student=None):

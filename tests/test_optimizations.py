@@ -15,19 +15,9 @@ from memprof.models import resolve
 from memprof.optimizations.registry import Optimization, register
 from memprof.tracking import Tracker
 from memprof.workload import StepRunner, StepSetup, Workload, enable_checkpointing
-from tests.conftest import tiny
+from tests.conftest import setup_with, tiny
 
 QUALITY = Measure(quality=True)
-
-
-def setup_with(wl: Workload, *steps: tuple[str, dict]) -> StepSetup:
-    setup = StepSetup.of(wl)
-    for name, opts in steps:
-        opt = optimizations.make(name, opts)
-        assert opt.applies_to(None, setup) is None
-        opt.apply(setup)
-        setup.steps.append({"name": name, "options": opt.options})
-    return setup
 
 
 def run(engine, spec, setup, measure=None):
