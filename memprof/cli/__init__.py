@@ -26,12 +26,14 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from memprof.cli import analyze, apply, compare, env, recipes
+    from memprof.cli import analyze, apply, compare, env, gate, recipes
 
     app.command("analyze")(analyze.analyze)
     app.command("compare")(compare.compare)
     app.command("apply")(apply.apply)
     app.add_typer(recipes.app, name="recipes")
+    app.command("baseline")(gate.baseline)
+    app.command("check")(gate.check)
     app.command("env")(env.env)
 
 

@@ -1,0 +1,142 @@
+"""``memprof baseline`` and ``memprof check``: the memory-regression gate for CI."""
+
+from __future__ import annotations
+
+import json
+import os
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from memprof import gate
+from memprof.cli import options as O
+from memprof.cli.common import spinner, stdout_console, write_output
+from memprof.cli.compare import RECIPE, STEP
+from memprof.errors import EnvironmentProblem, InputError
+from memprof.report import gate as render
+
+#: exit code of `memprof check` when a workload's peak grew beyond the tolerance
+REGRESSION_EXIT = 5
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+    junit = "junit"
+    github = "github"
+
+
+def baseline(
+    model: str | None = typer.Argument(
+        None, help="MODEL spec of one workload (or use --workloads / --update)."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="Baseline file to write (JSON)."),
+    workloads: Path | None = typer.Option(
+        None,
+        "--workloads",
+        exists=True,
+        dir_okay=False,
+        help="YAML or TOML file of workloads (or a pyproject.toml with [tool.memprof]).",
+    ),
+    update: bool = typer.Option(
+        False, "--update", help="Re-profile the workloads of the existing --output file and rewrite it."
+    ),
+    name: str | None = typer.Option(
+        None, "--name", help="Name of the one workload (default: model-mode-bB-sS)."
+    ),
+    recipe: str | None = RECIPE,
+    step: list[str] | None = STEP,
+    mode: O.Mode = O.MODE,
+    batch_size: int = O.BATCH,
+    seq_len: int = O.SEQ,
+    dtype: O.DType = O.DTYPE,
+    optimizer: O.Optim = O.OPTIM,
+    attn: O.Attn = O.ATTN,
+    engine: O.EngineName = typer.Option(
+        O.EngineName.sim,
+        "--engine",
+        "-e",
+        help="sim (deterministic, no GPU; the default here), cpu, cuda, auto.",
+    ),
+    task: O.Task | None = O.TASK,
+    decode_tokens: int = O.DECODE,
+) -> int:
+    """Profile workloads and record their memory as a baseline for `memprof check`."""
+    given = sum(x for x in (model is not None, workloads is not None, update))
+    if given != 1:
+        raise InputError("give exactly one of: a MODEL, --workloads FILE, or --update (with --output)")
+    if model is not None:
+        wl = O.workload(mode, batch_size, seq_len, dtype, optimizer, attn, task, decode_tokens)
+        ws = [
+            gate.GateWorkload(
+                name=name or gate.default_name(model, wl),
+                model=model,
+                workload=wl,
+                engine=engine.value,
+                recipe=recipe,
+                steps=list(step or []),
+            )
+        ]
+    elif workloads is not None:
+        ws = gate.read_workloads(workloads)
+    else:
+        ws = gate.load_baseline(output).workloads
+    with spinner() as progress:
+        b = gate.record(ws, progress=progress)
+    b.write(output)
+    c = stdout_console()
+    for w, p in zip(b.workloads, b.profiles):
+        c.print(f"{w.name:<32} peak {p.peak_bytes:>16,} B  ({p.engine} engine, peak in {p.peak_phase})")
+    c.print(
+        f"Wrote {output} ({len(b.workloads)} workload(s)); check it with: memprof check --baseline {output}"
+    )
+    return 0
+
+
+def check(
+    baseline: Path = typer.Option(..., "--baseline", "-b", help="Baseline file written by memprof baseline."),
+    tolerance: str = typer.Option(
+        gate.DEFAULT_TOLERANCE,
+        "--tolerance",
+        help="Allowed growth of a peak: a percentage (2%) or a size (50MiB).",
+    ),
+    fmt: Format = typer.Option(
+        Format.text, "--format", help="text, json, junit (XML) or github (annotations)."
+    ),
+    output: str | None = typer.Option(
+        None, "--output", "-o", help="Write the json/junit report to this file (default: stdout)."
+    ),
+    strict_versions: bool = typer.Option(
+        False,
+        "--strict-versions",
+        help="Fail (exit 3) when torch/transformers/memprof differ from the baseline's.",
+    ),
+) -> int:
+    """Profile the baseline's workloads again; exit 5 when a peak grew beyond the tolerance."""
+    tol = gate.Tolerance.parse(tolerance)
+    b = gate.load_baseline(baseline)
+    with spinner() as progress:
+        rep = gate.check(b, tol, baseline_path=str(baseline), progress=progress)
+    if fmt is Format.text:
+        render.render_text(rep, stdout_console())
+    elif fmt is Format.json:
+        write_output(output or "-", json.dumps(rep.to_dict(), indent=2))
+    elif fmt is Format.junit:
+        write_output(output or "-", render.junit(rep))
+    else:
+        annotations, summary = render.github(rep)
+        print(annotations, end="")
+        path = os.environ.get("GITHUB_STEP_SUMMARY")
+        if path:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(summary)
+        else:
+            print(summary, end="")
+    if strict_versions and rep.version_changes:
+        raise EnvironmentProblem(
+            "versions differ from the baseline's: "
+            + ", ".join(f"{k} {a} -> {b2}" for k, (a, b2) in rep.version_changes.items())
+            + " (refresh the baseline, or drop --strict-versions)"
+        )
+    return REGRESSION_EXIT if rep.regressions else 0

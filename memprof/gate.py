@@ -1,0 +1,467 @@
+"""The memory-regression gate: record a baseline of workloads, check a later run against it.
+
+A baseline file (JSON, schema ``memprof.baseline/1``) holds, per workload, what
+to run (model spec, workload, engine, optimizations) and the full profile it
+gave, with the versions that produced it. :func:`check` runs every workload
+again and compares: a peak above the baseline by more than the tolerance is a
+regression (with the categories and modules that grew, from the two profiles),
+one below it by more than the tolerance an improvement (refresh the baseline).
+The sim engine is deterministic, so a CI runner without a GPU gets the same
+bytes every time for the same code and versions.
+
+Workloads come from the command line (one), from a YAML or TOML file, or from
+the ``[tool.memprof]`` table of a pyproject.toml::
+
+    workloads:
+      - name: gpt2-train          # optional; default: model-mode-bB-sS
+        model: gpt2
+        mode: train               # and batch_size, seq_len, dtype, optimizer, attn,
+        batch_size: 2             # task, decode_tokens as for `memprof analyze`
+        seq_len: 128
+        engine: sim               # default sim (deterministic, no GPU)
+        recipe: low-memory-finetune   # optional: a recipe file or shipped name
+        steps: [checkpointing]    # optional: --step items, after the recipe
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import yaml
+
+from memprof import __version__
+from memprof.errors import InputError, MemprofError
+from memprof.profile import Profile, write_atomic
+from memprof.tracking import CATEGORIES
+from memprof.units import format_bytes, parse_percent, parse_size
+from memprof.workload import Workload
+
+SCHEMA_NAME = "memprof.baseline"
+SCHEMA_VERSION = 1
+SCHEMA = f"{SCHEMA_NAME}/{SCHEMA_VERSION}"
+DEFAULT_TOLERANCE = "1%"
+
+_WORKLOAD_KEYS = ("mode", "batch_size", "seq_len", "dtype", "optimizer", "attn", "task", "decode_tokens")
+_ENTRY_KEYS = ("name", "model", "engine", "recipe", "steps", *_WORKLOAD_KEYS)
+ENGINES = ("sim", "cpu", "cuda", "auto")
+
+Progress = Callable[[str], None]
+
+
+class GateError(InputError):
+    """A workloads or baseline file with problems (every one of them, like a recipe)."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        first = problems[0] if len(problems) == 1 else f"{len(problems)} problems"
+        super().__init__(f"{source}: {first}")
+
+
+@dataclass
+class GateWorkload:
+    """One workload of a baseline: what to run, as plain data."""
+
+    name: str
+    model: str
+    workload: Workload
+    engine: str = "sim"
+    recipe: str | None = None
+    steps: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": self.model,
+            "engine": self.engine,
+            "recipe": self.recipe,
+            "steps": list(self.steps),
+            "workload": self.workload.to_dict(),
+        }
+
+    @classmethod
+    def from_entry(cls, entry: Any, where: str, problems: list[str]) -> GateWorkload | None:
+        """An entry of a workloads file; problems are appended (with ``where``), None if unusable."""
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: must be a mapping with a 'model', got {entry!r}")
+            return None
+        before = len(problems)
+        for k in entry:
+            if k not in _ENTRY_KEYS:
+                problems.append(f"{where}: unknown key {k!r} (known: {', '.join(_ENTRY_KEYS)})")
+        model = entry.get("model")
+        if not isinstance(model, str) or not model:
+            problems.append(f"{where}: missing 'model' (a MODEL spec, as for memprof analyze)")
+        engine = entry.get("engine", "sim")
+        if engine not in ENGINES:
+            problems.append(f"{where}: engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        recipe = entry.get("recipe")
+        if recipe is not None and not isinstance(recipe, str):
+            problems.append(f"{where}: 'recipe' must be a file or a shipped recipe name")
+        steps = entry.get("steps", [])
+        if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+            problems.append(f"{where}: 'steps' must be a list of NAME[:key=value,...] strings")
+            steps = []
+        kw = {k: entry[k] for k in _WORKLOAD_KEYS if k in entry}
+        try:
+            wl = Workload(**kw)
+            wl.validate()
+        except (TypeError, InputError) as e:
+            problems.append(f"{where}: {e}")
+            return None
+        if len(problems) > before:
+            return None
+        name = entry.get("name") or default_name(str(model), wl)
+        return cls(name=str(name), model=str(model), workload=wl, engine=engine, recipe=recipe, steps=steps)
+
+    def run(self, *, progress: Progress | None = None) -> Profile:
+        """Profile this workload (with its optimizations stacked, if any)."""
+        from memprof.api import fake_model, prepare
+        from memprof.compare import stack
+        from memprof.recipes import from_names, load
+
+        rm, eng = prepare(self.model, self.workload, self.engine, task=self.workload.task, progress=progress)
+        if self.recipe or self.steps:
+            recipe = load(self.recipe) if self.recipe else from_names(self.steps)
+            if self.recipe and self.steps:
+                recipe.steps += from_names(self.steps).steps
+            setup, _ = stack(
+                recipe, self.workload, fake_model(rm, self.workload), pretrained=bool(rm.has_weights)
+            )
+            return eng.run(rm, setup, progress=progress)
+        return eng.run(rm, self.workload, progress=progress)
+
+
+def _prefixed(say: Progress, prefix: str) -> Progress:
+    return lambda msg: say(prefix + msg)
+
+
+def default_name(model: str, wl: Workload) -> str:
+    stem = Path(model).stem if ("/" in model or model.endswith(".json")) else model
+    return f"{stem}-{wl.mode}-b{wl.batch_size}-s{wl.seq_len}"
+
+
+def read_workloads(path: str | Path) -> list[GateWorkload]:
+    """The workloads of a YAML/TOML file, or of the ``[tool.memprof]`` table of a pyproject.toml.
+
+    Raises:
+        GateError: every problem of the file at once.
+    """
+    p = Path(path)
+    src = p.name
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        if p.suffix.lower() == ".toml":
+            data: Any = tomllib.loads(text)
+            if p.name == "pyproject.toml":
+                data = data.get("tool", {}).get("memprof")
+                if data is None:
+                    raise GateError(src, ["no [tool.memprof] table"])
+        else:
+            data = yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise GateError(
+            src, [f"not valid {'TOML' if p.suffix.lower() == '.toml' else 'YAML'}: {e}"]
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("workloads"), list) or not data["workloads"]:
+        raise GateError(src, ["expected a 'workloads' list of {model: ..., mode: ..., ...} entries"])
+    problems: list[str] = []
+    out = []
+    for i, entry in enumerate(data["workloads"], 1):
+        w = GateWorkload.from_entry(entry, f"workloads[{i}]", problems)
+        if w is not None:
+            out.append(w)
+    names = [w.name for w in out]
+    for n in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"workload name {n!r} appears more than once; give each a 'name'")
+    if problems:
+        raise GateError(src, problems)
+    return out
+
+
+# --------------------------------------------------------------------------- baseline
+@dataclass
+class Baseline:
+    """The recorded workloads and their profiles."""
+
+    workloads: list[GateWorkload]
+    profiles: list[Profile]
+    versions: dict[str, str]
+    created: str = ""
+    memprof_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "memprof_version": self.memprof_version,
+            "created": self.created,
+            "versions": self.versions,
+            "workloads": [
+                {**w.to_dict(), "profile": p.to_dict()} for w, p in zip(self.workloads, self.profiles)
+            ],
+        }
+
+    def write(self, path: str | Path) -> None:
+        write_atomic(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+def record(workloads: list[GateWorkload], *, progress: Progress | None = None) -> Baseline:
+    """Profile every workload: the baseline."""
+    from memprof.engines.base import versions
+
+    say = progress or (lambda m: None)
+    profiles = []
+    for i, w in enumerate(workloads, 1):
+        profiles.append(w.run(progress=_prefixed(say, f"[{i}/{len(workloads)}] {w.name}: ")))
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return Baseline(workloads=workloads, profiles=profiles, versions=versions(), created=created)
+
+
+def load_baseline(path: str | Path) -> Baseline:
+    """Read a baseline file. A corrupt one never passes: every problem is an error.
+
+    Raises:
+        InputError: missing or unreadable file, not JSON, another schema, a newer version,
+            a malformed entry or profile.
+    """
+    p = Path(path)
+    src = p.name
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such baseline file (make one with memprof baseline)") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{src}: not valid JSON ({e.msg} at line {e.lineno}): a corrupt baseline") from None
+    if not isinstance(d, dict) or "schema" not in d:
+        raise InputError(f"{src}: not a memprof baseline (no 'schema' key)")
+    name, _, ver = str(d["schema"]).partition("/")
+    if name != SCHEMA_NAME or not ver.isdigit():
+        raise InputError(f"{src}: not a memprof baseline (schema {d['schema']!r})")
+    if int(ver) > SCHEMA_VERSION:
+        raise InputError(
+            f"{src}: baseline schema {d['schema']} is newer than this memprof reads ({SCHEMA}); upgrade memprof"
+        )
+    entries = d.get("workloads")
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"{src}: malformed baseline: no workloads")
+    problems: list[str] = []
+    workloads, profiles = [], []
+    for i, item in enumerate(entries, 1):
+        where = f"workloads[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("workload"), dict) or "profile" not in item:
+            problems.append(f"{where}: malformed (needs 'workload' and 'profile')")
+            continue
+        entry = {
+            k: item.get(k) for k in ("name", "model", "engine", "recipe", "steps") if item.get(k) is not None
+        }
+        entry.update({k: v for k, v in item["workload"].items() if k in _WORKLOAD_KEYS and v is not None})
+        w = GateWorkload.from_entry(entry, where, problems)
+        try:
+            prof = Profile.from_dict(item["profile"])
+        except MemprofError as problem:
+            problems.append(f"{where}: {problem}")
+            continue
+        if w is not None:
+            workloads.append(w)
+            profiles.append(prof)
+    if problems:
+        raise GateError(src, [f"malformed baseline: {p}" for p in problems])
+    return Baseline(
+        workloads=workloads,
+        profiles=profiles,
+        versions=dict(d.get("versions") or {}),
+        created=str(d.get("created", "")),
+        memprof_version=str(d.get("memprof_version", "")),
+    )
+
+
+# --------------------------------------------------------------------------- check
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a peak may move: a fraction of the baseline's peak, or bytes."""
+
+    fraction: float | None = None
+    bytes: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Tolerance:
+        """``2%`` or ``50MiB`` (or plain bytes).
+
+        Raises:
+            InputError: neither.
+        """
+        t = text.strip()
+        try:
+            if t.endswith("%"):
+                f = parse_percent(t)
+                if f < 0:
+                    raise InputError("negative")
+                return cls(fraction=f)
+            n = parse_size(t)
+            if n < 0:
+                raise InputError("negative")
+            return cls(bytes=n)
+        except InputError:
+            raise InputError(f"--tolerance {text!r}: give a percentage (2%) or a size (50MiB)") from None
+
+    def allowed(self, baseline_peak: int) -> int:
+        if self.fraction is not None:
+            return int(baseline_peak * self.fraction)
+        return int(self.bytes or 0)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.fraction:.2%}".replace(".00%", "%")
+            if self.fraction is not None
+            else format_bytes(self.bytes)
+        )
+
+
+@dataclass
+class WorkloadCheck:
+    """One workload: baseline against now."""
+
+    name: str
+    status: str  # "ok", "regression", "improvement"
+    baseline_peak: int
+    peak: int
+    allowed: int
+    categories: list[tuple[str, int, int]] = field(
+        default_factory=list
+    )  # (category, before, after) that moved
+    modules: list[tuple[str, int, int]] = field(
+        default_factory=list
+    )  # (module, before, after) that grew most
+    phase: tuple[str | None, str | None] = (None, None)
+    profile: Profile | None = None
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.baseline_peak
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "baseline_peak_bytes": self.baseline_peak,
+            "peak_bytes": self.peak,
+            "delta_bytes": self.delta,
+            "allowed_bytes": self.allowed,
+            "peak_phase": {"baseline": self.phase[0], "now": self.phase[1]},
+            "categories": [{"category": c, "baseline_bytes": a, "bytes": b} for c, a, b in self.categories],
+            "modules": [{"module": m, "baseline_bytes": a, "bytes": b} for m, a, b in self.modules],
+        }
+
+
+@dataclass
+class CheckReport:
+    """Every workload's result, and what differs in the environment."""
+
+    baseline_path: str
+    tolerance: str
+    results: list[WorkloadCheck]
+    version_changes: dict[str, tuple[str, str]]
+
+    @property
+    def regressions(self) -> list[WorkloadCheck]:
+        return [r for r in self.results if r.status == "regression"]
+
+    @property
+    def improvements(self) -> list[WorkloadCheck]:
+        return [r for r in self.results if r.status == "improvement"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "memprof.check/1",
+            "baseline": self.baseline_path,
+            "tolerance": self.tolerance,
+            "passed": not self.regressions,
+            "version_changes": {k: {"baseline": a, "now": b} for k, (a, b) in self.version_changes.items()},
+            "workloads": [r.to_dict() for r in self.results],
+        }
+
+
+def diff(
+    before: Profile, after: Profile, top: int = 5
+) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+    """The categories at the peak that moved, and the modules whose memory at the peak grew most.
+
+    Modules are compared by what they held at the global peak (``bytes_at_peak``);
+    among modules that grew by the same amount the innermost is named (its parents
+    grow with it by construction).
+    """
+    cats = [
+        (c, before.categories_at_peak.get(c, 0), after.categories_at_peak.get(c, 0))
+        for c in CATEGORIES
+        if before.categories_at_peak.get(c, 0) != after.categories_at_peak.get(c, 0)
+    ]
+    cats.sort(key=lambda t: -abs(t[2] - t[1]))
+    old = {m.name: m.bytes_at_peak for m in before.modules}
+    new = {m.name: m.bytes_at_peak for m in after.modules}
+    # the root holds everything: it always grows, and says nothing
+    grown = {n: (old.get(n, 0), b) for n, b in new.items() if b > old.get(n, 0) and n not in ("", "<model>")}
+
+    def explained(n: str, growth: int) -> bool:
+        # a parent is explained by a module inside it that grew by at least half as much
+        return any(q.startswith(n + ".") and (qb - qa) * 2 >= growth for q, (qa, qb) in grown.items())
+
+    named = [(n, a, b) for n, (a, b) in grown.items() if not explained(n, b - a)]
+    named.sort(key=lambda t: (-(t[2] - t[1]), t[0]))
+    picked = named[:top]
+    return cats, picked
+
+
+def check(
+    baseline: Baseline,
+    tolerance: Tolerance,
+    *,
+    baseline_path: str = "",
+    progress: Progress | None = None,
+) -> CheckReport:
+    """Run every workload of ``baseline`` again and compare its peak with the recorded one."""
+    from memprof.engines.base import versions
+
+    say = progress or (lambda m: None)
+    now = versions()
+    changes = {
+        k: (baseline.versions.get(k, "?"), v)
+        for k, v in now.items()
+        if k in ("torch", "transformers", "memprof") and baseline.versions.get(k) != v
+    }
+    results = []
+    n = len(baseline.workloads)
+    for i, (w, before) in enumerate(zip(baseline.workloads, baseline.profiles), 1):
+        after = w.run(progress=_prefixed(say, f"[{i}/{n}] {w.name}: "))
+        allowed = tolerance.allowed(before.peak_bytes)
+        d = after.peak_bytes - before.peak_bytes
+        status = "regression" if d > allowed else ("improvement" if -d > allowed else "ok")
+        cats, mods = diff(before, after)
+        results.append(
+            WorkloadCheck(
+                name=w.name,
+                status=status,
+                baseline_peak=before.peak_bytes,
+                peak=after.peak_bytes,
+                allowed=allowed,
+                categories=cats,
+                modules=mods,
+                phase=(before.peak_phase, after.peak_phase),
+                profile=after,
+            )
+        )
+    return CheckReport(
+        baseline_path=baseline_path, tolerance=str(tolerance), results=results, version_changes=changes
+    )
