@@ -140,6 +140,10 @@ def write_atomic(path: Path, text: str) -> None:
             f.write(text)
             if not text.endswith("\n"):
                 f.write("\n")
+        # mkstemp makes a private file: give it a normal file's permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         try:

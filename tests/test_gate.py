@@ -81,7 +81,9 @@ def test_junit_and_github_formats(base_file, monkeypatch, tmp_path, capsys):
     summary = tmp_path / "summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     capsys.readouterr()
-    assert main(["check", "--baseline", str(base_file), "--format", "github"]) == 5
+    xml2 = tmp_path / "also.xml"
+    assert main(["check", "--baseline", str(base_file), "--format", "github", "--junit", str(xml2)]) == 5
+    assert ET.parse(xml2).getroot().get("failures") == "1"
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("::error title=memprof: memory regression::net: peak")
     assert "| net |" in summary.read_text() and "regression" in summary.read_text()
@@ -165,3 +167,15 @@ def test_version_changes_are_said_and_can_fail(base_file, capsys):
     assert "torch differs from the baseline's (1.0.0" in capsys.readouterr().out
     assert main(["check", "--baseline", str(base_file), "--strict-versions"]) == 3
     assert "versions differ" in capsys.readouterr().err
+
+
+def test_the_example_workflow_is_valid_and_runs_the_check():
+    import yaml
+
+    from tests.conftest import REPO
+
+    wf = yaml.safe_load((REPO / "examples" / "github-actions" / "memprof-check.yml").read_text())
+    steps = wf["jobs"]["memory"]["steps"]
+    run = " ".join(s.get("run", "") for s in steps)
+    assert "memprof check --baseline" in run and "--format github" in run and "--junit" in run
+    assert any(s.get("uses", "").startswith("actions/upload-artifact") for s in steps)

@@ -49,3 +49,16 @@ def test_write_atomic(tmp_path):
     write_atomic(path, "two")
     assert path.read_text() == "two\n"
     assert sorted(p.name for p in path.parent.iterdir()) == ["p.json"]
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from memprof.profile import write_atomic
+
+    f = tmp_path / "p.json"
+    write_atomic(f, "{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask

@@ -107,6 +107,9 @@ def check(
     output: str | None = typer.Option(
         None, "--output", "-o", help="Write the json/junit report to this file (default: stdout)."
     ),
+    junit_path: str | None = typer.Option(
+        None, "--junit", help="Also write a JUnit XML report to this file (whatever --format says)."
+    ),
     strict_versions: bool = typer.Option(
         False,
         "--strict-versions",
@@ -133,6 +136,8 @@ def check(
                 f.write(summary)
         else:
             print(summary, end="")
+    if junit_path:
+        write_output(junit_path, render.junit(rep))
     if strict_versions and rep.version_changes:
         raise EnvironmentProblem(
             "versions differ from the baseline's: "
