@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,9 +400,10 @@ def diff(
 ) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
     """The categories at the peak that moved, and the modules whose memory at the peak grew most.
 
-    Modules are compared by what they held at the global peak (``bytes_at_peak``);
-    among modules that grew by the same amount the innermost is named (its parents
-    grow with it by construction).
+    Modules are compared by what they held at the global peak (``bytes_at_peak``).
+    A module is named only when the modules inside it do not explain its growth
+    (the innermost that grew), and repeated blocks are folded into one row
+    (``h.*.mlp.c_fc (x12)``: the sums over the blocks).
     """
     cats = [
         (c, before.categories_at_peak.get(c, 0), after.categories_at_peak.get(c, 0))
@@ -415,10 +417,23 @@ def diff(
     grown = {n: (old.get(n, 0), b) for n, b in new.items() if b > old.get(n, 0) and n not in ("", "<model>")}
 
     def explained(n: str, growth: int) -> bool:
-        # a parent is explained by a module inside it that grew by at least half as much
-        return any(q.startswith(n + ".") and (qb - qa) * 2 >= growth for q, (qa, qb) in grown.items())
+        # a parent is explained when the modules directly inside it grew by at least half as much
+        kids = [
+            qb - qa for q, (qa, qb) in grown.items() if q.startswith(n + ".") and "." not in q[len(n) + 1 :]
+        ]
+        return sum(kids) * 2 >= growth
 
-    named = [(n, a, b) for n, (a, b) in grown.items() if not explained(n, b - a)]
+    # the innermost modules that grew, repeated blocks folded into one row: h.0.mlp, h.1.mlp -> h.*.mlp (x2)
+    rows: dict[str, list[Any]] = {}
+    for n, (a, b) in grown.items():
+        if explained(n, b - a):
+            continue
+        key = re.sub(r"\.\d+(?=\.|$)", ".*", n)
+        r = rows.setdefault(key, [0, 0, 0, n])
+        r[0] += a
+        r[1] += b
+        r[2] += 1
+    named = [(first if c == 1 else f"{k} (x{c})", a, b) for k, (a, b, c, first) in rows.items()]
     named.sort(key=lambda t: (-(t[2] - t[1]), t[0]))
     picked = named[:top]
     return cats, picked
