@@ -11,6 +11,7 @@ code  meaning
 3     environment error: no GPU for ``--engine cuda``, model not cached
       while offline, optional dependency missing
 4     the measured step ran out of memory (the partial profile is reported)
+5     memprof check: a memory regression beyond the tolerance
 ====  =====================================================================
 """
 
