@@ -214,7 +214,7 @@ def _from_directory(spec: str, path: Path, task: str | None, trust_remote_code: 
             f"{spec}: the config asks to run code shipped with the model (auto_map); pass --trust-remote-code if you trust it"
         )
     cfg = _config_from_dict(data, str(cfg_path))
-    rm = ResolvedModel(spec, path.resolve().name, "directory", cfg, trust_remote_code=trust_remote_code)
+    rm = ResolvedModel(spec, _folder_name(path), "directory", cfg, trust_remote_code=trust_remote_code)
     rm.folder = path.resolve()
     _locate_weights(rm, path)
     return _finish(rm, task)
@@ -330,6 +330,18 @@ def pick_task(config: Any) -> str:
 
 
 # ------------------------------------------------------------------------ build
+# folder names that say nothing about the model (a package's "model/", a run's "checkpoint/")
+_GENERIC_FOLDERS = {"model", "models", "checkpoint", "final", "output", "weights", "hf", "snapshot"}
+
+
+def _folder_name(path: Path) -> str:
+    """The name a model folder is shown by: with its parent when its own name is generic."""
+    p = path.resolve()
+    if p.name.lower() in _GENERIC_FOLDERS and p.parent.name:
+        return f"{p.parent.name}/{p.name}"
+    return p.name
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     """Unique parameters (tied weights counted once)."""
     seen: set[int] = set()
