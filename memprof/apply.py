@@ -144,9 +144,6 @@ def apply(
             "no step of the recipe applies to this model and workload: "
             + "; ".join(skipped or ["empty recipe"])
         )
-    for t in setup.model_transforms:
-        if t["kind"] == "quantize":
-            quantization_config(t)  # before any work: say now if this format cannot be saved
     # Refuse before any profiling: a checkpoint that does not reload as the measured model is worse than none.
     unsaveable = [why for t in setup.model_transforms if (why := checkpoint_problem(t))]
     if unsaveable:
@@ -273,10 +270,7 @@ def quantization_config(spec: dict[str, Any]) -> Any:
         if bits == 4:
             return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
         return BitsAndBytesConfig(load_in_8bit=True)
-    raise InputError(
-        f"{backend} quantization cannot be saved in a format transformers reloads (its packed CPU "
-        "modules have no checkpoint format): install torchao and use the quantization step with backend torchao"
-    )
+    raise InputError(checkpoint_problem(spec) or f"{backend} quantization has no checkpoint format")
 
 
 def _save_quantized(model: Any, spec: dict[str, Any], tmp: Path, parent: Path) -> str:

@@ -30,6 +30,19 @@ class InputError(MemprofError):
     exit_code = 2
 
 
+class ProblemsError(InputError):
+    """An input file (a recipe, a workloads or baseline file) with problems; ``problems`` lists every one.
+
+    The command line prints a summary line and then one line per problem.
+    """
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        n = len(problems)
+        super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''}: " + "; ".join(problems))
+
+
 class EnvironmentProblem(MemprofError):
     """The machine cannot do what was asked: no GPU, no network, no package."""
 

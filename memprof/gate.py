@@ -37,7 +37,7 @@ import tomllib
 import yaml
 
 from memprof import __version__
-from memprof.errors import InputError, MemprofError
+from memprof.errors import InputError, MemprofError, ProblemsError
 from memprof.profile import Profile, write_atomic
 from memprof.tracking import CATEGORIES
 from memprof.units import format_bytes, parse_percent, parse_size
@@ -55,14 +55,8 @@ ENGINES = ("sim", "cpu", "cuda", "auto")
 Progress = Callable[[str], None]
 
 
-class GateError(InputError):
+class GateError(ProblemsError):
     """A workloads or baseline file with problems (every one of them, like a recipe)."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        first = problems[0] if len(problems) == 1 else f"{len(problems)} problems"
-        super().__init__(f"{source}: {first}")
 
 
 @dataclass

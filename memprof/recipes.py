@@ -27,20 +27,14 @@ from typing import Any
 import yaml
 
 from memprof import optimizations
-from memprof.errors import InputError
+from memprof.errors import InputError, ProblemsError
 from memprof.optimizations.registry import Optimization, parse_options, unknown_name_message
 
 _TOP_KEYS = ("description", "optimizations")
 
 
-class RecipeError(InputError):
+class RecipeError(ProblemsError):
     """A recipe with problems; ``problems`` lists every one."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        n = len(problems)
-        super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''}: " + "; ".join(problems))
 
 
 @dataclass

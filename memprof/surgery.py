@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn.utils.prune as prune
 
-from memprof.errors import InputError
+from memprof.errors import EnvironmentProblem, InputError
+from memprof.units import format_bytes
 
 
 def apply_transform(model: torch.nn.Module, spec: dict[str, Any]) -> str:
@@ -46,6 +47,11 @@ def apply_transform(model: torch.nn.Module, spec: dict[str, Any]) -> str:
 
 def checkpoint_problem(spec: dict[str, Any]) -> str | None:
     """Why a checkpoint cannot hold the result of this transform, or None."""
+    if spec["kind"] == "quantize" and spec["backend"] == "torch.ao":
+        return (
+            "torch.ao quantization cannot be saved in a format transformers reloads (its packed CPU "
+            "modules have no checkpoint format): install torchao and use the quantization step with backend torchao"
+        )
     if spec["kind"] == "gated_mlp":
         # The gated MLP is a different function with new random weights; the stock
         # architecture class would rebuild a plain MLP from config.json, so no file
@@ -200,10 +206,14 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+#: loggers that talk on import when torchao is installed (native kernels for other GPUs, pytree notices)
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 @contextlib.contextmanager
 def quiet_imports() -> Iterator[None]:
     """Silence the warnings torchao logs on import (native kernels for other GPUs, pytree notices)."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    loggers = [logging.getLogger(n) for n in NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
@@ -278,8 +288,6 @@ def quantize(model: torch.nn.Module, backend: str, bits: int = 8) -> str:
         EnvironmentProblem: the backend's library or hardware is missing.
         InputError: the backend cannot run on these tensors (torch.ao on fake tensors).
     """
-    from memprof.errors import EnvironmentProblem
-
     why = quantization_problem(backend, bits)
     if why:
         raise EnvironmentProblem(why)
@@ -311,8 +319,6 @@ def quantize(model: torch.nn.Module, backend: str, bits: int = 8) -> str:
     else:
         raise InputError(f"unknown quantization backend {backend!r}; use one of: {', '.join(QUANT_BACKENDS)}")
     after = weight_bytes(model, names)
-    from memprof.units import format_bytes
-
     return (
         f"{how}: {len(layers)} Linear layers, weights {format_bytes(before)} -> {format_bytes(after)} "
         f"({after / before:.1%} of before); the output head is not quantized"

@@ -47,7 +47,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import partial
+from functools import cache, partial
 from typing import Any, NamedTuple
 
 import torch
@@ -625,7 +625,7 @@ class Tracker(TorchDispatchMode):
     def _maybe_add(self, t: torch.Tensor) -> None:
         if t.layout is not torch.strided:
             return
-        if type(t) is not torch.Tensor and _is_wrapper(t):
+        if _is_wrapper(t):
             for inner in _inner_tensors(t):
                 self._maybe_add(inner)
             return
@@ -745,7 +745,13 @@ def _is_wrapper(t: torch.Tensor) -> bool:
     Its own storage is a placeholder of the logical (dense) size; the memory is
     in the inner tensors, which are counted instead.
     """
-    return hasattr(type(t), "__tensor_flatten__")
+    return _wrapper_type(type(t))
+
+
+@cache
+def _wrapper_type(cls: type) -> bool:
+    # per type, not per tensor: the tracker asks for every op's output
+    return hasattr(cls, "__tensor_flatten__")
 
 
 def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:

@@ -32,6 +32,18 @@ def save_tiny(name: str, folder: Path, auto: type = AutoModelForCausalLM) -> Pat
     return folder
 
 
+def apply_infer(src: Path, steps: list[str], out: Path, **kw):
+    """``memprof apply`` of ``steps`` for a small inference step on the cpu engine."""
+    return apply_mod.apply(
+        str(src),
+        recipes.from_names(steps),
+        out,
+        Workload(mode="infer", batch_size=2, seq_len=32),
+        engine="cpu",
+        **kw,
+    )
+
+
 @pytest.fixture(scope="module")
 def tiny_lm_dir(tmp_path_factory) -> Path:
     return save_tiny("llama", tmp_path_factory.mktemp("src") / "tiny-llama")
@@ -196,13 +208,7 @@ def test_nothing_applies_is_an_error(tiny_lm_dir, tmp_path, capsys):
 
 def test_apply_structured_pruning_reloads_at_its_new_size(minilm_dir, tmp_path):
     out = tmp_path / "minilm-pruned"
-    res = apply_mod.apply(
-        str(minilm_dir),
-        recipes.from_names(["pruning:amount=0.25"]),
-        out,
-        Workload(mode="infer", batch_size=2, seq_len=32),
-        engine="cpu",
-    )
+    res = apply_infer(minilm_dir, ["pruning:amount=0.25"], out)
     model = AutoModel.from_pretrained(out)
     assert model.config.intermediate_size == 1152  # 1536 x 0.75
     assert sum(p.numel() for p in model.parameters()) < 22_713_216
@@ -228,14 +234,7 @@ def test_apply_persists_the_sliding_window(tmp_path):
 def test_apply_int8_quantized_minilm_reloads_quantized(minilm_dir, tmp_path):
     pytest.importorskip("torchao")
     out = tmp_path / "minilm-int8"
-    res = apply_mod.apply(
-        str(minilm_dir),
-        recipes.from_names(["pruning:amount=0.25", "quantization"]),
-        out,
-        Workload(mode="infer", batch_size=2, seq_len=32),
-        engine="cpu",
-        profile=False,
-    )
+    res = apply_infer(minilm_dir, ["pruning:amount=0.25", "quantization"], out, profile=False)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "torchao"
     model = AutoModel.from_pretrained(out)
@@ -290,13 +289,7 @@ def _pruned_in_memory(auto: type, src: Path) -> torch.nn.Module:
 
 def test_apply_head_pruning_llama_reloads_smaller(tmp_path, tiny_lm_dir):
     out = tmp_path / "llama-heads"
-    res = apply_mod.apply(
-        str(tiny_lm_dir),
-        recipes.from_names(["pruning:method=heads"]),
-        out,
-        Workload(mode="infer", batch_size=2, seq_len=32),
-        engine="cpu",
-    )
+    res = apply_infer(tiny_lm_dir, ["pruning:method=heads"], out)
     cfg = AutoConfig.from_pretrained(out)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (2, 1, 16)
     new = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -182,7 +183,7 @@ def test_the_example_workflow_is_valid_and_runs_the_check():
 
 
 def test_repeated_blocks_are_folded_into_one_row(tmp_path, capsys):
-    cfg = json.loads(open(tiny("gpt2")).read())
+    cfg = json.loads(Path(tiny("gpt2")).read_text())
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(cfg))

@@ -49,7 +49,9 @@ def quiet_libraries() -> None:
     # logs about native kernels built for other GPUs and pytree registrations, and
     # torch.ao warns that its quantized dtypes are deprecated: none of it concerns
     # the measurement.
-    for name in ("torchao", "torch.utils._pytree"):
+    from memprof.surgery import NOISY_LOGGERS
+
+    for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
     warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")

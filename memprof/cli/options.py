@@ -100,10 +100,6 @@ def data_spec(
     data: Path | None, text_field: str, tokenizer: str | None, lengths: str | None, samples: int
 ) -> DataSpec | None:
     """The DataSpec of the data options (None when none was given)."""
-    if data is None and lengths is None:
-        if tokenizer or text_field != "text":
-            raise typer.BadParameter("goes with --data FILE", param_hint="--tokenizer/--text-field")
-        return None
     spec = DataSpec(
         path=str(data) if data else None,
         text_field=text_field,
@@ -112,7 +108,7 @@ def data_spec(
         samples=samples,
     )
     spec.validate()
-    return spec
+    return spec if (data is not None or lengths is not None) else None
 
 
 def workload(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -165,7 +164,3 @@ def github(rep: CheckReport) -> tuple[str, str]:
             f"| {r.status} | {why(r) or '-'} |"
         )
     return "\n".join(lines) + ("\n" if lines else ""), "\n".join(md) + "\n"
-
-
-def as_dict(rep: CheckReport) -> dict[str, Any]:
-    return rep.to_dict()
