@@ -58,6 +58,10 @@ class Workload:
     temperature: float = 1.0
     #: distill: weight of the student's own cross-entropy; the KL gets 1 - ce_weight
     ce_weight: float = 0.5
+    #: ranks (GPUs) running the step together; ``batch_size`` is per rank. Without
+    #: sharding every rank holds a full replica (data parallel), so the per-rank
+    #: memory is the single-GPU step's
+    world_size: int = 1
 
     @property
     def training(self) -> bool:
@@ -91,6 +95,8 @@ class Workload:
             problems.append(f"--temperature must be above 0, got {self.temperature}")
         if not 0 <= self.ce_weight <= 1:
             problems.append(f"--ce-weight must be between 0 and 1, got {self.ce_weight}")
+        if self.world_size < 1:
+            problems.append(f"--world-size must be at least 1, got {self.world_size}")
         if problems:
             raise InputError("; ".join(problems))
 
@@ -100,6 +106,8 @@ class Workload:
             # other steps' profiles stay as they were: no distillation keys
             for k in ("teacher", "temperature", "ce_weight"):
                 del d[k]
+        if self.world_size == 1:
+            del d["world_size"]  # single-GPU profiles stay as they were
         return d
 
 
@@ -163,6 +171,12 @@ class StepSetup:
     config_updates: dict[str, Any] = field(default_factory=dict)
     #: transformers TrainingArguments fields for the training-loop changes
     training_args: dict[str, Any] = field(default_factory=dict)
+    #: parameter sharding across ``workload.world_size`` ranks: "fsdp" (FSDP2's
+    #: fully_shard per repeated block, then the root) or None
+    shard: str | None = None
+    #: FSDP2 reshard_after_forward: free each block's unsharded parameters after its
+    #: forward (all-gathered again in backward); False keeps them to the backward
+    reshard_after_forward: bool = True
     #: CUDA caching allocator settings (memprof.allocator.AllocatorSettings as plain
     #: data; empty: PyTorch's defaults). They only take effect through
     #: PYTORCH_CUDA_ALLOC_CONF before CUDA initialises: the cuda engine measures
@@ -219,6 +233,11 @@ class StepSetup:
             problems.append(
                 "the optimizer cannot step in backward with a gradient scaler (unscaling needs all gradients)"
             )
+        if self.shard is not None:
+            if self.shard != "fsdp":
+                problems.append(f"unknown sharding {self.shard!r}; use: fsdp")
+            elif self.workload.world_size < 2:
+                problems.append("sharding needs --world-size N with N >= 2")
         if self.alloc_conf:
             try:
                 AllocatorSettings.from_dict(self.alloc_conf)

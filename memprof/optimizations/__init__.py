@@ -18,6 +18,7 @@ from memprof.optimizations import (  # noqa: F401  (imported to register them)
     chunking,
     distill,
     dynamic_padding,
+    fsdp,
     glu,
     grad_accumulation,
     inference_mode,
