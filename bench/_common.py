@@ -250,7 +250,17 @@ def header_lines(extra: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
-_ORDER = ("summary", "sim_speed", "cpu_overhead", "cpu_overhead_threads1", "agreement")
+_ORDER = (
+    "summary",
+    "sim_speed",
+    "cpu_overhead",
+    "cpu_overhead_threads1",
+    "cpu_overhead_b4_s256",
+    "agreement",
+    "fsdp_scale",
+    "fsdp_agreement",
+    "plan_speed",
+)
 
 
 def write_section(name: str, text: str, doc: Path = DOC) -> None:

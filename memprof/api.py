@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 from memprof.distill import resolve_teacher
-from memprof.engines import get_engine
+from memprof.engines import SimEngine, get_engine
 from memprof.engines.base import Engine, versions
+from memprof.errors import InputError, MemprofError, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count, resolve
 from memprof.profile import ModuleStat, PhaseStat, Profile
+from memprof.sharding import Launch, gather_profiles
 from memprof.tracking import Tracker
-from memprof.workload import Workload
+from memprof.workload import StepSetup, Workload
 
 
 class TrackSession:
@@ -172,6 +175,8 @@ def analyze(
     teacher: str | None = None,
     temperature: float = 1.0,
     ce_weight: float = 0.5,
+    world_size: int = 1,
+    shard: str | None = None,
     engine: str | Engine = "auto",
     snapshot: str | None = None,
     allow_pickle: bool = False,
@@ -193,6 +198,13 @@ def analyze(
         teacher: distill: the teacher's MODEL spec (same vocabulary as the student).
         temperature: distill: softmax temperature of the KL.
         ce_weight: distill: weight of the student's cross-entropy; the KL gets ``1 - ce_weight``.
+        world_size: ranks running the step together (``batch_size`` is per rank); under
+            torchrun, torchrun's world size (the default then).
+        shard: ``"fsdp"``: shard the model with FSDP2 over ``world_size`` ranks. The sim
+            engine projects rank 0 over a fake process group; the cpu and cuda engines
+            measure real ranks under ``torchrun`` (each rank measures itself, rank 0
+            gets every rank's profile in :attr:`Profile.ranks`). ``auto`` picks sim
+            outside torchrun.
         engine: ``auto``, ``cuda``, ``cpu``, ``sim`` or an :class:`Engine`.
         snapshot: write a CUDA allocator snapshot (cuda engine).
         allow_pickle: permit loading ``.bin`` checkpoints.
@@ -200,11 +212,14 @@ def analyze(
         progress: called with a short status line as the work advances.
 
     Returns:
-        The profile of the measured step.
+        The profile of the measured step (rank 0's under torchrun, on every rank).
 
     Raises:
         InputError, EnvironmentProblem, OutOfMemory: see :mod:`memprof.errors`.
     """
+    launch = Launch.from_env() if shard else None
+    if launch is not None and world_size == 1:
+        world_size = launch.world_size
     workload = Workload(
         mode=mode,
         batch_size=batch_size,
@@ -217,8 +232,16 @@ def analyze(
         teacher=teacher,
         temperature=temperature,
         ce_weight=ce_weight,
+        world_size=world_size,
     )
     workload.validate()
+    setup = sharded_setup(workload, shard)
+    if shard and engine == "auto":
+        if launch is None:
+            engine = SimEngine()
+            engine.reason = "auto: a sharded step outside torchrun is projected over a fake process group"
+        else:
+            engine = "cuda" if torch.cuda.is_available() else "cpu"
     rm, eng = prepare(
         spec,
         workload,
@@ -228,7 +251,74 @@ def analyze(
         trust_remote_code=trust_remote_code,
         progress=progress,
     )
-    return eng.run(rm, workload, progress=progress, allow_pickle=allow_pickle)
+    if launch is None:
+        return eng.run(rm, setup, progress=progress, allow_pickle=allow_pickle)
+    return run_ranks(eng, rm, setup, progress=progress, allow_pickle=allow_pickle)
+
+
+def sharded_setup(workload: Workload, shard: str | None) -> StepSetup:
+    """The step of ``workload``, sharded with ``shard`` (None: as it is).
+
+    Raises:
+        InputError: an unknown sharding, or one that does not apply to the workload.
+    """
+    setup = StepSetup.of(workload)
+    if shard is None:
+        return setup
+    if shard != "fsdp":
+        raise InputError(f"unknown sharding {shard!r}; use: fsdp")
+    from memprof import optimizations
+
+    opt = optimizations.make("fsdp")
+    reason = opt.applies_to(None, setup)
+    if reason:
+        raise InputError(f"--shard fsdp: {reason}")
+    opt.apply(setup)
+    setup.steps.append({"name": opt.name, "options": opt.options})
+    return setup
+
+
+def run_ranks(
+    eng: Engine,
+    rm: ResolvedModel,
+    setup: StepSetup,
+    *,
+    progress: Callable[[str], None] | None = None,
+    allow_pickle: bool = False,
+) -> Profile:
+    """Under torchrun: every rank measures its own step; rank 0's profile holds all of them.
+
+    A rank whose step fails still joins the gather (with its error), so the
+    others do not wait for it; the error is raised on that rank and reported
+    in rank 0's table.
+    """
+    import torch.distributed as dist
+
+    error: BaseException | None = None
+    profile: Profile | None = None
+    try:
+        profile = eng.run(rm, setup, progress=progress, allow_pickle=allow_pickle)
+        mine: dict[str, Any] = profile.to_dict()
+    except (MemprofError, RuntimeError) as e:
+        error = e
+        mine = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+        if isinstance(e, OutOfMemory) and isinstance(e.profile, Profile):
+            mine = e.profile.to_dict() | mine
+    try:
+        if dist.is_initialized():
+            everyone = gather_profiles(mine)
+            dist.barrier()
+        else:  # the step failed before joining the group
+            everyone = None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if error is not None:
+        raise error
+    assert profile is not None
+    if everyone is not None:
+        profile.ranks = everyone
+    return profile
 
 
 __all__ = ["TrackSession", "analyze", "estimate_state_bytes", "prepare", "track"]

@@ -20,6 +20,15 @@ Added within version 1: ``split_at_peak`` (distillation: ``student``,
 ``teacher``, ``loss`` and ``other``, each the categories of its memory at the
 peak; per category the sides sum to ``categories_at_peak``; ``{}`` for other
 steps and in profiles written before it).
+
+Added within version 1: ``sharding`` (None unless the step was sharded):
+``method`` ("fsdp"), ``world_size``, ``rank`` (the rank measured),
+``launcher`` ("fake process group" in the sim engine, "torchrun" on real
+ranks), ``at_peak`` (bytes by FSDP role at the peak: ``sharded_parameters``,
+``unsharded_parameters``, ``unsharded_gradients``, ``all_gather_buffers``,
+``reduce_scatter_buffers``; they overlap the categories, they do not add to
+them) and ``zero3_estimate`` (DeepSpeed's per-GPU formula, model states only).
+``ranks`` (torchrun): every rank's profile as plain data, rank 0's first.
 """
 
 from __future__ import annotations
@@ -80,6 +89,10 @@ class Profile:
     allocator: dict[str, Any] | None = None
     #: distillation: side (student, teacher, loss, other) -> category -> bytes at the peak
     split_at_peak: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: sharded steps: world size, rank, bytes by FSDP role at the peak (see the module docstring)
+    sharding: dict[str, Any] | None = None
+    #: torchrun: every rank's profile as plain data (rank order), on rank 0's profile
+    ranks: list[dict[str, Any]] | None = None
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:

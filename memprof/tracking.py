@@ -35,6 +35,10 @@ Known limitations:
   allocator instead.
 * A storage resized in place (``resize_``) keeps the size it had when first
   seen, except through ``aten.resize_`` itself, which is followed.
+* FSDP2 (``distributed=True``): PyTorch frees and re-allocates the gathered
+  parameters with ``UntypedStorage.resize_``, which is not a dispatched op;
+  the tracker wraps that method while it is active (as PyTorch's own
+  ``MemTracker`` does) and restores it on exit.
 * Non-reentrant checkpointing installs its own saved-tensor hooks, which hide
   the tensors it saves from the ``activations`` tag (they stay temporaries).
 """
@@ -70,6 +74,19 @@ class Category(str, Enum):
 CATEGORIES: tuple[str, ...] = tuple(c.value for c in Category)
 _CAT_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
 _PARAM, _BUF, _GRAD, _OPT, _ACT, _TMP, _INP = range(7)
+
+#: What FSDP2's storages are, beside their category (``Tracker(distributed=True)``):
+#: the rank's shards of the parameters, the parameters all-gathered for the block
+#: running, the unsharded gradients waiting for the reduce-scatter, and the
+#: communication buffers (all-gather output, reduce-scatter input)
+SHARD_ROLES: tuple[str, ...] = (
+    "sharded_parameters",
+    "unsharded_parameters",
+    "unsharded_gradients",
+    "all_gather_buffers",
+    "reduce_scatter_buffers",
+)
+_SHARDED, _UNSHARDED, _UNSHARDED_GRAD, _AG, _RS = range(5)
 
 
 def round_cuda_block(nbytes: int) -> int:
@@ -118,6 +135,8 @@ class TrackerResult:
     live_by_category: dict[str, int] = field(default_factory=dict)
     #: per group (and "other"): bytes by category at the peak; empty without groups
     groups_at_peak: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: FSDP2 (distributed=True): bytes by SHARD_ROLES at the peak; empty otherwise
+    sharding_at_peak: dict[str, int] = field(default_factory=dict)
 
 
 class _Frame:
@@ -161,6 +180,11 @@ class Tracker(TorchDispatchMode):
             (what :mod:`memprof.allocator` replays); the tensors that exist on
             entry come first, as allocations. Off: :attr:`trace` is None and
             nothing is recorded.
+        distributed: the model is sharded with FSDP2 (parameters are DTensors):
+            follow ``UntypedStorage.resize_``, let DTensor ops reach the tracker
+            as the rank's local tensor ops, ignore the global-shape fake tensors
+            of DTensor's sharding propagation, and break the FSDP storages down
+            by role (:data:`SHARD_ROLES`).
     """
 
     def __init__(
@@ -173,6 +197,7 @@ class Tracker(TorchDispatchMode):
         device_type: str | None = None,
         record_trace: bool = False,
         groups: Sequence[str] = (),
+        distributed: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -232,6 +257,15 @@ class Tracker(TorchDispatchMode):
         #: where an exception escaped the tracked region (phase, innermost module)
         self.error_phase: str | None = None
         self.error_module: str | None = None
+        # FSDP2: storage id -> role index, and running bytes per role
+        self.distributed = distributed
+        self._role: dict[int, int] = {}
+        self._roles = [0] * len(SHARD_ROLES)
+        self._roles_at_peak = list(self._roles)
+        self._entry_fake: Any = None
+        self._dtensor: type | None = None
+        self._collectives: dict[Any, str] = {}
+        self._active_fake: Any = None
 
     # ------------------------------------------------------------------ setup
     def __enter__(self) -> Tracker:
@@ -249,6 +283,8 @@ class Tracker(TorchDispatchMode):
                 for opt in self.optimizers:
                     self._handles.append(opt.register_step_post_hook(self._after_optimizer_step))
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack))
+            if self.distributed:
+                self._enter_distributed(stack)
             super().__enter__()
             self._active = True
         except BaseException:
@@ -272,6 +308,47 @@ class Tracker(TorchDispatchMode):
                 self._exit_stack = None
             self._closed = True
             self._keep.clear()
+
+    def _enter_distributed(self, stack: contextlib.ExitStack) -> None:
+        from torch._guards import active_fake_mode
+        from torch.distributed.tensor import DTensor
+
+        self._dtensor = DTensor
+        self._collectives = {
+            op: kind
+            for op, kind in (
+                (_op("c10d", "_allgather_base_"), "all_gather"),
+                (_op("c10d", "_reduce_scatter_base_"), "reduce_scatter"),
+                (_op("fsdp", "chunk_cat"), "chunk_cat"),
+            )
+            if op is not None
+        }
+        # the fake mode of the step (sim engine) or None: any other one is DTensor's
+        # sharding propagation, whose global-shape tensors hold nothing
+        self._active_fake = active_fake_mode
+        self._entry_fake = active_fake_mode()
+        orig = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(st: torch.UntypedStorage, size: int) -> Any:
+            out = orig(st, size)
+            if tracker._active:
+                tracker._on_storage_resize(st)
+            return out
+
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign, assignment]
+        stack.callback(setattr, torch.UntypedStorage, "resize_", orig)
+        for opt in self.optimizers:
+            self._handles.append(opt.register_step_pre_hook(self._before_optimizer_step))
+
+    def _before_optimizer_step(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+        # FSDP2 assigns the sharded gradients itself (no accumulate-grad hook fires)
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.register(
+                        p.grad, Category.GRADIENTS, owner=self._param_owner.get(id(p), 0), retag=True
+                    )
 
     def _remove_hooks(self) -> None:
         for h in self._handles:
@@ -318,6 +395,9 @@ class Tracker(TorchDispatchMode):
         assert self.model is not None
         for p in self.model.parameters():
             self.register(p, Category.PARAMETERS, owner=self._param_owner.get(id(p), 0))
+            if self.distributed and _is_wrapper(p):
+                for inner in _inner_tensors(p):
+                    self._set_role(inner, _SHARDED)
             if p.grad is not None:
                 self.register(p.grad, Category.GRADIENTS, owner=self._param_owner.get(id(p), 0))
         for mod in self.model.modules():
@@ -570,6 +650,10 @@ class Tracker(TorchDispatchMode):
         del self._records[sid]
         self._refs.pop(sid, None)
         n, cat, owner = rec
+        if self._role:
+            role = self._role.pop(sid, None)
+            if role is not None:
+                self._roles[role] -= n
         if self.trace is not None and n:
             self.trace.append(TraceEvent(sid, n, False, self._phase))
         self._cat[cat] -= n
@@ -586,6 +670,8 @@ class Tracker(TorchDispatchMode):
         self._cat_at_peak = list(self._cat)
         if self._grouped:
             self._grp_at_peak = self._grp[:]
+        if self.distributed:
+            self._roles_at_peak = self._roles[:]
         self._phase_at_peak = self._phase
         self._module_at_peak = self._owner()
         if self.track_modules:
@@ -606,6 +692,12 @@ class Tracker(TorchDispatchMode):
         return t
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if self.distributed:
+            if any(issubclass(t, self._dtensor) for t in types):  # type: ignore[arg-type]
+                return NotImplemented  # DTensor desugars into local-tensor ops, which come back here
+            if self._active_fake() is not self._entry_fake:
+                return func(*args, **(kwargs or {}))  # DTensor's sharding propagation: nothing real
+            self._fsdp_roles(func, args)
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten.resize_.default:
             self._on_resize(args[0])
@@ -621,6 +713,58 @@ class Tracker(TorchDispatchMode):
                         if isinstance(oo, torch.Tensor):
                             self._maybe_add(oo)
         return out
+
+    def _fsdp_roles(self, func: Any, args: Any) -> None:
+        """Tag FSDP2's communication buffers and unsharded gradients as they reach a collective."""
+        op = self._collectives.get(func)
+        if op is None:
+            return
+        if op == "all_gather":
+            self._set_role(args[0], _AG)
+        elif op == "reduce_scatter":
+            self._set_role(args[1], _RS)
+            # the output is the rank's gradient shard (FSDP2 assigns it as .grad)
+            self.register(args[0], Category.GRADIENTS, retag=True)
+        elif op == "chunk_cat":
+            for g in args[0]:
+                if isinstance(g, torch.Tensor):
+                    self.register(g, Category.GRADIENTS, retag=True)
+                    self._set_role(g, _UNSHARDED_GRAD)
+
+    def _set_role(self, t: Any, role: int) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        try:
+            sid = id(t.untyped_storage())
+        except (NotImplementedError, RuntimeError):
+            return
+        rec = self._records.get(sid)
+        if rec is None:
+            return
+        old = self._role.get(sid)
+        if old == role:
+            return
+        if old is not None:
+            self._roles[old] -= rec[0]
+        self._role[sid] = role
+        self._roles[role] += rec[0]
+
+    def _on_storage_resize(self, st: Any) -> None:
+        """``UntypedStorage.resize_`` (FSDP2's gather and reshard of a block's parameters)."""
+        sid = id(st)
+        rec = self._records.get(sid)
+        if rec is None:
+            if st.nbytes() == 0:
+                return
+            # a fake tensor's storage is on meta: the step's device is what counts
+            dev = st.device.type
+            if self.device_type is not None and dev not in (self.device_type, "meta"):
+                return
+            self._add(st, sid, _PARAM, self._owner())
+            self._role[sid] = _UNSHARDED
+            self._roles[_UNSHARDED] += self._records[sid][0]
+            return
+        self._resized(st, sid, rec)
 
     def _maybe_add(self, t: torch.Tensor) -> None:
         if t.layout is not torch.strided:
@@ -649,6 +793,9 @@ class Tracker(TorchDispatchMode):
             if self._counts(t):
                 self._add(st, sid, self._new_cat, self._owner())
             return
+        self._resized(st, sid, rec)
+
+    def _resized(self, st: Any, sid: int, rec: list[int]) -> None:
         n = self._size(st)
         delta = n - rec[0]
         if delta < 0 and self._dirty:
@@ -661,6 +808,10 @@ class Tracker(TorchDispatchMode):
             if n:
                 self.trace.append(TraceEvent(sid, n, True, self._phase))
         rec[0] = n
+        if self._role:
+            role = self._role.get(sid)
+            if role is not None:
+                self._roles[role] += delta
         self._cat[rec[1]] += delta
         if self._grouped:
             self._grp[self._gi(rec[2], rec[1])] += delta
@@ -736,6 +887,7 @@ class Tracker(TorchDispatchMode):
             }
             if self._grouped
             else {},
+            sharding_at_peak=dict(zip(SHARD_ROLES, self._roles_at_peak)) if self.distributed else {},
         )
 
 
@@ -757,6 +909,14 @@ def _wrapper_type(cls: type) -> bool:
 def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     names, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
     return [v for v in (getattr(t, n) for n in names) if isinstance(v, torch.Tensor)]
+
+
+def _op(namespace: str, name: str) -> Any:
+    """``torch.ops.<namespace>.<name>.default``, or None where this build lacks it."""
+    try:
+        return getattr(getattr(torch.ops, namespace), name).default
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:

@@ -229,6 +229,11 @@ class StepSetup:
             self.teacher_no_grad or self.teacher_dtype or self.teacher_topk
         ):
             problems.append("teacher settings apply to distillation steps only")
+        if self.shard and self.optimizer_in_backward:
+            problems.append(
+                "the optimizer cannot step in backward with FSDP2: it assigns the gradient shards after "
+                "the reduce-scatter, where no gradient hook fires"
+            )
         if self.optimizer_in_backward and self.grad_scaler:
             problems.append(
                 "the optimizer cannot step in backward with a gradient scaler (unscaling needs all gradients)"
@@ -269,6 +274,8 @@ class RunEnv:
     #: a context the checkpoint recomputation runs in (the sim engine re-enters its
     #: CUDA-semantics mode there: torch function modes do not follow into backward)
     recompute_context: Callable[[], Any] | None = None
+    #: the device mesh of the ranks a sharded step runs on (memprof.sharding)
+    mesh: Any = None
 
 
 def make_optimizer(
@@ -433,10 +440,28 @@ class StepRunner:
         self.optimizer: torch.optim.Optimizer | None = None
         self.in_backward: OptimizerInBackward | None = None
         self.scaler: Any = None
+        #: sim, sharded: the optimizer steps the rank's local shards (memprof.sharding.LocalShards)
+        self.local_shards: Any = None
         for spec in self.setup.model_transforms:
             self.setup.notes.append(apply_transform(model, spec))
         if self.train and self.setup.checkpointing:
             enable_checkpointing(model, self.setup.checkpointing, self.env.recompute_context)
+        if self.setup.shard == "fsdp":
+            if self.env.mesh is None:
+                raise InputError("a sharded step needs its ranks: the engine provides the device mesh")
+            from memprof.sharding import shard_model
+
+            mp = DTYPES[self.setup.autocast] if self.setup.autocast else None
+            if mp is not None and mp == next(model.parameters()).dtype:
+                mp = None  # the parameters are already in that dtype
+            self.setup.notes.append(
+                shard_model(
+                    model,
+                    self.env.mesh,
+                    reshard_after_forward=self.setup.reshard_after_forward,
+                    param_dtype=mp,
+                )
+            )
         if self.train and build_optimizer:
             params = [p for p in model.parameters() if p.requires_grad]
             impl = self.setup.optimizer_impl
@@ -448,6 +473,13 @@ class StepRunner:
 
             if self.setup.optimizer_in_backward:
                 self.in_backward = OptimizerInBackward(make, params)
+            elif self.setup.shard and self.env.simulate_cuda:
+                from memprof.sharding import LocalShards
+
+                self.local_shards = LocalShards(params)
+                self.optimizer = make(self.local_shards.params)
+                if self.optimizer is not None:
+                    self.local_shards.attach(self.optimizer)
             else:
                 self.optimizer = make(params)
             if self.setup.grad_scaler:
@@ -517,6 +549,8 @@ class StepRunner:
             self.in_backward.remove()
         if self.pair is not None and isinstance(self.pair.teacher, TopkTeacher):
             self.pair.teacher.remove()
+        if self.local_shards is not None:
+            self.local_shards.remove()
 
     def __enter__(self) -> StepRunner:
         return self
@@ -642,6 +676,8 @@ class StepRunner:
                 else:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=self.setup.set_to_none)
+                if self.local_shards is not None:
+                    self.model.zero_grad(set_to_none=self.setup.set_to_none)  # the DTensor gradients
             elif self.in_backward is None:
                 self.model.zero_grad(set_to_none=self.setup.set_to_none)
 

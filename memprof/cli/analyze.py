@@ -9,6 +9,7 @@ from memprof.cli import options as O
 from memprof.cli.common import spinner, stderr_console, stdout_console, write_output
 from memprof.errors import OutOfMemory
 from memprof.report.terminal import render
+from memprof.sharding import Launch
 
 
 def analyze(
@@ -25,6 +26,8 @@ def analyze(
     teacher: str | None = O.TEACHER,
     temperature: float = O.TEMPERATURE,
     ce_weight: float = O.CE_WEIGHT,
+    world_size: int = O.WORLD_SIZE,
+    shard: O.Shard | None = O.SHARD,
     top: int = typer.Option(15, "--top", help="Modules to list."),
     json_path: str | None = O.JSON,
     snapshot: str | None = typer.Option(
@@ -36,8 +39,13 @@ def analyze(
     """Measure the peak memory of one training or inference step."""
     if top < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--top")
+    if world_size < 1:
+        raise typer.BadParameter(f"must be at least 1, got {world_size}", param_hint="--world-size")
+    launch = Launch.from_env() if shard else None
+    # under torchrun only rank 0 reports: it holds every rank's profile
+    quiet = launch is not None and launch.rank != 0
     partial = None
-    with spinner() as progress:
+    with spinner(enabled=not quiet) as progress:
         try:
             profile = run_analyze(
                 model,
@@ -52,6 +60,8 @@ def analyze(
                 teacher=teacher,
                 temperature=temperature,
                 ce_weight=ce_weight,
+                world_size=world_size,
+                shard=shard.value if shard else None,
                 engine=engine.value,
                 snapshot=snapshot,
                 allow_pickle=allow_pickle,
@@ -61,6 +71,8 @@ def analyze(
         except OutOfMemory as e:
             partial = e
             profile = e.profile  # type: ignore[assignment]
+    if quiet:
+        return 0
     if profile is not None:
         if json_path:
             write_output(json_path, profile.to_json())

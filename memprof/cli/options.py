@@ -41,6 +41,10 @@ class EngineName(str, Enum):
     sim = "sim"
 
 
+class Shard(str, Enum):
+    fsdp = "fsdp"
+
+
 class Task(str, Enum):
     causal_lm = "causal-lm"
     masked_lm = "masked-lm"
@@ -73,6 +77,16 @@ TEACHER = typer.Option(
 TEMPERATURE = typer.Option(1.0, "--temperature", help="--mode distill: softmax temperature of the KL.")
 CE_WEIGHT = typer.Option(
     0.5, "--ce-weight", help="--mode distill: weight of the student's cross-entropy (the KL gets the rest)."
+)
+WORLD_SIZE = typer.Option(
+    1,
+    "--world-size",
+    help="Ranks (GPUs) running the step; --batch-size is per rank. Under torchrun: its world size.",
+)
+SHARD = typer.Option(
+    None,
+    "--shard",
+    help="fsdp: shard with FSDP2 over --world-size ranks (sim: projected; under torchrun: measured per rank).",
 )
 JSON = typer.Option(None, "--json", help="Write the result as JSON to PATH ('-' for stdout).")
 DATA = typer.Option(

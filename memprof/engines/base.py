@@ -22,7 +22,7 @@ import torch
 
 from memprof import __version__
 from memprof.distill import SIDES, resolve_teacher
-from memprof.errors import OutOfMemory
+from memprof.errors import InputError, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count
 from memprof.profile import ModuleStat, PhaseStat, Profile
 from memprof.tracking import CATEGORIES, TraceEvent, Tracker, TrackerResult
@@ -204,7 +204,7 @@ class Engine:
         )
         out = RunResult(profile=None)  # type: ignore[arg-type]
         try:
-            with self.context():
+            with self.ranks(setup) as mesh, self.context():
                 say(f"Building {rm.name} ({self.name} engine)")
                 model, builder = self._build(rm, setup, allow_pickle, measure.seed)
                 builder.validate(workload.batch_size, workload.seq_len)
@@ -221,10 +221,12 @@ class Engine:
                     simulate_cuda=self.name == "sim",
                     default_foreach=self.foreach,
                     recompute_context=self.recompute_context(),
+                    mesh=mesh,
                 )
                 runner = StepRunner(model, setup, env)
                 setup = runner.setup  # with what the runner measured (model transforms) in its notes
                 n_params = parameter_count(model)  # after any surgery
+                sharding = self._sharding_info(model, setup) if setup.shard else None
                 teacher_info = None
                 if trm is not None:
                     teacher_info = self._attach_teacher(
@@ -270,6 +272,7 @@ class Engine:
                         device_type=dev.type if dev.type == "cuda" else None,
                         record_trace=self.record_trace,
                         groups=SIDES if runner.pair is not None else (),
+                        distributed=setup.shard is not None,
                     )
                     oom: dict[str, Any] | None = None
                     error: BaseException | None = None
@@ -299,7 +302,9 @@ class Engine:
                         out.loss_after, _ = runner.probe(inputs)
                 finally:
                     runner.close()
-            out.profile = self._profile(rm, setup, n_params, result, extra, oom, teacher_info)
+            if sharding is not None:
+                sharding["at_peak"] = dict(result.sharding_at_peak)
+            out.profile = self._profile(rm, setup, n_params, result, extra, oom, teacher_info, sharding)
         finally:
             rm.notes[:] = notes_before
         del model, runner, inputs
@@ -357,6 +362,55 @@ class Engine:
         """What checkpoint recomputation must run under (see :class:`RunEnv`)."""
         return None
 
+    @contextlib.contextmanager
+    def ranks(self, setup: StepSetup) -> Iterator[Any]:
+        """The ranks a sharded step runs on: yields their device mesh (None: not sharded).
+
+        Real engines join torchrun's process group; the sim engine overrides
+        this with a fake one.
+
+        Raises:
+            InputError: a sharded step outside torchrun, or a world size torchrun does not have.
+        """
+        if setup.shard is None:
+            yield None
+            return
+        from memprof.sharding import Launch, init_launched_group
+
+        launch = Launch.from_env()
+        n = setup.workload.world_size
+        if launch is None:
+            raise InputError(
+                f"--shard {setup.shard} on the {self.name} engine measures real ranks: run it under "
+                f"torchrun --nproc-per-node {n} -m memprof ..., or project it with --engine sim"
+            )
+        if launch.world_size != n:
+            raise InputError(f"--world-size {n} but torchrun started {launch.world_size} ranks")
+        yield init_launched_group(self.device().type)
+
+    def launcher(self) -> str:
+        return "torchrun"
+
+    def sharding_notes(self) -> list[str]:
+        return ["sharded step measured on real ranks under torchrun: each rank measured its own step"]
+
+    def _sharding_info(self, model: torch.nn.Module, setup: StepSetup) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        from memprof.sharding import largest_layer_params, zero3_estimate
+
+        # the model is sharded: numel of a DTensor parameter is its global size
+        total = sum(p.numel() for p in model.parameters())
+        n = setup.workload.world_size
+        return {
+            "method": setup.shard,
+            "world_size": n,
+            "rank": dist.get_rank() if dist.is_initialized() else 0,
+            "launcher": self.launcher(),
+            "reshard_after_forward": setup.reshard_after_forward,
+            "zero3_estimate": zero3_estimate(total, largest_layer_params(model), n),
+        }
+
     def synchronize(self) -> None:
         """Wait for the device (real GPU engines)."""
 
@@ -400,6 +454,7 @@ class Engine:
         extra: dict[str, Any],
         oom: dict[str, Any] | None,
         teacher: dict[str, Any] | None = None,
+        sharding: dict[str, Any] | None = None,
     ) -> Profile:
         workload = setup.workload
         cats = {c: int(r.categories_at_peak.get(c, 0)) for c in CATEGORIES}
@@ -417,6 +472,8 @@ class Engine:
         notes = list(rm.notes)
         notes += self.notes()
         notes += setup.notes
+        if sharding is not None:
+            notes += self.sharding_notes()
         if workload.training:
             notes.append(
                 "steady state: one warm-up step ran first, so optimizer state exists as in every step but the first"
@@ -453,4 +510,5 @@ class Engine:
             optimizations=[dict(st) for st in setup.steps],
             allocator=extra.get("allocator"),
             split_at_peak={g: {c: int(v) for c, v in cs.items()} for g, cs in r.groups_at_peak.items()},
+            sharding=sharding,
         )

@@ -60,6 +60,28 @@ class SimEngine(Engine):
         with FakeTensorMode(allow_non_fake_inputs=True), self._sdpa:
             yield
 
+    @contextlib.contextmanager
+    def ranks(self, setup: StepSetup) -> Iterator[Any]:
+        """A sharded step runs on a fake process group of ``world_size`` ranks (this is rank 0)."""
+        if setup.shard is None:
+            yield None
+            return
+        from memprof.sharding import fake_group
+
+        with fake_group(setup.workload.world_size) as mesh:
+            yield mesh
+
+    def launcher(self) -> str:
+        return "fake process group: one process, no communication"
+
+    def sharding_notes(self) -> list[str]:
+        return [
+            "sharded step projected on rank 0 of a fake process group: the real FSDP2 code runs, its "
+            "collectives move nothing (shapes and buffers as on real ranks); rank 0 holds the largest "
+            "shard when sizes do not divide; the optimizer steps the rank's local shards (the ops DTensor "
+            "would dispatch, without its sharding propagation)"
+        ]
+
     def recompute_context(self) -> Callable[[], Any] | None:
         # Torch function modes are not active while autograd runs backward, where
         # checkpointing recomputes: re-enter the SDPA routing there.

@@ -185,6 +185,92 @@ def modules_table(p: Profile, top: int = 15) -> Table:
     return t
 
 
+_ROLE_LABELS = {
+    "sharded_parameters": "sharded parameters (this rank's shards)",
+    "unsharded_parameters": "unsharded parameters (gathered blocks)",
+    "unsharded_gradients": "unsharded gradients (before reduce-scatter)",
+    "all_gather_buffers": "all-gather buffers",
+    "reduce_scatter_buffers": "reduce-scatter buffers",
+}
+
+
+def sharding_table(p: Profile) -> Table:
+    """FSDP2: the sharded step's storages by role at the peak, and DeepSpeed's ZeRO-3 formula beside it."""
+    s = p.sharding or {}
+    t = Table(
+        title=f"Sharding: FSDP2 over {s.get('world_size')} ranks, rank {s.get('rank', 0)} "
+        f"- {s.get('launcher', '')}",
+        box=box.SIMPLE_HEAVY,
+        title_justify="left",
+    )
+    t.add_column("At the peak")
+    t.add_column("Bytes", justify="right")
+    t.add_column("Share", justify="right")
+    for role, label in _ROLE_LABELS.items():
+        v = int((s.get("at_peak") or {}).get(role, 0))
+        t.add_row(label, format_bytes(v), _pct(v, p.peak_bytes))
+    z = s.get("zero3_estimate")
+    if z:
+        zb = int(z["bytes"])
+        t.add_section()
+        t.add_row(
+            "DeepSpeed ZeRO-3 formula (model states only)",
+            format_bytes(zb),
+            _pct(zb, p.peak_bytes),
+        )
+        t.add_row(
+            Text(
+                f"  {format_count(int(z['largest_layer_params']))} largest layer x 4 B + 18 B x "
+                f"{format_count(int(z['parameters']))} params / {z['world_size']}",
+                style="dim",
+            ),
+            "",
+            "",
+        )
+        cats = p.categories_at_peak
+        left_out = (
+            int(cats.get("activations", 0)) + int(cats.get("temporaries", 0)) + int(cats.get("inputs", 0))
+        )
+        t.add_row(
+            "measured: activations, temporaries and inputs (not in the formula)",
+            format_bytes(left_out),
+            _pct(left_out, p.peak_bytes),
+        )
+    return t
+
+
+def ranks_table(p: Profile) -> Table:
+    """torchrun: one row per rank (each rank measured itself)."""
+    t = Table(title="Every rank (each measured its own step)", box=box.SIMPLE_HEAVY, title_justify="left")
+    cols = {
+        "parameters": "params",
+        "gradients": "grads",
+        "optimizer_state": "opt state",
+        "activations": "activations",
+        "temporaries": "temps",
+    }
+    t.add_column("Rank", justify="right")
+    t.add_column("Peak", justify="right")
+    for c, label in cols.items():
+        t.add_column(label, justify="right", style=_CAT_STYLE[c])
+    t.add_column("Phase")
+    for i, r in enumerate(p.ranks or []):
+        if "peak_bytes" not in r:
+            t.add_row(str(i), Text(f"failed: {r.get('error', '?')}", style="red"))
+            continue
+        cats = r.get("categories_at_peak") or {}
+        t.add_row(
+            str((r.get("sharding") or {}).get("rank", i)),
+            Text(format_bytes(int(r["peak_bytes"])), style="bold"),
+            *(format_bytes(int(cats.get(c, 0))) for c in cols),
+            str(r.get("peak_phase") or ""),
+        )
+    peaks = [int(r["peak_bytes"]) for r in p.ranks or [] if "peak_bytes" in r]
+    if len(peaks) > 1 and min(peaks):
+        t.caption = f"spread between ranks: {100.0 * (max(peaks) - min(peaks)) / min(peaks):.1f}%"
+    return t
+
+
 def render(p: Profile, console: Console, top: int = 15) -> None:
     """Print the whole report."""
     title = "memprof analyze" if p.engine != "track" else "memprof track"
@@ -208,6 +294,10 @@ def render(p: Profile, console: Console, top: int = 15) -> None:
     console.print(Group(*parts))
     if p.split_at_peak:
         console.print(split_table(p))
+    if p.sharding:
+        console.print(sharding_table(p))
+    if p.ranks:
+        console.print(ranks_table(p))
     if p.modules and top > 0:
         console.print(modules_table(p, top))
     for n in p.notes:
