@@ -231,3 +231,17 @@ def test_mixed_precision_gathers_half_precision_parameters():
     assert m["all_gather_buffers"] == pytest.approx(f["all_gather_buffers"] / 2, rel=0.05)
     assert m["unsharded_parameters"] == pytest.approx(f["unsharded_parameters"] / 2, rel=0.05)
     assert any("MixedPrecisionPolicy(param_dtype=bfloat16" in n for n in mixed.notes)
+
+
+def test_compare_stacks_sharding_per_rank(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "cmp.json"
+    argv = ["compare", LLAMA, "-e", "sim", "--world-size", "8", "--step", "fsdp", "-b", "2", "-s", "64"]
+    assert main([*argv, "--json", str(out)]) == 0
+    assert "8 ranks, per-rank memory" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    base, row = data["baseline"], data["steps"][0]
+    assert row["name"] == "fsdp" and not row.get("skipped") and not row.get("error")
+    assert base["sharding"] is None and row["profile"]["sharding"]["world_size"] == 8
+    cats = row["profile"]["categories_at_peak"]
+    assert cats["optimizer_state"] < base["categories_at_peak"]["optimizer_state"] / 4
+    assert row["profile"]["peak_bytes"] < base["peak_bytes"]

@@ -54,6 +54,7 @@ def compare(
     teacher: str | None = O.TEACHER,
     temperature: float = O.TEMPERATURE,
     ce_weight: float = O.CE_WEIGHT,
+    world_size: int = O.WORLD_SIZE,
     timing_steps: int = typer.Option(
         2, "--timing-steps", help="Real engines: untracked steps timed per row."
     ),
@@ -85,6 +86,7 @@ def compare(
         teacher,
         temperature,
         ce_weight,
+        world_size,
     )
     data_spec = O.data_spec(data, text_field, tokenizer, lengths, samples)
     with spinner() as progress:

@@ -137,6 +137,7 @@ def workload(
     teacher: str | None = None,
     temperature: float = 1.0,
     ce_weight: float = 0.5,
+    world_size: int = 1,
 ) -> Workload:
     """The Workload of the shared options (validated)."""
     wl = Workload(
@@ -151,6 +152,7 @@ def workload(
         teacher=teacher,
         temperature=temperature,
         ce_weight=ce_weight,
+        world_size=world_size,
     )
     wl.validate()
     return wl

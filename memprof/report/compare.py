@@ -229,6 +229,7 @@ def render_compare(c: Comparison, console: Console) -> None:
         f"[bold]memprof compare[/bold]  {c.model}  ·  {desc}  ·  {c.engine} engine  ·  "
         f"{w.get('mode')} b{w.get('batch_size')} s{w.get('seq_len')} {w.get('dtype')} {w.get('optimizer')}"
         + (f"  ·  teacher {b.model['teacher']['name']}" if b.model.get("teacher") else "")
+        + (f"  ·  {w['world_size']} ranks, per-rank memory" if w.get("world_size", 1) > 1 else "")
     )
     console.print(ladder_table(c))
     ran = [s for s in c.steps if s.profile is not None and not s.error]

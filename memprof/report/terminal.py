@@ -50,6 +50,8 @@ def summary_table(p: Profile) -> Table:
             step += f", optimizer {w.get('optimizer')}"
         if w.get("decode_tokens"):
             step += f", {w.get('decode_tokens')} decode tokens"
+        if w.get("world_size", 1) > 1:
+            step += f"; {w['world_size']} ranks (batch per rank)"
         t.add_row("Step", step)
         teacher = m.get("teacher")
         if w.get("mode") == "distill" and teacher:
