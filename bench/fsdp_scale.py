@@ -192,8 +192,8 @@ def agreement(model: str, tmp: Path, runs: int) -> str:
             "",
             f"- Largest difference: {100 * worst:.2f}% (the projection rounds every storage to CUDA's 512-byte "
             "blocks; the cpu engine counts exact bytes). On gloo a rank can keep a communication buffer alive a "
-            "little longer than the fake process group does (seen once in the groundwork notes: +3.3%), so the "
-            "projection is a tight lower bound; the test `tests/test_sharding.py` asserts agreement within 5%.",
+            "little longer than the fake process group does (+3.3% on one rank once, in the groundwork notes "
+            "docs/notes/fsdp2-sim-spike.md); the test `tests/test_sharding.py` asserts agreement within 5%.",
         ]
     )
     return C.section(
