@@ -179,7 +179,7 @@ def agreement(model: str, tmp: Path, runs: int) -> str:
         [
             C.header_lines(
                 [
-                    f"- Workload: `{model}` (tiny Llama, 3 layers, hidden 128), training step, float32, AdamW, "
+                    f"- Workload: `{model}` (tiny Llama: 2 layers, hidden 64, vocabulary 512), training step, float32, AdamW, "
                     "batch 2 per rank, seq 64, eager attention (the same kernels on CPU and in the projection).",
                     "- Measured: `torchrun --nproc-per-node 2 -m memprof analyze "
                     + " ".join(args)
