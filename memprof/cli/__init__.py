@@ -41,9 +41,16 @@ _register()
 
 
 def error_line(message: str) -> None:
-    """Print one error line on stderr."""
+    """Print one error line on stderr (under torchrun, on rank 0 only: the ranks fail alike)."""
+    if _other_rank():
+        return
     sys.stderr.write(f"memprof: error: {message}\n")
     sys.stderr.flush()
+
+
+def _other_rank() -> bool:
+    """True in a torchrun rank other than 0 (rank 0 gathers and reports every rank)."""
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "1") and os.environ.get("RANK", "0") != "0"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problems and len(problems) > 1:
             # a recipe: the summary line, then every problem on its own line
             error_line(f"{getattr(e, 'source', 'recipe')}: {len(problems)} problems")
-            for p in problems:
+            for p in problems if not _other_rank() else []:
                 sys.stderr.write(f"  - {p}\n")
         else:
             error_line(str(e))
