@@ -37,10 +37,12 @@ from memprof.api import fake_model, prepare
 from memprof.compare import output_difference, stack, tokenizer_folder
 from memprof.data import DataSpec
 from memprof.engines.base import Engine
+from memprof.engines.sim import SimEngine
 from memprof.errors import InputError
 from memprof.models import DTYPES, build_model
 from memprof.profile import Profile
 from memprof.recipes import Recipe
+from memprof.sharding import Launch
 from memprof.surgery import apply_transform, checkpoint_problem
 from memprof.workload import StepSetup, Workload, main_output
 
@@ -154,11 +156,16 @@ def apply(
         transform.update(permanent=True, checkpoint=True)
     before = after = None
     if profile:
+        prof_eng = eng
+        if setup.shard and eng.name != "sim" and Launch.from_env() is None:
+            # real ranks need torchrun: the sharded step (and its baseline) is projected
+            prof_eng = SimEngine()
+            prof_eng.reason = "apply: a sharded step is projected (real ranks run under torchrun)"
         # memory only: memprof.json keeps the two profiles (FLOPs and time are memprof compare's job)
         say("Profiling the baseline")
-        before = eng.run(rm, StepSetup.of(workload), allow_pickle=allow_pickle)
+        before = prof_eng.run(rm, StepSetup.of(workload), allow_pickle=allow_pickle)
         say("Profiling the optimized step")
-        after = eng.run(rm, setup, allow_pickle=allow_pickle)
+        after = prof_eng.run(rm, setup, allow_pickle=allow_pickle)
 
     dtype = setup.workload.dtype
     notes: list[str] = []

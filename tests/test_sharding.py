@@ -245,3 +245,16 @@ def test_compare_stacks_sharding_per_rank(tmp_path: Path, capsys: pytest.Capture
     cats = row["profile"]["categories_at_peak"]
     assert cats["optimizer_state"] < base["categories_at_peak"]["optimizer_state"] / 4
     assert row["profile"]["peak_bytes"] < base["peak_bytes"]
+
+
+def test_apply_writes_fsdp_training_arguments(tmp_path: Path):
+    """apply with --world-size: FSDP2 settings for the Trainer, the sharded step projected in sim."""
+    out = tmp_path / "out"
+    argv = ["apply", LLAMA, "--step", "fsdp", "--world-size", "4", "-b", "2", "-s", "32", "-o", str(out)]
+    assert main(argv) == 0
+    meta = json.loads((out / "memprof.json").read_text())
+    assert meta["training_args"]["fsdp"] is True
+    assert meta["training_args"]["fsdp_config"] == {"version": 2, "reshard_after_forward": True}
+    after, before = meta["profile_after"], meta["profile_before"]
+    assert after["sharding"]["world_size"] == 4 and after["engine"] == "sim"
+    assert after["peak_bytes"] < before["peak_bytes"]

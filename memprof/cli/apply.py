@@ -32,6 +32,7 @@ def apply(
     attn: O.Attn = O.ATTN,
     engine: O.EngineName = O.ENGINE,
     task: O.Task | None = O.TASK,
+    world_size: int = O.WORLD_SIZE,
     no_profile: bool = typer.Option(False, "--no-profile", help="Skip the before/after profiles."),
     data: Path | None = O.DATA,
     text_field: str = O.TEXT_FIELD,
@@ -48,7 +49,7 @@ def apply(
             "memprof apply writes one model; profile a distillation step with analyze or compare"
         )
     r = load_recipe(recipe, step)
-    wl = O.workload(mode, batch_size, seq_len, dtype, optimizer, attn, task)
+    wl = O.workload(mode, batch_size, seq_len, dtype, optimizer, attn, task, world_size=world_size)
     with spinner() as progress:
         res = run_apply(
             model,

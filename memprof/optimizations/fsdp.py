@@ -41,8 +41,9 @@ class Fsdp(Optimization):
     def apply(self, setup: StepSetup) -> None:
         setup.shard = "fsdp"
         setup.reshard_after_forward = self.config.reshard_after_forward
-        setup.training_args["fsdp"] = "full_shard auto_wrap"
+        # transformers >= 5: fsdp=True and everything in fsdp_config (the string form is deprecated)
+        setup.training_args["fsdp"] = True
         setup.training_args["fsdp_config"] = {
-            "fsdp_version": 2,
+            "version": 2,
             "reshard_after_forward": self.config.reshard_after_forward,
         }
