@@ -124,6 +124,7 @@ def shard_model(
     *,
     reshard_after_forward: bool = True,
     param_dtype: torch.dtype | None = None,
+    separate_head: bool = False,
 ) -> str:
     """``fully_shard`` each repeated block, then the root (the rest: embeddings, head, norms).
 
@@ -131,6 +132,11 @@ def shard_model(
     parameters in this dtype and reduces gradients in float32, as FSDP2 users
     configure mixed precision (the sharded parameters and the optimizer stay in
     the model's dtype).
+
+    ``separate_head`` (a chunked loss calls the base model and the output layer
+    itself, not the root's forward): the base model (embeddings, final norm) and
+    the output layer are FSDP units of their own, as torchtitan shards them, so
+    each call gathers what it uses.
 
     Returns:
         how it was sharded, for the report.
@@ -151,6 +157,23 @@ def shard_model(
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in blocks:
         fully_shard(block, **kw)
+    extra = ""
+    if separate_head:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        base = getattr(model, "model", None)
+        if head is None or not isinstance(base, torch.nn.Module):
+            raise InputError(
+                f"{type(model).__name__}: a chunked loss with FSDP2 needs a base model and an output layer"
+            )
+        embed = model.get_input_embeddings()
+        if embed is not None and head.weight is embed.weight:
+            raise InputError(
+                f"{type(model).__name__} ties its output layer to its input embeddings: a chunked loss with FSDP2 "
+                "would need the shared weight in two units"
+            )
+        fully_shard(base, **kw)
+        fully_shard(head, **kw)
+        extra = "; the base model and the output layer are units of their own (the chunked loss calls them)"
     fully_shard(model, **kw)
     n = mesh.size()
     how = (
@@ -163,7 +186,7 @@ def shard_model(
         if param_dtype is not None
         else ""
     )
-    return f"FSDP2 fully_shard over {n} ranks: {len(blocks)} {kind} units and the root (the rest); {how}{mp}"
+    return f"FSDP2 fully_shard over {n} ranks: {len(blocks)} {kind} units and the root (the rest){extra}; {how}{mp}"
 
 
 class LocalShards:

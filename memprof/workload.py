@@ -460,6 +460,7 @@ class StepRunner:
                     self.env.mesh,
                     reshard_after_forward=self.setup.reshard_after_forward,
                     param_dtype=mp,
+                    separate_head=bool(self.setup.loss_chunk),
                 )
             )
         if self.train and build_optimizer:

@@ -236,6 +236,8 @@ def test_mixed_precision_gathers_half_precision_parameters():
 def test_compare_stacks_sharding_per_rank(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     out = tmp_path / "cmp.json"
     argv = ["compare", LLAMA, "-e", "sim", "--world-size", "8", "--step", "fsdp", "-b", "2", "-s", "64"]
+    # a chunked loss calls the base model and the head itself: they become FSDP units of their own
+    argv += ["--step", "chunking:size=16"]
     assert main([*argv, "--json", str(out)]) == 0
     assert "8 ranks, per-rank memory" in capsys.readouterr().out
     data = json.loads(out.read_text())
@@ -245,6 +247,10 @@ def test_compare_stacks_sharding_per_rank(tmp_path: Path, capsys: pytest.Capture
     cats = row["profile"]["categories_at_peak"]
     assert cats["optimizer_state"] < base["categories_at_peak"]["optimizer_state"] / 4
     assert row["profile"]["peak_bytes"] < base["peak_bytes"]
+    chunked = data["steps"][1]
+    assert chunked["profile"] and not chunked.get("error") and not chunked.get("skipped")
+    assert chunked["profile"]["peak_bytes"] < row["profile"]["peak_bytes"]
+    assert any("output layer are units of their own" in n for n in chunked["profile"]["notes"])
 
 
 def test_apply_writes_fsdp_training_arguments(tmp_path: Path):
