@@ -1075,22 +1075,26 @@ class _Search:
         return out
 
     def _learn(self, key: tuple[int, ...]) -> None:
-        """Learn the one unknown effect (per component) this run shows, against the nearest anchor."""
+        """Learn, per component, the one effect this run shows that no run has shown yet.
+
+        A level whose effect no run has shown is learned against the nearest measured
+        combination without it (its prior, if any, is replaced); when several are, the one
+        with no prior is learned, the others taken at their priors.
+        """
         for comp in _COMPONENTS:
-            if getattr(self.comps[key], comp) is None:
+            value = getattr(self.comps[key], comp)
+            if value is None:
                 continue
-            unknown = [
-                (i, lvl)
-                for i, lvl in enumerate(key)
-                if lvl and not self.levers[i].derived and self._known(i, lvl, comp) is None
-            ]
-            if len(unknown) != 1:
+            levels = [(i, lvl) for i, lvl in enumerate(key) if lvl and not self.levers[i].derived]
+            unlearned = [(i, lvl) for i, lvl in levels if (i, lvl, comp) not in self.learned]
+            if len(unlearned) != 1:
+                unlearned = [(i, lvl) for i, lvl in levels if self._known(i, lvl, comp) is None]
+            if len(unlearned) != 1:
                 continue
-            i, lvl = unknown[0]
-            anchors = [a for a in self._anchors(key) if a != key and a[i] == 0]
-            for a in anchors:
+            i, lvl = unlearned[0]
+            for a in self._anchors(key):
                 va = getattr(self.comps[a], comp)
-                if not va:
+                if a == key or a[i] != 0 or not va:
                     continue
                 factor = 1.0
                 for j, (x, y) in enumerate(zip(a, key)):
@@ -1103,7 +1107,7 @@ class _Search:
                     factor *= ry / rx
                 if math.isnan(factor) or factor == 0:
                     continue
-                self.learned[(i, lvl, comp)] = getattr(self.comps[key], comp) / (va * factor)
+                self.learned[(i, lvl, comp)] = value / (va * factor)
                 break
 
     def _known(self, i: int, level: int, comp: str) -> float | None:
@@ -1174,7 +1178,15 @@ class _Search:
         return params + state + base.other + grads
 
     def estimate(self, key: tuple[int, ...]) -> tuple[float, float]:
-        """(peak, reserved) of a combination not measured: optimistic where an effect is unknown."""
+        """(peak, reserved) of a combination not measured: optimistic where an effect is unknown.
+
+        The nearest measured combinations below it (the anchors) and the lever effects
+        (priors, or learned from runs) give its parameters, optimizer state, activations
+        and optimizer temporaries; the structure of the step puts them together: the peak is
+        the forward/backward peak (activations, or the gradients at the end of backward, plus
+        the earlier micro-batches' gradients) or the optimizer step's (all gradients and the
+        optimizer's temporaries), whichever is higher; none with the optimizer in backward.
+        """
         anchors = self._anchors(key)
         base = self.comps[tuple(0 for _ in key)]
         params = self._compose("params", key, anchors) or base.params
@@ -1190,15 +1202,16 @@ class _Search:
         else:
             x, y = max(acts, grads), grads + temps
         peak = params + state + base.other + max(x, y)
+        # a measured combination at least as aggressive allocates no more (monotonicity)
+        rk = self._run_key(key)
+        above = [self.comps[m].peak for m in self.comps if self.le(rk, m)]
+        peak = max([peak, *above])
+        # reserved: the least fragmentation any run showed (reserved / allocated), a lower bound
+        # rather than the nearest run's: it moves with the sizes and order of the allocations,
+        # by a quarter between neighbours here, and an estimate only skips what cannot fit
         expandable = self.alloc is not None and key[self.alloc] > 0
-        frag = 1.0
-        for a in anchors:
-            c = self.comps[a]
-            f = c.frag_expandable if expandable else c.frag
-            if f is not None:
-                frag = f
-                break
-        return peak, peak * frag
+        frags = [c.frag_expandable if expandable else c.frag for c in self.comps.values()]
+        return peak, peak * min([f for f in frags if f is not None] or [1.0])
 
     # resolving -----------------------------------------------------------------------------------
     def need(self, reserved: float) -> int:
@@ -1239,7 +1252,11 @@ class _Search:
             self._drop(run)
 
     def _check_monotone(self, run: Run) -> None:
-        """A lever whose stronger level was measured needing more memory is not assumed monotone."""
+        """A lever whose stronger level was measured needing more memory is not assumed monotone.
+
+        Compared on the allocated peak: the reserved memory moves by a fraction of a percent
+        with the order of allocations, which says nothing of the lever.
+        """
         if run.profile is None:
             return
         for other in self.runs:
@@ -1250,7 +1267,8 @@ class _Search:
                 continue
             i = diff[0]
             lo, hi = (other, run) if other.key[i] < run.key[i] else (run, other)
-            if (hi.reserved or 0) > (lo.reserved or 0) * 1.001 + MiB and i not in self.non_monotone:
+            assert lo.profile is not None and hi.profile is not None
+            if hi.profile.peak_bytes > lo.profile.peak_bytes * 1.005 + MiB and i not in self.non_monotone:
                 self.non_monotone.add(i)
                 self.notes.append(
                     f"{self.levers[i].name}: a stronger level needed more memory (runs {lo.index} and "
@@ -1283,6 +1301,9 @@ class _Search:
         if base.status == "failed":
             raise InputError(f"the baseline step could not run in the sim engine: {base.reason}")
         if base.status == "fits":
+            for c in self.cands.values():
+                if c.status == "unresolved":
+                    c.status, c.skip, c.reason = "not needed", "not needed", "the step fits as it is"
             return
         for _ in range(3):  # again when a probe dropped an optimizer the sim cannot trace
             for key in self.maximal():
@@ -1302,13 +1323,16 @@ class _Search:
             for c in self.cands.values():
                 if c.status == "unresolved":
                     c.status, c.skip = "pruned", "nothing fits"
-                    c.reason = "less aggressive than the most aggressive combination, which does not fit"
+                    c.reason = (
+                        "less aggressive than the most aggressive combination, whose allocated peak alone "
+                        "does not fit"
+                    )
             return
         self._best_first()
 
     def _misfit_everywhere(self, key: tuple[int, ...]) -> bool:
         keys = [k for k in self.cands if self._run_key(k) == key]
-        return all(self.cands[k].status == "does not fit" for k in keys)
+        return all(self.cands[k].status == "does not fit" and self.hard_misfit(self.cands[k]) for k in keys)
 
     def _plans(self) -> list[Candidate]:
         """The measured plans that fit and have no cheaper fitting plan below them, cheapest first.
@@ -1391,9 +1415,21 @@ class _Search:
                     rk = trial
         return tuple(rk)
 
+    def hard_misfit(self, c: Candidate) -> bool:
+        """Measured with its *allocated* peak alone (plus the overheads) over the budget.
+
+        Only that carries over to less aggressive combinations (their allocated peak is no
+        lower); the reserved memory above it moves with the allocations' sizes and order.
+        """
+        return (
+            c.source == "measured"
+            and c.peak_bytes is not None
+            and self.need(c.peak_bytes) > self.budget.budget_bytes
+        )
+
     def _below_misfit(self, key: tuple[int, ...]) -> Candidate | None:
         for c in self.cands.values():
-            if c.status == "does not fit" and c.source == "measured" and self.le(key, c.levels):
+            if c.status == "does not fit" and self.hard_misfit(c) and self.le(key, c.levels):
                 return c
         return None
 
@@ -1403,7 +1439,9 @@ class _Search:
         m = self._below_misfit(key)
         if m is not None:
             c.status, c.skip = "pruned", "misfit"
-            c.reason = f"less aggressive than run {m.run} ({m.label}), which does not fit"
+            c.reason = (
+                f"less aggressive than run {m.run} ({m.label}), whose allocated peak alone does not fit"
+            )
             return True
         for p in self.cands.values():
             if (
@@ -1448,7 +1486,7 @@ def plan(
     engine: Engine | None = None,
     progress: Progress | None = None,
     max_plans: int = 3,
-    max_runs: int = 16,
+    max_runs: int = 12,
     task: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
@@ -1470,8 +1508,11 @@ def plan(
         engine: a sim engine (default :class:`PlanSimEngine`, which also replays each trace
             with expandable segments).
         progress: called with a short line naming the combination being measured.
-        max_plans: stop once this many plans that fit are known to be the cheapest.
-        max_runs: the most sim runs of the search (the maximize probes not counted).
+        max_plans: stop once this many plans that fit are known to be the cheapest (plans
+            that only add steps to a cheaper one are not counted).
+        max_runs: the most sim runs of the search (the maximize probes not counted). The
+            search is best-first, so the limit cuts alternatives first; the result notes
+            when combinations cheaper than the first plan were left unmeasured.
         task: override the task picked from the config.
         allow_pickle: permit loading ``.bin`` checkpoints.
         trust_remote_code: permit models that ship their own code.
@@ -1537,7 +1578,12 @@ def plan(
     if result.chosen is None:
         closest = result.frontier[0] if result.frontier else None
         msg = f"no plan fits {format_bytes(budget_bytes)}"
-        if closest is not None and closest.need_bytes is not None:
+        if result.counts.get("not_reached"):
+            msg = (
+                f"no plan found that fits {format_bytes(budget_bytes)} in {max_runs} sim runs "
+                f"({result.counts['not_reached']} combinations not measured: raise --max-runs)"
+            )
+        elif closest is not None and closest.need_bytes is not None:
             msg += f": the closest needs {format_bytes(closest.need_bytes)} (run {closest.run})"
         raise NoPlanFits(msg, result)
     return result
@@ -1567,6 +1613,14 @@ def _result(search: _Search, model: str, wl: Workload, left_out: list[str]) -> P
     counts["not_measurable"] = sum(1 for c in cands.values() if c.skip == "not measurable")
     not_searched = [f"{name}: {why}" for name, why in NOT_SEARCHED.items()] + left_out
     notes = list(search.notes)
+    unreached = [c for c in cands.values() if c.skip == "run limit"]
+    if unreached and plans:
+        cheaper = [c for c in unreached if search.cost(c.levels) < plans[0].cost]
+        if cheaper:
+            notes.append(
+                f"the run limit ({search.max_runs}) came first: {len(cheaper)} combinations estimated cheaper "
+                "than plan #1 were not measured (raise --max-runs)"
+            )
     if wl.world_size > 1:
         notes.append(
             f"per rank of {wl.world_size}: batch size {wl.batch_size} is per rank; NCCL's communication "

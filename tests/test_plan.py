@@ -26,7 +26,8 @@ from tests.conftest import tiny
 P = importlib.import_module("memprof.plan")  # the module (memprof.plan is also the function)
 MiB = 2**20
 WORKSPACE = 32 * MiB  # the sim's cuBLAS workspace (sm 9.x)
-TINY = ["-b", "4", "-s", "64", "--context-overhead", "0"]
+TINY = ["-b", "2", "-s", "64", "--dtype", "bfloat16", "--context-overhead", "0"]
+TINY_WL = Workload(batch_size=2, seq_len=64, dtype="bfloat16")
 
 
 def run(capsys, *args):
@@ -58,11 +59,11 @@ class CountingSim(P.PlanSimEngine):
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """A budget between the baseline's need (38 MiB) and the most aggressive plan's (34 MiB)."""
+    """A budget between the baseline's need (36 MiB) and the most aggressive plan's (34 MiB)."""
     folder = tmp_path_factory.mktemp("plan")
     recipe, out = folder / "plan.yaml", folder / "plan.json"
-    budget = 36 * MiB
-    args = ["plan", tiny("llama"), "--budget", "36MiB", *TINY, "--plans", "1"]
+    budget = 34 * MiB
+    args = ["plan", tiny("llama"), "--budget", "34MiB", *TINY, "--plans", "1"]
     code = main([*args, "--write-recipe", str(recipe), "--json", str(out)])
     return code, recipe, json.loads(out.read_text()), budget
 
@@ -78,7 +79,7 @@ def test_a_budget_between_gives_a_plan_that_fits_when_measured_again(fitted):
     b = d["budget"]
     assert b["usable_bytes"] == budget - b["cublas_workspace_bytes"] - b["context_bytes"]
     # measured again, from the recipe it wrote, outside the search
-    need, _ = need_of(tiny("llama"), Workload(batch_size=4, seq_len=64), recipes.load(recipe))
+    need, _ = need_of(tiny("llama"), TINY_WL, recipes.load(recipe))
     assert need <= budget
     assert need == chosen["need_bytes"]
 
@@ -102,7 +103,7 @@ def test_c_d_the_library_raises_no_plan_fits_after_the_two_ends():
     eng = CountingSim()
     wl = Workload(batch_size=1, seq_len=64, dtype="bfloat16", optimizer="sgd")
     with pytest.raises(NoPlanFits) as e:
-        P.plan(tiny("llama"), wl, 33 * MiB, context_overhead=0, engine=eng)
+        P.plan(tiny("llama"), wl, int(32.5 * MiB), context_overhead=0, engine=eng)
     assert e.value.exit_code == 6
     r = e.value.result
     # the two ends: the baseline, and the most aggressive combination, which does not fit either
@@ -112,7 +113,7 @@ def test_c_d_the_library_raises_no_plan_fits_after_the_two_ends():
     assert r.counts["pruned_nothing_fits"] == r.counts["combinations"] - r.counts["measured"]
     assert r.chosen is None and r.frontier and r.dominant
     closest = r.frontier[0]
-    assert closest.need_bytes > 33 * MiB and closest.source == "measured"
+    assert closest.need_bytes > int(32.5 * MiB) and closest.source == "measured"
     # the frontier: no point needs less memory at a lower cost than another
     for a in r.frontier:
         assert not any(b is not a and b.need_bytes < a.need_bytes and b.cost < a.cost for b in r.frontier)
@@ -123,7 +124,9 @@ def test_g_the_written_recipe_loads_and_names_the_command_that_confirms_it(fitte
     r = recipes.load(recipe)
     assert [s.name for s in r.steps] == [s["name"] for s in d["chosen"]["steps"]]
     text = recipe.read_text()
-    assert f"memprof compare {tiny('llama')} --recipe {recipe} --engine sim -b 4 -s 64" in text
+    assert (
+        f"memprof compare {tiny('llama')} --recipe {recipe} --engine sim -b 2 -s 64 --dtype bfloat16" in text
+    )
     assert text == d["recipe"]
     assert not [f for f in os.listdir(recipe.parent) if f.startswith(".")]  # no temporary file left
 
@@ -145,26 +148,35 @@ def test_c_impossible_budget_exits_6_with_the_frontier(tmp_path, capsys, monkeyp
     monkeypatch.setenv("COLUMNS", "200")
     path = tmp_path / "plan.yaml"
     code, out, err = run(
-        capsys, "plan", tiny("llama"), "--budget", "33MiB", *TINY, "--write-recipe", str(path)
+        capsys,
+        "plan",
+        tiny("llama"),
+        "--budget",
+        "32.5MiB",
+        *TINY[2:],
+        "-b",
+        "1",
+        "--write-recipe",
+        str(path),
     )
     assert code == 6
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("memprof: error: no plan fits 33.0 MiB")
+    assert len(lines) == 1 and lines[0].startswith("memprof: error: no plan fits 32.5 MiB")
     assert "Traceback" not in err
     assert "Closest that do not fit (Pareto frontier" in out
     assert "What dominates the closest plan's memory" in out
-    assert "No plan fits 33.0 MiB" in out
+    assert "No plan fits 32.5 MiB" in out
     assert not path.exists() and not list(tmp_path.iterdir())  # nothing written, nothing left behind
 
 
 def test_e_maximize_batch_size_finds_the_edge(capsys):
     spec, budget = tiny("llama"), 40 * MiB
-    args = ["--budget", "40MiB", "-b", "1", "-s", "64", "--context-overhead", "0"]
+    args = ["--budget", "40MiB", "-b", "4", "-s", "64", "--context-overhead", "0"]
     code, out, err = run(capsys, "plan", spec, *args, "--maximize", "batch-size", "--json", "-")
     assert code == 0, err
     m = json.loads(out)["maximize"]
     b = m["best"]
-    assert m["dimension"] == "batch-size" and b > 1 and m["first_misfit"] == b + 1
+    assert m["dimension"] == "batch-size" and b > 4 and m["first_misfit"] == b + 1
     assert len(m["probes"]) <= 8
     # checked by direct sim runs, outside the search
     fits, _ = need_of(spec, Workload(batch_size=b, seq_len=64), None)
@@ -177,7 +189,7 @@ def test_world_size_adds_the_fsdp_lever_and_reports_per_rank(tmp_path, capsys, m
     # measures like an unsharded one)
     monkeypatch.setenv("COLUMNS", "200")
     path = tmp_path / "plan.json"
-    args = ["--budget", "33MiB", "-b", "1", "-s", "64", "--dtype", "bfloat16", "--optimizer", "sgd"]
+    args = ["--budget", "32.5MiB", "-b", "1", "-s", "64", "--dtype", "bfloat16", "--optimizer", "sgd"]
     args += ["--context-overhead", "0", "--world-size", "2", "--json", str(path)]
     code, out, err = run(capsys, "plan", tiny("llama"), *args)
     assert code == 6, err

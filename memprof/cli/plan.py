@@ -50,7 +50,7 @@ def plan(
         "--context-overhead",
         help="CUDA context per process (assumed: no GPU to measure it; memprof analyze --engine cuda does).",
     ),
-    max_runs: int = typer.Option(16, "--max-runs", help="The most sim runs of the search."),
+    max_runs: int = typer.Option(12, "--max-runs", help="The most sim runs of the search."),
     plans: int = typer.Option(3, "--plans", help="Stop once this many cheapest plans that fit are known."),
     write_recipe: Path | None = typer.Option(
         None,

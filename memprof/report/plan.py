@@ -109,6 +109,11 @@ def search_lines(r: PlanResult) -> list[str]:
         (n.get("not_measurable", 0), "not measurable in the sim engine"),
     ]
     without = sum(k for k, _ in skipped)
+    if r.plans and not r.plans[0].steps and n["runs"] == 1:
+        return [
+            f"Search: 1 sim run (the step as it is, {secs:.0f} s): it fits, so none of the other "
+            f"{n['combinations'] - n['measured']} combinations was needed"
+        ]
     lines = [
         f"Search: {n['combinations']} combinations of {len(levers)} levers ({shape}"
         + (f", {n['incompatible']} incompatible left out" if n.get("incompatible") else "")
@@ -176,7 +181,12 @@ def render_plan(
             else ("Do not fit (Pareto frontier: memory vs cost)")
         )
         console.print(plans_table(r, frontier, title, fits=False))
-    if not r.plans:
+    if not r.plans and r.counts.get("not_reached"):
+        console.print(
+            f"[red bold]No plan found that fits {format_bytes(b.budget_bytes)} within the run limit[/red bold] "
+            f"({r.counts['not_reached']} combinations not measured: raise --max-runs)."
+        )
+    elif not r.plans:
         console.print(f"[red bold]No plan fits {format_bytes(b.budget_bytes)}.[/red bold]")
         if r.dominant:
             console.print("What dominates the closest plan's memory:")
