@@ -30,24 +30,35 @@ see :data:`SIDE_COSTS`. Plans are ranked by cost, then headroom.
 
 **Search.** Best-first over the combinations of levels, cheapest first; the
 two ends are measured first (the baseline: if it fits there is nothing to do;
-the most aggressive combination: if it does not fit, nothing does). A
-combination is skipped without a run when
+the most aggressive combination: if even its allocated peak does not fit,
+nothing does). A combination is skipped without a run when
 
-* it is component-wise less aggressive than one measured not to fit
-  (monotonicity: more of a lever never needs more memory);
+* it is component-wise less aggressive than one whose allocated peak was
+  measured not to fit (monotonicity: more of a lever never allocates more; the
+  reserved memory above the allocated peak is not monotone, so only the
+  allocated peak is carried over);
 * a cheaper measured plan is component-wise below it (it would fit, at a
   higher cost);
 * its parameters, gradients and optimizer state alone (rescaled from the
   baseline's categories) exceed the budget;
 * its estimate exceeds the budget by more than :data:`ESTIMATE_MARGIN`. The
   estimator composes per-lever effects on the categories (parameters,
-  optimizer state, activations, optimizer temporaries) from the runs so far;
-  an effect not known yet is learned from the next run that contains it, and
-  until then it is taken as optimistic (a combination is measured rather than
-  wrongly skipped).
+  optimizer state, activations, optimizer temporaries) from the nearest runs
+  below it (an optimizer's state is rescaled from the parameters' shapes:
+  8-bit moments, Adafactor's factored ones; pure bf16 halves the parameters
+  and state; micro-batches divide the activations), never less than the
+  allocated peak of a measured combination above it; its reserved memory is
+  that peak rounded up to whole 2 MiB segments, a lower bound (fragmentation
+  moves by a quarter between neighbouring combinations: it is measured, not
+  estimated). An effect not known yet is learned from the next run that shows
+  it (a run that shows one new effect teaches it; a lever's strongest level
+  teaches the levels between by interpolation); until then it is taken as
+  optimistic, so a combination is measured rather than wrongly skipped.
 
 Every plan reported as fitting was measured; skipped combinations are counted
 and, in JSON, listed with the reason and whether their numbers are estimates.
+The search stops when the ``max_plans`` cheapest plans (not counting one that
+only adds steps to a cheaper one) are known, or after ``max_runs`` runs.
 
 Known limitations: sharding needs the sim engine's FSDP support (until then a
 sharded step measures like an unsharded one); the CUDA context and the NCCL
@@ -69,7 +80,7 @@ import torch
 import yaml
 
 from memprof import optimizations, recipes
-from memprof.allocator import AllocatorEstimate, replay
+from memprof.allocator import SMALL_BUFFER, AllocatorEstimate, replay
 from memprof.api import fake_model, prepare
 from memprof.compare import _apply
 from memprof.engines.base import Engine, Measure
@@ -1206,12 +1217,11 @@ class _Search:
         rk = self._run_key(key)
         above = [self.comps[m].peak for m in self.comps if self.le(rk, m)]
         peak = max([peak, *above])
-        # reserved: the least fragmentation any run showed (reserved / allocated), a lower bound
-        # rather than the nearest run's: it moves with the sizes and order of the allocations,
-        # by a quarter between neighbours here, and an estimate only skips what cannot fit
-        expandable = self.alloc is not None and key[self.alloc] > 0
-        frags = [c.frag_expandable if expandable else c.frag for c in self.comps.values()]
-        return peak, peak * min([f for f in frags if f is not None] or [1.0])
+        # reserved: at least the allocated peak rounded up to whole 2 MiB segments (pages, with
+        # expandable segments). A lower bound: the fragmentation above it moves with the sizes
+        # and order of the allocations (by a quarter between neighbouring runs), and an
+        # estimate must only skip what cannot fit
+        return peak, float(math.ceil(peak / SMALL_BUFFER) * SMALL_BUFFER)
 
     # resolving -----------------------------------------------------------------------------------
     def need(self, reserved: float) -> int:

@@ -94,9 +94,9 @@ def search_lines(r: PlanResult) -> list[str]:
     skipped = [
         (
             n.get("pruned_nothing_fits", 0),
-            "less aggressive than the most aggressive combination, which does not fit",
+            "less aggressive than the most aggressive combination, whose allocated peak does not fit",
         ),
-        (n.get("pruned_misfit", 0), "less aggressive than a combination measured not to fit"),
+        (n.get("pruned_misfit", 0), "less aggressive than a combination whose allocated peak does not fit"),
         (n.get("pruned_plan", 0), "more aggressive than a cheaper plan measured to fit"),
         (
             n.get("pruned_state", 0),
