@@ -369,7 +369,8 @@ def build_levers(
             )
         add(Lever("checkpointing", levels, flops=True, interpolate=True))
         b = wl.batch_size
-        ks = [k for k in (2, 4, 8, 16, 32, 64, 128, 256) if k <= b and b % k == 0]
+        # micro-batches of halving size down to 1 sample (more levels add runs, not insight)
+        ks = [k for k in (2, 4, 8, 16) if k <= b and b % k == 0]
         if b > 1 and b not in ks:
             ks.append(b)
         if ks:
@@ -871,28 +872,31 @@ class _Search:
         return " + ".join(optimizations.make(s["name"], s["options"]).describe() for s in steps)
 
     def _enumerate(self) -> None:
-        ranges = [range(len(lv.levels)) if not lv.derived else range(1) for lv in self.levers]
-        for key in itertools.product(*ranges):
-            setup = StepSetup.of(self.wl)
-            reason = None
-            for st in self.steps_of(key):
-                reason = _apply(optimizations.make(st["name"], st["options"]), self.model, setup)
-                if reason:
-                    break
-            if reason:
-                self.invalid[key] = reason
-            else:
+        """Every valid combination's setup, stacked lever by lever (a prefix is stacked once)."""
+        run_levers = [
+            lv if not lv.derived else Lever(lv.name, lv.levels[:1], derived=True) for lv in self.levers
+        ]
+
+        def walk(depth: int, key: tuple[int, ...], setup: StepSetup) -> None:
+            if depth == len(run_levers):
                 self.setups[key] = setup
-        self.valid_full: list[tuple[int, ...]] = []
-        for key in self.setups:
-            if self.alloc is None:
-                self.valid_full.append(key)
-            else:
-                for a in range(len(self.levers[self.alloc].levels)):
-                    k = list(key)
-                    k[self.alloc] = a
-                    self.valid_full.append(tuple(k))
-        for key in self.valid_full:
+                return
+            for i, level in enumerate(run_levers[depth].levels):
+                trial = setup.copy() if level.steps else setup
+                reason = None
+                for st in level.steps:
+                    reason = _apply(optimizations.make(st["name"], st["options"]), self.model, trial)
+                    if reason:
+                        break
+                if reason:
+                    rest = [range(len(lv.levels)) for lv in run_levers[depth + 1 :]]
+                    for tail in itertools.product(*rest):
+                        self.invalid[(*key, i, *tail)] = reason
+                    continue
+                walk(depth + 1, (*key, i), trial)
+
+        walk(0, (), StepSetup.of(self.wl))
+        for key in (k for run_key in self.setups for k in self._with_alloc(run_key)):
             self.cands[key] = Candidate(
                 levels=key,
                 steps=self.steps_of(key),
@@ -1228,12 +1232,9 @@ class _Search:
         return int(reserved) + self.budget.context_bytes + self.budget.cublas_workspace_bytes
 
     def _resolve_run(self, run: Run) -> None:
-        alloc_levels = range(len(self.levers[self.alloc].levels)) if self.alloc is not None else [0]
-        for a in alloc_levels:
-            key = list(run.key)
-            if self.alloc is not None:
-                key[self.alloc] = a
-            c = self.cands[tuple(key)]
+        for key in self._with_alloc(run.key):
+            a = key[self.alloc] if self.alloc is not None else 0
+            c = self.cands[key]
             c.run = run.index
             if run.profile is None:
                 c.status, c.reason, c.source = "failed", run.error or "", "measured"
@@ -1301,9 +1302,6 @@ class _Search:
                 c.reason = f"{what} failed in the sim engine (run {run.index})"
 
     # the loop ------------------------------------------------------------------------------------
-    def fits_at_all(self) -> bool:
-        return any(c.status == "fits" for c in self.cands.values())
-
     def search(self) -> None:
         zero = tuple(0 for _ in self.levers)
         self.measure(zero, "baseline")
@@ -1341,7 +1339,7 @@ class _Search:
         self._best_first()
 
     def _misfit_everywhere(self, key: tuple[int, ...]) -> bool:
-        keys = [k for k in self.cands if self._run_key(k) == key]
+        keys = self._with_alloc(key)
         return all(self.cands[k].status == "does not fit" and self.hard_misfit(self.cands[k]) for k in keys)
 
     def _plans(self) -> list[Candidate]:
@@ -1349,7 +1347,7 @@ class _Search:
 
         A plan that is component-wise above another one that fits only adds steps (and cost).
         """
-        fits = [c for c in self.cands.values() if c.status == "fits"]
+        fits = [c for c in self._measured() if c.status == "fits"]
         out = [c for c in fits if not any(o is not c and self.le(o.levels, c.levels) for o in fits)]
         out.sort(key=lambda c: (c.cost, -(c.headroom(self.budget.budget_bytes) or 0)))
         return out
@@ -1437,8 +1435,22 @@ class _Search:
             and self.need(c.peak_bytes) > self.budget.budget_bytes
         )
 
+    def _measured(self) -> list[Candidate]:
+        """The combinations measured so far (two per run with the allocator lever)."""
+        return [self.cands[k] for r in self.runs for k in self._with_alloc(r.key)]
+
+    def _with_alloc(self, key: tuple[int, ...]) -> list[tuple[int, ...]]:
+        if self.alloc is None:
+            return [key]
+        out = []
+        for a in range(len(self.levers[self.alloc].levels)):
+            k = list(key)
+            k[self.alloc] = a
+            out.append(tuple(k))
+        return out
+
     def _below_misfit(self, key: tuple[int, ...]) -> Candidate | None:
-        for c in self.cands.values():
+        for c in self._measured():
             if c.status == "does not fit" and self.hard_misfit(c) and self.le(key, c.levels):
                 return c
         return None
@@ -1453,12 +1465,8 @@ class _Search:
                 f"less aggressive than run {m.run} ({m.label}), whose allocated peak alone does not fit"
             )
             return True
-        for p in self.cands.values():
-            if (
-                p.status in ("fits", "over max overhead")
-                and p.source == "measured"
-                and self.le(p.levels, key)
-            ):
+        for p in self._measured():
+            if p.status in ("fits", "over max overhead") and self.le(p.levels, key):
                 c.status, c.skip = "pruned", "plan"
                 c.reason = f"more aggressive than run {p.run} ({p.label}), which fits"
                 return True

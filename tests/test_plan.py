@@ -166,6 +166,7 @@ def test_c_impossible_budget_exits_6_with_the_frontier(tmp_path, capsys, monkeyp
     assert "Closest that do not fit (Pareto frontier" in out
     assert "What dominates the closest plan's memory" in out
     assert "No plan fits 32.5 MiB" in out
+    assert "\x1b[" not in out  # not a terminal: no escape codes
     assert not path.exists() and not list(tmp_path.iterdir())  # nothing written, nothing left behind
 
 
