@@ -32,7 +32,7 @@ import _common as C
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-3-8b", help="MODEL spec (default: the bundled llama-3-8b)")
-    ap.add_argument("--budgets", default="24GiB,32GiB", help="comma-separated budgets per GPU")
+    ap.add_argument("--budgets", default="24GiB,32GiB,40GiB,80GiB", help="comma-separated budgets per GPU")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--dtype", default="bfloat16")
@@ -169,7 +169,7 @@ def main() -> int:
             "needs = reserved (the caching-allocator model's estimate) + CUDA context + cuBLAS workspace; "
             "a plan fits when it needs at most the budget.",
             "",
-            *details,
+            "\n\n".join(details),
         ]
     )
     text = C.section(
