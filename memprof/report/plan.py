@@ -114,10 +114,13 @@ def search_lines(r: PlanResult) -> list[str]:
             f"Search: 1 sim run (the step as it is, {secs:.0f} s): it fits, so none of the other "
             f"{n['combinations'] - n['measured']} combinations was needed"
         ]
+    first = r.plans[0].run if r.plans and r.plans[0].steps else None
     lines = [
         f"Search: {n['combinations']} combinations of {len(levers)} levers ({shape}"
         + (f", {n['incompatible']} incompatible left out" if n.get("incompatible") else "")
-        + f"); {n['runs']} sim runs ({secs:.0f} s); {without} without a run:",
+        + f"); {n['runs']} sim runs ({secs:.0f} s"
+        + (f"; plan #1 from run {first}, the rest establish it is the cheapest" if first else "")
+        + f"); {without} without a run:",
     ]
     lines += [f"  {k} {what}" for k, what in skipped if k]
     lines.append(
