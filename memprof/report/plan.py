@@ -119,7 +119,7 @@ def search_lines(r: PlanResult) -> list[str]:
         f"Search: {n['combinations']} combinations of {len(levers)} levers ({shape}"
         + (f", {n['incompatible']} incompatible left out" if n.get("incompatible") else "")
         + f"); {n['runs']} sim runs ({secs:.0f} s"
-        + (f"; plan #1 from run {first}, the rest establish it is the cheapest" if first else "")
+        + (f"; plan #1 from run {first}" if first else "")
         + f"); {without} without a run:",
     ]
     lines += [f"  {k} {what}" for k, what in skipped if k]
@@ -146,7 +146,9 @@ def render_plan(
     per = f"  ·  per rank of {b.world_size}" if b.world_size > 1 else ""
     console.print(
         f"[bold]memprof plan[/bold]  {r.model}  ·  {w.get('mode')} b{w.get('batch_size')} s{w.get('seq_len')} "
-        f"{w.get('dtype')} {w.get('optimizer')}  ·  {r.engine} engine{per}  ·  budget {format_bytes(b.budget_bytes)}"
+        f"{w.get('dtype')}"
+        + (f" {w.get('optimizer')}" if w.get("mode") != "infer" else "")
+        + f"  ·  {r.engine} engine{per}  ·  budget {format_bytes(b.budget_bytes)}"
     )
     console.print(budget_table(r))
     base = r.baseline
