@@ -40,7 +40,7 @@ def plan(
         1, "--world-size", help="GPUs sharing the job (batch size is per rank); above 1, FSDP is searched."
     ),
     max_overhead: str | None = typer.Option(
-        None, "--max-overhead", help="The most FLOP overhead a plan may add, e.g. 40%% (default: no limit)."
+        None, "--max-overhead", help="The most FLOP overhead a plan may add, e.g. 40% (default: no limit)."
     ),
     maximize: Maximize | None = typer.Option(
         None, "--maximize", help="Also find the largest batch size or sequence length that fits."
