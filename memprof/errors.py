@@ -12,6 +12,8 @@ code  meaning
       while offline, optional dependency missing
 4     the measured step ran out of memory (the partial profile is reported)
 5     memprof check: a memory regression beyond the tolerance
+6     memprof plan: no combination of the searched optimizations fits the
+      budget (the closest plans are reported)
 ====  =====================================================================
 """
 
@@ -59,10 +61,25 @@ class OutOfMemory(MemprofError):
         self.profile = profile
 
 
+class NoPlanFits(MemprofError):
+    """``memprof plan``: no searched combination of optimizations fits the budget.
+
+    ``result`` holds the search (a :class:`memprof.plan.PlanResult`): the closest
+    plans and what dominates their memory.
+    """
+
+    exit_code = 6
+
+    def __init__(self, message: str, result: object | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 EXIT_CODES = {
     "ok": 0,
     "internal": 1,
     "input": InputError.exit_code,
     "environment": EnvironmentProblem.exit_code,
     "out_of_memory": OutOfMemory.exit_code,
+    "no_plan_fits": NoPlanFits.exit_code,
 }

@@ -26,11 +26,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from memprof.cli import analyze, apply, compare, env, gate, recipes
+    from memprof.cli import analyze, apply, compare, env, gate, plan, recipes
 
     app.command("analyze")(analyze.analyze)
     app.command("compare")(compare.compare)
     app.command("apply")(apply.apply)
+    app.command("plan")(plan.plan)
     app.add_typer(recipes.app, name="recipes")
     app.command("baseline")(gate.baseline)
     app.command("check")(gate.check)

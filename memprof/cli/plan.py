@@ -1,0 +1,139 @@
+"""``memprof plan MODEL --budget 24GiB``: the least costly optimizations that make a step fit."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from memprof.cli import options as O
+from memprof.cli.common import spinner, stdout_console, write_output
+from memprof.errors import InputError, NoPlanFits
+from memprof.plan import DEFAULT_CONTEXT_BYTES, PlanResult, recipe_text
+from memprof.plan import plan as run_plan
+from memprof.report.plan import render_plan
+from memprof.units import format_bytes, parse_percent, parse_size
+
+
+class Maximize(str, Enum):
+    batch_size = "batch-size"
+    seq_len = "seq-len"
+
+
+def plan(
+    model: str = O.MODEL,
+    budget: str = typer.Option(..., "--budget", help="GPU memory per rank: 24GiB, 80GB, 16384MiB."),
+    mode: O.Mode = O.MODE,
+    batch_size: int = O.BATCH,
+    seq_len: int = O.SEQ,
+    dtype: O.DType = O.DTYPE,
+    optimizer: O.Optim = O.OPTIM,
+    attn: O.Attn = O.ATTN,
+    task: O.Task | None = O.TASK,
+    decode_tokens: int = O.DECODE,
+    teacher: str | None = O.TEACHER,
+    temperature: float = O.TEMPERATURE,
+    ce_weight: float = O.CE_WEIGHT,
+    world_size: int = typer.Option(
+        1, "--world-size", help="GPUs sharing the job (batch size is per rank); above 1, FSDP is searched."
+    ),
+    max_overhead: str | None = typer.Option(
+        None, "--max-overhead", help="The most FLOP overhead a plan may add, e.g. 40% (default: no limit)."
+    ),
+    maximize: Maximize | None = typer.Option(
+        None, "--maximize", help="Also find the largest batch size or sequence length that fits."
+    ),
+    context_overhead: str = typer.Option(
+        format_bytes(DEFAULT_CONTEXT_BYTES, 0).replace(" ", ""),
+        "--context-overhead",
+        help="CUDA context per process (assumed: no GPU to measure it; memprof analyze --engine cuda does).",
+    ),
+    max_runs: int = typer.Option(12, "--max-runs", help="The most sim runs of the search."),
+    plans: int = typer.Option(3, "--plans", help="Stop once this many cheapest plans that fit are known."),
+    write_recipe: Path | None = typer.Option(
+        None,
+        "--write-recipe",
+        dir_okay=False,
+        help="Write the chosen plan as a recipe YAML (memprof compare/apply).",
+    ),
+    json_path: str | None = O.JSON,
+    allow_pickle: bool = O.ALLOW_PICKLE,
+    trust_remote_code: bool = O.TRUST_REMOTE_CODE,
+) -> int:
+    """Find the least costly optimizations that make a step fit a GPU memory budget (sim engine)."""
+    budget_bytes = _size(budget, "--budget")
+    context_bytes = _size(context_overhead, "--context-overhead")
+    if world_size < 1:
+        raise InputError(f"--world-size must be at least 1, got {world_size}")
+    overhead = None
+    if max_overhead is not None:
+        try:
+            overhead = parse_percent(max_overhead)
+        except InputError as e:
+            raise InputError(f"--max-overhead: {e}") from None
+    if max_runs < 2:
+        raise InputError(f"--max-runs must be at least 2, got {max_runs}")
+    if plans < 1:
+        raise InputError(f"--plans must be at least 1, got {plans}")
+    wl = O.workload(
+        mode,
+        batch_size,
+        seq_len,
+        dtype,
+        optimizer,
+        attn,
+        task,
+        decode_tokens,
+        teacher,
+        temperature,
+        ce_weight,
+    )
+    failure: NoPlanFits | None = None
+    with spinner() as progress:
+        try:
+            result = run_plan(
+                model,
+                wl,
+                budget_bytes,
+                world_size=world_size,
+                max_overhead=overhead,
+                maximize=maximize.value if maximize else None,
+                context_overhead=context_bytes,
+                progress=progress,
+                max_plans=plans,
+                max_runs=max_runs,
+                task=task.value if task else None,
+                allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code,
+                recipe_path=str(write_recipe) if write_recipe else "plan.yaml",
+            )
+        except NoPlanFits as e:
+            failure = e
+            result = e.result  # type: ignore[assignment]
+    assert isinstance(result, PlanResult)
+    written = None
+    if write_recipe is not None and result.chosen is not None and result.chosen.steps:
+        # validated by recipes.parse inside recipe_text; written whole or not at all
+        write_output(str(write_recipe), recipe_text(result, model, str(write_recipe)))
+        written = str(write_recipe)
+    if json_path:
+        write_output(json_path, json.dumps(result.to_dict(), indent=2))
+    if json_path != "-":
+        render_plan(
+            result, stdout_console(), model=model, recipe_path=written, asked_recipe=write_recipe is not None
+        )
+    if failure is not None:
+        raise failure
+    return 0
+
+
+def _size(text: str, flag: str) -> int:
+    try:
+        n = parse_size(text)
+    except InputError as e:
+        raise InputError(f"{flag}: {e}") from None
+    if flag == "--budget" and n <= 0:
+        raise InputError(f"{flag}: must be more than 0, got {text!r}")
+    return n

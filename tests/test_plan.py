@@ -1,0 +1,275 @@
+"""memprof plan: the search on a tiny causal LM in the sim engine, the recipe it writes, bad input.
+
+The tiny Llama's reserved memory moves in 2 MiB steps (the caching allocator's small-pool
+segments), and the sim projects a 32 MiB cuBLAS workspace: budgets here are 32 MiB plus
+a few MiB, with no CUDA context (``--context-overhead 0``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+
+import pytest
+
+from memprof import recipes
+from memprof.api import fake_model, prepare
+from memprof.cli import main
+from memprof.compare import stack
+from memprof.engines import SimEngine
+from memprof.errors import InputError, NoPlanFits
+from memprof.workload import Workload
+from tests.conftest import tiny
+
+P = importlib.import_module("memprof.plan")  # the module (memprof.plan is also the function)
+MiB = 2**20
+WORKSPACE = 32 * MiB  # the sim's cuBLAS workspace (sm 9.x)
+TINY = ["-b", "2", "-s", "64", "--dtype", "bfloat16", "--context-overhead", "0"]
+TINY_WL = Workload(batch_size=2, seq_len=64, dtype="bfloat16")
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def need_of(spec: str, wl: Workload, recipe: recipes.Recipe | None) -> tuple[int, int]:
+    """(reserved + cuBLAS workspace, peak) of a direct sim run of the step, with the recipe's steps."""
+    rm, eng = prepare(spec, wl, SimEngine())
+    setup, skipped = stack(recipe, wl, fake_model(rm, wl)) if recipe else (wl, [])
+    assert not skipped
+    p = eng.run(rm, setup)
+    return p.peak_reserved_bytes + p.overheads["cublas_workspace_bytes"], p.peak_bytes
+
+
+class CountingSim(P.PlanSimEngine):
+    """Counts the steps it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def run_detailed(self, *args, **kwargs):
+        self.calls += 1
+        return super().run_detailed(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A budget between the baseline's need (36 MiB) and the most aggressive plan's (34 MiB)."""
+    folder = tmp_path_factory.mktemp("plan")
+    recipe, out = folder / "plan.yaml", folder / "plan.json"
+    budget = 34 * MiB
+    args = ["plan", tiny("llama"), "--budget", "34MiB", *TINY, "--plans", "1"]
+    code = main([*args, "--write-recipe", str(recipe), "--json", str(out)])
+    return code, recipe, json.loads(out.read_text()), budget
+
+
+def test_a_budget_between_gives_a_plan_that_fits_when_measured_again(fitted):
+    code, recipe, d, budget = fitted
+    assert code == 0
+    assert d["schema"] == P.SCHEMA
+    base, chosen = d["baseline"], d["chosen"]
+    assert base["need_bytes"] > budget and not base["fits"]  # it does not fit as it is
+    assert chosen["steps"] and chosen["fits"] and chosen["source"] == "measured"
+    assert chosen["need_bytes"] <= budget
+    b = d["budget"]
+    assert b["usable_bytes"] == budget - b["cublas_workspace_bytes"] - b["context_bytes"]
+    # measured again, from the recipe it wrote, outside the search
+    need, _ = need_of(tiny("llama"), TINY_WL, recipes.load(recipe))
+    assert need <= budget
+    assert need == chosen["need_bytes"]
+
+
+def test_d_pruning_runs_fewer_steps_than_combinations(fitted):
+    _, _, d, _ = fitted
+    n = d["counts"]
+    assert n["runs"] == len(d["runs"]) < n["product_of_levels"]
+    assert n["pruned"] + n["not_needed"] + n["not_measurable"] > 0
+    assert n["runs"] <= 8
+    # every combination is accounted for: measured (two allocator settings per run), or skipped with a reason
+    skipped = [c for c in d["candidates"] if c["source"] != "measured"]
+    assert all(c["reason"] for c in skipped)
+    assert (
+        n["combinations"]
+        == n["measured"] + n["pruned"] + n["not_needed"] + n["not_reached"] + n["not_measurable"]
+    )
+
+
+def test_c_d_the_library_raises_no_plan_fits_after_the_two_ends():
+    eng = CountingSim()
+    wl = Workload(batch_size=1, seq_len=64, dtype="bfloat16", optimizer="sgd")
+    with pytest.raises(NoPlanFits) as e:
+        P.plan(tiny("llama"), wl, int(32.5 * MiB), context_overhead=0, engine=eng)
+    assert e.value.exit_code == 6
+    r = e.value.result
+    # the two ends: the baseline, and the most aggressive combination, which does not fit either
+    assert eng.calls == len(r.runs) == 2
+    product = math.prod(len(lv.levels) for lv in r.levers)
+    assert r.counts["product_of_levels"] == product > 2 * eng.calls
+    assert r.counts["pruned_nothing_fits"] == r.counts["combinations"] - r.counts["measured"]
+    assert r.chosen is None and r.frontier and r.dominant
+    closest = r.frontier[0]
+    assert closest.need_bytes > int(32.5 * MiB) and closest.source == "measured"
+    # the frontier: no point needs less memory at a lower cost than another
+    for a in r.frontier:
+        assert not any(b is not a and b.need_bytes < a.need_bytes and b.cost < a.cost for b in r.frontier)
+
+
+def test_g_the_written_recipe_loads_and_names_the_command_that_confirms_it(fitted):
+    _, recipe, d, _ = fitted
+    r = recipes.load(recipe)
+    assert [s.name for s in r.steps] == [s["name"] for s in d["chosen"]["steps"]]
+    text = recipe.read_text()
+    assert (
+        f"memprof compare {tiny('llama')} --recipe {recipe} --engine sim -b 2 -s 64 --dtype bfloat16" in text
+    )
+    assert text == d["recipe"]
+    assert not [f for f in os.listdir(recipe.parent) if f.startswith(".")]  # no temporary file left
+
+
+def test_b_a_budget_above_the_baseline_needs_no_plan(tmp_path, capsys):
+    path = tmp_path / "never.yaml"
+    code, out, err = run(
+        capsys, "plan", tiny("llama"), "--budget", "40MiB", *TINY, "--json", "-", "--write-recipe", str(path)
+    )
+    assert code == 0, err
+    d = json.loads(out)
+    chosen = d["chosen"]
+    assert chosen["steps"] == [] and chosen["flop_overhead"] == 0 and chosen["fits"]
+    assert d["counts"]["runs"] == 1
+    assert not path.exists()  # nothing to write
+
+
+def test_c_impossible_budget_exits_6_with_the_frontier(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    path = tmp_path / "plan.yaml"
+    code, out, err = run(
+        capsys,
+        "plan",
+        tiny("llama"),
+        "--budget",
+        "32.5MiB",
+        *TINY[2:],
+        "-b",
+        "1",
+        "--write-recipe",
+        str(path),
+    )
+    assert code == 6
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memprof: error: no plan fits 32.5 MiB")
+    assert "Traceback" not in err
+    assert "Closest that do not fit (Pareto frontier" in out
+    assert "What dominates the closest plan's memory" in out
+    assert "No plan fits 32.5 MiB" in out
+    assert "\x1b[" not in out  # not a terminal: no escape codes
+    assert not path.exists() and not list(tmp_path.iterdir())  # nothing written, nothing left behind
+
+
+def test_e_maximize_batch_size_finds_the_edge(capsys):
+    spec, budget = tiny("llama"), 40 * MiB
+    args = ["--budget", "40MiB", "-b", "4", "-s", "64", "--context-overhead", "0"]
+    code, out, err = run(capsys, "plan", spec, *args, "--maximize", "batch-size", "--json", "-")
+    assert code == 0, err
+    m = json.loads(out)["maximize"]
+    b = m["best"]
+    assert m["dimension"] == "batch-size" and b > 4 and m["first_misfit"] == b + 1
+    assert len(m["probes"]) <= 8
+    # checked by direct sim runs, outside the search
+    fits, _ = need_of(spec, Workload(batch_size=b, seq_len=64), None)
+    over, _ = need_of(spec, Workload(batch_size=b + 1, seq_len=64), None)
+    assert fits <= budget < over
+
+
+def test_world_size_adds_the_fsdp_lever_and_reports_per_rank(tmp_path, capsys, monkeypatch):
+    # plumbing only: the numbers do not matter (until the sim engine shards, a sharded step
+    # measures like an unsharded one)
+    monkeypatch.setenv("COLUMNS", "200")
+    path = tmp_path / "plan.json"
+    args = ["--budget", "32.5MiB", "-b", "1", "-s", "64", "--dtype", "bfloat16", "--optimizer", "sgd"]
+    args += ["--context-overhead", "0", "--world-size", "2", "--json", str(path)]
+    code, out, err = run(capsys, "plan", tiny("llama"), *args)
+    assert code == 6, err
+    d = json.loads(path.read_text())
+    assert d["workload"]["world_size"] == 2 and d["budget"]["per_rank"]
+    fsdp = next(lv for lv in d["levers"] if lv["name"] == "fsdp")
+    assert fsdp["levels"] == ["off", "keep gathered", "reshard"]
+    assert any(s["name"] == "fsdp" for r in d["runs"] for s in r["steps"])  # the most aggressive shards
+    assert "per rank of 2" in out and "(per rank)" in out
+
+
+def test_world_size_one_has_no_fsdp_lever():
+    model = fake_model(*prepare(tiny("llama"), Workload(), SimEngine())[:1], Workload())
+    levers, left_out = P.build_levers(model, Workload(batch_size=4, seq_len=64))
+    names = [lv.name for lv in levers]
+    assert "fsdp" not in names
+    assert names[:3] == ["precision", "optimizer", "checkpointing"]
+    assert levers[-1].name == "allocator" and levers[-1].derived
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--budget", "24XB"], "--budget: unknown size unit"),
+        (["--budget", "lots"], "--budget: not a size"),
+        (["--budget", "0"], "--budget: must be more than 0"),
+        (["--budget", "24GiB", "--world-size", "0"], "--world-size must be at least 1"),
+        (["--budget", "24GiB", "--max-overhead", "40"], "--max-overhead: not a percentage"),
+        (["--budget", "100MiB", "--context-overhead", "1GiB"], "leaves nothing after the CUDA context"),
+        (["--budget", "24GiB", "--maximize", "width"], "--maximize"),
+        ([], "--budget"),
+    ],
+)
+def test_f_bad_input_is_one_line_exit_2(capsys, args, needle):
+    code, out, err = run(capsys, "plan", tiny("llama"), *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memprof: error:"), err
+    assert needle in lines[0]
+    assert "Traceback" not in err
+
+
+def test_library_rejects_bad_arguments():
+    wl = Workload(batch_size=1, seq_len=8)
+    for kw in ({"world_size": 0}, {"max_overhead": -0.1}, {"maximize": "width"}, {"context_overhead": -1}):
+        with pytest.raises(InputError):
+            P.plan(tiny("llama"), wl, 24 * 2**30, **kw)
+
+
+def test_recipe_text_refuses_an_empty_plan_and_validates():
+    r = P.PlanResult(
+        model="m",
+        workload=Workload().to_dict(),
+        engine="sim",
+        budget=P.Budget(2**30, 0, WORKSPACE),
+        max_overhead=None,
+        levers=[],
+        not_searched=[],
+        baseline=P.Candidate(levels=(), steps=[], label="as it is", status="fits"),
+        candidates=[],
+        runs=[],
+        counts={},
+    )
+    r.plans = [r.baseline]
+    with pytest.raises(InputError, match="fits as it is"):
+        P.recipe_text(r, "m", "plan.yaml")
+    r.plans = [
+        P.Candidate(
+            levels=(1,),
+            steps=[{"name": "checkpointing", "options": {"every": 2}}],
+            label="checkpointing(every=2)",
+            status="fits",
+            run=2,
+            peak_bytes=1,
+            reserved_bytes=2,
+            need_bytes=3,
+            flop_overhead=0.12,
+        )
+    ]
+    text = P.recipe_text(r, "m", "x.yaml")
+    assert recipes.parse(text).steps[0].options == {"every": 2}
+    assert "# confirm: memprof compare m --recipe x.yaml --engine sim -b 8 -s 512" in text
