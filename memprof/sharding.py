@@ -159,13 +159,15 @@ def shard_model(
         fully_shard(block, **kw)
     extra = ""
     if separate_head:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
         base = getattr(model, "model", None)
         if head is None or not isinstance(base, torch.nn.Module):
             raise InputError(
                 f"{type(model).__name__}: a chunked loss with FSDP2 needs a base model and an output layer"
             )
-        embed = model.get_input_embeddings()
+        get_embed = getattr(model, "get_input_embeddings", None)
+        embed = get_embed() if callable(get_embed) else None
         if embed is not None and head.weight is embed.weight:
             raise InputError(
                 f"{type(model).__name__} ties its output layer to its input embeddings: a chunked loss with FSDP2 "
