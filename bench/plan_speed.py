@@ -36,6 +36,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument(
+        "--world-sizes", default="1,8", help="comma-separated world sizes (ranks sharing the model)"
+    )
     ap.add_argument("--plans", type=int, default=3, help="plans to establish (memprof plan --plans)")
     ap.add_argument("--write", action="store_true", help="also write the section into docs/benchmarks.md")
     args = ap.parse_args()
@@ -48,15 +51,18 @@ def main() -> int:
 
     quiet_libraries()
     P = importlib.import_module("memprof.plan")  # the module (memprof.plan is also the function)
-    wl = Workload(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype)
     rows = []
     details = []
-    for text in args.budgets.split(","):
+    cases = [(int(ws), text) for ws in args.world_sizes.split(",") for text in args.budgets.split(",")]
+    for ws, text in cases:
+        wl = Workload(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, world_size=ws)
         budget = parse_size(text)
-        C.log(f"plan {args.model} --budget {text}")
+        C.log(f"plan {args.model} --budget {text} --world-size {ws}")
         w0, c0 = time.perf_counter(), time.process_time()
         try:
-            result = P.plan(args.model, wl, budget, max_plans=args.plans, progress=lambda m: None)
+            result = P.plan(
+                args.model, wl, budget, world_size=ws, max_plans=args.plans, progress=lambda m: None
+            )
             code = 0
         except NoPlanFits as e:
             result, code = e.result, 6
@@ -72,6 +78,7 @@ def main() -> int:
         rows.append(
             [
                 text,
+                str(ws),
                 f"{wall:.0f}",
                 f"{cpu:.0f}",
                 str(n["runs"]),
@@ -86,6 +93,7 @@ def main() -> int:
         )
         cmd = (
             f"memprof plan {args.model} --budget {text} -b {args.batch_size} -s {args.seq_len} --dtype {args.dtype}"
+            + (f" --world-size {ws}" if ws > 1 else "")
             + (f" --plans {args.plans}" if args.plans != 3 else "")
         )
         pruned = ", ".join(
@@ -139,7 +147,8 @@ def main() -> int:
 
     table = C.md_table(
         [
-            "budget",
+            "budget per GPU",
+            "ranks",
             "wall s",
             "CPU s",
             "sim runs",
@@ -152,7 +161,7 @@ def main() -> int:
             "FLOPs",
         ],
         rows,
-        "lrrrrrlrrrr",
+        "lrrrrrrlrrrr",
     )
     body = "\n".join(
         [
@@ -173,7 +182,7 @@ def main() -> int:
         ]
     )
     text = C.section(
-        "plan_speed", "Plan speed: memprof plan of a Llama-3-8B fine-tune into a GPU budget", body
+        "plan_speed", "6. Plan speed: memprof plan of a Llama-3-8B fine-tune into a GPU budget", body
     )
     print(text)
     if args.write:

@@ -128,3 +128,23 @@ def test_surgery_in_one_row_does_not_leak_into_the_next():
     base = c.baseline.model["parameters"]
     ffn, heads, sgd = (s.profile.model["parameters"] for s in c.steps)
     assert sgd == base and ffn < base and heads < base and ffn != heads
+
+
+def test_a_step_the_sim_cannot_trace_is_a_failed_row(tmp_path):
+    """torchao's 8-bit AdamW reads values (.tolist()) that fake tensors do not have: one failed row, no crash."""
+    out = tmp_path / "c.json"
+    argv = [
+        "compare",
+        tiny("llama"),
+        "-e",
+        "sim",
+        "--step",
+        "optimizer:type=adamw8bit",
+        "-b",
+        "2",
+        "-s",
+        "16",
+    ]
+    assert main([*argv, "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["steps"][0]
+    assert row["error"] and row["profile"] is None
