@@ -47,7 +47,9 @@ def test_parameter_bytes_match_the_model():
     assert p.categories_at_peak["parameters"] == n * 4
 
 
-@pytest.mark.parametrize("name", bundled_models())
+# the 70B shape is the 8B's architecture, larger: building it on fake tensors alone takes ~9 s
+# here; bench/fsdp_scale.py runs it (docs/benchmarks.md)
+@pytest.mark.parametrize("name", [m for m in bundled_models() if m != "llama-3-70b"])
 def test_sim_engine_every_bundled_config(name):
     p = memprof.analyze(name, engine="sim", mode="train", batch_size=1, seq_len=64, dtype="bfloat16")
     _check_profile(p)
