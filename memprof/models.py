@@ -148,9 +148,12 @@ def resolve(
     if bundled.is_file():
         cfg = _load_config_file(bundled, False)
         return _finish(ResolvedModel(spec, spec, "bundled", cfg, folder=bundled.parent.resolve()), task)
+    names = ", ".join(bundled_models()) or "none"
+    if path.suffix == ".json" or spec.startswith(("./", "../", "/", "~")):
+        # a path (a Hub id never ends in .json): say the file is missing, do not ask the Hub
+        raise InputError(f"{spec}: no such file or directory (bundled configs: {names})")
     if _HUB_ID.match(spec):
         return _from_hub(spec, task, trust_remote_code)
-    names = ", ".join(bundled_models()) or "none"
     raise InputError(f"{spec}: no such file or directory, bundled config or Hub id (bundled: {names})")
 
 

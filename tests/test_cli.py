@@ -103,6 +103,7 @@ def test_analyze_json_file(tmp_path, capsys):
     "args,code,needle",
     [
         (["analyze", "/no/such/model"], 2, "no such file or directory"),
+        (["analyze", "configs/no-such-model.json"], 2, "no such file or directory"),
         (["analyze", "gpt2", "--dtype", "float64"], 2, "--dtype"),
         (["analyze", "gpt2", "--batch-size", "0"], 2, "--batch-size must be at least 1"),
         (["analyze", "gpt2", "--seq-len", "0"], 2, "--seq-len must be at least 1"),

@@ -45,6 +45,8 @@ def error_line(message: str) -> None:
     """Print one error line on stderr (under torchrun, on rank 0 only: the ranks fail alike)."""
     if _other_rank():
         return
+    # one line: libraries' messages (the Hub client's) can span several
+    message = " ".join(part.strip() for part in message.splitlines() if part.strip())
     sys.stderr.write(f"memprof: error: {message}\n")
     sys.stderr.flush()
 
