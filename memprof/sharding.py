@@ -228,15 +228,6 @@ class LocalShards:
             self._handle = None
 
 
-def largest_block_params(model: torch.nn.Module) -> int:
-    """Parameters of the largest FSDP unit (a block, or the root's own parameters)."""
-    blocks = blocks_to_shard(model)
-    in_blocks = {id(p) for b in blocks for p in b.parameters()}
-    root = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
-    per_block = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
-    return max(root, per_block)
-
-
 def largest_layer_params(model: torch.nn.Module) -> int:
     """Parameters of the largest single module's own parameters (DeepSpeed's "largest layer")."""
     return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
@@ -278,7 +269,6 @@ __all__ = [
     "fake_group",
     "gather_profiles",
     "init_launched_group",
-    "largest_block_params",
     "largest_layer_params",
     "shard_model",
     "zero3_estimate",

@@ -81,7 +81,9 @@ class CudaEngine(Engine):
     load_weights = True
     foreach = None  # torch's default on CUDA is foreach
 
-    def __init__(self, index: int = 0, snapshot_path: str | None = None, *, in_child: bool = False) -> None:
+    def __init__(
+        self, index: int | None = None, snapshot_path: str | None = None, *, in_child: bool = False
+    ) -> None:
         """
         Args:
             index: the CUDA device.
@@ -94,6 +96,12 @@ class CudaEngine(Engine):
             raise EnvironmentProblem(
                 "--engine cuda: no CUDA GPU is visible to PyTorch (use --engine sim to project a GPU run, or --engine cpu)"
             )
+        if index is None:
+            # under torchrun each rank measures its own GPU (LOCAL_RANK), else GPU 0
+            from memprof.sharding import Launch
+
+            launch = Launch.from_env()
+            index = launch.local_rank if launch is not None else 0
         self.index = index
         self.snapshot_path = snapshot_path
         self.in_child = in_child
