@@ -53,7 +53,10 @@ def error_line(message: str) -> None:
 
 def _other_rank() -> bool:
     """True in a torchrun rank other than 0 (rank 0 gathers and reports every rank)."""
-    return os.environ.get("WORLD_SIZE", "1") not in ("", "1") and os.environ.get("RANK", "0") != "0"
+    from memprof.sharding import Launch
+
+    launch = Launch.from_env()
+    return launch is not None and launch.rank != 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

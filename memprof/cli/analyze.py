@@ -39,8 +39,6 @@ def analyze(
     """Measure the peak memory of one training or inference step."""
     if top < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--top")
-    if world_size < 1:
-        raise typer.BadParameter(f"must be at least 1, got {world_size}", param_hint="--world-size")
     launch = Launch.from_env() if shard else None
     # under torchrun only rank 0 reports: it holds every rank's profile
     quiet = launch is not None and launch.rank != 0

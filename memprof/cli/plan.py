@@ -36,9 +36,7 @@ def plan(
     teacher: str | None = O.TEACHER,
     temperature: float = O.TEMPERATURE,
     ce_weight: float = O.CE_WEIGHT,
-    world_size: int = typer.Option(
-        1, "--world-size", help="GPUs sharing the job (batch size is per rank); above 1, FSDP is searched."
-    ),
+    world_size: int = O.WORLD_SIZE,
     max_overhead: str | None = typer.Option(
         None, "--max-overhead", help="The most FLOP overhead a plan may add, e.g. 40% (default: no limit)."
     ),
@@ -65,8 +63,6 @@ def plan(
     """Find the least costly optimizations that make a step fit a GPU memory budget (sim engine)."""
     budget_bytes = _size(budget, "--budget")
     context_bytes = _size(context_overhead, "--context-overhead")
-    if world_size < 1:
-        raise InputError(f"--world-size must be at least 1, got {world_size}")
     overhead = None
     if max_overhead is not None:
         try:
@@ -89,6 +85,7 @@ def plan(
         teacher,
         temperature,
         ce_weight,
+        world_size,
     )
     failure: NoPlanFits | None = None
     with spinner() as progress:

@@ -226,7 +226,7 @@ class Engine:
                 runner = StepRunner(model, setup, env)
                 setup = runner.setup  # with what the runner measured (model transforms) in its notes
                 n_params = parameter_count(model)  # after any surgery
-                sharding = self._sharding_info(model, setup) if setup.shard else None
+                sharding = self._sharding_info(model, setup, n_params) if setup.shard else None
                 teacher_info = None
                 if trm is not None:
                     teacher_info = self._attach_teacher(
@@ -375,6 +375,12 @@ class Engine:
         if setup.shard is None:
             yield None
             return
+        with self.mesh(setup) as mesh:
+            yield mesh
+
+    @contextlib.contextmanager
+    def mesh(self, setup: StepSetup) -> Iterator[Any]:
+        """The device mesh of a sharded step's ranks: torchrun's (the sim engine: a fake group's)."""
         from memprof.sharding import Launch, init_launched_group
 
         launch = Launch.from_env()
@@ -394,13 +400,11 @@ class Engine:
     def sharding_notes(self) -> list[str]:
         return ["sharded step measured on real ranks under torchrun: each rank measured its own step"]
 
-    def _sharding_info(self, model: torch.nn.Module, setup: StepSetup) -> dict[str, Any]:
+    def _sharding_info(self, model: torch.nn.Module, setup: StepSetup, n_params: int) -> dict[str, Any]:
         import torch.distributed as dist
 
         from memprof.sharding import largest_layer_params, zero3_estimate
 
-        # the model is sharded: numel of a DTensor parameter is its global size
-        total = sum(p.numel() for p in model.parameters())
         n = setup.workload.world_size
         return {
             "method": setup.shard,
@@ -408,7 +412,8 @@ class Engine:
             "rank": dist.get_rank() if dist.is_initialized() else 0,
             "launcher": self.launcher(),
             "reshard_after_forward": setup.reshard_after_forward,
-            "zero3_estimate": zero3_estimate(total, largest_layer_params(model), n),
+            # a DTensor parameter's numel is its global size: n_params is the whole model's
+            "zero3_estimate": zero3_estimate(n_params, largest_layer_params(model), n),
         }
 
     def synchronize(self) -> None:

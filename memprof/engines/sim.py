@@ -61,11 +61,8 @@ class SimEngine(Engine):
             yield
 
     @contextlib.contextmanager
-    def ranks(self, setup: StepSetup) -> Iterator[Any]:
+    def mesh(self, setup: StepSetup) -> Iterator[Any]:
         """A sharded step runs on a fake process group of ``world_size`` ranks (this is rank 0)."""
-        if setup.shard is None:
-            yield None
-            return
         from memprof.sharding import fake_group
 
         with fake_group(setup.workload.world_size) as mesh:
