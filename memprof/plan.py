@@ -977,7 +977,7 @@ class _Search:
                 progress=lambda m: self.say(f"run {index}: {label}: {m}"),
                 allow_pickle=self.allow_pickle,
                 track_modules=False,
-                measure=Measure(flops=count),
+                measure=Measure(flops=count, timeline=False),
             )
         except OutOfMemory as e:
             run.error = f"out of memory: {e}"

@@ -29,6 +29,26 @@ ranks), ``at_peak`` (bytes by FSDP role at the peak: ``sharded_parameters``,
 ``reduce_scatter_buffers``; they overlap the categories, they do not add to
 them) and ``zero3_estimate`` (DeepSpeed's per-GPU formula, model states only).
 ``ranks`` (torchrun): every rank's profile as plain data, rank 0's first.
+
+Added within version 1: ``timeline`` (None in profiles written before it, and
+with the timeline off): the live bytes of the measured step over its ops,
+downsampled (each bucket of consecutive changes keeps its lowest and highest
+total, so the peak survives). ``x`` is ``"op"``: ``op`` holds the count of
+ops dispatched when each point was taken; ``categories`` maps each category
+to its bytes per point (they sum to the live total); ``module`` indexes
+``modules`` (the module running, -1: none); ``phases`` lists the phase spans
+in order (``name``, ``start``, ``end`` op); ``ops`` is the step's op count,
+``rows`` the changes recorded, ``peak_index`` the point of the peak.
+
+Added within version 1: ``budget`` (None unless a budget was given): the
+budget accounting (``budget_bytes``, ``context_bytes``,
+``cublas_workspace_bytes``, ``usable_bytes``: what is left for the tensors
+and the allocator's cache; ``need_bytes``; ``fits``), ``crossing`` (the moment
+the live tensors first rose above the usable bytes: ``op``, ``phase``,
+``module``, ``live_bytes``, ``categories``, ``modules``; None if they never
+did), and, when it does not fit, ``fixes`` (single optimizations ranked by the
+memory they cut, each measured) and ``plan`` (the cheapest stack that fits,
+from :func:`memprof.plan.plan`'s search).
 """
 
 from __future__ import annotations
@@ -93,6 +113,10 @@ class Profile:
     sharding: dict[str, Any] | None = None
     #: torchrun: every rank's profile as plain data (rank order), on rank 0's profile
     ranks: list[dict[str, Any]] | None = None
+    #: live bytes by category over the step's ops, downsampled (see the module docstring)
+    timeline: dict[str, Any] | None = None
+    #: a budget's accounting, where it is first crossed, and the fixes (see the module docstring)
+    budget: dict[str, Any] | None = None
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:

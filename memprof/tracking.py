@@ -108,6 +108,8 @@ class TraceEvent(NamedTuple):
     #: the phase running when it happened (None: before the first phase, e.g. the
     #: tensors that existed on entry and the inputs)
     phase: str | None
+    #: the tracker's op counter when it happened (ops dispatched so far in the region)
+    op: int = 0
 
 
 @dataclass
@@ -185,6 +187,11 @@ class Tracker(TorchDispatchMode):
             as the rank's local tensor ops, ignore the global-shape fake tensors
             of DTensor's sharding propagation, and break the FSDP storages down
             by role (:data:`SHARD_ROLES`).
+        record_timeline: keep the live bytes by category after every change,
+            against the op counter (:meth:`timeline` downsamples them).
+        budget: bytes; the first time the live total rises above it, the state
+            is kept (:attr:`crossing`: op, phase, module, live bytes by
+            category and by module), for an out-of-memory diagnosis.
     """
 
     def __init__(
@@ -198,6 +205,8 @@ class Tracker(TorchDispatchMode):
         record_trace: bool = False,
         groups: Sequence[str] = (),
         distributed: bool = False,
+        record_timeline: bool = False,
+        budget: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -266,6 +275,15 @@ class Tracker(TorchDispatchMode):
         self._dtensor: type | None = None
         self._collectives: dict[Any, str] = {}
         self._active_fake: Any = None
+        #: ops dispatched in the region so far (the timeline's x axis)
+        self.ops = 0
+        # timeline: flat rows of (op, owner module, 7 category totals), and phase spans
+        self._tl: list[int] | None = [] if record_timeline else None
+        self._spans: list[list[Any]] = []
+        self.budget = budget
+        self._budget = budget if budget is not None and budget > 0 else sys.maxsize
+        #: the state when the live total first rose above ``budget`` (None: it never did)
+        self.crossing: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ setup
     def __enter__(self) -> Tracker:
@@ -517,6 +535,8 @@ class Tracker(TorchDispatchMode):
         """Mark a phase of the step (``forward``, ``backward``, ``optimizer``...)."""
         prev, prev_cat = self._phase, self._new_cat
         self._phase = name
+        span = [name, self.ops, self.ops]
+        self._spans.append(span)
         if name not in self._phase_peaks:
             self._phase_peaks[name] = self.current
             self._phase_order.append(name)
@@ -535,6 +555,7 @@ class Tracker(TorchDispatchMode):
         finally:
             if name == "backward":
                 self.end_backward()
+            span[2] = self.ops
             self._phase, self._new_cat = prev, prev_cat
 
     # ------------------------------------------------------------- recording
@@ -583,6 +604,8 @@ class Tracker(TorchDispatchMode):
         rec[1] = cat
         if owner >= 0 and (old == _ACT) != (cat == _ACT):
             self._mod_act[owner] += n if cat == _ACT else -n
+        if self._tl is not None and n:
+            self._tl_row()
 
     def _set_owner(self, rec: list[int], owner: int) -> None:
         n, cat, old = rec
@@ -604,7 +627,7 @@ class Tracker(TorchDispatchMode):
         self._records[sid] = [n, cat, owner]
         self._refs[sid] = weakref.ref(st, partial(self._on_free, sid))
         if self.trace is not None and n:
-            self.trace.append(TraceEvent(sid, n, True, self._phase))
+            self.trace.append(TraceEvent(sid, n, True, self._phase, self.ops))
         self._cat[cat] += n
         if self._grouped:
             self._grp[self._gi(owner, cat)] += n
@@ -628,6 +651,32 @@ class Tracker(TorchDispatchMode):
         if cur > self.peak:
             self.peak = cur
             self._dirty = True
+        if cur > self._budget and self.crossing is None:
+            self._cross()
+        if self._tl is not None and n:
+            self._tl_row()
+
+    def _tl_row(self) -> None:
+        self._tl.extend((self.ops, self._owner(), *self._cat))  # type: ignore[union-attr]
+
+    def _cross(self) -> None:
+        """Keep the state at the moment the live total first rose above the budget."""
+        n = len(self._mod_names)
+        incl = self._mod_tot[:] if self.track_modules else []
+        for j in range(n - 1, 0, -1):
+            p = self._mod_parent[j]
+            if p >= 0 and incl:
+                incl[p] += incl[j]
+        owner = self._owner()
+        self.crossing = {
+            "op": self.ops,
+            "live_bytes": self.current,
+            "phase": self._phase,
+            "module": self._mod_names[owner] if self.track_modules and 0 <= owner < n else None,
+            "categories": dict(zip(CATEGORIES, self._cat)),
+            # inclusive (a module with its submodules), as ModuleStats.bytes_at_peak
+            "modules": {self._mod_names[j]: incl[j] for j in range(len(incl)) if incl[j]},
+        }
 
     def _size(self, st: Any) -> int:
         """Bytes a storage occupies, rounded up to the allocator's block size."""
@@ -655,7 +704,7 @@ class Tracker(TorchDispatchMode):
             if role is not None:
                 self._roles[role] -= n
         if self.trace is not None and n:
-            self.trace.append(TraceEvent(sid, n, False, self._phase))
+            self.trace.append(TraceEvent(sid, n, False, self._phase, self.ops))
         self._cat[cat] -= n
         if self._grouped:
             self._grp[self._gi(owner, cat)] -= n
@@ -664,6 +713,8 @@ class Tracker(TorchDispatchMode):
             self._mod_tot[owner] -= n
             if cat == _ACT:
                 self._mod_act[owner] -= n
+        if self._tl is not None and n:
+            self._tl_row()
 
     def _snapshot(self) -> None:
         self._dirty = False
@@ -698,6 +749,7 @@ class Tracker(TorchDispatchMode):
             if self._active_fake() is not self._entry_fake:
                 return func(*args, **(kwargs or {}))  # DTensor's sharding propagation: nothing real
             self._fsdp_roles(func, args)
+        self.ops += 1
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten.resize_.default:
             self._on_resize(args[0])
@@ -804,9 +856,9 @@ class Tracker(TorchDispatchMode):
             # the allocator gives a resized storage a new block (the copy is
             # brief, so the old block is counted as freed first)
             if rec[0]:
-                self.trace.append(TraceEvent(sid, rec[0], False, self._phase))
+                self.trace.append(TraceEvent(sid, rec[0], False, self._phase, self.ops))
             if n:
-                self.trace.append(TraceEvent(sid, n, True, self._phase))
+                self.trace.append(TraceEvent(sid, n, True, self._phase, self.ops))
         rec[0] = n
         if self._role:
             role = self._role.get(sid)
@@ -823,6 +875,10 @@ class Tracker(TorchDispatchMode):
         if self.current > self.peak:
             self.peak = self.current
             self._dirty = True
+        if self.current > self._budget and self.crossing is None:
+            self._cross()
+        if self._tl is not None and delta:
+            self._tl_row()
 
     # ---------------------------------------------------------------- results
     def mark_inputs(self, tensors: Iterable[Any]) -> None:
@@ -834,6 +890,62 @@ class Tracker(TorchDispatchMode):
     def live_by_category(self) -> dict[str, int]:
         """Live bytes by category right now."""
         return dict(zip(CATEGORIES, self._cat))
+
+    def timeline(self, max_points: int = 800) -> dict[str, Any] | None:
+        """The live bytes by category over the region, downsampled (``record_timeline=True``).
+
+        Every change of the live set is a row (op counter, running module, bytes
+        by category). Past ``max_points`` rows, the rows are cut into buckets of
+        consecutive rows and each bucket keeps its lowest and its highest total,
+        in order, so the shape (and the peak itself) survives the downsampling.
+
+        Returns:
+            None without ``record_timeline``; else plain data: ``op`` (the x
+            axis: ops dispatched so far), ``categories`` (category -> bytes per
+            point), ``module`` (index into ``modules`` of the module running, -1:
+            none), ``phases`` (``name``, ``start``, ``end`` op of each phase span,
+            in order), ``ops`` (ops in the region), ``rows`` (changes recorded)
+            and ``peak_index`` (the point of the highest total).
+        """
+        tl = self._tl
+        if tl is None:
+            return None
+        width = 9
+        n = len(tl) // width
+        totals = [sum(tl[i * width + 2 : i * width + width]) for i in range(n)]
+        if n <= max_points:
+            keep = list(range(n))
+        else:
+            buckets = max(1, max_points // 2)
+            keep = []
+            for b in range(buckets):
+                lo, hi = b * n // buckets, (b + 1) * n // buckets
+                if lo >= hi:
+                    continue
+                seg = range(lo, hi)
+                i_min = min(seg, key=totals.__getitem__)
+                i_max = max(seg, key=totals.__getitem__)
+                keep.extend(sorted({i_min, i_max}))
+        used: dict[int, int] = {}
+        mods: list[int] = []
+        for i in keep:
+            m = tl[i * width + 1]
+            if m >= 0 and self.track_modules and m < len(self._mod_names):
+                mods.append(used.setdefault(m, len(used)))
+            else:
+                mods.append(-1)
+        peak_index = max(range(len(keep)), key=lambda k: totals[keep[k]]) if keep else -1
+        return {
+            "x": "op",
+            "op": [tl[i * width] for i in keep],
+            "categories": {c: [tl[i * width + 2 + j] for i in keep] for j, c in enumerate(CATEGORIES)},
+            "module": mods,
+            "modules": [self._mod_names[m] for m in used],
+            "phases": [{"name": nm, "start": a, "end": b} for nm, a, b in self._spans],
+            "ops": self.ops,
+            "rows": n,
+            "peak_index": peak_index,
+        }
 
     def result(self, top_level_only: bool = False) -> TrackerResult:
         """The plain-data result. Valid inside or after the tracked region."""

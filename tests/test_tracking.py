@@ -228,3 +228,65 @@ def test_running_module_totals_match_the_live_records():
         assert t._mod_act == act
         assert sum(act) > 0 and all(v >= 0 for v in tot)
     del kept
+
+
+def _train_step(m, opt, x, t):
+    with t.phase("forward"):
+        loss = m(x).pow(2).mean()
+    with t.phase("backward"):
+        loss.backward()
+    with t.phase("optimizer"):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_timeline_sums_to_the_live_total_and_keeps_the_peak_when_downsampled():
+    torch.manual_seed(0)
+    m = TwoLayer()
+    opt = torch.optim.AdamW(m.parameters(), foreach=False)
+    x = torch.randn(32, 64)
+    with Tracker(m, opt, record_timeline=True) as t:
+        t.mark_inputs([x])
+        _train_step(m, opt, x, t)
+    r = t.result()
+    full = t.timeline(max_points=10**9)
+    small = t.timeline(max_points=8)
+    assert Tracker(m).timeline() is None  # off by default
+    for tl in (full, small):
+        totals = [sum(col[i] for col in tl["categories"].values()) for i in range(len(tl["op"]))]
+        assert set(tl["categories"]) == set(CATEGORIES)
+        assert max(totals) == r.peak_bytes == totals[tl["peak_index"]]
+        assert tl["op"] == sorted(tl["op"])  # in order
+        assert len(tl["module"]) == len(tl["op"])
+        assert [p["name"] for p in tl["phases"]] == ["forward", "backward", "optimizer"]
+        assert all(a["end"] == b["start"] for a, b in zip(tl["phases"], tl["phases"][1:]))
+        assert tl["phases"][-1]["end"] == tl["ops"] == t.ops > 0
+    assert len(full["op"]) == full["rows"] > len(small["op"])
+    assert len(small["op"]) <= 8
+    # the last point is the live set at the end: parameters and optimizer state, no gradients
+    assert full["categories"]["gradients"][-1] == 0
+    assert full["categories"]["optimizer_state"][-1] == t.live_by_category()["optimizer_state"]
+    # modules named at points include the layers that ran
+    assert {"fc1", "fc2"} <= set(full["modules"])
+
+
+def test_budget_crossing_names_the_moment_the_live_total_first_rose_above_it():
+    torch.manual_seed(0)
+    m = TwoLayer()
+    x = torch.randn(32, 64)
+    params, inp, h = _nbytes(m), x.numel() * 4, 32 * 256 * 4
+    # params + input + fc1's output fit; the relu's output crosses
+    budget = params + inp + h + 1
+    with torch.no_grad(), Tracker(m, budget=budget) as t:
+        t.mark_inputs([x])
+        with t.phase("forward"):
+            m(x)
+    c = t.crossing
+    assert c is not None and c["phase"] == "forward" and c["module"] == "act"
+    assert c["live_bytes"] == params + inp + 2 * h > budget
+    assert sum(c["categories"].values()) == c["live_bytes"]
+    assert c["categories"]["parameters"] == params
+    assert c["modules"]["act"] == h and c["modules"]["fc1"] >= h
+    with torch.no_grad(), Tracker(m, budget=10 * (params + inp + 2 * h)) as t2:
+        m(x)
+    assert t2.crossing is None

@@ -46,6 +46,11 @@ class Measure:
     #: a tokenized batch of real texts (memprof.data.encode): with ``quality``, the
     #: main output pooled per text is kept, to compare rows by cosine similarity
     texts: dict[str, Any] | None = None
+    #: bytes the step's tensors may use: the moment the live total first rises above
+    #: it is kept (``Profile.budget["crossing"]``), for an out-of-memory diagnosis
+    budget: int | None = None
+    #: keep the memory timeline (``Profile.timeline``)
+    timeline: bool = True
 
 
 @dataclass
@@ -155,6 +160,7 @@ class Engine:
         progress: Progress | None = None,
         allow_pickle: bool = False,
         track_modules: bool = True,
+        measure: Measure | None = None,
     ) -> Profile:
         """Measure one step of ``workload`` on ``rm``.
 
@@ -163,7 +169,12 @@ class Engine:
             OutOfMemory: the measured step ran out of memory (the partial profile is attached).
         """
         return self.run_detailed(
-            rm, workload, progress=progress, allow_pickle=allow_pickle, track_modules=track_modules
+            rm,
+            workload,
+            progress=progress,
+            allow_pickle=allow_pickle,
+            track_modules=track_modules,
+            measure=measure,
         ).profile
 
     def run_detailed(
@@ -273,6 +284,8 @@ class Engine:
                         record_trace=self.record_trace,
                         groups=SIDES if runner.pair is not None else (),
                         distributed=setup.shard is not None,
+                        record_timeline=measure.timeline,
+                        budget=measure.budget,
                     )
                     oom: dict[str, Any] | None = None
                     error: BaseException | None = None
@@ -298,6 +311,9 @@ class Engine:
                         self.replay_trace(tracker.trace, setup, extra)
                         tracker.trace = None  # can be long: drop it once used
                     result = tracker.result()
+                    extra["timeline"] = tracker.timeline()
+                    if measure.budget is not None:
+                        extra["budget"] = {"usable_bytes": measure.budget, "crossing": tracker.crossing}
                     if real and measure.quality and train and error is None:
                         out.loss_after, _ = runner.probe(inputs)
                 finally:
@@ -516,4 +532,6 @@ class Engine:
             allocator=extra.get("allocator"),
             split_at_peak={g: {c: int(v) for c, v in cs.items()} for g, cs in r.groups_at_peak.items()},
             sharding=sharding,
+            timeline=extra.get("timeline"),
+            budget=extra.get("budget"),
         )
