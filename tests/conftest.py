@@ -49,3 +49,22 @@ def _quiet_transformers():
     from memprof.cli.common import quiet_libraries
 
     quiet_libraries()
+
+
+def screenshots(config: Any) -> list[str]:
+    """The screenshots the browser tests took (tests/test_html.py), listed at the end of the run.
+
+    Kept on the config object: this module is imported twice (as pytest's conftest
+    and as ``tests.conftest``), so a module-level list would not be shared.
+    """
+    if not hasattr(config, "_memprof_screenshots"):
+        config._memprof_screenshots = []
+    return config._memprof_screenshots
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
+    shots = screenshots(config)
+    if shots:
+        terminalreporter.write_sep("-", "HTML report screenshots (headless Chromium)")
+        for path in shots:
+            terminalreporter.write_line(path)

@@ -39,7 +39,8 @@ def test_compare_separate_measures_each_step_alone():
     assert c.baseline_seconds is None and c.steps[0].seconds is None and c.steps[0].quality is None
 
 
-def test_cli_compare_bundled_config_in_sim_json(capsys):
+def test_cli_compare_bundled_config_in_sim_json(capsys, tmp_path):
+    page = tmp_path / "compare.html"
     code = main(
         [
             "compare",
@@ -54,10 +55,15 @@ def test_cli_compare_bundled_config_in_sim_json(capsys):
             "sim",
             "--json",
             "-",
+            "--html",
+            str(page),
         ]
     )
     out, err = capsys.readouterr()
     assert code == 0, err
+    # the page: a waterfall of the steps and the two timelines (baseline, after every step)
+    text = page.read_text()
+    assert "data-expected-charts=3" in text and '"type":"waterfall"' in text
     d = json.loads(out)
     assert d["schema"] == SCHEMA
     Profile.from_dict(d["baseline"])

@@ -32,9 +32,12 @@ def test_the_same_run_twice_is_identical(tmp_path):
     assert pa == pb  # sim: bit-identical, modules and phases included
 
 
-def test_unchanged_code_passes(base_file, capsys):
-    assert main(["check", "--baseline", str(base_file)]) == 0
+def test_unchanged_code_passes(base_file, capsys, tmp_path):
+    page = tmp_path / "check.html"
+    assert main(["check", "--baseline", str(base_file), "--html", str(page)]) == 0
     assert "passed: 1 workload(s)" in capsys.readouterr().out
+    text = page.read_text()
+    assert "memprof check: passed" in text and "data-expected-charts=2" in text  # peaks, and the timeline
 
 
 def test_a_change_that_adds_memory_fails_and_names_the_module(base_file, monkeypatch, capsys):

@@ -64,7 +64,9 @@ def fitted(tmp_path_factory):
     recipe, out = folder / "plan.yaml", folder / "plan.json"
     budget = 34 * MiB
     args = ["plan", tiny("llama"), "--budget", "34MiB", *TINY, "--plans", "1"]
-    code = main([*args, "--write-recipe", str(recipe), "--json", str(out)])
+    code = main(
+        [*args, "--write-recipe", str(recipe), "--json", str(out), "--html", str(folder / "plan.html")]
+    )
     return code, recipe, json.loads(out.read_text()), budget
 
 
@@ -82,6 +84,13 @@ def test_a_budget_between_gives_a_plan_that_fits_when_measured_again(fitted):
     need, _ = need_of(tiny("llama"), TINY_WL, recipes.load(recipe))
     assert need <= budget
     assert need == chosen["need_bytes"]
+
+
+def test_the_html_page_shows_the_measured_plans_and_the_budget(fitted, tmp_path_factory):
+    code, recipe, d, budget = fitted
+    text = (recipe.parent / "plan.html").read_text()
+    assert "Cheapest plan that fits" in text and "data-expected-charts=1" in text
+    assert "chosen plan" in text and "budget 34.0 MiB" in text
 
 
 def test_d_pruning_runs_fewer_steps_than_combinations(fitted):

@@ -6,7 +6,7 @@ import typer
 
 from memprof.api import analyze as run_analyze
 from memprof.cli import options as O
-from memprof.cli.common import spinner, stderr_console, stdout_console, write_output
+from memprof.cli.common import check_output, spinner, stderr_console, stdout_console, write_output
 from memprof.errors import OutOfMemory
 from memprof.report.terminal import render
 from memprof.sharding import Launch
@@ -30,6 +30,7 @@ def analyze(
     shard: O.Shard | None = O.SHARD,
     top: int = typer.Option(15, "--top", help="Modules to list."),
     json_path: str | None = O.JSON,
+    html_path: str | None = O.HTML,
     snapshot: str | None = typer.Option(
         None, "--snapshot", help="cuda engine: write an allocator snapshot pickle (memory_viz)."
     ),
@@ -39,6 +40,7 @@ def analyze(
     """Measure the peak memory of one training or inference step."""
     if top < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--top")
+    check_output(html_path, "--html")
     launch = Launch.from_env() if shard else None
     # under torchrun only rank 0 reports: it holds every rank's profile
     quiet = launch is not None and launch.rank != 0
@@ -74,6 +76,10 @@ def analyze(
     if profile is not None:
         if json_path:
             write_output(json_path, profile.to_json())
+        if html_path:
+            from memprof.report.html import profile_html
+
+            write_output(html_path, profile_html(profile))
         if json_path != "-":
             render(profile, stdout_console() if partial is None else stderr_console(), top=top)
     if partial is not None:

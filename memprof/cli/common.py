@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from memprof.errors import InputError
 from memprof.profile import write_atomic
 
 
@@ -65,3 +67,13 @@ def write_output(path: str, text: str) -> None:
         sys.stdout.flush()
     else:
         write_atomic(Path(path), text)
+
+
+def check_output(path: str | None, flag: str) -> None:
+    """Refuse an output path that cannot be written, before a long run rather than after it.
+
+    Raises:
+        InputError: the path is a directory.
+    """
+    if path and path != "-" and os.path.isdir(path):
+        raise InputError(f"{flag} {path}: is a directory; give a file name")

@@ -9,7 +9,7 @@ import typer
 
 from memprof import recipes
 from memprof.cli import options as O
-from memprof.cli.common import spinner, stdout_console, write_output
+from memprof.cli.common import check_output, spinner, stdout_console, write_output
 from memprof.compare import compare as run_compare
 from memprof.errors import InputError
 from memprof.report.compare import render_compare
@@ -67,12 +67,14 @@ def compare(
     lengths: str | None = O.LENGTHS,
     samples: int = O.SAMPLES,
     json_path: str | None = O.JSON,
+    html_path: str | None = O.HTML,
     allow_pickle: bool = O.ALLOW_PICKLE,
     trust_remote_code: bool = O.TRUST_REMOTE_CODE,
 ) -> int:
     """Profile the baseline, then each optimization of a recipe stacked: memory, FLOPs, time, quality."""
     if timing_steps < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--timing-steps")
+    check_output(html_path, "--html")
     r = load_recipe(recipe, step, allow_repeats=separate)
     wl = O.workload(
         mode,
@@ -105,6 +107,10 @@ def compare(
         )
     if json_path:
         write_output(json_path, json.dumps(result.to_dict(), indent=2))
+    if html_path:
+        from memprof.report.html import compare_html
+
+        write_output(html_path, compare_html(result))
     if json_path != "-":
         render_compare(result, stdout_console())
     return 0

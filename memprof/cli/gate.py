@@ -11,7 +11,7 @@ import typer
 
 from memprof import gate
 from memprof.cli import options as O
-from memprof.cli.common import spinner, stdout_console, write_output
+from memprof.cli.common import check_output, spinner, stdout_console, write_output
 from memprof.cli.compare import RECIPE, STEP
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.report import gate as render
@@ -110,6 +110,7 @@ def check(
     junit_path: str | None = typer.Option(
         None, "--junit", help="Also write a JUnit XML report to this file (whatever --format says)."
     ),
+    html_path: str | None = O.HTML,
     strict_versions: bool = typer.Option(
         False,
         "--strict-versions",
@@ -118,6 +119,7 @@ def check(
 ) -> int:
     """Profile the baseline's workloads again; exit 5 when a peak grew beyond the tolerance."""
     tol = gate.Tolerance.parse(tolerance)
+    check_output(html_path, "--html")
     b = gate.load_baseline(baseline)
     with spinner() as progress:
         rep = gate.check(b, tol, baseline_path=str(baseline), progress=progress)
@@ -138,6 +140,10 @@ def check(
             print(summary, end="")
     if junit_path:
         write_output(junit_path, render.junit(rep))
+    if html_path:
+        from memprof.report.html import check_html
+
+        write_output(html_path, check_html(rep))
     if strict_versions and rep.version_changes:
         raise EnvironmentProblem(
             "versions differ from the baseline's: "

@@ -89,6 +89,9 @@ SHARD = typer.Option(
     help="fsdp: shard with FSDP2 over --world-size ranks (sim: projected; under torchrun: measured per rank).",
 )
 JSON = typer.Option(None, "--json", help="Write the result as JSON to PATH ('-' for stdout).")
+HTML = typer.Option(
+    None, "--html", help="Write a self-contained HTML report with charts to PATH (opens without a network)."
+)
 DATA = typer.Option(
     None,
     "--data",

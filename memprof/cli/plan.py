@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from memprof.cli import options as O
-from memprof.cli.common import spinner, stdout_console, write_output
+from memprof.cli.common import check_output, spinner, stdout_console, write_output
 from memprof.errors import InputError, NoPlanFits
 from memprof.plan import DEFAULT_CONTEXT_BYTES, PlanResult, recipe_text
 from memprof.plan import plan as run_plan
@@ -57,11 +57,13 @@ def plan(
         help="Write the chosen plan as a recipe YAML (memprof compare/apply).",
     ),
     json_path: str | None = O.JSON,
+    html_path: str | None = O.HTML,
     allow_pickle: bool = O.ALLOW_PICKLE,
     trust_remote_code: bool = O.TRUST_REMOTE_CODE,
 ) -> int:
     """Find the least costly optimizations that make a step fit a GPU memory budget (sim engine)."""
     budget_bytes = _size(budget, "--budget")
+    check_output(html_path, "--html")
     context_bytes = _size(context_overhead, "--context-overhead")
     overhead = None
     if max_overhead is not None:
@@ -117,6 +119,10 @@ def plan(
         written = str(write_recipe)
     if json_path:
         write_output(json_path, json.dumps(result.to_dict(), indent=2))
+    if html_path:
+        from memprof.report.html import plan_html
+
+        write_output(html_path, plan_html(result))
     if json_path != "-":
         render_plan(
             result, stdout_console(), model=model, recipe_path=written, asked_recipe=write_recipe is not None

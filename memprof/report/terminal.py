@@ -97,6 +97,60 @@ def summary_table(p: Profile) -> Table:
     return t
 
 
+_PHASE_STYLE = {"forward": "green", "backward": "magenta", "optimizer": "yellow"}
+_BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def timeline_panel(p: Profile, width: int = 72, rows: int = 2) -> Panel | None:
+    """The shape of memory over the step: a sparkline of the live total, coloured by phase.
+
+    The bars run from the lowest total of the step (bottom) to the peak (top), so
+    the shape shows even when parameters and optimizer state dominate.
+    """
+    from memprof.report.timeline import columns
+
+    tl = p.timeline
+    cols = columns(tl, width) if tl else None
+    if cols is None:
+        return None
+    lo, hi = min(cols.highs), max(cols.highs)
+    span = hi - lo
+    levels = rows * 8
+    heights = [levels if not span else round((v - lo) / span * (levels - 1)) + 1 for v in cols.highs]
+    lines = []
+    for r in range(rows - 1, -1, -1):
+        line = Text()
+        for c, h in enumerate(heights):
+            part = max(0, min(8, h - r * 8))
+            line.append(_BLOCKS[part], style=_PHASE_STYLE.get(cols.phases[c] or "", "cyan"))
+        lines.append(line)
+    labels = Text()
+    prev = None
+    for c, ph in enumerate(cols.phases):
+        if ph != prev and ph is not None and len(labels) <= c:
+            labels.append(" " * (c - len(labels)))
+            labels.append(ph[: max(1, width - c)], style=_PHASE_STYLE.get(ph, "cyan"))
+        prev = ph
+    marker = Text(" " * cols.peak_column + "▲", style="bold")
+    where = p.peak_phase or ""
+    if p.peak_module and p.peak_module != "<model>":
+        where += f", inside {p.peak_module}"
+    peak_op = tl["op"][tl["peak_index"]] if tl and 0 <= tl.get("peak_index", -1) < len(tl["op"]) else None
+    caption = Text.from_markup(
+        f"▲ peak [bold]{format_bytes(p.peak_bytes, 2)}[/bold]"
+        + (f" at op {format_count(int(peak_op))} of {format_count(cols.ops)}" if peak_op is not None else "")
+        + (f" ({where})" if where else "")
+        + f"   [dim]bars from {format_bytes(lo)} to {format_bytes(hi)}; x: ops of the step[/dim]"
+    )
+    return Panel(
+        Group(*lines, labels, marker, caption),
+        title="Memory over the step",
+        title_align="left",
+        border_style="bright_black",
+        expand=False,
+    )
+
+
 def teacher_line(teacher: dict[str, Any], w: dict[str, Any]) -> str:
     """The teacher, how it runs, and the loss: one line."""
     how = (
@@ -277,6 +331,9 @@ def render(p: Profile, console: Console, top: int = 15) -> None:
     """Print the whole report."""
     title = "memprof analyze" if p.engine != "track" else "memprof track"
     console.print(Panel(summary_table(p), title=title, title_align="left", border_style="cyan"))
+    spark = timeline_panel(p, width=max(24, min(96, console.width - 8)))
+    if spark is not None:
+        console.print(spark)
     if p.oom:
         o = p.oom
         console.print(

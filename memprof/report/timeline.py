@@ -1,0 +1,77 @@
+"""Reading a profile's memory timeline (``Profile.timeline``): totals, columns, phases.
+
+Shared by the terminal sparkline and the HTML charts, so both show the same
+numbers. Display only: no measurement.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any
+
+from memprof.tracking import CATEGORIES
+
+
+def totals(tl: dict[str, Any]) -> list[int]:
+    """The live total at each point (the categories summed)."""
+    cols = [tl["categories"].get(c, []) for c in CATEGORIES]
+    n = len(tl.get("op", []))
+    return [sum(col[i] for col in cols if i < len(col)) for i in range(n)]
+
+
+def phase_at(tl: dict[str, Any], op: float) -> str | None:
+    """The phase running at ``op`` (the last span that started at or before it)."""
+    name = None
+    for ph in tl.get("phases", []):
+        if ph["start"] <= op and (op < ph["end"] or ph["start"] == ph["end"]):
+            name = ph["name"]
+        elif ph["start"] > op:
+            break
+    return name
+
+
+@dataclass
+class Columns:
+    """The timeline cut into ``width`` equal spans of ops: the highest total in each."""
+
+    highs: list[int]
+    #: the phase at the middle of each column (None: before the first phase)
+    phases: list[str | None]
+    #: the column holding the peak
+    peak_column: int
+    ops: int
+
+
+def columns(tl: dict[str, Any], width: int) -> Columns | None:
+    """Resample the timeline to ``width`` columns of equal op spans.
+
+    The memory between two points is the earlier point's (a step function), so
+    a column with no point of its own takes the value carried into it.
+
+    Returns:
+        None when the timeline is empty or ``width`` is below 1.
+    """
+    ops_x = tl.get("op") or []
+    tot = totals(tl)
+    if not ops_x or width < 1:
+        return None
+    last_op = max(int(tl.get("ops") or 0), ops_x[-1], 1)
+    highs: list[int] = []
+    phases: list[str | None] = []
+    for c in range(width):
+        lo = c * last_op / width
+        hi = (c + 1) * last_op / width
+        i = bisect.bisect_left(ops_x, lo)
+        j = bisect.bisect_left(ops_x, hi) if c < width - 1 else len(ops_x)
+        # the value carried in from before the column, then every point inside it
+        carried = tot[i - 1] if i > 0 else (tot[0] if i < len(tot) else 0)
+        inside = tot[i:j]
+        highs.append(max([carried, *inside]))
+        phases.append(phase_at(tl, (lo + hi) / 2))
+    peak_index = tl.get("peak_index", -1)
+    if 0 <= peak_index < len(ops_x):
+        peak_col = min(width - 1, int(ops_x[peak_index] * width / last_op))
+    else:
+        peak_col = max(range(width), key=highs.__getitem__)
+    return Columns(highs=highs, phases=phases, peak_column=peak_col, ops=last_op)
