@@ -179,6 +179,9 @@ def analyze(
     shard: str | None = None,
     engine: str | Engine = "auto",
     snapshot: str | None = None,
+    budget: int | None = None,
+    context_overhead: int | None = None,
+    fixes: int = 3,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -207,6 +210,15 @@ def analyze(
             outside torchrun.
         engine: ``auto``, ``cuda``, ``cpu``, ``sim`` or an :class:`Engine`.
         snapshot: write a CUDA allocator snapshot (cuda engine).
+        budget: GPU memory bytes to check the step against: the profile's ``budget``
+            says whether it fits, where the step's tensors first cross the usable
+            budget (budget less the CUDA context and the cuBLAS workspace), what was
+            live then, and, when it does not fit, the ``fixes`` optimizations that
+            cut the most (each a sim run) and the cheapest stack that fits
+            (:mod:`memprof.diagnose`). A real out-of-memory error is diagnosed the
+            same way, against the GPU's memory on cuda.
+        context_overhead: the CUDA context assumed in the budget (default 512 MiB).
+        fixes: how many single optimizations the diagnosis shows.
         allow_pickle: permit loading ``.bin`` checkpoints.
         trust_remote_code: permit models that ship their own code.
         progress: called with a short status line as the work advances.
@@ -251,9 +263,51 @@ def analyze(
         trust_remote_code=trust_remote_code,
         progress=progress,
     )
-    if launch is None:
-        return eng.run(rm, setup, progress=progress, allow_pickle=allow_pickle)
-    return run_ranks(eng, rm, setup, progress=progress, allow_pickle=allow_pickle)
+    from memprof.diagnose import usable_bytes
+    from memprof.engines.base import Measure
+    from memprof.plan import DEFAULT_CONTEXT_BYTES
+
+    context = DEFAULT_CONTEXT_BYTES if context_overhead is None else context_overhead
+    if context < 0:
+        raise InputError("--context-overhead must be 0 or more")
+    if fixes < 0:
+        raise InputError(f"--fixes must be 0 or more, got {fixes}")
+    measure = Measure()
+    if budget is not None:
+        if budget <= 0:
+            raise InputError(f"--budget must be more than 0, got {budget}")
+        ws = getattr(eng, "workspace_bytes", lambda: 0)()
+        measure.budget = usable_bytes(budget, context, ws)
+    oom: OutOfMemory | None = None
+    try:
+        if launch is None:
+            profile = eng.run(rm, setup, progress=progress, allow_pickle=allow_pickle, measure=measure)
+        else:
+            profile = run_ranks(eng, rm, setup, progress=progress, allow_pickle=allow_pickle, measure=measure)
+    except OutOfMemory as e:
+        if not isinstance(e.profile, Profile):
+            raise
+        oom, profile = e, e.profile
+        if budget is None and eng.name == "cuda" and torch.cuda.is_available():
+            budget = int(torch.cuda.get_device_properties(eng.device()).total_memory)
+    if budget is not None:
+        from memprof.diagnose import diagnose
+
+        profile.budget = diagnose(
+            spec,
+            workload,
+            profile,
+            budget,
+            context_bytes=context,
+            fixes=fixes,
+            task=task,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+        )
+    if oom is not None:
+        raise oom
+    return profile
 
 
 def sharded_setup(workload: Workload, shard: str | None) -> StepSetup:
@@ -285,6 +339,7 @@ def run_ranks(
     *,
     progress: Callable[[str], None] | None = None,
     allow_pickle: bool = False,
+    measure: Any = None,
 ) -> Profile:
     """Under torchrun: every rank measures its own step; rank 0's profile holds all of them.
 
@@ -297,7 +352,7 @@ def run_ranks(
     error: BaseException | None = None
     profile: Profile | None = None
     try:
-        profile = eng.run(rm, setup, progress=progress, allow_pickle=allow_pickle)
+        profile = eng.run(rm, setup, progress=progress, allow_pickle=allow_pickle, measure=measure)
         mine: dict[str, Any] = profile.to_dict()
     except (MemprofError, RuntimeError) as e:
         error = e

@@ -1304,7 +1304,8 @@ class _Search:
     # the loop ------------------------------------------------------------------------------------
     def search(self) -> None:
         zero = tuple(0 for _ in self.levers)
-        self.measure(zero, "baseline")
+        if zero not in self.by_key:  # a diagnosis measures it first
+            self.measure(zero, "baseline")
         base = self.cands[zero]
         if base.status == "failed":
             raise InputError(f"the baseline step could not run in the sim engine: {base.reason}")
@@ -1492,6 +1493,53 @@ class _Search:
 # -- the public function ----------------------------------------------------------------------------
 
 
+def new_search(
+    spec: str,
+    wl: Workload,
+    budget_bytes: int,
+    *,
+    context_overhead: int,
+    engine: Engine | None,
+    max_overhead: float | None,
+    max_plans: int,
+    max_runs: int,
+    task: str | None,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    say: Progress,
+) -> tuple[_Search, list[str]]:
+    """The search over ``wl``'s levers, nothing measured yet, and the levels left out with the reason.
+
+    Shared by :func:`plan` and :func:`memprof.diagnose.diagnose`.
+
+    Raises:
+        InputError: a bad workload, or an engine other than sim.
+    """
+    wl.validate()
+    eng = engine if engine is not None else PlanSimEngine()
+    if eng.name != "sim":
+        raise InputError(f"memprof plan searches in the sim engine, not {eng.name}")
+    rm, eng = prepare(spec, wl, eng, task=task, trust_remote_code=trust_remote_code, progress=say)
+    say("Building the model on fake tensors (its structure, for the levers)")
+    model = fake_model(rm, wl)
+    levers, left_out = build_levers(model, wl, derived_allocator=isinstance(eng, PlanSimEngine))
+    budget = Budget(budget_bytes, context_overhead, 0, wl.world_size)
+    search = _Search(
+        rm,
+        eng,
+        wl,
+        model,
+        levers,
+        budget,
+        max_overhead=max_overhead,
+        max_plans=max_plans,
+        max_runs=max_runs,
+        allow_pickle=allow_pickle,
+        say=say,
+    )
+    return search, left_out
+
+
 def plan(
     spec: str,
     workload: Workload,
@@ -1564,29 +1612,22 @@ def plan(
             f"({format_bytes(context_overhead)}, --context-overhead)"
         )
     wl = replace(workload, world_size=world_size) if world_size != 1 else workload
-    wl.validate()
-    eng = engine if engine is not None else PlanSimEngine()
-    if eng.name != "sim":
-        raise InputError(f"memprof plan searches in the sim engine, not {eng.name}")
-    rm, eng = prepare(spec, wl, eng, task=task, trust_remote_code=trust_remote_code, progress=say)
-    say("Building the model on fake tensors (its structure, for the levers)")
-    model = fake_model(rm, wl)
-    levers, left_out = build_levers(model, wl, derived_allocator=isinstance(eng, PlanSimEngine))
-    budget = Budget(budget_bytes, context_overhead, 0, wl.world_size)
-    search = _Search(
-        rm,
-        eng,
+    search, left_out = new_search(
+        spec,
         wl,
-        model,
-        levers,
-        budget,
+        budget_bytes,
+        context_overhead=context_overhead,
+        engine=engine,
         max_overhead=max_overhead,
         max_plans=max_plans,
         max_runs=max_runs,
+        task=task,
         allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
         say=say,
     )
     search.search()
+    rm = search.rm
     result = _result(search, rm.name, wl, left_out)
     if result.chosen is not None:
         result.recipe = recipe_text(result, spec, recipe_path) if result.chosen.steps else None

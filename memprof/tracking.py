@@ -661,20 +661,27 @@ class Tracker(TorchDispatchMode):
 
     def _cross(self) -> None:
         """Keep the state at the moment the live total first rose above the budget."""
+        self.crossing = self.state()
+
+    def state(self) -> dict[str, Any]:
+        """What is live now: op, phase, running module, bytes by category and by module.
+
+        Modules' bytes are inclusive (a module with its submodules), as
+        ``ModuleStats.bytes_at_peak``; modules holding nothing are left out.
+        """
         n = len(self._mod_names)
         incl = self._mod_tot[:] if self.track_modules else []
-        for j in range(n - 1, 0, -1):
+        for j in range(len(incl) - 1, 0, -1):
             p = self._mod_parent[j]
-            if p >= 0 and incl:
+            if p >= 0:
                 incl[p] += incl[j]
         owner = self._owner()
-        self.crossing = {
+        return {
             "op": self.ops,
             "live_bytes": self.current,
             "phase": self._phase,
             "module": self._mod_names[owner] if self.track_modules and 0 <= owner < n else None,
             "categories": dict(zip(CATEGORIES, self._cat)),
-            # inclusive (a module with its submodules), as ModuleStats.bytes_at_peak
             "modules": {self._mod_names[j]: incl[j] for j in range(len(incl)) if incl[j]},
         }
 

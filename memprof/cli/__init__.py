@@ -7,6 +7,7 @@ here, in one place.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -64,6 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     command = typer.main.get_command(app)
     args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        # The console script's own process: what exists now, and what survives each
+        # run (torch, transformers...), lives until exit; keep it out of the garbage
+        # collector's way (see memprof.engines.base.freeze_survivors)
+        from memprof.engines import base
+
+        base.freeze_survivors = True
+        gc.collect()
+        gc.freeze()
     try:
         rv = command.main(args=args, prog_name="memprof", standalone_mode=False)
     except OutOfMemory as e:

@@ -34,6 +34,16 @@ def analyze(
     snapshot: str | None = typer.Option(
         None, "--snapshot", help="cuda engine: write an allocator snapshot pickle (memory_viz)."
     ),
+    budget: str | None = typer.Option(
+        None,
+        "--budget",
+        help="GPU memory to check the step against (e.g. 8GiB): where it is crossed, what was live, "
+        "the optimizations that would cut that peak most (exit 4 when it does not fit).",
+    ),
+    context_overhead: str = typer.Option(
+        "512MiB", "--context-overhead", help="With --budget: the CUDA context assumed (no GPU to measure it)."
+    ),
+    fixes: int = typer.Option(3, "--fixes", help="With --budget: how many single optimizations to show."),
     allow_pickle: bool = O.ALLOW_PICKLE,
     trust_remote_code: bool = O.TRUST_REMOTE_CODE,
 ) -> int:
@@ -41,6 +51,8 @@ def analyze(
     if top < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--top")
     check_output(html_path, "--html")
+    budget_bytes = O.size(budget, "--budget", positive=True) if budget is not None else None
+    context_bytes = O.size(context_overhead, "--context-overhead")
     launch = Launch.from_env() if shard else None
     # under torchrun only rank 0 reports: it holds every rank's profile
     quiet = launch is not None and launch.rank != 0
@@ -64,6 +76,9 @@ def analyze(
                 shard=shard.value if shard else None,
                 engine=engine.value,
                 snapshot=snapshot,
+                budget=budget_bytes,
+                context_overhead=context_bytes,
+                fixes=fixes,
                 allow_pickle=allow_pickle,
                 trust_remote_code=trust_remote_code,
                 progress=progress,
@@ -84,4 +99,6 @@ def analyze(
             render(profile, stdout_console() if partial is None else stderr_console(), top=top)
     if partial is not None:
         raise partial
+    if profile is not None and profile.budget and not profile.budget.get("fits", True):
+        raise OutOfMemory(f"does not fit --budget {budget}: {profile.budget.get('cause')}", profile)
     return 0

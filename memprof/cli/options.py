@@ -159,3 +159,21 @@ def workload(
     )
     wl.validate()
     return wl
+
+
+def size(text: str, flag: str, *, positive: bool = False) -> int:
+    """A size option ("24GiB", "512MiB", bytes), parsed once for every command.
+
+    Raises:
+        InputError: not a size, a negative one, or 0 where ``positive``.
+    """
+    from memprof.errors import InputError
+    from memprof.units import parse_size
+
+    try:
+        n = parse_size(text)
+    except InputError as e:
+        raise InputError(f"{flag}: {e}") from None
+    if n < 0 or (positive and n == 0):
+        raise InputError(f"{flag}: must be {'more than' if positive else 'at least'} 0, got {text!r}")
+    return n

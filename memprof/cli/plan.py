@@ -14,7 +14,7 @@ from memprof.errors import InputError, NoPlanFits
 from memprof.plan import DEFAULT_CONTEXT_BYTES, PlanResult, recipe_text
 from memprof.plan import plan as run_plan
 from memprof.report.plan import render_plan
-from memprof.units import format_bytes, parse_percent, parse_size
+from memprof.units import format_bytes, parse_percent
 
 
 class Maximize(str, Enum):
@@ -62,9 +62,9 @@ def plan(
     trust_remote_code: bool = O.TRUST_REMOTE_CODE,
 ) -> int:
     """Find the least costly optimizations that make a step fit a GPU memory budget (sim engine)."""
-    budget_bytes = _size(budget, "--budget")
+    budget_bytes = O.size(budget, "--budget", positive=True)
     check_output(html_path, "--html")
-    context_bytes = _size(context_overhead, "--context-overhead")
+    context_bytes = O.size(context_overhead, "--context-overhead")
     overhead = None
     if max_overhead is not None:
         try:
@@ -130,13 +130,3 @@ def plan(
     if failure is not None:
         raise failure
     return 0
-
-
-def _size(text: str, flag: str) -> int:
-    try:
-        n = parse_size(text)
-    except InputError as e:
-        raise InputError(f"{flag}: {e}") from None
-    if flag == "--budget" and n <= 0:
-        raise InputError(f"{flag}: must be more than 0, got {text!r}")
-    return n

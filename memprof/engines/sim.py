@@ -49,6 +49,10 @@ class SimEngine(Engine):
         self._sdpa: CudaSDPA | None = None
         self._estimate: AllocatorEstimate | None = None
 
+    def workspace_bytes(self) -> int:
+        """The cuBLAS workspace projected beside the peak (not in it)."""
+        return cublas_workspace_bytes(self.sm_major)
+
     def device_name(self) -> str:
         return f"simulated CUDA GPU (sm {self.sm_major}.x semantics, CPU fake tensors)"
 

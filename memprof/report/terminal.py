@@ -334,6 +334,9 @@ def render(p: Profile, console: Console, top: int = 15) -> None:
     spark = timeline_panel(p, width=max(24, min(96, console.width - 8)))
     if spark is not None:
         console.print(spark)
+    from memprof.report.diagnosis import budget_panel
+
+    verdict = budget_panel(p)
     if p.oom:
         o = p.oom
         console.print(
@@ -361,3 +364,5 @@ def render(p: Profile, console: Console, top: int = 15) -> None:
         console.print(modules_table(p, top))
     for n in p.notes:
         console.print(f"[dim]• {n}[/dim]")
+    if verdict is not None:  # last: the next step to take
+        console.print(verdict)
