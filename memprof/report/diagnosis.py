@@ -96,7 +96,7 @@ def budget_panel(p: Profile, model: str | None = None) -> Panel | None:
             spec = model or p.model.get("spec") or p.model.get("name")
             lines.append(
                 Text(
-                    f"Write it as a recipe: memprof plan {spec} --budget {format_bytes(b['budget_bytes'])} "
+                    f"Write it as a recipe: memprof plan {spec} --budget {format_bytes(b['budget_bytes']).replace(' ', '')} "
                     "--write-recipe plan.yaml (same step options)",
                     style="dim",
                 )

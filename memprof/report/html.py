@@ -170,6 +170,16 @@ def timeline_figure(p: Profile, title: str = "Memory over the step") -> Any | No
             annotation_text=f"usable budget {format_bytes(budget)}",
             annotation_position="top right",
         )
+    crossing = (p.budget or {}).get("crossing") or {}
+    if budget and crossing.get("op") is not None:
+        where = crossing.get("module") or ""
+        fig.add_vline(
+            x=crossing["op"],
+            line={"color": "#d62728", "dash": "dot", "width": 1},
+            annotation_text=f"budget crossed ({crossing.get('phase')}{', ' + where if where else ''})",
+            annotation_position="bottom right",
+            annotation_font_size=10,
+        )
     k = tl.get("peak_index", -1)
     if 0 <= k < len(ops):
         live = {c: tl["categories"][c][k] for c in CATEGORIES if tl["categories"].get(c, [0] * (k + 1))[k]}
