@@ -1,0 +1,184 @@
+"""The allocator view: allocated and reserved over a step, the state at the peaks, the
+expandable-segments hint."""
+
+from __future__ import annotations
+
+import pytest
+
+from memprof.allocator import (
+    AT_PEAK_KEYS,
+    HINT_MIN_BYTES,
+    AllocatorEstimate,
+    MiB,
+    allocator_timeline,
+    expandable_segments_hint,
+    replay,
+    settings_from_conf,
+)
+from memprof.errors import InputError
+
+
+def hand_trace() -> list[tuple[int, int, bool, str, int]]:
+    """Worked by hand from the rules in memprof.allocator's docstring (ops are 10 x the index).
+
+    0-2: three 8 MiB requests (large pool, below 10 MiB: 20 MiB segments). The
+    first takes a new segment S1 and is split off (12 MiB left, more than 1 MiB);
+    the second takes 8 of those 12 (4 MiB left); the third fits in no cached block:
+    a new segment S2, split (12 MiB left). Allocated 24 MiB, reserved 40 MiB,
+    largest free block 12 MiB, 2 segments: the peak allocated.
+    3-5: all freed; each merges with its free neighbours: S1 and S2 whole and free.
+    6: 21 MiB: no cached block is that large: its own segment, rounded to 22 MiB,
+    not split (1 MiB left, not more than 1 MiB). Allocated 22 MiB, reserved 62 MiB,
+    largest free 20 MiB (S1 or S2), 3 segments: the peak reserved.
+    """
+    rows = [("a", 1, 8), ("a", 2, 8), ("a", 3, 8), ("f", 2, 0), ("f", 1, 0), ("f", 3, 0), ("a", 4, 21)]
+    return [
+        (k, n * MiB, a == "a", "forward" if i < 3 else "backward", 10 * i) for i, (a, k, n) in enumerate(rows)
+    ]
+
+
+def growing(n: int = 30) -> list[tuple[int, int, bool]]:
+    """A tensor growing by 1/3 MiB a step, the old one freed after: each needs a new segment."""
+    ev: list[tuple[int, int, bool]] = []
+    for i in range(n):
+        ev.append((i, int((11 + i / 3) * MiB), True))
+        if i:
+            ev.append((i - 1, 0, False))
+    return ev
+
+
+def state(event, op, allocated, reserved, largest, segments):
+    return dict(zip(AT_PEAK_KEYS, (event, op, allocated, reserved, reserved - allocated, largest, segments)))
+
+
+# ------------------------------------------------------------ the model's series and peaks
+def test_state_at_the_peaks_of_a_hand_worked_trace():
+    est = replay(hand_trace(), timeline=True)
+    assert (est.peak_allocated_bytes, est.peak_reserved_bytes) == (24 * MiB, 62 * MiB)
+    assert est.at_peak["allocated"] == state(2, 20, 24 * MiB, 40 * MiB, 12 * MiB, 2)
+    assert est.at_peak["reserved"] == state(6, 60, 22 * MiB, 62 * MiB, 20 * MiB, 3)
+    tl = est.timeline
+    assert tl["x"] == "op" and tl["op"] == [0, 10, 20, 30, 40, 50, 60] and tl["rows"] == 7
+    assert [a // MiB for a in tl["allocated"]] == [8, 16, 24, 16, 8, 0, 22]
+    assert [r // MiB for r in tl["reserved"]] == [20, 20, 40, 40, 40, 40, 62]
+    assert (tl["peak_allocated_index"], tl["peak_reserved_index"]) == (2, 6)
+    # without the op field the x axis is the event's index; without a timeline, none
+    plain = replay([ev[:3] for ev in hand_trace()], timeline=True)
+    assert plain.timeline["op"] == list(range(7)) and plain.at_peak["reserved"]["op"] == 6
+    off = replay(hand_trace())
+    assert off.timeline is None and off.at_peak == est.at_peak
+    assert replay([]).at_peak == {"allocated": None, "reserved": None}
+
+
+def test_expandable_segments_count_mapped_ranges():
+    est = replay(hand_trace(), {"expandable_segments": True})
+    # one large-pool segment grows in 20 MiB pages: 8+8 fit in the first page, the
+    # third 8 maps a second; the frees merge back; 21 MiB reuses the 40 MiB mapped
+    assert est.at_peak["allocated"] == state(2, 20, 24 * MiB, 40 * MiB, 16 * MiB, 1)
+    assert est.peak_reserved_bytes == 40 * MiB and est.segments == 2  # two page mappings
+
+
+@pytest.mark.parametrize(
+    "settings,capacity",
+    [
+        ({}, None),
+        ({"expandable_segments": True}, None),
+        ({"max_split_size_mb": 64}, 600 * MiB),
+        ({"garbage_collection_threshold": 0.5}, 400 * MiB),
+        ({"expandable_segments": True}, 300 * MiB),
+    ],
+)
+def test_segments_and_layout_stay_consistent(settings, capacity):
+    # a random mix of sizes and lifetimes, with releases (capacity, GC) and unmapping
+    import random
+
+    from memprof.allocator import AllocatorSettings, CachingAllocatorModel
+
+    rnd = random.Random(7)
+    live: list[int] = []
+    ev = []
+    for key in range(3000):
+        if live and rnd.random() < 0.45:
+            ev.append((live.pop(rnd.randrange(len(live))), 0, False))
+        else:
+            size = rnd.choice([700, 300_000, 3 * MiB, 9 * MiB, 15 * MiB, 70 * MiB]) + rnd.randrange(4096)
+            ev.append((key, size, True))
+            live.append(key)
+    model = CachingAllocatorModel(AllocatorSettings.from_dict(settings), capacity)
+    est = model.replay(ev, timeline=True)
+    layout = model.layout()
+    assert len(layout) == model.live_segments
+    assert sum(s["size"] for s in layout) == model.reserved == est.reserved_at_end_bytes
+    assert sum(b[1] for s in layout for b in s["blocks"] if b[3]) == model.allocated
+    free = [b[1] for s in layout for b in s["blocks"] if not b[3]]
+    assert model.largest_free_block() == max(free, default=0)
+    for st in est.at_peak.values():
+        assert st["largest_free_block_bytes"] <= st["fragmentation_bytes"]
+
+
+def test_a_long_timeline_is_downsampled_and_keeps_the_peaks():
+    ev = growing(600)  # 1199 rows
+    est = replay(ev, timeline=True)
+    tl = est.timeline
+    assert tl["rows"] == len(ev) and len(tl["op"]) <= 800
+    assert tl["op"] == sorted(tl["op"]) and tl["op"][0] == 0 and tl["op"][-1] == len(ev) - 1
+    assert max(tl["allocated"]) == tl["allocated"][tl["peak_allocated_index"]] == est.peak_allocated_bytes
+    assert max(tl["reserved"]) == tl["reserved"][tl["peak_reserved_index"]] == est.peak_reserved_bytes
+    assert tl["op"][tl["peak_reserved_index"]] == est.at_peak["reserved"]["op"]
+    assert (
+        tl["allocated"][-1] == est.allocated_at_end_bytes and tl["reserved"][-1] == est.reserved_at_end_bytes
+    )
+
+
+def test_timeline_function_checks_its_input():
+    assert allocator_timeline("op", [], [], [])["peak_allocated_index"] == -1
+    with pytest.raises(InputError, match="differ in length"):
+        allocator_timeline("op", [1], [], [])
+    with pytest.raises(InputError, match="at least 8"):
+        allocator_timeline("op", [1], [1], [1], max_points=2)
+
+
+# ------------------------------------------------------------ the expandable-segments hint
+def test_hint_when_expandable_segments_save_memory_and_not_otherwise():
+    ev = growing()
+    base = replay(ev)
+    hint = expandable_segments_hint(base, replay(ev, {"expandable_segments": True}))
+    assert hint["saved_bytes"] == hint["baseline_peak_reserved_bytes"] - hint["peak_reserved_bytes"] > 0
+    assert hint["saved_bytes"] >= HINT_MIN_BYTES
+    assert hint["message"].startswith("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True would reserve ")
+    assert "the allocator model replays the same allocations" in hint["message"]
+    small = [(i, 100_000, True) for i in range(20)]  # one 2 MiB segment either way
+    none = expandable_segments_hint(replay(small), replay(small, {"expandable_segments": True}))
+    assert none["saved_bytes"] == 0 and none["message"] is None
+    # measured on a GPU: the saving applies to what was measured, and 2% of it is the bar
+    measured = expandable_segments_hint(
+        base, replay(ev, {"expandable_segments": True}), measured_reserved_bytes=10**12
+    )
+    assert measured["message"] is None  # a few hundred MiB of a terabyte
+
+
+def test_hint_thresholds():
+    def est(reserved: int) -> AllocatorEstimate:
+        return AllocatorEstimate(
+            settings={}, conf="expandable_segments:True", capacity_bytes=None, peak_reserved_bytes=reserved
+        )
+
+    gib = 1024 * MiB
+    assert expandable_segments_hint(est(10 * gib), est(10 * gib - 63 * MiB))["message"] is None  # < 64 MiB
+    assert expandable_segments_hint(est(10 * gib), est(10 * gib - 64 * MiB))["message"] is None  # < 2%
+    assert expandable_segments_hint(est(10 * gib), est(9 * gib))["message"] == (
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True would reserve 9.0 GiB instead of 10.0 GiB "
+        "(-1.0 GiB): the allocator model replays the same allocations"
+    )
+
+
+def test_conf_strings_are_parsed():
+    s, ignored = settings_from_conf(
+        "expandable_segments:True, max_split_size_mb:128,roundup_power2_divisions:4"
+    )
+    assert (s.expandable_segments, s.max_split_size_mb, ignored) == (True, 128, ["roundup_power2_divisions"])
+    assert settings_from_conf("")[0].is_default
+    with pytest.raises(InputError):
+        settings_from_conf("max_split_size_mb:big")
+    with pytest.raises(InputError):
+        settings_from_conf("max_split_size_mb:10")  # PyTorch requires more than 20
