@@ -15,7 +15,9 @@ from memprof.allocator import (
     replay,
     settings_from_conf,
 )
+from memprof.engines.sim import SimEngine
 from memprof.errors import InputError
+from tests.conftest import tiny
 
 
 def hand_trace() -> list[tuple[int, int, bool, str, int]]:
@@ -182,3 +184,36 @@ def test_conf_strings_are_parsed():
         settings_from_conf("max_split_size_mb:big")
     with pytest.raises(InputError):
         settings_from_conf("max_split_size_mb:10")  # PyTorch requires more than 20
+
+
+# ------------------------------------------------------------ the sim engine
+def test_sim_engine_reports_the_allocator_view():
+    from memprof.models import resolve
+    from memprof.profile import Profile
+    from memprof.workload import StepSetup, Workload
+
+    eng = SimEngine()
+    p = eng.run(resolve(tiny("llama")), StepSetup.of(Workload(batch_size=2, seq_len=16)))
+    a = p.allocator
+    tl = a["timeline"]
+    assert tl["x"] == "op" and max(tl["reserved"]) == a["peak_reserved_bytes"] == p.peak_reserved_bytes
+    assert tl["op"][tl["peak_allocated_index"]] == a["at_peak"]["allocated"]["op"]
+    hint = a["expandable_segments_hint"]
+    assert hint["conf"] == "expandable_segments:True" and hint["message"] is None  # a few MiB: no hint
+    assert hint["baseline_peak_reserved_bytes"] == a["peak_reserved_bytes"]
+    assert hint["peak_reserved_bytes"] == eng.expandable_estimate.peak_reserved_bytes
+    assert Profile.from_json(p.to_json()).allocator == a  # plain data
+
+
+def test_sim_hint_is_none_when_expandable_segments_are_on():
+    from memprof import optimizations
+    from memprof.models import resolve
+    from memprof.workload import StepSetup, Workload
+
+    setup = StepSetup.of(Workload(mode="infer", batch_size=1, seq_len=8))
+    optimizations.make("allocator").apply(setup)
+    eng = SimEngine()
+    p = eng.run(resolve(tiny("llama")), setup)
+    assert p.allocator["expandable_segments_hint"] is None
+    assert eng.expandable_estimate is not None
+    assert eng.expandable_estimate.peak_reserved_bytes == p.allocator["peak_reserved_bytes"]

@@ -8,16 +8,19 @@ blocks, the multi-tensor (foreach) optimizer that CUDA defaults to, and the
 cuBLAS workspace reported beside the peak. The peak reserved memory is an
 estimate: the measured step's allocations and frees, replayed through a model
 of the caching allocator (:mod:`memprof.allocator`) with the step's allocator
-settings.
+settings. The same replay gives allocated and reserved over the step and the
+fragmentation at their peaks; a second replay with ``expandable_segments`` says
+whether that setting would help.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
-from memprof.allocator import AllocatorEstimate, AllocatorSettings, replay
+from memprof.allocator import AllocatorEstimate, AllocatorSettings, expandable_segments_hint, replay
 from memprof.engines.base import Engine
 from memprof.engines.cuda_semantics import CUDA_BLOCK_ROUNDING, CudaSDPA, cublas_workspace_bytes
 from memprof.tracking import TraceEvent
@@ -48,6 +51,10 @@ class SimEngine(Engine):
         self.device_memory_bytes = device_memory_bytes
         self._sdpa: CudaSDPA | None = None
         self._estimate: AllocatorEstimate | None = None
+        #: the last measured step's estimate with expandable segments: the hint's
+        #: replay, or the step's own when its settings already have them (None: no step yet)
+        self.expandable_estimate: AllocatorEstimate | None = None
+        self._hint: dict[str, Any] | None = None
 
     def device_name(self) -> str:
         return f"simulated CUDA GPU (sm {self.sm_major}.x semantics, CPU fake tensors)"
@@ -88,6 +95,8 @@ class SimEngine(Engine):
     def before_measure(self) -> None:
         super().before_measure()
         self._estimate = None
+        self.expandable_estimate = None
+        self._hint = None
         if self._sdpa is not None:
             self._sdpa.kernels.clear()  # count the measured step's kernels only
 
@@ -100,10 +109,21 @@ class SimEngine(Engine):
         }
 
     def replay_trace(self, trace: list[TraceEvent], setup: StepSetup, extra: dict[str, Any]) -> None:
+        """Replay the step's allocations through the allocator model (twice without expandable segments)."""
         settings = AllocatorSettings.from_dict(setup.alloc_conf)
-        est = replay(trace, settings, capacity_bytes=self.device_memory_bytes)
+        capacity = self.device_memory_bytes
+        est = replay(trace, settings, capacity_bytes=capacity, timeline=True)
         self._estimate = est
-        extra["allocator"] = {"source": "model", **est.to_dict()}
+        hint = None
+        if settings.expandable_segments:
+            self.expandable_estimate = est
+        else:
+            # the same allocations with the other setting: one more replay, no new run
+            exp = replay(trace, replace(settings, expandable_segments=True), capacity_bytes=capacity)
+            self.expandable_estimate = exp
+            hint = expandable_segments_hint(est, exp)
+        self._hint = hint
+        extra["allocator"] = {"source": "model", **est.to_dict(), "expandable_segments_hint": hint}
 
     def peak_reserved(self) -> int | None:
         return self._estimate.peak_reserved_bytes if self._estimate is not None else None
@@ -125,6 +145,8 @@ class SimEngine(Engine):
                 f"{format_bytes(est.fragmentation_bytes)} reserved beyond the allocated peak, "
                 f"{est.segments} segments)"
             )
+        if self._hint is not None and self._hint["message"]:
+            out.append(self._hint["message"])
         if kernels:
             out.append(
                 "SDPA kernel calls projected: " + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
