@@ -1,9 +1,16 @@
 """The allocator view: allocated and reserved over a step, the state at the peaks, the
-expandable-segments hint."""
+expandable-segments hint, the model's snapshots in torch's format."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import re
+import subprocess
+import sys
+
 import pytest
+from torch.cuda import _memory_viz
 
 from memprof.allocator import (
     AT_PEAK_KEYS,
@@ -15,8 +22,14 @@ from memprof.allocator import (
     replay,
     settings_from_conf,
 )
+from memprof.engines import get_engine
 from memprof.engines.sim import SimEngine
 from memprof.errors import InputError
+from memprof.snapshot import (
+    SIM_FRAME_FILENAME,
+    model_snapshot,
+    write_snapshot,
+)
 from tests.conftest import tiny
 
 
@@ -186,7 +199,146 @@ def test_conf_strings_are_parsed():
         settings_from_conf("max_split_size_mb:10")  # PyTorch requires more than 20
 
 
+# ------------------------------------------------------------ the model's snapshot
+def _check_consistent(snap: dict, est: AllocatorEstimate) -> None:
+    segs = snap["segments"]
+    assert sum(s["total_size"] for s in segs) == est.reserved_at_end_bytes
+    assert sum(s["allocated_size"] for s in segs) == est.allocated_at_end_bytes
+    for s in segs:
+        addr = s["address"]
+        for b in s["blocks"]:
+            assert b["address"] == addr  # blocks tile their segment, in order
+            addr += b["size"]
+        assert addr == s["address"] + s["total_size"]
+    # memory_viz's own accounting check (it raises on a mismatch)
+    _memory_viz.segsum(snap)
+
+
+def test_model_snapshot_of_a_hand_worked_trace():
+    est, snap = model_snapshot(hand_trace(), timeline=True)
+    assert est.to_dict() == replay(hand_trace(), timeline=True).to_dict()  # recording changes nothing
+    _check_consistent(snap, est)
+    trace = snap["device_traces"][0]
+    assert [e["action"] for e in trace] == [
+        "segment_alloc", "alloc", "alloc", "segment_alloc", "alloc",
+        "free_requested", "free_completed", "free_requested", "free_completed",
+        "free_requested", "free_completed", "segment_alloc", "alloc",
+    ]  # fmt: skip
+    assert [e["time_us"] for e in trace if e["action"] == "alloc"] == [0, 10, 20, 60]  # the op counter
+    assert trace[1]["frames"] == [{"filename": SIM_FRAME_FILENAME, "line": 0, "name": "forward"}]
+    s1, s2 = trace[0]["addr"], trace[3]["addr"]
+    assert [(e["addr"] - s1, e["size"]) for e in trace[1:3]] == [(0, 8 * MiB), (8 * MiB, 8 * MiB)]
+    assert trace[4]["addr"] == s2
+    # at the end: S1 and S2 free, the 22 MiB segment holding the 21 MiB request
+    assert [(s["total_size"] // MiB, s["allocated_size"] // MiB) for s in snap["segments"]] == [
+        (20, 0),
+        (20, 0),
+        (22, 22),
+    ]
+    last = snap["segments"][-1]["blocks"]
+    assert [(b["state"], b["requested_size"]) for b in last] == [("active_allocated", 21 * MiB)]
+    assert last[0]["frames"][0]["name"] == "backward"
+
+
+def test_model_snapshot_with_expandable_segments_and_out_of_memory():
+    settings = {"expandable_segments": True}
+    est, snap = model_snapshot(growing(), settings)
+    _check_consistent(snap, est)
+    actions = {e["action"] for e in snap["device_traces"][0]}
+    assert "segment_map" in actions and "segment_alloc" not in actions
+    assert all(s["is_expandable"] for s in snap["segments"]) and len(snap["segments"]) == 1
+    # a capacity too small: the out-of-memory is in the trace (and the allocation goes on)
+    est, snap = model_snapshot(growing(), capacity_bytes=20 * MiB)
+    assert est.ooms > 0
+    ooms = [e for e in snap["device_traces"][0] if e["action"] == "oom"]
+    assert len(ooms) == est.ooms and all("device_free" in e and "addr" not in e for e in ooms)
+    assert "raise OutOfMemoryError" in _memory_viz.trace(snap)
+    _check_consistent(snap, est)
+
+
+def test_memory_viz_reads_the_written_snapshot(tmp_path):
+    est, snap = model_snapshot(growing())
+    path = tmp_path / "sub" / "sim.pickle"
+    write_snapshot(snap, path)
+    assert [p.name for p in path.parent.iterdir()] == ["sim.pickle"]  # no temporary left
+    with open(path, "rb") as f:
+        assert f.read(2) == b"\x80\x04"  # protocol 4: memory_viz's JavaScript reads 2 to 4
+    # the command line on the file (one subprocess: each imports torch, seconds), and the
+    # trace command's function on what pickle reads back
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.cuda._memory_viz", "stats", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    with open(path, "rb") as f:
+        out = {"stats": r.stdout, "trace": _memory_viz.trace(pickle.load(f))}
+    fmt = _memory_viz._format_size
+    assert f"segments: {len(snap['segments'])}\n" in out["stats"]
+    assert f"total_reserved: {fmt(est.reserved_at_end_bytes)}\n" in out["stats"]
+    assert f"total_allocated: {fmt(est.allocated_at_end_bytes)}\n" in out["stats"]
+    trace = snap["device_traces"][0]
+    assert f"\n{len(trace)} entries\n" in out["trace"]
+    assert out["trace"].count("= cudaMalloc(") == est.segments
+    assert len(re.findall(r"^del ", out["trace"], flags=re.M)) == sum(
+        e["action"] == "free_requested" for e in trace
+    )
+
+
+def test_snapshot_writes_are_atomic(tmp_path):
+    path = tmp_path / "snap.pickle"
+    path.write_bytes(b"old")
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        write_snapshot({"segments": [], "bad": Unpicklable()}, path)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["snap.pickle"]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="cannot write the snapshot"):
+        write_snapshot({}, blocker / "snap.pickle")
+
+
 # ------------------------------------------------------------ the sim engine
+def test_sim_run_writes_a_snapshot_and_the_allocator_view(tmp_path):
+    import memprof
+
+    path = tmp_path / "llama.pickle"
+    p = memprof.api.analyze(tiny("llama"), engine="sim", batch_size=2, seq_len=64, snapshot=str(path))
+    a = p.allocator
+    with open(path, "rb") as f:
+        snap = pickle.load(f)
+    fmt = _memory_viz._format_size
+    stats = _memory_viz.segsum(snap)
+    assert f"total_reserved: {fmt(a['reserved_at_end_bytes'])}\n" in stats
+    assert f"total_allocated: {fmt(a['allocated_at_end_bytes'])}\n" in stats
+    assert sum(s["total_size"] for s in snap["segments"]) == a["reserved_at_end_bytes"]
+    tl = a["timeline"]
+    assert tl["x"] == "op" and max(tl["reserved"]) == a["peak_reserved_bytes"] == p.peak_reserved_bytes
+    assert max(tl["allocated"]) == a["peak_allocated_bytes"]
+    assert 0 < tl["op"][-1] <= p.timeline["ops"]  # the tracker's op counter
+    for name in ("allocated", "reserved"):
+        st = a["at_peak"][name]
+        assert set(st) == set(AT_PEAK_KEYS)
+        assert (
+            st["fragmentation_bytes"]
+            == st["reserved_bytes"] - st["allocated_bytes"]
+            >= st["largest_free_block_bytes"]
+        )
+    assert a["at_peak"]["allocated"]["allocated_bytes"] == a["peak_allocated_bytes"]
+    assert a["at_peak"]["reserved"]["reserved_bytes"] == a["peak_reserved_bytes"]
+    hint = a["expandable_segments_hint"]
+    assert hint["conf"] == "expandable_segments:True" and hint["message"] is None  # a few MiB: no hint
+    assert any("allocator snapshot of the model written to" in n for n in p.notes)
+    assert {e["time_us"] for e in snap["device_traces"][0]} <= set(range(p.timeline["ops"] + 1))
+
+
 def test_sim_engine_reports_the_allocator_view():
     from memprof.models import resolve
     from memprof.profile import Profile
@@ -217,3 +369,10 @@ def test_sim_hint_is_none_when_expandable_segments_are_on():
     assert p.allocator["expandable_segments_hint"] is None
     assert eng.expandable_estimate is not None
     assert eng.expandable_estimate.peak_reserved_bytes == p.allocator["peak_reserved_bytes"]
+
+
+def test_get_engine_snapshot_for_sim_and_cuda_only(tmp_path):
+    eng = get_engine("sim", snapshot=str(tmp_path / "s.pickle"))
+    assert isinstance(eng, SimEngine) and eng.snapshot_path == str(tmp_path / "s.pickle")
+    with pytest.raises(InputError, match="--snapshot needs the cuda or sim engine"):
+        get_engine("cpu", snapshot="x.pickle")

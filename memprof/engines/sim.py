@@ -10,7 +10,8 @@ estimate: the measured step's allocations and frees, replayed through a model
 of the caching allocator (:mod:`memprof.allocator`) with the step's allocator
 settings. The same replay gives allocated and reserved over the step and the
 fragmentation at their peaks; a second replay with ``expandable_segments`` says
-whether that setting would help.
+whether that setting would help; with a ``snapshot_path`` the model's state and
+history are written as a CUDA allocator snapshot (:mod:`memprof.snapshot`).
 """
 
 from __future__ import annotations
@@ -38,17 +39,22 @@ class SimEngine(Engine):
     foreach = True  # torch's default for CUDA tensors
     record_trace = True  # replayed through the allocator model
 
-    def __init__(self, sm_major: int = 9, device_memory_bytes: int | None = None) -> None:
+    def __init__(
+        self, sm_major: int = 9, device_memory_bytes: int | None = None, snapshot_path: str | None = None
+    ) -> None:
         """
         Args:
             sm_major: the compute capability projected (SDPA kernel choice).
             device_memory_bytes: the GPU memory the allocator model may reserve;
                 it enables the model's garbage collection and out-of-memory
                 retries (None: unlimited).
+            snapshot_path: write the allocator model's snapshot of the measured
+                step there (``torch.cuda.memory._dump_snapshot``'s format).
         """
         super().__init__()
         self.sm_major = sm_major
         self.device_memory_bytes = device_memory_bytes
+        self.snapshot_path = snapshot_path
         self._sdpa: CudaSDPA | None = None
         self._estimate: AllocatorEstimate | None = None
         #: the last measured step's estimate with expandable segments: the hint's
@@ -109,10 +115,20 @@ class SimEngine(Engine):
         }
 
     def replay_trace(self, trace: list[TraceEvent], setup: StepSetup, extra: dict[str, Any]) -> None:
-        """Replay the step's allocations through the allocator model (twice without expandable segments)."""
+        """Replay the step's allocations through the allocator model (twice without expandable segments).
+
+        Raises:
+            InputError: the snapshot cannot be written.
+        """
         settings = AllocatorSettings.from_dict(setup.alloc_conf)
         capacity = self.device_memory_bytes
-        est = replay(trace, settings, capacity_bytes=capacity, timeline=True)
+        if self.snapshot_path:
+            from memprof.snapshot import model_snapshot, write_snapshot
+
+            est, snap = model_snapshot(trace, settings, capacity_bytes=capacity, timeline=True)
+            write_snapshot(snap, self.snapshot_path)
+        else:
+            est = replay(trace, settings, capacity_bytes=capacity, timeline=True)
         self._estimate = est
         hint = None
         if settings.expandable_segments:
@@ -147,6 +163,11 @@ class SimEngine(Engine):
             )
         if self._hint is not None and self._hint["message"]:
             out.append(self._hint["message"])
+        if self.snapshot_path and est is not None:
+            out.append(
+                f"allocator snapshot of the model written to {self.snapshot_path} (open it at "
+                "pytorch.org/memory_viz; a model's replay, not a measurement; time is the op counter)"
+            )
         if kernels:
             out.append(
                 "SDPA kernel calls projected: " + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
