@@ -1,5 +1,5 @@
 """The allocator view: allocated and reserved over a step, the state at the peaks, the
-expandable-segments hint, the model's snapshots in torch's format."""
+expandable-segments hint, snapshots in torch's format (written by the model, read from a GPU)."""
 
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ from memprof.engines.sim import SimEngine
 from memprof.errors import InputError
 from memprof.snapshot import (
     SIM_FRAME_FILENAME,
+    cuda_allocator_view,
     model_snapshot,
+    replay_events,
     write_snapshot,
 )
-from tests.conftest import tiny
+from tests.conftest import gpu_test, tiny
 
 
 def hand_trace() -> list[tuple[int, int, bool, str, int]]:
@@ -376,3 +378,157 @@ def test_get_engine_snapshot_for_sim_and_cuda_only(tmp_path):
     assert isinstance(eng, SimEngine) and eng.snapshot_path == str(tmp_path / "s.pickle")
     with pytest.raises(InputError, match="--snapshot needs the cuda or sim engine"):
         get_engine("cpu", snapshot="x.pickle")
+
+
+# ------------------------------------------------------------ a GPU's snapshot
+A, B = 0x7F0000000000, 0x7F0002000000  # two segments' addresses
+
+
+def cuda_snapshot() -> dict:
+    """A GPU's snapshot, made by hand (the allocator's rules followed, one stream).
+
+    Before the history: segment A (20 MiB) holds a 4 MiB parameter P.
+    0: X (8 MiB, requested 100 bytes less) is split off A's free 16 MiB;
+    1-2: Y (9 MiB) fits no cached block: a new segment B, Y split off it;
+    3-4: X freed (requested, then completed): A has 16 MiB free after P;
+    5: Z (12 MiB) takes A's free 16 MiB (best fit), split: allocated 4+9+12 = 25 MiB,
+       reserved 40 MiB, largest free block B's 11 MiB: the peak allocated;
+    6-7: Y freed; 8: B released (empty_cache). At the end: A with P, Z and 4 MiB free.
+    The peak reserved is first reached when Y is served (2): allocated 21 MiB,
+    largest free block B's 11 MiB.
+    """
+
+    def e(action, addr, size):
+        return {"action": action, "addr": addr, "size": size, "stream": 0, "time_us": 0, "frames": []}
+
+    trace = [
+        e("alloc", A + 4 * MiB, 8 * MiB - 100),
+        e("segment_alloc", B, 20 * MiB),
+        e("alloc", B, 9 * MiB),
+        e("free_requested", A + 4 * MiB, 8 * MiB - 100),
+        e("free_completed", A + 4 * MiB, 8 * MiB - 100),
+        e("alloc", A + 4 * MiB, 12 * MiB),
+        e("free_requested", B, 9 * MiB),
+        e("free_completed", B, 9 * MiB),
+        e("segment_free", B, 20 * MiB),
+        {"action": "snapshot", "addr": 0, "size": 0, "stream": 0, "time_us": 0, "frames": []},
+    ]
+
+    def block(addr, size, state):
+        return {
+            "address": addr,
+            "size": size,
+            "requested_size": size if state != "inactive" else 0,
+            "state": state,
+            "frames": [],
+        }
+
+    seg = {
+        "device": 0, "address": A, "total_size": 20 * MiB, "allocated_size": 16 * MiB, "active_size": 16 * MiB,
+        "requested_size": 16 * MiB, "stream": 0, "segment_type": "large", "segment_pool_id": (0, 0),
+        "is_expandable": False, "frames": [],
+        "blocks": [block(A, 4 * MiB, "active_allocated"), block(A + 4 * MiB, 12 * MiB, "active_allocated"),
+                   block(A + 16 * MiB, 4 * MiB, "inactive")],
+    }  # fmt: skip
+    return {"segments": [seg], "device_traces": [trace], "allocator_settings": {}}
+
+
+def test_cuda_view_of_a_hand_made_snapshot():
+    snap = cuda_snapshot()
+    view = cuda_allocator_view(snap, start_allocated=4 * MiB, start_reserved=20 * MiB)
+    tl = view["timeline"]
+    # a segment and the request it is for are one row; free_completed after free_requested changes nothing
+    assert tl["x"] == "event" and tl["event"] == [0, 2, 3, 5, 6, 8]
+    assert [a // MiB for a in tl["allocated"]] == [12, 21, 13, 25, 16, 16]
+    assert [r // MiB for r in tl["reserved"]] == [20, 40, 40, 40, 40, 20]
+    assert view["at_peak"]["allocated"] == state(5, None, 25 * MiB, 40 * MiB, 11 * MiB, 2)
+    assert view["at_peak"]["reserved"] == state(2, None, 21 * MiB, 40 * MiB, 11 * MiB, 2)
+    # the start derived from the end and the history: the same
+    derived = cuda_allocator_view(snap)
+    assert derived["timeline"] == tl and derived["at_peak"] == view["at_peak"]
+    # the model replays what lived before the history first, then the history
+    assert replay_events(snap) == [
+        (A, 4 * MiB, True), (A + 4 * MiB, 8 * MiB - 100, True), (B, 9 * MiB, True), (A + 4 * MiB, 0, False),
+        (A + 4 * MiB, 12 * MiB, True), (B, 0, False),
+    ]  # fmt: skip
+    hint = view["expandable_segments_hint"]
+    assert hint["baseline_peak_reserved_bytes"] == 40 * MiB and hint["message"] is None
+    assert "x is the index of the entry" in view["notes"][0]
+    # already on, or settings not understood: no hint
+    assert cuda_allocator_view(snap, conf="expandable_segments:True")["expandable_segments_hint"] is None
+    bad = cuda_allocator_view(snap, conf="max_split_size_mb:x")
+    assert bad["expandable_segments_hint"] is None and "no expandable-segments hint" in bad["notes"][-1]
+
+
+def test_cuda_view_of_expandable_segments():
+    E = 0x7E0000000000
+
+    def e(action, addr, size):
+        return {"action": action, "addr": addr, "size": size, "stream": 0, "time_us": 0, "frames": []}
+
+    trace = [
+        e("segment_map", E, 20 * MiB),
+        e("alloc", E, 15 * MiB),
+        e("segment_map", E + 20 * MiB, 20 * MiB),
+        e("alloc", E + 15 * MiB, 18 * MiB),
+        e("free_requested", E, 15 * MiB),
+        e("free_completed", E, 15 * MiB),
+    ]
+    blocks = [(E, 15, "inactive"), (E + 15 * MiB, 18, "active_allocated"), (E + 33 * MiB, 7, "inactive")]
+    seg = {
+        "device": 0, "address": E, "total_size": 40 * MiB, "is_expandable": True, "stream": 0,
+        "blocks": [{"address": a, "size": n * MiB, "requested_size": n * MiB, "state": s} for a, n, s in blocks],
+    }  # fmt: skip
+    view = cuda_allocator_view({"segments": [seg], "device_traces": [trace]})
+    # the two mappings are one range: one segment
+    assert view["at_peak"]["allocated"] == state(3, None, 33 * MiB, 40 * MiB, 7 * MiB, 1)
+    assert view["at_peak"]["reserved"] == state(3, None, 33 * MiB, 40 * MiB, 7 * MiB, 1)
+    assert view["timeline"]["reserved"][0] == 20 * MiB  # derived: nothing reserved before
+
+
+def test_cuda_view_agrees_with_the_model_on_its_own_snapshot():
+    # the model's snapshot read back as a GPU's: the same peaks and states
+    est, snap = model_snapshot(hand_trace())
+    view = cuda_allocator_view(snap, start_allocated=0, start_reserved=0)
+    for name in ("allocated", "reserved"):
+        got, want = dict(view["at_peak"][name]), dict(est.at_peak[name])
+        for k in ("event", "op"):
+            del got[k], want[k]
+        if name == "reserved":
+            # the 21 MiB request keeps its 22 MiB segment whole; a GPU's history records
+            # the request only: the view counts the block 1 MiB short (documented)
+            assert got["allocated_bytes"] == want["allocated_bytes"] - MiB
+            got["allocated_bytes"] += MiB
+            got["fragmentation_bytes"] -= MiB
+        assert got == want
+    assert max(view["timeline"]["reserved"]) == est.peak_reserved_bytes
+    # replayed from the snapshot (keyed by address), the model finds the same again
+    assert replay(replay_events(snap)).peak_reserved_bytes == est.peak_reserved_bytes
+
+
+@gpu_test
+def test_cuda_engine_reports_the_allocator_view(tmp_path):
+    from memprof.engines.cuda import CudaEngine
+    from memprof.models import resolve
+    from memprof.workload import StepSetup, Workload
+
+    path = tmp_path / "gpu.pickle"
+    wl = Workload(batch_size=4, seq_len=64)
+    for eng in (CudaEngine(), CudaEngine(snapshot_path=str(path))):
+        p = eng.run(resolve(tiny("llama")), StepSetup.of(wl))
+        a = p.allocator
+        tl = a["timeline"]
+        assert tl["x"] == "event" and tl["rows"] > 0
+        # reserved is exact (segment events); allocated counts requests rounded to 512 bytes
+        assert max(tl["reserved"]) == a["peak_reserved_bytes"]
+        assert 0.9 * a["peak_allocated_bytes"] <= max(tl["allocated"]) <= a["peak_allocated_bytes"]
+        for name in ("allocated", "reserved"):
+            st = a["at_peak"][name]
+            assert st["fragmentation_bytes"] == st["reserved_bytes"] - st["allocated_bytes"]
+            assert st["segments"] >= 1 and 0 <= st["largest_free_block_bytes"] <= st["reserved_bytes"]
+        hint = a["expandable_segments_hint"]
+        assert hint is not None and hint["conf"] == "expandable_segments:True"
+    with open(path, "rb") as f:
+        snap = pickle.load(f)
+    _memory_viz.segsum(snap)
+    assert any(e["frames"] for e in snap["device_traces"][0])  # --snapshot keeps the stacks
