@@ -32,6 +32,7 @@ from memprof.snapshot import (
     replay_events,
     write_snapshot,
 )
+from memprof.units import format_bytes
 from tests.conftest import gpu_test, tiny
 
 
@@ -504,6 +505,22 @@ def test_cuda_view_agrees_with_the_model_on_its_own_snapshot():
     assert max(view["timeline"]["reserved"]) == est.peak_reserved_bytes
     # replayed from the snapshot (keyed by address), the model finds the same again
     assert replay(replay_events(snap)).peak_reserved_bytes == est.peak_reserved_bytes
+
+
+def test_cuda_view_hint_applies_the_saving_to_the_measured_peak():
+    # growing tensors on a "GPU" (the model's snapshot): expandable segments would save a lot
+    est, snap = model_snapshot(growing())
+    measured = est.peak_reserved_bytes + 10 * MiB  # say the GPU reserved a little more
+    hint = cuda_allocator_view(snap, measured_reserved_bytes=measured)["expandable_segments_hint"]
+    exp = replay(growing(), {"expandable_segments": True})
+    assert hint["baseline_peak_reserved_bytes"] == est.peak_reserved_bytes
+    assert hint["peak_reserved_bytes"] == exp.peak_reserved_bytes
+    saved = est.peak_reserved_bytes - exp.peak_reserved_bytes
+    assert hint["message"].startswith("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True would reserve about ")
+    assert (
+        f"(-{format_bytes(saved)})" in hint["message"]
+        and f"{format_bytes(measured)} measured" in hint["message"]
+    )
 
 
 @gpu_test
