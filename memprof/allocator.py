@@ -476,25 +476,31 @@ class CachingAllocatorModel:
         ops: list[int] = []
         allocated: list[int] = []
         reserved: list[int] = []
-        # bound once: three appends per event are most of the timeline's cost
+        # bound once, as the model's methods: the loop runs for every event
         add_op, add_allocated, add_reserved = ops.append, allocated.append, reserved.append
+        malloc, free = self.malloc, self.free
+        recording = self.history is not None
         for i, ev in enumerate(events):
             key, nbytes, alloc = ev[0], ev[1], ev[2]
-            self.event = i
-            self.current = ev
             if alloc:
                 if nbytes <= 0:
                     continue
+                # the clock is read where a peak can rise (malloc) or an action is recorded
+                self.event = i
+                self.current = ev
                 old = live.pop(key, None)
                 if old is not None:
-                    self.free(old)
-                live[key] = self.malloc(nbytes)
+                    free(old)
+                live[key] = malloc(nbytes)
             else:
                 b = live.pop(key, None)
                 if b is None:
                     unmatched += 1
                     continue
-                self.free(b)
+                if recording:
+                    self.event = i
+                    self.current = ev
+                free(b)
             if timeline:
                 add_op(ev[4] if len(ev) > 4 else i)
                 add_allocated(self.allocated)
@@ -893,34 +899,39 @@ def allocator_timeline(
         raise InputError(f"timeline lists differ in length: {n}, {len(allocated)}, {len(reserved)}")
     if max_points < 8:
         raise InputError(f"a timeline needs at least 8 points, got max_points={max_points}")
+    # the first row of each peak: found from the buckets' own maxima (no extra pass)
+    peak_a = peak_r = -1
     if n <= max_points:
         keep = list(range(n))
+        if n:
+            peak_a, peak_r = allocated.index(max(allocated)), reserved.index(max(reserved))
     else:
         buckets = (max_points - 2) // 4
         picked = {0, n - 1}
+        best_a = best_r = -1
         for b in range(buckets):
             lo, hi = b * n // buckets, (b + 1) * n // buckets
             if lo >= hi:
                 continue
             # slices, min, max and index run in C: a 100k-row trace takes milliseconds
             a, r = allocated[lo:hi], reserved[lo:hi]
-            picked.update(
-                (lo + a.index(min(a)), lo + a.index(max(a)), lo + r.index(min(r)), lo + r.index(max(r)))
-            )
+            a_max, r_max = max(a), max(r)
+            i_a, i_r = lo + a.index(a_max), lo + r.index(r_max)
+            picked.update((lo + a.index(min(a)), i_a, lo + r.index(min(r)), i_r))
+            if a_max > best_a:
+                best_a, peak_a = a_max, i_a
+            if r_max > best_r:
+                best_r, peak_r = r_max, i_r
         keep = sorted(picked)
-    out: dict[str, Any] = {
+    return {
         "x": x_name,
         x_name: [x[i] for i in keep],
         "allocated": [allocated[i] for i in keep],
         "reserved": [reserved[i] for i in keep],
         "rows": n,
-        "peak_allocated_index": -1,
-        "peak_reserved_index": -1,
+        "peak_allocated_index": bisect.bisect_left(keep, peak_a) if n else -1,
+        "peak_reserved_index": bisect.bisect_left(keep, peak_r) if n else -1,
     }
-    if n:
-        out["peak_allocated_index"] = bisect.bisect_left(keep, allocated.index(max(allocated)))
-        out["peak_reserved_index"] = bisect.bisect_left(keep, reserved.index(max(reserved)))
-    return out
 
 
 #: expandable segments are suggested when they would save at least this fraction of
