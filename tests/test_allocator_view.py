@@ -523,6 +523,70 @@ def test_cuda_view_hint_applies_the_saving_to_the_measured_peak():
     )
 
 
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_cuda_engine_plumbing_without_a_gpu(monkeypatch, tmp_path, snapshot):
+    # the cuda engine's calls around the measured step, with torch.cuda faked (no GPU here)
+    import torch
+
+    from memprof.engines import cuda as cuda_mod
+
+    snap = cuda_snapshot()
+    calls: list[dict] = []
+
+    def record(**kwargs):
+        if "clear_history" in kwargs and len(calls) == 0:
+            calls.append({"refused": kwargs})
+            raise TypeError("older PyTorch: no clear_history")
+        calls.append(kwargs)
+
+    fake = {
+        "is_available": lambda: True,
+        "synchronize": lambda *a: None,
+        "empty_cache": lambda: None,
+        "reset_peak_memory_stats": lambda *a: None,
+        "memory_allocated": lambda *a: 4 * MiB,
+        "memory_reserved": lambda *a: 20 * MiB,
+        "max_memory_allocated": lambda *a: 25 * MiB,
+        "max_memory_reserved": lambda *a: 40 * MiB,
+        "memory_stats": lambda *a: {},
+    }
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", record)
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda *a, **k: snap)
+    monkeypatch.setattr(cuda_mod, "nvml_snapshot", lambda index: None)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    path = tmp_path / "gpu.pickle"
+    eng = cuda_mod.CudaEngine(index=0, snapshot_path=str(path) if snapshot else None)
+    eng.before_measure()
+    extra: dict = {}
+    eng.after_measure(extra)
+    # no clear_history on this "PyTorch": asked again without it; stacks only for --snapshot
+    assert "refused" in calls[0] and "clear_history" not in calls[1]
+    assert calls[1]["enabled"] == "all" and ("context" not in calls[1]) == snapshot
+    assert calls[1]["max_entries"] == (
+        cuda_mod.SNAPSHOT_HISTORY_ENTRIES if snapshot else cuda_mod.HISTORY_ENTRIES
+    )
+    assert calls[-1] == {"enabled": None}  # recording stopped after the snapshot
+    a = extra["allocator"]
+    assert a["source"] == "measured" and a["peak_reserved_bytes"] == 40 * MiB
+    assert a["timeline"]["x"] == "event" and [r // MiB for r in a["timeline"]["reserved"]] == [
+        20,
+        40,
+        40,
+        40,
+        40,
+        20,
+    ]
+    assert a["at_peak"]["allocated"] == state(5, None, 25 * MiB, 40 * MiB, 11 * MiB, 2)
+    assert a["expandable_segments_hint"]["baseline_peak_reserved_bytes"] == 40 * MiB
+    assert path.exists() == snapshot
+    if snapshot:
+        with open(path, "rb") as f:
+            assert pickle.load(f) == snap
+
+
 @gpu_test
 def test_cuda_engine_reports_the_allocator_view(tmp_path):
     from memprof.engines.cuda import CudaEngine

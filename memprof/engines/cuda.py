@@ -248,15 +248,24 @@ class CudaEngine(Engine):
         }
         limit = SNAPSHOT_HISTORY_ENTRIES if self.snapshot_path else HISTORY_ENTRIES
         complete = len(device_trace(snap, self.index)) < limit
-        view = cuda_allocator_view(
-            snap,
-            device=self.index,
-            # a full ring buffer lost the step's first entries: derive the start from the end
-            start_allocated=int(self._start_allocated) if complete else None,
-            start_reserved=int(self._start_reserved) if complete else None,
-            conf=conf,
-            measured_reserved_bytes=self._reserved,
-        )
+        try:
+            view = cuda_allocator_view(
+                snap,
+                device=self.index,
+                # a full ring buffer lost the step's first entries: derive the start from the end
+                start_allocated=int(self._start_allocated) if complete else None,
+                start_reserved=int(self._start_reserved) if complete else None,
+                conf=conf,
+                measured_reserved_bytes=self._reserved,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            # a snapshot format this code does not know must not cost the measurement
+            view = {
+                "timeline": None,
+                "at_peak": {"allocated": None, "reserved": None},
+                "expandable_segments_hint": None,
+                "notes": [f"no allocator view: unexpected snapshot format ({type(e).__name__}: {e})"],
+            }
         if not complete:
             view["notes"].append(
                 f"the allocator history kept only the step's last {limit} entries: the timeline starts late"
