@@ -6,7 +6,14 @@ to serve them. :func:`replay` runs that trace through a model of
 ``c10/cuda/CUDACachingAllocator.cpp`` (DeviceCachingAllocator) and returns the
 peak reserved memory, the peak allocated memory as the allocator counts it
 (whole blocks, as ``torch.cuda.max_memory_allocated``), their difference
-(fragmentation) and the number of segments it asked the driver for.
+(fragmentation) and the number of segments it asked the driver for. It also
+keeps the allocator's state when allocated and reserved first reach their
+peaks (``AllocatorEstimate.at_peak``: reserved minus allocated, the largest
+cached free block, the segments), allocated and reserved over the trace on
+request (``AllocatorEstimate.timeline``, downsampled), and, on request, every
+action in the order of a CUDA snapshot's device trace (``history``, which
+:mod:`memprof.snapshot` turns into a snapshot). :func:`expandable_segments_hint`
+compares a replay with one under ``expandable_segments``.
 
 The rules modelled (one stream, PyTorch 2.x):
 
@@ -49,7 +56,7 @@ in it; ``roundup_power2_divisions`` and other settings are not modelled.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -204,6 +211,14 @@ class AllocatorEstimate:
     #: allocations that did not fit in the capacity even after the retries
     ooms: int = 0
     notes: list[str] = field(default_factory=list)
+    #: allocated and reserved over the trace, downsampled (:func:`allocator_timeline`;
+    #: ``x`` is ``"op"``); None unless the replay was asked for it
+    timeline: dict[str, Any] | None = None
+    #: the allocator's state when allocated first reached its peak (``"allocated"``) and
+    #: when reserved did (``"reserved"``): see :data:`AT_PEAK_KEYS`; None: nothing allocated
+    at_peak: dict[str, dict[str, Any] | None] = field(
+        default_factory=lambda: {"allocated": None, "reserved": None}
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -296,6 +311,24 @@ class CachingAllocatorModel:
         self.reserved = 0
         self.allocated = 0
         self.requested = 0
+        #: segments reserved now (expandable segments: contiguous mapped ranges, as
+        #: torch.cuda.memory_snapshot reports them)
+        self.live_segments = 0
+        #: the caller's clock, stamped on the states kept at the peaks: the index
+        #: of the event being replayed, and the event (its 5th field is the op
+        #: counter); :meth:`replay` sets them
+        self.event = 0
+        self.current: Sequence[Any] | None = None
+        #: the blocks allocated by :meth:`replay`, by the trace's key
+        self.live: dict[Any, _Block] = {}
+        #: when a list: every action in the order the allocator takes it, as
+        #: ``(action, addr, size, event)``, with the actions of a CUDA snapshot's
+        #: device trace (alloc, free_requested, free_completed, segment_alloc,
+        #: segment_free, segment_map, segment_unmap, oom: its addr is the bytes the
+        #: capacity had left); :mod:`memprof.snapshot` reads it
+        self.history: list[tuple[str, int, int, int]] | None = None
+        self._at_peak_allocated: tuple[int, ...] | None = None
+        self._at_peak_reserved: tuple[int, ...] | None = None
         self.est = AllocatorEstimate(
             settings=self.settings.to_dict(),
             conf=alloc_conf_string(self.settings),
@@ -321,14 +354,47 @@ class CachingAllocatorModel:
             if block is None:
                 # out of memory: counted, and allocated anyway so the replay goes on
                 self.est.ooms += 1
+                if self.history is not None:
+                    free = max(0, (self.capacity or 0) - self.reserved)
+                    self.history.append(("oom", free, size, self.event))
                 block = self._alloc_block(pool, size, force=True)
                 assert block is not None
-        return self._alloc_found(block, size)
+        block = self._alloc_found(block, size)
+        # The peaks are checked once the request is served: reserved only grows
+        # inside malloc (releases come before the new segment), so its value now
+        # is the highest of the call, and the state kept is a settled one.
+        e = self.est
+        allocated, reserved = self.allocated, self.reserved
+        if allocated > e.peak_allocated_bytes or reserved > e.peak_reserved_bytes:
+            # inline, not a method: a step's memory climbs, this runs for a quarter of its events
+            sk, lk = self._small.keys, self._large.keys
+            ev = self.current
+            state = (
+                self.event,
+                ev[4] if ev is not None and len(ev) > 4 else self.event,
+                allocated,
+                reserved,
+                max(sk[-1][0] if sk else 0, lk[-1][0] if lk else 0),
+                self.live_segments,
+            )
+            if allocated > e.peak_allocated_bytes:
+                e.peak_allocated_bytes = allocated
+                self._at_peak_allocated = state
+            if reserved > e.peak_reserved_bytes:
+                e.peak_reserved_bytes = reserved
+                self._at_peak_reserved = state
+        if self.history is not None:
+            self.history.append(("alloc", block.addr, size, self.event))
+        return block
 
     def free(self, block: _Block) -> None:
         """Return a block to its pool (merged with free neighbours); the memory stays reserved."""
         if not block.allocated:
             return
+        if self.history is not None:
+            ev = self.event
+            self.history.append(("free_requested", block.addr, block.requested, ev))
+            self.history.append(("free_completed", block.addr, block.requested, ev))
         block.allocated = False
         self.allocated -= block.size
         self.requested -= block.requested
@@ -346,7 +412,105 @@ class CachingAllocatorModel:
         e.fragmentation_bytes = e.peak_reserved_bytes - e.peak_allocated_bytes
         e.reserved_at_end_bytes = self.reserved
         e.allocated_at_end_bytes = self.allocated
+        e.at_peak = {
+            "allocated": _state_dict(self._at_peak_allocated),
+            "reserved": _state_dict(self._at_peak_reserved),
+        }
         return e
+
+    def layout(self) -> list[dict[str, Any]]:
+        """The segments reserved now, in address order, with their blocks (plain data).
+
+        Expandable segments count one segment per contiguous mapped range, as
+        ``torch.cuda.memory_snapshot()`` reports them. Only the blocks
+        :meth:`replay` allocated are found (with :meth:`malloc` called directly,
+        a segment with no free block is missed).
+
+        Returns:
+            One dict per segment: ``address``, ``size``, ``small`` (the small
+            pool's), ``expandable`` and ``blocks``: ``(address, size, requested,
+            allocated)`` tuples in address order, covering the segment
+            (``requested`` is 0 for free blocks).
+        """
+        blocks: list[_Block] = list(self.live.values())
+        for pool in (self._small, self._large):
+            blocks += pool.blocks.values()
+            blocks += pool.unmapped.values()
+        out: list[dict[str, Any]] = []
+        for head in sorted((b for b in blocks if b.prev is None), key=lambda b: b.addr):
+            run: list[_Block] = []
+            b: _Block | None = head
+            while b is not None:
+                if b.mapped:
+                    run.append(b)
+                elif run:
+                    out.append(_segment_of(run))
+                    run = []
+                b = b.next
+            if run:
+                out.append(_segment_of(run))
+        return out
+
+    def largest_free_block(self) -> int:
+        """Bytes of the largest cached free block (mapped memory no tensor holds)."""
+        sk, lk = self._small.keys, self._large.keys
+        return max(sk[-1][0] if sk else 0, lk[-1][0] if lk else 0)
+
+    def replay(
+        self, events: Iterable[Any], *, timeline: bool = False, max_points: int = 800
+    ) -> AllocatorEstimate:
+        """Replay a trace on this allocator (see the module's :func:`replay`).
+
+        Args:
+            events: ``(key, nbytes, alloc)`` items, optionally with the phase and
+                the op counter as 4th and 5th fields (:class:`~memprof.tracking.TraceEvent`).
+            timeline: also keep allocated and reserved after every event
+                (``AllocatorEstimate.timeline``, downsampled to about ``max_points``).
+            max_points: the timeline's bound.
+
+        Returns:
+            The estimate so far.
+        """
+        live = self.live
+        unmatched = 0
+        ops: list[int] = []
+        allocated: list[int] = []
+        reserved: list[int] = []
+        # bound once, as the model's methods: the loop runs for every event
+        add_op, add_allocated, add_reserved = ops.append, allocated.append, reserved.append
+        malloc, free = self.malloc, self.free
+        recording = self.history is not None
+        for i, ev in enumerate(events):
+            key, nbytes, alloc = ev[0], ev[1], ev[2]
+            if alloc:
+                if nbytes <= 0:
+                    continue
+                # the clock is read where a peak can rise (malloc) or an action is recorded
+                self.event = i
+                self.current = ev
+                old = live.pop(key, None)
+                if old is not None:
+                    free(old)
+                live[key] = malloc(nbytes)
+            else:
+                b = live.pop(key, None)
+                if b is None:
+                    unmatched += 1
+                    continue
+                if recording:
+                    self.event = i
+                    self.current = ev
+                free(b)
+            if timeline:
+                add_op(ev[4] if len(ev) > 4 else i)
+                add_allocated(self.allocated)
+                add_reserved(self.reserved)
+        est = self.estimate()
+        if unmatched:
+            est.notes.append(f"{unmatched} frees of storages never allocated in the trace were ignored")
+        if timeline:
+            est.timeline = allocator_timeline("op", ops, allocated, reserved, max_points=max_points)
+        return est
 
     # ------------------------------------------------------------- internals
     def _get_free_block(self, pool: _Pool, size: int) -> _Block | None:
@@ -401,8 +565,6 @@ class CachingAllocatorModel:
         self.allocated += block.size
         self.requested += size
         e = self.est
-        if self.allocated > e.peak_allocated_bytes:
-            e.peak_allocated_bytes = self.allocated
         if self.requested > e.peak_requested_bytes:
             e.peak_requested_bytes = self.requested
         return block
@@ -411,10 +573,9 @@ class CachingAllocatorModel:
         return self.capacity is None or self.reserved + nbytes <= self.capacity
 
     def _reserve(self, nbytes: int) -> None:
+        # the peak is checked at the end of malloc, the only caller
         self.reserved += nbytes
         self.est.segments += 1
-        if self.reserved > self.est.peak_reserved_bytes:
-            self.est.peak_reserved_bytes = self.reserved
 
     def _alloc_block(self, pool: _Pool, size: int, retry: bool = False, force: bool = False) -> _Block | None:
         if retry:
@@ -427,6 +588,9 @@ class CachingAllocatorModel:
         block = _Block(self._next_addr, n, pool, _Segment(False, n))
         self._next_addr += n
         self._reserve(n)
+        self.live_segments += 1
+        if self.history is not None:
+            self.history.append(("segment_alloc", block.addr, n, self.event))
         return block
 
     # expandable segments ---------------------------------------------------
@@ -486,6 +650,10 @@ class CachingAllocatorModel:
             b.next = rest
             pool.insert_unmapped(rest)
             b.size = n
+        # a new mapped range, or one that joins the ranges on either side
+        self.live_segments += 1 - _is_mapped(b.prev) - _is_mapped(b.next)
+        if self.history is not None:
+            self.history.append(("segment_map", b.addr, n, self.event))
         self._try_merge(b, b.prev)
         self._try_merge(b, b.next)
         pool.insert(b)
@@ -515,6 +683,10 @@ class CachingAllocatorModel:
             b.next = after
             pool.insert(after)
         b.addr, b.size, b.mapped = start, end - start, False
+        # the range loses these pages: it goes, shrinks or splits in two
+        self.live_segments += _is_mapped(b.prev) + _is_mapped(b.next) - 1
+        if self.history is not None:
+            self.history.append(("segment_unmap", start, end - start, self.event))
         self._try_merge(b, b.prev)
         self._try_merge(b, b.next)
         pool.insert_unmapped(b)
@@ -546,6 +718,9 @@ class CachingAllocatorModel:
         b.pool.erase(b)
         self.reserved -= b.size
         self.est.segments_released += 1
+        self.live_segments -= 1
+        if self.history is not None:
+            self.history.append(("segment_free", b.addr, b.size, self.event))
 
     def _release_cached(self) -> None:
         """Release every cached whole segment; unmap free pages of expandable segments."""
@@ -624,6 +799,8 @@ def replay(
     settings: AllocatorSettings | Mapping[str, Any] | None = None,
     *,
     capacity_bytes: int | None = None,
+    timeline: bool = False,
+    max_points: int = 800,
 ) -> AllocatorEstimate:
     """Replay an allocation trace through the allocator model.
 
@@ -632,35 +809,223 @@ def replay(
             :class:`~memprof.tracking.TraceEvent` fits): ``alloc`` True allocates
             ``nbytes`` for ``storage``, False frees what ``storage`` holds.
             Zero-byte allocations take no memory (as on CUDA) and are skipped.
+            A 5th field is the event's op counter (the timeline's x axis and the
+            peaks' ``op``); without it, the event's index.
         settings: the allocator settings (None: PyTorch's defaults).
         capacity_bytes: the memory the allocator may reserve; None: unlimited.
+        timeline: also return allocated and reserved over the events
+            (``AllocatorEstimate.timeline``); it adds about a sixth to the replay's time.
+        max_points: the timeline's bound (see :func:`allocator_timeline`).
 
     Returns:
-        The estimate: peak reserved, peak allocated, fragmentation, segments.
+        The estimate: peak reserved, peak allocated, fragmentation, segments, the
+        state at the peaks, and the timeline when asked.
 
     Raises:
         InputError: invalid settings or capacity.
     """
     s = settings if isinstance(settings, AllocatorSettings) else AllocatorSettings.from_dict(settings)
-    model = CachingAllocatorModel(s, capacity_bytes)
-    live: dict[int, _Block] = {}
-    unmatched = 0
-    for ev in events:
-        key, nbytes, alloc = ev[0], ev[1], ev[2]
-        if alloc:
-            if nbytes <= 0:
+    return CachingAllocatorModel(s, capacity_bytes).replay(events, timeline=timeline, max_points=max_points)
+
+
+#: the keys of each state in ``AllocatorEstimate.at_peak``
+AT_PEAK_KEYS = (
+    # the event's index in the trace, and its op counter (None where there is none)
+    "event",
+    "op",
+    "allocated_bytes",
+    "reserved_bytes",
+    # reserved minus allocated at that moment: what the cache holds beyond the blocks
+    "fragmentation_bytes",
+    # the largest cached free block: the largest request the cache could serve
+    # without reserving more (in a segment of the right pool)
+    "largest_free_block_bytes",
+    # segments reserved (expandable segments: contiguous mapped ranges)
+    "segments",
+)
+
+
+def _state_dict(state: tuple[int, ...] | None) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    event, op, allocated, reserved, largest, segments = state
+    return dict(zip(AT_PEAK_KEYS, (event, op, allocated, reserved, reserved - allocated, largest, segments)))
+
+
+def _segment_of(run: list[_Block]) -> dict[str, Any]:
+    first = run[0]
+    return {
+        "address": first.addr,
+        "size": sum(b.size for b in run),
+        "small": first.pool.small,
+        "expandable": first.seg.expandable,
+        "blocks": [(b.addr, b.size, b.requested if b.allocated else 0, b.allocated) for b in run],
+    }
+
+
+def _is_mapped(b: _Block | None) -> int:
+    return 1 if b is not None and b.mapped else 0
+
+
+def allocator_timeline(
+    x_name: str, x: list[int], allocated: list[int], reserved: list[int], *, max_points: int = 800
+) -> dict[str, Any]:
+    """Allocated and reserved bytes over a trace, downsampled so that the peaks survive.
+
+    As :meth:`memprof.tracking.Tracker.timeline`: past ``max_points`` rows, the
+    rows are cut into buckets of consecutive rows and each bucket keeps the rows
+    of its lowest and highest allocated and of its lowest and highest reserved
+    (the first of equal ones), in order; the first and last rows are kept too.
+
+    Args:
+        x_name: what ``x`` counts (``"op"``: the tracker's op counter; ``"event"``:
+            the index of the event in a CUDA snapshot's trace).
+        x: the x value of each row.
+        allocated: allocated bytes after each row's event.
+        reserved: reserved bytes after each row's event.
+        max_points: at most this many points are kept.
+
+    Returns:
+        Plain data: ``x`` (``x_name``), ``x_name`` (the x values kept),
+        ``allocated``, ``reserved``, ``rows`` (before downsampling),
+        ``peak_allocated_index`` and ``peak_reserved_index`` (the points of the
+        first highest values; -1 without rows).
+
+    Raises:
+        InputError: the lists differ in length, or ``max_points`` is below 8.
+    """
+    n = len(x)
+    if len(allocated) != n or len(reserved) != n:
+        raise InputError(f"timeline lists differ in length: {n}, {len(allocated)}, {len(reserved)}")
+    if max_points < 8:
+        raise InputError(f"a timeline needs at least 8 points, got max_points={max_points}")
+    # the first row of each peak: found from the buckets' own maxima (no extra pass)
+    peak_a = peak_r = -1
+    if n <= max_points:
+        keep = list(range(n))
+        if n:
+            peak_a, peak_r = allocated.index(max(allocated)), reserved.index(max(reserved))
+    else:
+        buckets = (max_points - 2) // 4
+        picked = {0, n - 1}
+        best_a = best_r = -1
+        for b in range(buckets):
+            lo, hi = b * n // buckets, (b + 1) * n // buckets
+            if lo >= hi:
                 continue
-            old = live.pop(key, None)
-            if old is not None:
-                model.free(old)
-            live[key] = model.malloc(nbytes)
+            # slices, min, max and index run in C: a 100k-row trace takes milliseconds
+            a, r = allocated[lo:hi], reserved[lo:hi]
+            a_max, r_max = max(a), max(r)
+            i_a, i_r = lo + a.index(a_max), lo + r.index(r_max)
+            picked.update((lo + a.index(min(a)), i_a, lo + r.index(min(r)), i_r))
+            if a_max > best_a:
+                best_a, peak_a = a_max, i_a
+            if r_max > best_r:
+                best_r, peak_r = r_max, i_r
+        keep = sorted(picked)
+    return {
+        "x": x_name,
+        x_name: [x[i] for i in keep],
+        "allocated": [allocated[i] for i in keep],
+        "reserved": [reserved[i] for i in keep],
+        "rows": n,
+        "peak_allocated_index": bisect.bisect_left(keep, peak_a) if n else -1,
+        "peak_reserved_index": bisect.bisect_left(keep, peak_r) if n else -1,
+    }
+
+
+#: expandable segments are suggested when they would save at least this fraction of
+#: the reserved peak ...
+HINT_MIN_FRACTION = 0.02
+#: ... and at least these bytes (below both, the model's error is of the same order)
+HINT_MIN_BYTES = 64 * MiB
+
+
+def expandable_segments_hint(
+    baseline: AllocatorEstimate,
+    expandable: AllocatorEstimate,
+    *,
+    measured_reserved_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Whether ``expandable_segments:True`` would cut the reserved peak of a trace.
+
+    Args:
+        baseline: the replay with the settings in effect (without expandable segments).
+        expandable: the replay of the same trace with expandable segments on.
+        measured_reserved_bytes: the peak reserved a GPU measured for the step (cuda
+            engine): the saving is then applied to it and the thresholds compare with it.
+
+    Returns:
+        Plain data: ``conf`` (the ``PYTORCH_CUDA_ALLOC_CONF`` value with expandable
+        segments), ``peak_reserved_bytes`` (the model's peak with it),
+        ``baseline_peak_reserved_bytes`` (the model's peak without it),
+        ``saved_bytes`` (their difference; negative: it would reserve more) and
+        ``message``: one line when it saves at least :data:`HINT_MIN_FRACTION` of
+        the reserved peak and at least :data:`HINT_MIN_BYTES`, else None.
+    """
+    from memprof.units import format_bytes
+
+    conf = expandable.conf
+    saved = baseline.peak_reserved_bytes - expandable.peak_reserved_bytes
+    reference = (
+        measured_reserved_bytes if measured_reserved_bytes is not None else baseline.peak_reserved_bytes
+    )
+    message = None
+    if saved >= HINT_MIN_BYTES and saved >= HINT_MIN_FRACTION * reference:
+        if measured_reserved_bytes is None:
+            message = (
+                f"{ENV_VAR}={conf} would reserve {format_bytes(expandable.peak_reserved_bytes)} instead of "
+                f"{format_bytes(baseline.peak_reserved_bytes)} (-{format_bytes(saved)}): "
+                "the allocator model replays the same allocations"
+            )
         else:
-            b = live.pop(key, None)
-            if b is None:
-                unmatched += 1
+            message = (
+                f"{ENV_VAR}={conf} would reserve about {format_bytes(reference - saved)} instead of the "
+                f"{format_bytes(reference)} measured (-{format_bytes(saved)}): the allocator model "
+                "replays this step's allocations with and without it"
+            )
+    return {
+        "conf": conf,
+        "peak_reserved_bytes": expandable.peak_reserved_bytes,
+        "baseline_peak_reserved_bytes": baseline.peak_reserved_bytes,
+        "saved_bytes": saved,
+        "message": message,
+    }
+
+
+def settings_from_conf(conf: str) -> tuple[AllocatorSettings, list[str]]:
+    """The modelled settings in a ``PYTORCH_CUDA_ALLOC_CONF`` value, and the options not modelled.
+
+    >>> settings_from_conf("expandable_segments:True,roundup_power2_divisions:4")
+    (AllocatorSettings(expandable_segments=True, max_split_size_mb=0, garbage_collection_threshold=0.0), ['roundup_power2_divisions'])
+
+    Args:
+        conf: the variable's value ('' or unset: PyTorch's defaults).
+
+    Returns:
+        The settings, and the names of the options it does not model (ignored).
+
+    Raises:
+        InputError: a modelled option with a value PyTorch would reject.
+    """
+    d: dict[str, Any] = {}
+    ignored: list[str] = []
+    for part in (conf or "").split(","):
+        if not part.strip():
+            continue
+        key, _, value = part.partition(":")
+        key, value = key.strip(), value.strip()
+        try:
+            if key == "expandable_segments":
+                if value not in ("True", "False"):
+                    raise ValueError(value)
+                d[key] = value == "True"
+            elif key == "max_split_size_mb":
+                d[key] = int(value)
+            elif key == "garbage_collection_threshold":
+                d[key] = float(value)
             else:
-                model.free(b)
-    est = model.estimate()
-    if unmatched:
-        est.notes.append(f"{unmatched} frees of storages never allocated in the trace were ignored")
-    return est
+                ignored.append(key)
+        except ValueError:
+            raise InputError(f"{ENV_VAR}: bad value {value!r} for {key}") from None
+    return AllocatorSettings.from_dict(d), ignored

@@ -80,7 +80,7 @@ import torch
 import yaml
 
 from memprof import optimizations, recipes
-from memprof.allocator import SMALL_BUFFER, AllocatorEstimate, replay
+from memprof.allocator import SMALL_BUFFER, AllocatorEstimate
 from memprof.api import fake_model, prepare
 from memprof.compare import _apply
 from memprof.engines.base import Engine, Measure
@@ -531,8 +531,8 @@ class PlanSimEngine(SimEngine):
 
     def replay_trace(self, trace: list[TraceEvent], setup: StepSetup, extra: dict[str, Any]) -> None:
         super().replay_trace(trace, setup, extra)
-        conf = {**setup.alloc_conf, "expandable_segments": True}
-        self.expandable = replay(trace, conf, capacity_bytes=self.device_memory_bytes)
+        # the sim engine already replayed the trace with expandable segments (its hint)
+        self.expandable = self.expandable_estimate
 
 
 # -- runs, candidates, the result -----------------------------------------------------------------

@@ -36,10 +36,11 @@ def get_engine(name: str, *, estimate_bytes: int | None = None, snapshot: str | 
         name: ``auto``, ``cuda``, ``cpu`` or ``sim``.
         estimate_bytes: a lower bound of the step's memory (parameters, gradients and
             optimizer state), used by ``auto`` to decide whether a CPU run fits in RAM.
-        snapshot: path of a CUDA allocator snapshot to write (cuda engine only).
+        snapshot: path of a CUDA allocator snapshot to write: the caching
+            allocator's (cuda engine) or the allocator model's (sim engine).
 
     Raises:
-        InputError: unknown engine name, or ``--snapshot`` without the cuda engine.
+        InputError: unknown engine name, or ``--snapshot`` with the cpu engine.
         EnvironmentProblem: ``cuda`` asked for without a GPU.
     """
     if name not in ENGINES:
@@ -62,15 +63,18 @@ def get_engine(name: str, *, estimate_bytes: int | None = None, snapshot: str | 
                 )
     else:
         reason = f"--engine {name}"
-    if snapshot and name != "cuda":
-        raise InputError("--snapshot needs the cuda engine (it dumps the CUDA caching allocator's history)")
+    if snapshot and name not in ("cuda", "sim"):
+        raise InputError(
+            "--snapshot needs the cuda or sim engine (it writes the CUDA caching allocator's history, "
+            "measured or modelled)"
+        )
     engine: Engine
     if name == "cuda":
         from memprof.engines.cuda import CudaEngine
 
         engine = CudaEngine(snapshot_path=snapshot)
     elif name == "sim":
-        engine = SimEngine()
+        engine = SimEngine(snapshot_path=snapshot)
     else:
         engine = CpuEngine()
     engine.reason = reason

@@ -8,6 +8,13 @@ the measured step. ``max_memory_allocated`` gives the peak; the tracker (with
 holds that tensors do not explain is reported as such. NVML reconciles what
 nvidia-smi shows (CUDA context, allocator cache) with allocated and reserved.
 
+The allocator's history (its allocations, frees and segments) is recorded over
+the measured step, without stack traces (cheap); from the snapshot taken at its
+end :func:`memprof.snapshot.cuda_allocator_view` gives allocated and reserved
+over the step, the fragmentation at their peaks and whether expandable segments
+would help. With a ``snapshot_path`` the history keeps Python stack traces and
+the snapshot is written there.
+
 Allocator settings (``StepSetup.alloc_conf``, the ``allocator`` optimization)
 only take effect through ``PYTORCH_CUDA_ALLOC_CONF`` before CUDA initialises,
 so a step with them is measured in a child process (:mod:`.child`) that sets
@@ -31,7 +38,33 @@ from memprof.engines.child import child_env_updates, run_in_child
 from memprof.engines.cuda_semantics import CUDA_BLOCK_ROUNDING
 from memprof.errors import EnvironmentProblem
 from memprof.models import ResolvedModel
+from memprof.snapshot import cuda_allocator_view, device_trace, write_snapshot
 from memprof.workload import StepSetup, Workload
+
+#: allocator history entries kept for the measured step (a ring buffer: past it the
+#: oldest go); a 8B-parameter training step makes about 100k-200k
+HISTORY_ENTRIES = 1_000_000
+#: with --snapshot (stack traces make each entry several KB)
+SNAPSHOT_HISTORY_ENTRIES = 200_000
+
+
+def record_history(stacks: bool, max_entries: int) -> None:
+    """Start recording the caching allocator's history, cleared of any earlier one.
+
+    Args:
+        stacks: keep Python stack traces (for a snapshot someone will read);
+            without them only the actions are kept, which costs little.
+        max_entries: the history's ring-buffer size.
+    """
+    kwargs: dict[str, Any] = {"max_entries": max_entries, "clear_history": True}
+    if not stacks:
+        kwargs["context"] = None
+    try:
+        torch.cuda.memory._record_memory_history(enabled="all", **kwargs)
+    except TypeError:
+        # older PyTorch: no clear_history (the history was off since the last step)
+        del kwargs["clear_history"]
+        torch.cuda.memory._record_memory_history(enabled="all", **kwargs)
 
 
 def nvml_snapshot(index: int = 0) -> dict[str, Any] | None:
@@ -107,6 +140,9 @@ class CudaEngine(Engine):
         self.in_child = in_child
         self._peak: int | None = None
         self._reserved: int | None = None
+        self._start_allocated = 0
+        self._start_reserved = 0
+        self._allocator: dict[str, Any] | None = None
 
     def run_detailed(
         self,
@@ -180,20 +216,27 @@ class CudaEngine(Engine):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.index)
         self._start_allocated = torch.cuda.memory_allocated(self.index)
+        self._start_reserved = torch.cuda.memory_reserved(self.index)
         if self.snapshot_path:
-            torch.cuda.memory._record_memory_history(max_entries=200_000)
+            record_history(stacks=True, max_entries=SNAPSHOT_HISTORY_ENTRIES)
+        else:
+            record_history(stacks=False, max_entries=HISTORY_ENTRIES)
 
     def after_measure(self, extra: dict[str, Any]) -> None:
         torch.cuda.synchronize(self.index)
         self._peak = int(torch.cuda.max_memory_allocated(self.index))
         self._reserved = int(torch.cuda.max_memory_reserved(self.index))
         stats = torch.cuda.memory_stats(self.index)
-        if self.snapshot_path:
-            torch.cuda.memory._dump_snapshot(self.snapshot_path)
+        try:
+            snap = torch.cuda.memory._snapshot()
+        finally:
             torch.cuda.memory._record_memory_history(enabled=None)
+        if self.snapshot_path:
+            write_snapshot(snap, self.snapshot_path)
+        conf = os.environ.get(GENERIC_ENV_VAR) or os.environ.get(ENV_VAR, "")
         extra["allocator"] = {
             "source": "measured",
-            "conf": os.environ.get(GENERIC_ENV_VAR) or os.environ.get(ENV_VAR, ""),
+            "conf": conf,
             "peak_reserved_bytes": self._reserved,
             "peak_allocated_bytes": self._peak,
             # what the cache held beyond the tensors at the peaks: fragmentation
@@ -203,6 +246,32 @@ class CudaEngine(Engine):
             "alloc_retries": int(stats.get("num_alloc_retries", 0)),
             "ooms": int(stats.get("num_ooms", 0)),
         }
+        limit = SNAPSHOT_HISTORY_ENTRIES if self.snapshot_path else HISTORY_ENTRIES
+        complete = len(device_trace(snap, self.index)) < limit
+        try:
+            view = cuda_allocator_view(
+                snap,
+                device=self.index,
+                # a full ring buffer lost the step's first entries: derive the start from the end
+                start_allocated=int(self._start_allocated) if complete else None,
+                start_reserved=int(self._start_reserved) if complete else None,
+                conf=conf,
+                measured_reserved_bytes=self._reserved,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            # a snapshot format this code does not know must not cost the measurement
+            view = {
+                "timeline": None,
+                "at_peak": {"allocated": None, "reserved": None},
+                "expandable_segments_hint": None,
+                "notes": [f"no allocator view: unexpected snapshot format ({type(e).__name__}: {e})"],
+            }
+        if not complete:
+            view["notes"].append(
+                f"the allocator history kept only the step's last {limit} entries: the timeline starts late"
+            )
+        extra["allocator"].update(view)
+        self._allocator = extra["allocator"]
         in_effect = getattr(torch._C, "_accelerator_getAllocatorSettings", None)  # PyTorch 2.8+
         if in_effect is not None:
             # what the allocator parsed, to check the environment reached it
@@ -237,4 +306,7 @@ class CudaEngine(Engine):
             out.append(
                 f"allocator snapshot written to {self.snapshot_path} (open it at pytorch.org/memory_viz)"
             )
+        hint = (self._allocator or {}).get("expandable_segments_hint")
+        if hint and hint.get("message"):
+            out.append(hint["message"])
         return out

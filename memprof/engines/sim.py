@@ -8,16 +8,20 @@ blocks, the multi-tensor (foreach) optimizer that CUDA defaults to, and the
 cuBLAS workspace reported beside the peak. The peak reserved memory is an
 estimate: the measured step's allocations and frees, replayed through a model
 of the caching allocator (:mod:`memprof.allocator`) with the step's allocator
-settings.
+settings. The same replay gives allocated and reserved over the step and the
+fragmentation at their peaks; a second replay with ``expandable_segments`` says
+whether that setting would help; with a ``snapshot_path`` the model's state and
+history are written as a CUDA allocator snapshot (:mod:`memprof.snapshot`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
-from memprof.allocator import AllocatorEstimate, AllocatorSettings, replay
+from memprof.allocator import AllocatorEstimate, AllocatorSettings, expandable_segments_hint, replay
 from memprof.engines.base import Engine
 from memprof.engines.cuda_semantics import CUDA_BLOCK_ROUNDING, CudaSDPA, cublas_workspace_bytes
 from memprof.tracking import TraceEvent
@@ -35,19 +39,28 @@ class SimEngine(Engine):
     foreach = True  # torch's default for CUDA tensors
     record_trace = True  # replayed through the allocator model
 
-    def __init__(self, sm_major: int = 9, device_memory_bytes: int | None = None) -> None:
+    def __init__(
+        self, sm_major: int = 9, device_memory_bytes: int | None = None, snapshot_path: str | None = None
+    ) -> None:
         """
         Args:
             sm_major: the compute capability projected (SDPA kernel choice).
             device_memory_bytes: the GPU memory the allocator model may reserve;
                 it enables the model's garbage collection and out-of-memory
                 retries (None: unlimited).
+            snapshot_path: write the allocator model's snapshot of the measured
+                step there (``torch.cuda.memory._dump_snapshot``'s format).
         """
         super().__init__()
         self.sm_major = sm_major
         self.device_memory_bytes = device_memory_bytes
+        self.snapshot_path = snapshot_path
         self._sdpa: CudaSDPA | None = None
         self._estimate: AllocatorEstimate | None = None
+        #: the last measured step's estimate with expandable segments: the hint's
+        #: replay, or the step's own when its settings already have them (None: no step yet)
+        self.expandable_estimate: AllocatorEstimate | None = None
+        self._hint: dict[str, Any] | None = None
 
     def workspace_bytes(self) -> int:
         """The cuBLAS workspace projected beside the peak (not in it)."""
@@ -92,6 +105,8 @@ class SimEngine(Engine):
     def before_measure(self) -> None:
         super().before_measure()
         self._estimate = None
+        self.expandable_estimate = None
+        self._hint = None
         if self._sdpa is not None:
             self._sdpa.kernels.clear()  # count the measured step's kernels only
 
@@ -104,10 +119,31 @@ class SimEngine(Engine):
         }
 
     def replay_trace(self, trace: list[TraceEvent], setup: StepSetup, extra: dict[str, Any]) -> None:
+        """Replay the step's allocations through the allocator model (twice without expandable segments).
+
+        Raises:
+            InputError: the snapshot cannot be written.
+        """
         settings = AllocatorSettings.from_dict(setup.alloc_conf)
-        est = replay(trace, settings, capacity_bytes=self.device_memory_bytes)
+        capacity = self.device_memory_bytes
+        if self.snapshot_path:
+            from memprof.snapshot import model_snapshot, write_snapshot
+
+            est, snap = model_snapshot(trace, settings, capacity_bytes=capacity, timeline=True)
+            write_snapshot(snap, self.snapshot_path)
+        else:
+            est = replay(trace, settings, capacity_bytes=capacity, timeline=True)
         self._estimate = est
-        extra["allocator"] = {"source": "model", **est.to_dict()}
+        hint = None
+        if settings.expandable_segments:
+            self.expandable_estimate = est
+        else:
+            # the same allocations with the other setting: one more replay, no new run
+            exp = replay(trace, replace(settings, expandable_segments=True), capacity_bytes=capacity)
+            self.expandable_estimate = exp
+            hint = expandable_segments_hint(est, exp)
+        self._hint = hint
+        extra["allocator"] = {"source": "model", **est.to_dict(), "expandable_segments_hint": hint}
 
     def peak_reserved(self) -> int | None:
         return self._estimate.peak_reserved_bytes if self._estimate is not None else None
@@ -128,6 +164,13 @@ class SimEngine(Engine):
                 f"model of the CUDA caching allocator ({est.conf or 'default settings'}; "
                 f"{format_bytes(est.fragmentation_bytes)} reserved beyond the allocated peak, "
                 f"{est.segments} segments)"
+            )
+        if self._hint is not None and self._hint["message"]:
+            out.append(self._hint["message"])
+        if self.snapshot_path and est is not None:
+            out.append(
+                f"allocator snapshot of the model written to {self.snapshot_path} (open it at "
+                "pytorch.org/memory_viz; a model's replay, not a measurement; time is the op counter)"
             )
         if kernels:
             out.append(
