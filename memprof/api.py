@@ -209,7 +209,8 @@ def analyze(
             gets every rank's profile in :attr:`Profile.ranks`). ``auto`` picks sim
             outside torchrun.
         engine: ``auto``, ``cuda``, ``cpu``, ``sim`` or an :class:`Engine`.
-        snapshot: write a CUDA allocator snapshot (cuda engine).
+        snapshot: write a CUDA allocator snapshot pickle (memory_viz format): cuda engine,
+            measured; sim engine, the allocator model's.
         budget: GPU memory bytes to check the step against: the profile's ``budget``
             says whether it fits, where the step's tensors first cross the usable
             budget (budget less the CUDA context and the cuBLAS workspace), what was

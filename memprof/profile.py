@@ -30,6 +30,15 @@ ranks), ``at_peak`` (bytes by FSDP role at the peak: ``sharded_parameters``,
 them) and ``zero3_estimate`` (DeepSpeed's per-GPU formula, model states only).
 ``ranks`` (torchrun): every rank's profile as plain data, rank 0's first.
 
+Added within version 1, in ``allocator``: ``timeline`` (allocated and reserved
+over the step, downsampled; ``x`` is ``"op"`` in sim, the tracker's op counter,
+and ``"event"`` on cuda, the allocator history's entry), ``at_peak``
+(``allocated`` and ``reserved``: the state when each first peaked: ``event``,
+``op``, ``allocated_bytes``, ``reserved_bytes``, ``fragmentation_bytes``,
+``largest_free_block_bytes``, ``segments``), ``expandable_segments_hint`` (None
+when they are on; else the reserved peak with them, ``saved_bytes`` and a
+``message`` when they would help) and, on cuda, ``notes``.
+
 Added within version 1: ``timeline`` (None in profiles written before it, and
 with the timeline off): the live bytes of the measured step over its ops,
 downsampled (each bucket of consecutive changes keeps its lowest and highest

@@ -32,7 +32,10 @@ def analyze(
     json_path: str | None = O.JSON,
     html_path: str | None = O.HTML,
     snapshot: str | None = typer.Option(
-        None, "--snapshot", help="cuda engine: write an allocator snapshot pickle (memory_viz)."
+        None,
+        "--snapshot",
+        help="cuda or sim engine: write an allocator snapshot pickle for PyTorch's memory_viz "
+        "(sim: the allocator model's).",
     ),
     budget: str | None = typer.Option(
         None,

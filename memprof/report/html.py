@@ -594,13 +594,11 @@ def _summary(p: Profile) -> str:
     if p.peak_reserved_bytes is not None:
         how = "allocator model estimate" if a.get("source") == "model" else "measured"
         rows.append(("Peak reserved", _esc(f"{format_bytes(p.peak_reserved_bytes, 2)} ({how})")))
-    at = a.get("at_peak") or {}
-    if at:
-        frag = at.get("fragmentation_bytes", at.get("reserved_bytes", 0) - at.get("allocated_bytes", 0))
-        line = f"{format_bytes(frag)} reserved beyond the allocated peak"
-        if at.get("largest_free_block_bytes") is not None:
-            line += f"; largest free block {format_bytes(at['largest_free_block_bytes'])}"
-        rows.append(("Fragmentation at the peak", _esc(line)))
+    from memprof.report.timeline import fragmentation_line
+
+    frag = fragmentation_line(a)
+    if frag:
+        rows.append(("At the allocated peak", _esc(frag)))
     hint = (a.get("expandable_segments_hint") or {}).get("message")
     if hint:
         rows.append(("Allocator hint", _esc(hint)))

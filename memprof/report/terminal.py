@@ -75,6 +75,14 @@ def summary_table(p: Profile) -> Table:
         if alloc.get("conf"):
             how += f"; {alloc['conf']}"
         t.add_row("Peak reserved", format_bytes(p.peak_reserved_bytes, 2) + f"  [dim]({how})[/dim]")
+        from memprof.report.timeline import fragmentation_line
+
+        frag = fragmentation_line(alloc)
+        if frag:
+            t.add_row("At the peak", frag)
+        hint = (alloc.get("expandable_segments_hint") or {}).get("message")
+        if hint:
+            t.add_row("Allocator hint", f"[yellow]{hint}[/yellow]")
     ov = p.overheads or {}
     if ov.get("cublas_workspace_bytes") and not ov.get("included_in_peak", True):
         proj = p.peak_bytes + int(ov["cublas_workspace_bytes"])

@@ -75,3 +75,26 @@ def columns(tl: dict[str, Any], width: int) -> Columns | None:
     else:
         peak_col = max(range(width), key=highs.__getitem__)
     return Columns(highs=highs, phases=phases, peak_column=peak_col, ops=last_op)
+
+
+def fragmentation_line(allocator: dict[str, Any] | None) -> str | None:
+    """The allocator's state at the allocated peak, in words (None: not known).
+
+    ``allocator`` is ``Profile.allocator``; its ``at_peak["allocated"]`` is the state
+    when the allocated memory first peaked (the sim's allocator model, or the
+    cuda engine's allocator history).
+    """
+    from memprof.units import format_bytes
+
+    at = ((allocator or {}).get("at_peak") or {}).get("allocated") or {}
+    if not at or at.get("reserved_bytes") is None:
+        return None
+    line = (
+        f"{format_bytes(at['fragmentation_bytes'])} reserved beyond the "
+        f"{format_bytes(at['allocated_bytes'])} allocated"
+    )
+    if at.get("largest_free_block_bytes") is not None:
+        line += f"; largest free block {format_bytes(at['largest_free_block_bytes'])}"
+    if at.get("segments") is not None:
+        line += f"; {at['segments']} segments"
+    return line
