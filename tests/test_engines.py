@@ -83,6 +83,31 @@ def test_sim_agrees_with_cpu_on_eager_float32():
     assert sim_p.peak_bytes == pytest.approx(cpu.peak_bytes, rel=0.01)
 
 
+def test_sim_ties_the_lm_head_as_a_real_build():
+    # tiny gpt2 ties its head to the input embeddings (transformers' default)
+    kw = dict(mode="infer", batch_size=1, seq_len=8, dtype="float32")
+    cpu = _run(get_engine("cpu"), "gpt2", **kw)
+    sim = _run(SimEngine(), "gpt2", **kw)
+    assert sim.model["parameters"] == cpu.model["parameters"]
+    # Qwen2.5-0.5B's published size: 494M parameters with its head tied
+    p = memprof.analyze("qwen2.5-0.5b", engine="sim", mode="infer", batch_size=1, seq_len=8, dtype="bfloat16")
+    assert p.model["parameters"] == 494_032_768
+
+
+def test_sim_builds_no_causal_mask_the_real_step_does_not_with_checkpointing():
+    # Checkpointing turns the KV cache off; transformers then looks for packed sequences in
+    # the position ids, which fake tensors cannot answer, and would keep a batch x 1 x seq x seq
+    # mask that SDPA gets instead of is_causal (the CUDA kernel choice changes with it: a mask
+    # rules flash attention out). memprof's inputs hold one sequence per row: no mask.
+    from tests.conftest import setup_with
+
+    kw = dict(mode="train", batch_size=2, seq_len=64, attn="sdpa", dtype="bfloat16", optimizer="none")
+    plain = _run(SimEngine(), "llama", **kw)
+    ckpt = SimEngine().run(resolve(tiny("llama")), setup_with(Workload(**kw), ("checkpointing", {})))
+    assert set(plain.overheads["sdpa_kernels"]) == {"flash"}
+    assert set(ckpt.overheads["sdpa_kernels"]) == {"flash"}  # recomputed in backward too, maskless
+
+
 def test_sim_projects_flash_attention_for_bf16():
     kw = dict(mode="train", batch_size=2, seq_len=256, dtype="bfloat16", optimizer="none")
     sdpa = memprof.analyze(tiny("llama"), engine="sim", attn="sdpa", **kw)

@@ -74,7 +74,7 @@ class SimEngine(Engine):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         self._sdpa = CudaSDPA(self.sm_major)
-        with FakeTensorMode(allow_non_fake_inputs=True), self._sdpa:
+        with FakeTensorMode(allow_non_fake_inputs=True), self._sdpa, one_sequence_per_row():
             yield
 
     @contextlib.contextmanager
@@ -177,3 +177,37 @@ class SimEngine(Engine):
                 "SDPA kernel calls projected: " + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
             )
         return out
+
+
+@contextlib.contextmanager
+def one_sequence_per_row() -> Iterator[None]:
+    """transformers' packed-sequence check answers "none" for fake position ids, as for real ones.
+
+    Without a KV cache and an attention mask (training with checkpointing, which turns
+    the cache off) transformers looks for several sequences packed in one row of the
+    position ids (``masking_utils.find_packed_sequence_indices``). Fake tensors have no
+    values, so the check cannot conclude and a batch x 1 x seq x seq mask is built that
+    the real step does not have (and that SDPA gets instead of ``is_causal``). memprof's
+    inputs hold one sequence per row: the same ops run, and the answer is the real one.
+    The function is restored on exit.
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:  # pragma: no cover - transformers without masking_utils (< 4.53)
+        yield
+        return
+    orig = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if orig is None:  # pragma: no cover
+        yield
+        return
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def find_packed_sequence_indices(position_ids: Any) -> Any:
+        out = orig(position_ids)  # the ops a real step runs
+        return None if isinstance(position_ids, FakeTensor) else out
+
+    masking_utils.find_packed_sequence_indices = find_packed_sequence_indices
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = orig
