@@ -657,6 +657,20 @@ def explanations(rows: Sequence[dict[str, Any]], engine: str) -> list[str]:
             "under the sim it keeps the packed-sequence mask and materialises a batch x 1 x seq x seq boolean "
             "causal mask that SDPA then gets instead of `is_causal=True` (the real step has none)."
         )
+    bigger = [
+        r["name"]
+        for r in rows
+        if r.get("parameters")
+        and r["accelerate"]["rows"]["float32"]["total_size_bytes"] > 4 * r["parameters"] * 1.01
+    ]
+    if bigger:
+        out.append(
+            f"- accelerate larger than the model ({', '.join(f'`{n}`' for n in bigger)}): its empty model, built "
+            "under `init_empty_weights`, weighs more in float32 than the real model's parameters at 4 bytes each: "
+            "the empty build leaves some tied weights untied (here, T5's encoder and decoder embeddings, with "
+            f"transformers {transformers.__version__}), so `estimate-memory` counts the shared embedding more "
+            "than once."
+        )
     if engine == "cpu" and any(
         r.get("error_pct") is not None
         and r.get("error_cpu_semantics_pct") is not None
