@@ -218,6 +218,7 @@ def sim_engine(
             pick; False leaves it to the CPU dispatcher, as a CPU step runs it.
         sm_major: the compute capability projected (CUDA's SDPA kernel choice).
     """
+    from memprof.engines.cuda_semantics import CudaSDPA
     from memprof.engines.sim import SimEngine
 
     class CpuSdpaSim(SimEngine):
@@ -225,11 +226,20 @@ def sim_engine(
 
         @contextlib.contextmanager
         def context(self) -> Iterator[None]:
-            from torch._subclasses.fake_tensor import FakeTensorMode
+            import torch.nn.functional as F
 
-            # Fake tensors only, no CudaSDPA mode; with ``_sdpa`` left None the
-            # sim's recompute context and SDPA kernel counts stay empty too.
-            with FakeTensorMode(allow_non_fake_inputs=True):
+            # The sim's own context (fake tensors and whatever else it sets up), with
+            # the CudaSDPA mode made a pass-through: inside a mode's handler the mode
+            # is off, so the call goes to the CPU dispatcher. With ``_sdpa`` None, the
+            # recompute context and the SDPA kernel counts are empty too.
+            with super().context():
+                mode = self._sdpa
+                if not isinstance(mode, CudaSDPA):
+                    raise RuntimeError(
+                        "SimEngine.context no longer installs a CudaSDPA mode: update bench/_common.py"
+                    )
+                mode._sdpa = lambda *args, **kwargs: F.scaled_dot_product_attention(*args, **kwargs)  # type: ignore[method-assign]
+                self._sdpa = None
                 yield
 
     engine = SimEngine(sm_major=sm_major) if cuda_sdpa else CpuSdpaSim(sm_major=sm_major)
