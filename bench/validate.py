@@ -869,7 +869,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"measuring engine (default here: {default})",
     )
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    ap.add_argument("--only", nargs="+", metavar="NAME", help="run these workloads only")
+    ap.add_argument(
+        "--only", nargs="+", metavar="NAME", help="run these workloads only (the doc is not written)"
+    )
     ap.add_argument("--no-write", action="store_true", help=f"do not write {DOC.relative_to(C.REPO)}")
     args = ap.parse_args(argv)
     if args.engine == "cuda" and not torch.cuda.is_available():
