@@ -114,7 +114,6 @@ def tracker_vs_memtracker(spec: str, batch_size: int, seq_len: int) -> dict[str,
 def sim_vs_cpu(spec: str, batch_size: int, seq_len: int) -> list[tuple[str, Any]]:
     from memprof.api import analyze
     from memprof.engines import get_engine
-    from memprof.engines.sim import SimEngine
 
     kw: dict[str, Any] = dict(attn="eager", dtype="float32", batch_size=batch_size, seq_len=seq_len)
     path = str(C.REPO / spec)
@@ -126,12 +125,9 @@ def sim_vs_cpu(spec: str, batch_size: int, seq_len: int) -> list[tuple[str, Any]
             analyze(path, engine=get_engine("sim"), **kw),
         )
     )
-    e = SimEngine()
-    e.block_rounding = 1
+    e = C.sim_engine(exact_bytes=True)
     rows.append(("sim engine, `block_rounding = 1`", analyze(path, engine=e, **kw)))
-    e = SimEngine()
-    e.block_rounding = 1
-    e.foreach = None  # type: ignore[assignment]  # Engine.foreach is bool | None; SimEngine narrows it
+    e = C.sim_engine(exact_bytes=True, cpu_optimizer=True)
     rows.append(
         ("sim engine, `block_rounding = 1`, `foreach = None` (CPU's AdamW)", analyze(path, engine=e, **kw))
     )
