@@ -172,11 +172,11 @@ def timeline_figure(p: Profile, title: str = "Memory over the step") -> Any | No
         )
     crossing = (p.budget or {}).get("crossing") or {}
     if budget and crossing.get("op") is not None:
-        where = crossing.get("module") or ""
+        inside = crossing.get("module") or ""
         fig.add_vline(
             x=crossing["op"],
             line={"color": "#d62728", "dash": "dot", "width": 1},
-            annotation_text=f"budget crossed ({crossing.get('phase')}{', ' + where if where else ''})",
+            annotation_text=f"budget crossed ({crossing.get('phase')}{', ' + inside if inside else ''})",
             annotation_position="bottom right",
             annotation_font_size=10,
         )
