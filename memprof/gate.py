@@ -184,6 +184,19 @@ def read_workloads(path: str | Path) -> list[GateWorkload]:
 
 
 # --------------------------------------------------------------------------- baseline
+def compact(p: Profile) -> dict[str, Any]:
+    """A profile as a baseline keeps it: without the timelines (hundreds of points each).
+
+    The check compares peaks, categories, phases and modules; a baseline file is
+    committed to a repository, and its diffs should show those, not curves.
+    """
+    d = p.to_dict()
+    d["timeline"] = None
+    if isinstance(d.get("allocator"), dict) and "timeline" in d["allocator"]:
+        d["allocator"] = {k: v for k, v in d["allocator"].items() if k != "timeline"}
+    return d
+
+
 @dataclass
 class Baseline:
     """The recorded workloads and their profiles."""
@@ -201,7 +214,7 @@ class Baseline:
             "created": self.created,
             "versions": self.versions,
             "workloads": [
-                {**w.to_dict(), "profile": p.to_dict()} for w, p in zip(self.workloads, self.profiles)
+                {**w.to_dict(), "profile": compact(p)} for w, p in zip(self.workloads, self.profiles)
             ],
         }
 

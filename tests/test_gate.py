@@ -30,6 +30,8 @@ def test_the_same_run_twice_is_identical(tmp_path):
         assert main(["baseline", tiny("llama"), "-b", "2", "-s", "32", "-o", str(f)]) == 0
     pa, pb = (json.loads(f.read_text())["workloads"][0]["profile"] for f in (a, b))
     assert pa == pb  # sim: bit-identical, modules and phases included
+    # a baseline keeps no curves: its diffs show peaks, categories and modules
+    assert pa["timeline"] is None and "timeline" not in pa["allocator"]
 
 
 def test_unchanged_code_passes(base_file, capsys, tmp_path):
