@@ -10,7 +10,7 @@ import torch
 
 from memprof.distill import resolve_teacher
 from memprof.engines import SimEngine, get_engine
-from memprof.engines.base import Engine, versions
+from memprof.engines.base import Engine, Measure, versions
 from memprof.errors import InputError, MemprofError, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count, resolve
 from memprof.profile import ModuleStat, PhaseStat, Profile
@@ -230,6 +230,12 @@ def analyze(
     Raises:
         InputError, EnvironmentProblem, OutOfMemory: see :mod:`memprof.errors`.
     """
+    if context_overhead is not None and context_overhead < 0:
+        raise InputError("--context-overhead must be 0 or more")
+    if fixes < 0:
+        raise InputError(f"--fixes must be 0 or more, got {fixes}")
+    if budget is not None and budget <= 0:
+        raise InputError(f"--budget must be more than 0, got {budget}")
     launch = Launch.from_env() if shard else None
     if launch is not None and world_size == 1:
         world_size = launch.world_size
@@ -265,18 +271,11 @@ def analyze(
         progress=progress,
     )
     from memprof.diagnose import usable_bytes
-    from memprof.engines.base import Measure
     from memprof.plan import DEFAULT_CONTEXT_BYTES
 
     context = DEFAULT_CONTEXT_BYTES if context_overhead is None else context_overhead
-    if context < 0:
-        raise InputError("--context-overhead must be 0 or more")
-    if fixes < 0:
-        raise InputError(f"--fixes must be 0 or more, got {fixes}")
     measure = Measure()
     if budget is not None:
-        if budget <= 0:
-            raise InputError(f"--budget must be more than 0, got {budget}")
         ws = getattr(eng, "workspace_bytes", lambda: 0)()
         measure.budget = usable_bytes(budget, context, ws)
     oom: OutOfMemory | None = None
@@ -340,7 +339,7 @@ def run_ranks(
     *,
     progress: Callable[[str], None] | None = None,
     allow_pickle: bool = False,
-    measure: Any = None,
+    measure: Measure | None = None,
 ) -> Profile:
     """Under torchrun: every rank measures its own step; rank 0's profile holds all of them.
 
