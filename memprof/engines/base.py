@@ -273,13 +273,23 @@ class Engine:
                             runner.step(inputs)
                     if real and measure.timing_steps:
                         times = []
-                        for i in range(measure.timing_steps):
-                            say(f"Timed step {i + 1}/{measure.timing_steps}")
-                            self.synchronize()
-                            t0 = time.perf_counter()
-                            runner.step(inputs)
-                            self.synchronize()
-                            times.append(time.perf_counter() - t0)
+                        # Python's automatic collections depend on what ran before (how many
+                        # objects earlier runs left, what was frozen): paused while timing, so
+                        # no row of a comparison pays for another's garbage
+                        gc.collect()
+                        gc_was_on = gc.isenabled()
+                        gc.disable()
+                        try:
+                            for i in range(measure.timing_steps):
+                                say(f"Timed step {i + 1}/{measure.timing_steps}")
+                                self.synchronize()
+                                t0 = time.perf_counter()
+                                runner.step(inputs)
+                                self.synchronize()
+                                times.append(time.perf_counter() - t0)
+                        finally:
+                            if gc_was_on:
+                                gc.enable()
                         out.seconds = statistics.median(times)
                     self.before_measure()
                     say("Measured step")
