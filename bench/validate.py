@@ -263,6 +263,7 @@ def resolve_case(case: Case, tmp: Path) -> Any:
 def step_setup(case: Case) -> Any:
     """The StepSetup of a case: its workload, and the optimizations for autocast and checkpointing."""
     from memprof import optimizations
+    from memprof.compare import _apply
     from memprof.workload import StepSetup, Workload
 
     wl = Workload(
@@ -280,13 +281,10 @@ def step_setup(case: Case) -> Any:
     if case.checkpointing:
         steps.append(("checkpointing", {}))
     for name, options in steps:
-        # as memprof compare and apply do: check that it applies, apply, record it
-        opt = optimizations.make(name, options)
-        reason = opt.applies_to(None, setup)
+        # as memprof compare and plan do: check that it applies, apply, record it
+        reason = _apply(optimizations.make(name, options), None, setup)
         if reason:
             raise ValueError(f"{case.name}: {name} does not apply: {reason}")
-        opt.apply(setup)
-        setup.steps.append({"name": opt.name, "options": opt.options})
     return setup
 
 

@@ -276,8 +276,7 @@ def analyze(
     context = DEFAULT_CONTEXT_BYTES if context_overhead is None else context_overhead
     measure = Measure()
     if budget is not None:
-        ws = getattr(eng, "workspace_bytes", lambda: 0)()
-        measure.budget = usable_bytes(budget, context, ws)
+        measure.budget = usable_bytes(budget, context, eng.workspace_bytes())
     oom: OutOfMemory | None = None
     try:
         if launch is None:

@@ -126,13 +126,11 @@ def diagnose(
     Raises:
         InputError: a budget that leaves nothing, or a workload the search refuses.
     """
-    from memprof.errors import NoPlanFits
     from memprof.plan import _result, new_search
 
     say = progress or (lambda m: None)
     out = accounting(profile, budget_bytes, context_bytes)
-    if out["usable_bytes"] <= 0:
-        usable_bytes(budget_bytes, context_bytes, out["cublas_workspace_bytes"])
+    usable_bytes(budget_bytes, context_bytes, out["cublas_workspace_bytes"])  # raises when nothing is left
     crossing = dict((profile.budget or {}).get("crossing") or {}) or None
     if crossing is None and profile.oom:
         o = profile.oom  # a real out-of-memory error: the state when it was raised
@@ -228,17 +226,13 @@ def diagnose(
                     "side_notes": c.side_notes,
                 }
             )
-        result = None
-        try:
-            if any(c.fits for _, c in singles):
-                # a single fix fits already: look only for cheaper stacks (no "most aggressive" runs)
-                search._best_first()
-            else:
-                search.search()
-            result = _result(search, search.rm.name, wl, left_out)
-        except NoPlanFits:  # pragma: no cover - search() itself does not raise it
-            pass
-        if result is not None and result.chosen is not None:
+        if any(c.fits for _, c in singles):
+            # a single fix fits already: look only for cheaper stacks (no "most aggressive" runs)
+            search._best_first()
+        else:
+            search.search()
+        result = _result(search, search.rm.name, wl, left_out)
+        if result.chosen is not None:
             ch = result.chosen
             out["plan"] = {
                 "label": ch.label,
@@ -248,7 +242,7 @@ def diagnose(
                 "flop_overhead": ch.flop_overhead,
                 "fits": True,
             }
-        elif result is not None:
+        else:
             closest = result.frontier[0] if result.frontier else None
             out["plan"] = {
                 "label": closest.label if closest else None,

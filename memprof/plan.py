@@ -80,7 +80,7 @@ import torch
 import yaml
 
 from memprof import optimizations, recipes
-from memprof.allocator import SMALL_BUFFER, AllocatorEstimate
+from memprof.allocator import SMALL_BUFFER
 from memprof.api import fake_model, prepare
 from memprof.compare import _apply
 from memprof.engines.base import Engine, Measure
@@ -88,7 +88,6 @@ from memprof.engines.sim import SimEngine
 from memprof.errors import EnvironmentProblem, InputError, NoPlanFits, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel
 from memprof.profile import Profile
-from memprof.tracking import TraceEvent
 from memprof.units import format_bytes
 from memprof.workload import StepSetup, Workload, repeated_blocks
 
@@ -507,32 +506,6 @@ def build_levers(
             )
         )
     return levers, left_out
-
-
-# -- the engine -----------------------------------------------------------------------------------
-
-
-class PlanSimEngine(SimEngine):
-    """The sim engine, also replaying each step's trace with ``expandable_segments`` on.
-
-    The allocator setting changes no tensor, only how the allocator reserves memory
-    for the same allocations: one trace answers both settings, so that lever costs
-    no run of its own.
-    """
-
-    def __init__(self, sm_major: int = 9) -> None:
-        super().__init__(sm_major=sm_major)
-        #: the last measured step's estimate with expandable segments (None: not replayed)
-        self.expandable: AllocatorEstimate | None = None
-
-    def before_measure(self) -> None:
-        super().before_measure()
-        self.expandable = None
-
-    def replay_trace(self, trace: list[TraceEvent], setup: StepSetup, extra: dict[str, Any]) -> None:
-        super().replay_trace(trace, setup, extra)
-        # the sim engine already replayed the trace with expandable segments (its hint)
-        self.expandable = self.expandable_estimate
 
 
 # -- runs, candidates, the result -----------------------------------------------------------------
@@ -988,7 +961,8 @@ class _Search:
         else:
             run.profile = r.profile
             run.reserved = r.profile.peak_reserved_bytes
-            exp = getattr(self.eng, "expandable", None)
+            # the sim engine replays every trace with expandable segments too (its hint)
+            exp = getattr(self.eng, "expandable_estimate", None)
             run.reserved_expandable = exp.peak_reserved_bytes if exp is not None else None
             if count:
                 run.flops = r.flops
@@ -1516,13 +1490,13 @@ def new_search(
         InputError: a bad workload, or an engine other than sim.
     """
     wl.validate()
-    eng = engine if engine is not None else PlanSimEngine()
+    eng = engine if engine is not None else SimEngine()
     if eng.name != "sim":
         raise InputError(f"memprof plan searches in the sim engine, not {eng.name}")
     rm, eng = prepare(spec, wl, eng, task=task, trust_remote_code=trust_remote_code, progress=say)
     say("Building the model on fake tensors (its structure, for the levers)")
     model = fake_model(rm, wl)
-    levers, left_out = build_levers(model, wl, derived_allocator=isinstance(eng, PlanSimEngine))
+    levers, left_out = build_levers(model, wl, derived_allocator=isinstance(eng, SimEngine))
     budget = Budget(budget_bytes, context_overhead, 0, wl.world_size)
     search = _Search(
         rm,
@@ -1571,7 +1545,7 @@ def plan(
         maximize: ``"batch-size"`` or ``"seq-len"``: also find the largest value that fits
             with the chosen plan (each probe a sim run).
         context_overhead: the CUDA context's bytes (assumed: there is no GPU to measure it).
-        engine: a sim engine (default :class:`PlanSimEngine`, which also replays each trace
+        engine: a sim engine (default :class:`SimEngine`, which also replays each trace
             with expandable segments).
         progress: called with a short line naming the combination being measured.
         max_plans: stop once this many plans that fit are known to be the cheapest (plans

@@ -280,7 +280,6 @@ class Tracker(TorchDispatchMode):
         # timeline: flat rows of (op, owner module, 7 category totals), and phase spans
         self._tl: list[int] | None = [] if record_timeline else None
         self._spans: list[list[Any]] = []
-        self.budget = budget
         self._budget = budget if budget is not None and budget > 0 else sys.maxsize
         #: the state when the live total first rose above ``budget`` (None: it never did)
         self.crossing: dict[str, Any] | None = None

@@ -33,6 +33,44 @@ def _freeze_survivors():
     gc.unfreeze()
 
 
+def greedy_model(tmp_path: Path, monkeypatch: Any, module: str, error: str) -> str:
+    """A ``module:make`` model whose submodule ``greedy`` runs its Linear, then raises ``error``.
+
+    ``error`` is a Python expression (an exception instance), e.g. an allocator's
+    out-of-memory error: the step fails there, in forward, inside ``greedy``.
+    """
+    import textwrap
+
+    (tmp_path / f"{module}.py").write_text(
+        textwrap.dedent(
+            f"""
+            import torch
+
+            class Greedy(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.inner = torch.nn.Linear(8, 8)
+                def forward(self, x):
+                    y = self.inner(x)
+                    raise {error}
+
+            class Model(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.pre = torch.nn.Linear(8, 8)
+                    self.greedy = Greedy()
+                def forward(self, x):
+                    return self.greedy(self.pre(x))
+
+            def make():
+                return Model(), lambda b, s: (torch.randn(b, 8),)
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{module}:make"
+
+
 def gpu_test(fn=None):
     """Mark a test that needs a CUDA GPU; skipped without one."""
     mark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import textwrap
 
 import pytest
 
@@ -20,7 +19,7 @@ from memprof.engines import SimEngine
 from memprof.errors import InputError, OutOfMemory
 from memprof.profile import Profile
 from memprof.workload import Workload
-from tests.conftest import setup_with, tiny
+from tests.conftest import greedy_model, setup_with, tiny
 
 MiB = 2**20
 
@@ -130,35 +129,14 @@ def test_bad_budgets_are_one_line_exit_2(args, message, capsys):
 
 
 def test_a_real_out_of_memory_is_diagnosed_where_it_happened(tmp_path, monkeypatch):
-    (tmp_path / "oomdiag.py").write_text(
-        textwrap.dedent(
-            """
-            import torch
-
-            class Greedy(torch.nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    self.inner = torch.nn.Linear(8, 8)
-                def forward(self, x):
-                    y = self.inner(x)
-                    raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
-
-            class Model(torch.nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    self.pre = torch.nn.Linear(8, 8)
-                    self.greedy = Greedy()
-                def forward(self, x):
-                    return self.greedy(self.pre(x))
-
-            def make():
-                return Model(), lambda b, s: (torch.randn(b, 8),)
-            """
-        )
+    spec = greedy_model(
+        tmp_path,
+        monkeypatch,
+        "oomdiag",
+        'RuntimeError("DefaultCPUAllocator: can\'t allocate memory: you tried to allocate 1 TB")',
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(OutOfMemory) as e:
-        analyze("oomdiag:make", engine="cpu", mode="infer", batch_size=2, budget=2**30, context_overhead=0)
+        analyze(spec, engine="cpu", mode="infer", batch_size=2, budget=2**30, context_overhead=0)
     b = e.value.profile.budget
     assert b["fits"] is False and "greedy" in b["cause"]
     c = b["crossing"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 import torch
 
@@ -15,7 +13,7 @@ from memprof.errors import EnvironmentProblem, InputError, OutOfMemory
 from memprof.models import bundled_models, resolve
 from memprof.tracking import CATEGORIES
 from memprof.workload import Workload
-from tests.conftest import gpu_test, tiny
+from tests.conftest import gpu_test, greedy_model, tiny
 
 
 def _check_profile(p):
@@ -170,34 +168,14 @@ def test_cuda_engine_without_gpu_is_an_environment_error():
 
 
 def test_out_of_memory_reports_partial_profile(tmp_path, monkeypatch):
-    (tmp_path / "oomfactory.py").write_text(
-        textwrap.dedent(
-            """
-            import torch
-
-            class Greedy(torch.nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    self.inner = torch.nn.Linear(8, 8)
-                def forward(self, x):
-                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
-
-            class Model(torch.nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    self.pre = torch.nn.Linear(8, 8)
-                    self.greedy = Greedy()
-                def forward(self, x):
-                    return self.greedy(self.pre(x))
-
-            def make():
-                return Model(), lambda b, s: (torch.randn(b, 8),)
-            """
-        )
+    spec = greedy_model(
+        tmp_path,
+        monkeypatch,
+        "oomfactory",
+        'torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")',
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(OutOfMemory) as ei:
-        memprof.analyze("oomfactory:make", engine="cpu", mode="infer", batch_size=2)
+        memprof.analyze(spec, engine="cpu", mode="infer", batch_size=2)
     prof = ei.value.profile
     assert prof.oom["phase"] == "forward"
     assert prof.oom["module"] == "greedy"

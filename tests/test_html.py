@@ -10,7 +10,6 @@ are listed at the end of the test session's output.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -203,11 +202,10 @@ def test_reports_render_in_headless_chromium_and_a_broken_page_is_caught(sim_pro
         screenshots(pytestconfig).append(str(shots[name]))
 
 
-def test_pages_keep_json_like_numbers(sim_profile):
+def test_the_modules_chart_holds_the_profile_bytes(sim_profile):
     # the figures embed the profile's bytes (scaled), not rounded labels
     fig = H.modules_figure(sim_profile)
     unit, size = H.unit_for(max(m.bytes_at_peak for m in sim_profile.modules if m.name != "<model>"))
     held = {y: a * size for y, a in zip(fig.data[0].y, fig.data[0].x)}
     first = max((m for m in sim_profile.modules if m.name != "<model>"), key=lambda m: m.bytes_at_peak)
     assert held[f"{first.name} ({first.type})"] == pytest.approx(first.activation_bytes)
-    json.dumps(fig.to_plotly_json(), default=str)

@@ -45,7 +45,7 @@ def need_of(spec: str, wl: Workload, recipe: recipes.Recipe | None) -> tuple[int
     return p.peak_reserved_bytes + p.overheads["cublas_workspace_bytes"], p.peak_bytes
 
 
-class CountingSim(P.PlanSimEngine):
+class CountingSim(SimEngine):
     """Counts the steps it runs."""
 
     def __init__(self) -> None:

@@ -152,6 +152,10 @@ class Engine:
     def replay_trace(self, trace: list[TraceEvent], setup: StepSetup, extra: dict[str, Any]) -> None:
         """Engines with ``record_trace``: use the measured step's allocations and frees."""
 
+    def workspace_bytes(self) -> int:
+        """Device memory outside the measured peak that a budget must also hold (sim: cuBLAS workspace)."""
+        return 0
+
     def allocator_peak(self) -> int | None:
         """The allocator's own peak for the measured step, where there is one."""
         return None

@@ -370,15 +370,10 @@ def pareto_figure(r: PlanResult) -> Any | None:
                 hovertemplate=f"%{{text}}<br>cost %{{x:.1f}}%<br>needs %{{y:.3f}} {unit}<extra></extra>",
             )
         )
-    front = sorted(
-        (c for c in [*r.frontier, *r.plans] if c.need_bytes is not None), key=lambda c: (c.cost, c.need_bytes)
-    )
-    pareto: list[Any] = []
-    best = float("inf")
-    for c in front:
-        if (c.need_bytes or 0) < best:
-            pareto.append(c)
-            best = c.need_bytes or 0
+    from memprof.plan import pareto as frontier_of
+
+    # the frontier over every plan measured, those that fit and those that do not, by cost
+    pareto = sorted(frontier_of([*r.frontier, *r.plans]), key=lambda c: c.cost)
     if len(pareto) > 1:
         fig.add_trace(
             go.Scatter(
@@ -629,19 +624,15 @@ def _categories(p: Profile) -> str:
     return _table(rows, ("Category", "Bytes at the peak", "Share"), numeric=(1, 2))
 
 
-def _budget(p: Profile) -> str:
-    from memprof.report.diagnosis import budget_html
-
-    return budget_html(p) if p.budget else ""
-
-
 def profile_page(p: Profile, title: str | None = None) -> _Page:
     """The page of one profile (``memprof analyze --html``)."""
     page = _Page(title or f"memprof analyze: {p.model.get('name')}", _step_line(p))
     page.raw(_summary(p))
     if p.budget:
         page.h2("Budget")
-        page.raw(_budget(p))
+        from memprof.report.diagnosis import budget_html
+
+        page.raw(budget_html(p))
     page.h2("Memory over the step")
     page.figure(timeline_figure(p))
     if p.timeline is None:
