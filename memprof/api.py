@@ -16,7 +16,8 @@ from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count, 
 from memprof.profile import ModuleStat, PhaseStat, Profile
 from memprof.sharding import Launch, gather_profiles
 from memprof.tracking import Tracker
-from memprof.workload import StepSetup, Workload
+from memprof.units import format_bytes
+from memprof.workload import MOE_ROUTINGS, StepSetup, Workload
 
 
 class TrackSession:
@@ -177,6 +178,8 @@ def analyze(
     ce_weight: float = 0.5,
     world_size: int = 1,
     shard: str | None = None,
+    moe_routing: str = "balanced",
+    experts: str = "auto",
     engine: str | Engine = "auto",
     snapshot: str | None = None,
     budget: int | None = None,
@@ -252,6 +255,8 @@ def analyze(
         temperature=temperature,
         ce_weight=ce_weight,
         world_size=world_size,
+        moe_routing=moe_routing,
+        experts=experts,
     )
     workload.validate()
     setup = sharded_setup(workload, shard)
@@ -289,6 +294,8 @@ def analyze(
         oom, profile = e, e.profile
         if budget is None and eng.name == "cuda" and torch.cuda.is_available():
             budget = int(torch.cuda.get_device_properties(eng.device()).total_memory)
+    if oom is None and launch is None:
+        other_routing(eng, rm, setup, profile, progress=progress, allow_pickle=allow_pickle)
     if budget is not None:
         from memprof.diagnose import diagnose
 
@@ -307,6 +314,41 @@ def analyze(
     if oom is not None:
         raise oom
     return profile
+
+
+def other_routing(
+    eng: Engine,
+    rm: ResolvedModel,
+    setup: StepSetup,
+    profile: Profile,
+    *,
+    progress: Callable[[str], None] | None = None,
+    allow_pickle: bool = False,
+) -> None:
+    """A sim profile of a mixture-of-experts model whose memory depends on the routing: measure the other assumption too.
+
+    Its peak goes in ``profile.moe["other"]`` (and the report). When no size depended
+    on the routing (transformers' grouped_mm experts) the other gives the same trace,
+    and nothing runs.
+    """
+    moe = profile.moe
+    if not moe or not moe.get("routing_dependent") or moe.get("routing") not in MOE_ROUTINGS:
+        return
+    other = next(r for r in MOE_ROUTINGS if r != moe["routing"])
+    if progress:
+        progress(f"Mixture of experts: the step again with --moe-routing {other}")
+    again = setup.copy()
+    again.update_workload(moe_routing=other)
+    try:
+        peak = eng.run(rm, again, allow_pickle=allow_pickle, measure=Measure(timeline=False)).peak_bytes
+    except OutOfMemory as e:
+        peak = e.profile.peak_bytes if isinstance(e.profile, Profile) else None
+    if peak is not None:
+        moe["other"] = {"routing": other, "peak_bytes": int(peak)}
+        profile.notes.append(
+            f"--moe-routing {other} measured too: peak {format_bytes(int(peak), 2)} "
+            f"({'+' if peak >= profile.peak_bytes else ''}{format_bytes(int(peak) - profile.peak_bytes, 2)})"
+        )
 
 
 def sharded_setup(workload: Workload, shard: str | None) -> StepSetup:

@@ -48,7 +48,18 @@ SCHEMA_VERSION = 1
 SCHEMA = f"{SCHEMA_NAME}/{SCHEMA_VERSION}"
 DEFAULT_TOLERANCE = "1%"
 
-_WORKLOAD_KEYS = ("mode", "batch_size", "seq_len", "dtype", "optimizer", "attn", "task", "decode_tokens")
+_WORKLOAD_KEYS = (
+    "mode",
+    "batch_size",
+    "seq_len",
+    "dtype",
+    "optimizer",
+    "attn",
+    "task",
+    "decode_tokens",
+    "moe_routing",
+    "experts",
+)
 _ENTRY_KEYS = ("name", "model", "engine", "recipe", "steps", *_WORKLOAD_KEYS)
 ENGINES = ("sim", "cpu", "cuda", "auto")
 

@@ -372,6 +372,7 @@ def build_model(
     allow_pickle: bool = False,
     init_weights: bool = True,
     config_overrides: dict[str, Any] | None = None,
+    experts: str = "auto",
 ) -> tuple[torch.nn.Module, InputBuilder]:
     """Build the model on the current device / tensor mode, and its input builder.
 
@@ -385,6 +386,8 @@ def build_model(
         init_weights: run the model's weight initialisation (the sim engine skips
             it: fake tensors have no values, and some initialisers read values).
         config_overrides: config attributes to change before building (on a copy).
+        experts: mixture-of-experts models: transformers' experts implementation
+            (``auto``: the library's own choice).
 
     Raises:
         InputError: the model cannot be built as asked.
@@ -398,6 +401,8 @@ def build_model(
 
     auto = getattr(transformers, TASKS[rm.task or "feature-extraction"])
     kw: dict[str, Any] = {_dtype_kwarg(): tdtype, "attn_implementation": attn}
+    if experts != "auto":
+        kw["experts_implementation"] = experts
     # A copy: from_config keeps the object it is given as model.config, and model
     # surgery (pruning) rewrites model.config; the resolved model builds again.
     config = copy.deepcopy(rm.config)

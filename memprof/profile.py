@@ -58,6 +58,16 @@ the live tensors first rose above the usable bytes: ``op``, ``phase``,
 did), and, when it does not fit, ``fixes`` (single optimizations ranked by the
 memory they cut, each measured) and ``plan`` (the cheapest stack that fits,
 from :func:`memprof.plan.plan`'s search).
+
+Added within version 1: ``moe`` (None unless the model has mixture-of-experts
+layers; :mod:`memprof.engines.moe`): ``layers`` (experts modules),
+``num_experts``, ``top_k``, ``implementation`` (transformers' experts
+implementation: ``grouped_mm``, ``batched_mm``, ``eager``), ``routing``
+(``balanced`` or ``worst``: the sim's assumption; ``router``: the model's own,
+measured), ``routing_dependent`` (whether any op's size depended on the
+routing; when not, the other assumption gives the same memory),
+``rows_per_call`` (token-expert rows per experts call) and, when analyze
+measured it, ``other`` (the other assumption's ``routing`` and ``peak_bytes``).
 """
 
 from __future__ import annotations
@@ -126,6 +136,8 @@ class Profile:
     timeline: dict[str, Any] | None = None
     #: a budget's accounting, where it is first crossed, and the fixes (see the module docstring)
     budget: dict[str, Any] | None = None
+    #: mixture-of-experts models: the experts layers and the routing used (see the module docstring)
+    moe: dict[str, Any] | None = None
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:

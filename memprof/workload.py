@@ -38,6 +38,10 @@ MODES = ("train", "infer", "distill")
 TRAINING_MODES = ("train", "distill")
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "adamw8bit", "none")
 ATTNS = ("eager", "sdpa")
+#: mixture-of-experts routing assumptions of the sim engine (memprof.engines.moe.ROUTINGS)
+MOE_ROUTINGS = ("balanced", "worst")
+#: transformers' experts implementations memprof runs ("auto": the library's own choice)
+EXPERTS = ("auto", "grouped_mm", "batched_mm", "eager")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,12 @@ class Workload:
     temperature: float = 1.0
     #: distill: weight of the student's own cross-entropy; the KL gets 1 - ce_weight
     ce_weight: float = 0.5
+    #: mixture-of-experts models, sim engine: the tokens each expert is assumed to get
+    #: (memprof.engines.moe): "balanced" or "worst"; real engines use the real router
+    moe_routing: str = "balanced"
+    #: mixture-of-experts models: transformers' experts implementation ("auto": its own
+    #: choice, grouped_mm where torch has it; "batched_mm"; "eager": a loop over experts)
+    experts: str = "auto"
     #: ranks (GPUs) running the step together; ``batch_size`` is per rank. Without
     #: sharding every rank holds a full replica (data parallel), so the per-rank
     #: memory is the single-GPU step's
@@ -97,6 +107,12 @@ class Workload:
             problems.append(f"--ce-weight must be between 0 and 1, got {self.ce_weight}")
         if self.world_size < 1:
             problems.append(f"--world-size must be at least 1, got {self.world_size}")
+        if self.experts not in EXPERTS:
+            problems.append(f"--experts must be one of {', '.join(EXPERTS)}, got {self.experts!r}")
+        if self.moe_routing not in MOE_ROUTINGS:
+            problems.append(
+                f"--moe-routing must be one of {', '.join(MOE_ROUTINGS)}, got {self.moe_routing!r}"
+            )
         if problems:
             raise InputError("; ".join(problems))
 
@@ -108,6 +124,10 @@ class Workload:
                 del d[k]
         if self.world_size == 1:
             del d["world_size"]  # single-GPU profiles stay as they were
+        if self.experts == "auto":
+            del d["experts"]
+        if self.moe_routing == "balanced":
+            del d["moe_routing"]  # the default; Profile.moe says what was used
         return d
 
 

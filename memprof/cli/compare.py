@@ -55,6 +55,8 @@ def compare(
     temperature: float = O.TEMPERATURE,
     ce_weight: float = O.CE_WEIGHT,
     world_size: int = O.WORLD_SIZE,
+    moe_routing: O.MoeRouting = O.MOE_ROUTING,
+    experts: O.Experts = O.EXPERTS,
     timing_steps: int = typer.Option(
         2, "--timing-steps", help="Real engines: untracked steps timed per row."
     ),
@@ -89,6 +91,8 @@ def compare(
         temperature,
         ce_weight,
         world_size,
+        moe_routing,
+        experts,
     )
     data_spec = O.data_spec(data, text_field, tokenizer, lengths, samples)
     with spinner() as progress:

@@ -61,13 +61,26 @@ def baseline(
     ),
     task: O.Task | None = O.TASK,
     decode_tokens: int = O.DECODE,
+    moe_routing: O.MoeRouting = O.MOE_ROUTING,
+    experts: O.Experts = O.EXPERTS,
 ) -> int:
     """Profile workloads and record their memory as a baseline for `memprof check`."""
     given = sum(x for x in (model is not None, workloads is not None, update))
     if given != 1:
         raise InputError("give exactly one of: a MODEL, --workloads FILE, or --update (with --output)")
     if model is not None:
-        wl = O.workload(mode, batch_size, seq_len, dtype, optimizer, attn, task, decode_tokens)
+        wl = O.workload(
+            mode,
+            batch_size,
+            seq_len,
+            dtype,
+            optimizer,
+            attn,
+            task,
+            decode_tokens,
+            moe_routing=moe_routing,
+            experts=experts,
+        )
         ws = [
             gate.GateWorkload(
                 name=name or gate.default_name(model, wl),

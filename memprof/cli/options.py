@@ -34,6 +34,18 @@ class Attn(str, Enum):
     sdpa = "sdpa"
 
 
+class MoeRouting(str, Enum):
+    balanced = "balanced"
+    worst = "worst"
+
+
+class Experts(str, Enum):
+    auto = "auto"
+    grouped_mm = "grouped_mm"
+    batched_mm = "batched_mm"
+    eager = "eager"
+
+
 class EngineName(str, Enum):
     auto = "auto"
     cuda = "cuda"
@@ -66,6 +78,17 @@ SEQ = typer.Option(512, "--seq-len", "-s", help="Tokens per sequence.")
 DTYPE = typer.Option(DType.float32, "--dtype", help="Parameter dtype.")
 OPTIM = typer.Option(Optim.adamw, "--optimizer", help="Optimizer of the training step.")
 ATTN = typer.Option(Attn.sdpa, "--attn", help="Attention implementation (transformers models).")
+MOE_ROUTING = typer.Option(
+    MoeRouting.balanced,
+    "--moe-routing",
+    help="Mixture-of-experts models, sim engine: tokens per expert assumed: balanced (tokens x top_k / experts "
+    "each, a trained router's aim) or worst (every token to the same top_k experts). cpu/cuda use the real router.",
+)
+EXPERTS = typer.Option(
+    Experts.auto,
+    "--experts",
+    help="Mixture-of-experts models: transformers' experts implementation (auto: its own choice, grouped_mm).",
+)
 ENGINE = typer.Option(EngineName.auto, "--engine", "-e", help="cuda, cpu, sim (fake tensors), or auto.")
 TASK = typer.Option(None, "--task", help="Override the head picked from the config's architectures.")
 DECODE = typer.Option(0, "--decode-tokens", help="Infer mode, causal LMs: decode steps after the prefill.")
@@ -141,6 +164,8 @@ def workload(
     temperature: float = 1.0,
     ce_weight: float = 0.5,
     world_size: int = 1,
+    moe_routing: MoeRouting = MoeRouting.balanced,
+    experts: Experts = Experts.auto,
 ) -> Workload:
     """The Workload of the shared options (validated)."""
     wl = Workload(
@@ -156,6 +181,8 @@ def workload(
         temperature=temperature,
         ce_weight=ce_weight,
         world_size=world_size,
+        moe_routing=moe_routing.value,
+        experts=experts.value,
     )
     wl.validate()
     return wl

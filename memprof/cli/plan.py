@@ -37,6 +37,8 @@ def plan(
     temperature: float = O.TEMPERATURE,
     ce_weight: float = O.CE_WEIGHT,
     world_size: int = O.WORLD_SIZE,
+    moe_routing: O.MoeRouting = O.MOE_ROUTING,
+    experts: O.Experts = O.EXPERTS,
     max_overhead: str | None = typer.Option(
         None, "--max-overhead", help="The most FLOP overhead a plan may add, e.g. 40% (default: no limit)."
     ),
@@ -88,6 +90,8 @@ def plan(
         temperature,
         ce_weight,
         world_size,
+        moe_routing,
+        experts,
     )
     failure: NoPlanFits | None = None
     with spinner() as progress:

@@ -22,6 +22,7 @@ import torch
 
 from memprof import __version__
 from memprof.distill import SIDES, resolve_teacher
+from memprof.engines.moe import router_counts
 from memprof.errors import InputError, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count
 from memprof.profile import ModuleStat, PhaseStat, Profile
@@ -227,10 +228,11 @@ class Engine:
         )
         out = RunResult(profile=None)  # type: ignore[arg-type]
         try:
-            with self.ranks(setup) as mesh, self.context():
+            with self.ranks(setup) as mesh, self.context(), contextlib.ExitStack() as model_stack:
                 say(f"Building {rm.name} ({self.name} engine)")
                 model, builder = self._build(rm, setup, allow_pickle, measure.seed)
                 builder.validate(workload.batch_size, workload.seq_len)
+                moe = model_stack.enter_context(self.experts_context(model, setup))
                 if dev.type != "cpu":
                     model = model.to(dev)
                 train = workload.training
@@ -296,6 +298,8 @@ class Engine:
                                 gc.enable()
                         out.seconds = statistics.median(times)
                     self.before_measure()
+                    if moe is not None:
+                        moe.reset()
                     say("Measured step")
                     tracker = Tracker(
                         runner.tracked,
@@ -336,6 +340,9 @@ class Engine:
                         tracker.trace = None  # can be long: drop it once used
                     result = tracker.result()
                     extra["timeline"] = tracker.timeline()
+                    if moe is not None:
+                        extra["moe"] = moe.to_dict()
+                        setup.notes.append(moe.note())
                     if measure.budget is not None:
                         extra["budget"] = {"usable_bytes": measure.budget, "crossing": tracker.crossing}
                     if real and measure.quality and train and error is None:
@@ -403,6 +410,16 @@ class Engine:
     def recompute_context(self) -> Callable[[], Any] | None:
         """What checkpoint recomputation must run under (see :class:`RunEnv`)."""
         return None
+
+    def experts_context(
+        self, model: torch.nn.Module, setup: StepSetup
+    ) -> contextlib.AbstractContextManager[Any]:
+        """Around the built model's steps: what its mixture-of-experts layers do (None: it has none).
+
+        Real engines run the model's own router and count what the experts got; the
+        sim engine overrides this with a routing assumption (:mod:`memprof.engines.moe`).
+        """
+        return router_counts(model)
 
     @contextlib.contextmanager
     def ranks(self, setup: StepSetup) -> Iterator[Any]:
@@ -478,6 +495,7 @@ class Engine:
                 load_weights=False,
                 init_weights=True,
                 config_overrides=overrides,
+                experts=workload.experts,
             )
             model = model.to(DTYPES[workload.dtype])
             builder.dtype = DTYPES[workload.dtype]
@@ -490,6 +508,7 @@ class Engine:
             allow_pickle=allow_pickle,
             init_weights=self.init_weights,
             config_overrides=overrides,
+            experts=workload.experts,
         )
 
     def _profile(
@@ -560,4 +579,5 @@ class Engine:
             sharding=sharding,
             timeline=extra.get("timeline"),
             budget=extra.get("budget"),
+            moe=extra.get("moe"),
         )

@@ -16,6 +16,9 @@ so the simulation runs CPU fake tensors and applies CUDA semantics here:
   statistics) are the same size as flash's, so the projection uses flash.
 * **Allocator rounding.** The caching allocator rounds every block up to 512
   bytes (``kMinBlockSize``); the tracker is run with ``block_rounding=512``.
+* **Grouped matmul.** ``aten._grouped_mm`` (the experts of transformers' MoE
+  models) takes every floating dtype on CUDA and pads its output's rows to 16
+  bytes (:class:`CudaGroupedMM`); the meta function refuses all but bfloat16.
 * **Workspaces and context.** The cuBLAS workspace and the CUDA context are not
   tensors; they are reported separately (:func:`cublas_workspace_bytes`), never
   folded into the peak.
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 CUDA_BLOCK_ROUNDING = 512
 
@@ -156,3 +160,48 @@ class CudaSDPA(TorchFunctionMode):
             query, key, value, attn_mask, dropout_p, is_causal, None, **kw
         )
         return out[0]
+
+
+def grouped_mm_output(
+    mat_a: torch.Tensor, mat_b: torch.Tensor, offs: torch.Tensor | None, out_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """The output CUDA's ``_grouped_mm`` allocates (``create_grouped_gemm_output_tensor``).
+
+    Any floating dtype: bfloat16 runs the CUTLASS kernel on sm90/sm100, every other
+    dtype and GPU the fallback that loops ``mm_out`` over the groups into the same
+    output (``_grouped_mm_cuda`` in ``aten/src/ATen/native/cuda/GroupedBlas.cpp``),
+    so the memory is the output alone. Its last dimension's stride is padded to 16
+    bytes, as on CUDA. (The meta function of torch 2.13 still refuses non-bfloat16
+    inputs, a CUDA rule of older releases, and pads only on CUDA builds.)
+    """
+    a2, b2 = mat_a.dim() == 2, mat_b.dim() == 2
+    if a2 and b2:
+        if offs is None:
+            raise RuntimeError("_grouped_mm: 2D x 2D needs offs")
+        size = [offs.size(0), mat_a.size(0), mat_b.size(1)]
+    elif a2:
+        size = [mat_a.size(0), mat_b.size(-1)]
+    elif b2:
+        if offs is None:
+            raise RuntimeError("_grouped_mm: 3D x 2D needs offs")
+        size = [mat_a.size(1), mat_b.size(1)]
+    else:
+        size = [mat_a.size(0), mat_a.size(1), mat_b.size(-1)]
+    dtype = out_dtype or mat_a.dtype
+    align = max(1, 16 // torch.empty((), dtype=dtype, device="meta").element_size())
+    padded = (size[-1] + align - 1) // align * align
+    stride = [size[1] * padded, padded, 1] if a2 == b2 else [padded, 1]
+    return torch.empty_strided(size, stride, dtype=dtype, device=mat_a.device)
+
+
+class CudaGroupedMM(TorchDispatchMode):
+    """``aten._grouped_mm`` (the experts of transformers' MoE models) as CUDA runs it: see :func:`grouped_mm_output`."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._grouped_mm.default:
+            mat_a, mat_b = args[0], args[1]
+            offs = args[2] if len(args) > 2 else kwargs.get("offs")
+            out_dtype = args[4] if len(args) > 4 else kwargs.get("out_dtype")
+            return grouped_mm_output(mat_a, mat_b, offs, out_dtype)
+        return func(*args, **kwargs)

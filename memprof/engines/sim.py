@@ -23,7 +23,12 @@ from typing import Any
 
 from memprof.allocator import AllocatorEstimate, AllocatorSettings, expandable_segments_hint, replay
 from memprof.engines.base import Engine
-from memprof.engines.cuda_semantics import CUDA_BLOCK_ROUNDING, CudaSDPA, cublas_workspace_bytes
+from memprof.engines.cuda_semantics import (
+    CUDA_BLOCK_ROUNDING,
+    CudaGroupedMM,
+    CudaSDPA,
+    cublas_workspace_bytes,
+)
 from memprof.tracking import TraceEvent
 from memprof.units import format_bytes
 from memprof.workload import StepSetup
@@ -95,6 +100,17 @@ class SimEngine(Engine):
             "shard when sizes do not divide; the optimizer steps the rank's local shards (the ops DTensor "
             "would dispatch, without its sharding propagation)"
         ]
+
+    @contextlib.contextmanager
+    def experts_context(self, model: Any, setup: StepSetup) -> Iterator[Any]:
+        """Mixture-of-experts layers: CUDA's grouped matmul, and the routing assumption (memprof.engines.moe)."""
+        from memprof.engines.moe import assumed_routing, experts_modules
+
+        if not experts_modules(model):
+            yield None
+            return
+        with CudaGroupedMM(), assumed_routing(model, setup.workload.moe_routing) as info:
+            yield info
 
     def recompute_context(self) -> Callable[[], Any] | None:
         # Torch function modes are not active while autograd runs backward, where

@@ -35,6 +35,24 @@ def _pct(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:5.1f}%" if whole else "  n/a"
 
 
+def moe_line(moe: dict) -> str:
+    """The experts layers and the routing behind the numbers (mixture-of-experts models)."""
+    line = (
+        f"{moe.get('layers')} layers, top-{moe.get('top_k')} of {moe.get('num_experts')}, "
+        f"{moe.get('implementation') or 'custom'} experts"
+    )
+    routing = moe.get("routing")
+    if routing == "router":
+        return line + "; the model's own router (measured)"
+    line += f"; routing {routing} (assumed, --moe-routing)"
+    other = moe.get("other")
+    if other:
+        line += f"; {other['routing']}: {format_bytes(int(other['peak_bytes']), 2)}"
+    elif not moe.get("routing_dependent"):
+        line += " [dim](no size depends on it: the other routing gives the same)[/dim]"
+    return line
+
+
 def summary_table(p: Profile) -> Table:
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold")
@@ -53,6 +71,8 @@ def summary_table(p: Profile) -> Table:
         if w.get("world_size", 1) > 1:
             step += f"; {w['world_size']} ranks (batch per rank)"
         t.add_row("Step", step)
+        if p.moe:
+            t.add_row("Experts", moe_line(p.moe))
         teacher = m.get("teacher")
         if w.get("mode") == "distill" and teacher:
             t.add_row("Teacher", teacher_line(teacher, w))
