@@ -125,6 +125,8 @@ class MoeInfo:
     #: the measured step's experts calls
     calls: int = 0
     notes: list[str] = field(default_factory=list)
+    #: the sim's routing mode (a torch function mode: checkpoint recomputation re-enters it)
+    mode: Any = None
 
     def reset(self) -> None:
         """Forget the warm-up step's calls: the measured step's are counted."""
@@ -233,6 +235,7 @@ def assumed_routing(model: torch.nn.Module, routing: str) -> Iterator[MoeInfo | 
         return
     info = _info(model, found, routing)
     mode = _RealRouting(info)
+    info.mode = mode
 
     def pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if len(args) < 2 or not isinstance(args[1], torch.Tensor):

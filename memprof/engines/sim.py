@@ -61,6 +61,8 @@ class SimEngine(Engine):
         self.device_memory_bytes = device_memory_bytes
         self.snapshot_path = snapshot_path
         self._sdpa: CudaSDPA | None = None
+        #: the mixture-of-experts routing mode of the model being run (memprof.engines.moe)
+        self._routing: Any = None
         self._estimate: AllocatorEstimate | None = None
         #: the last measured step's estimate with expandable segments: the hint's
         #: replay, or the step's own when its settings already have them (None: no step yet)
@@ -110,13 +112,29 @@ class SimEngine(Engine):
             yield None
             return
         with CudaGroupedMM(), assumed_routing(model, setup.workload.moe_routing) as info:
-            yield info
+            self._routing = info.mode if info is not None else None
+            try:
+                yield info
+            finally:
+                self._routing = None
 
     def recompute_context(self) -> Callable[[], Any] | None:
         # Torch function modes are not active while autograd runs backward, where
         # checkpointing recomputes: re-enter the SDPA routing there.
-        sdpa = self._sdpa
-        return (lambda: sdpa) if sdpa is not None else None
+        # The mixture-of-experts routing (a function mode too) goes with it.
+        sdpa, routing = self._sdpa, self._routing
+        modes = [m for m in (sdpa, routing) if m is not None]
+        if not modes:
+            return None
+        if len(modes) == 1:
+            return lambda: modes[0]
+
+        @contextlib.contextmanager
+        def both() -> Iterator[None]:
+            with sdpa, routing:
+                yield
+
+        return both
 
     def before_measure(self) -> None:
         super().before_measure()
