@@ -186,3 +186,20 @@ def test_cli_moe_routing(tmp_path, capsys):
     assert prof["moe"]["routing"] == "worst" and prof["workload"]["moe_routing"] == "worst"
     assert "Experts" in capsys.readouterr().out
     assert main(["analyze", path, "--engine", "sim", "--moe-routing", "random"]) == 2
+
+
+def test_checkpointed_eager_experts_recompute_with_the_routing(tmp_path):
+    """Checkpointing recomputes the experts in backward, where torch function modes are off: the sim re-enters it."""
+    from memprof.engines import SimEngine
+    from memprof.models import resolve
+    from memprof.workload import Workload
+    from tests.conftest import setup_with
+
+    rm = resolve(config(tmp_path, "mixtral"))
+    wl = Workload(batch_size=4, seq_len=64, attn="eager", experts="eager")
+    plain = SimEngine().run(rm, wl)
+    ckpt = SimEngine().run(rm, setup_with(wl, ("checkpointing", {})))
+    assert ckpt.moe["routing_dependent"] is True
+    assert ckpt.categories_at_peak["activations"] < plain.categories_at_peak["activations"]
+    cpu = ForcedRouting("balanced").run(rm, setup_with(wl, ("checkpointing", {})))
+    assert abs(ckpt.peak_bytes - cpu.peak_bytes) / cpu.peak_bytes < 0.05
