@@ -21,9 +21,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from memprof.allocator import AllocatorEstimate, AllocatorSettings, expandable_segments_hint, replay
 from memprof.engines.base import Engine
 from memprof.engines.cuda_semantics import CUDA_BLOCK_ROUNDING, CudaSDPA, cublas_workspace_bytes
+from memprof.engines.fake_fidelity import RealKernelLayouts, host_constants
+from memprof.models import ResolvedModel
 from memprof.tracking import TraceEvent
 from memprof.units import format_bytes
 from memprof.workload import StepSetup
@@ -74,8 +78,21 @@ class SimEngine(Engine):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         self._sdpa = CudaSDPA(self.sm_major)
-        with FakeTensorMode(allow_non_fake_inputs=True), self._sdpa, one_sequence_per_row():
+        # RealKernelLayouts inside the fake mode, below the tracker (entered later, on top)
+        with (
+            FakeTensorMode(allow_non_fake_inputs=True),
+            RealKernelLayouts(),
+            self._sdpa,
+            one_sequence_per_row(),
+        ):
             yield
+
+    def _build(
+        self, rm: ResolvedModel, setup: StepSetup, allow_pickle: bool, seed: int
+    ) -> tuple[torch.nn.Module, Any]:
+        # construction constants computed on the host keep their values (fake_fidelity)
+        with host_constants():
+            return super()._build(rm, setup, allow_pickle, seed)
 
     @contextlib.contextmanager
     def mesh(self, setup: StepSetup) -> Iterator[Any]:
