@@ -157,7 +157,7 @@ def render(
                 "seconds",
             ],
             table,
-            "lllllllrr",
+            "llllllrrr",
         ),
         "",
         f"Trace fidelity: {len(ok)} of {len(rows)} families within {agreement_pct:g}% with CPU semantics.",
