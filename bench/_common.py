@@ -7,7 +7,6 @@ other sections as they are.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import gc
 import logging
@@ -19,7 +18,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,52 +201,12 @@ def pair_ratios(num: Timing, den: Timing) -> tuple[float, float]:
 def sim_engine(
     *, exact_bytes: bool = False, cpu_optimizer: bool = False, cuda_sdpa: bool = True, sm_major: int = 9
 ) -> Any:
-    """The sim engine, optionally with some of its CUDA semantics switched off.
+    """The sim engine, optionally with some of its CUDA semantics switched off (``memprof.engines.sim.sim_engine``)."""
+    from memprof.engines.sim import sim_engine
 
-    Comparing the sim engine with the cpu engine (a real CPU step) mixes two
-    things: how faithfully the fake-tensor trace follows the real step, and the
-    CUDA semantics the sim applies on purpose. Switching the latter off leaves
-    the former.
-
-    Args:
-        exact_bytes: ``block_rounding = 1`` (exact bytes, as the cpu engine counts)
-            instead of the CUDA allocator's 512-byte blocks.
-        cpu_optimizer: ``foreach = None``: torch's default optimizer implementation
-            for the CPU (a per-parameter loop) instead of CUDA's multi-tensor one.
-        cuda_sdpa: route ``scaled_dot_product_attention`` to the kernel CUDA would
-            pick; False leaves it to the CPU dispatcher, as a CPU step runs it.
-        sm_major: the compute capability projected (CUDA's SDPA kernel choice).
-    """
-    from memprof.engines.cuda_semantics import CudaSDPA
-    from memprof.engines.sim import SimEngine
-
-    class CpuSdpaSim(SimEngine):
-        """The sim engine without its CUDA SDPA routing: SDPA runs as the CPU dispatches it."""
-
-        @contextlib.contextmanager
-        def context(self) -> Iterator[None]:
-            import torch.nn.functional as F
-
-            # The sim's own context (fake tensors and whatever else it sets up), with
-            # the CudaSDPA mode made a pass-through: inside a mode's handler the mode
-            # is off, so the call goes to the CPU dispatcher. With ``_sdpa`` None, the
-            # recompute context and the SDPA kernel counts are empty too.
-            with super().context():
-                mode = self._sdpa
-                if not isinstance(mode, CudaSDPA):
-                    raise RuntimeError(
-                        "SimEngine.context no longer installs a CudaSDPA mode: update bench/_common.py"
-                    )
-                mode._sdpa = lambda *args, **kwargs: F.scaled_dot_product_attention(*args, **kwargs)  # type: ignore[method-assign]
-                self._sdpa = None
-                yield
-
-    engine = SimEngine(sm_major=sm_major) if cuda_sdpa else CpuSdpaSim(sm_major=sm_major)
-    if exact_bytes:
-        engine.block_rounding = 1
-    if cpu_optimizer:
-        engine.foreach = None  # type: ignore[assignment]  # Engine.foreach is bool | None; SimEngine narrows it
-    return engine
+    return sim_engine(
+        exact_bytes=exact_bytes, cpu_optimizer=cpu_optimizer, cuda_sdpa=cuda_sdpa, sm_major=sm_major
+    )
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:

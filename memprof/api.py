@@ -97,9 +97,11 @@ def fake_model(rm: ResolvedModel, workload: Workload) -> torch.nn.Module:
     """The model built on fake tensors: its structure and sizes, no memory, no values."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from memprof.engines.fake_fidelity import host_constants
+
     notes = list(rm.notes)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with FakeTensorMode(allow_non_fake_inputs=True), host_constants():
             model, _ = build_model(
                 rm, dtype=workload.dtype, attn=workload.attn, load_weights=False, init_weights=False
             )

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from memprof.allocator import AllocatorEstimate, AllocatorSettings, expandable_segments_hint, replay
 from memprof.engines.base import Engine
 from memprof.engines.cuda_semantics import (
@@ -29,6 +31,8 @@ from memprof.engines.cuda_semantics import (
     CudaSDPA,
     cublas_workspace_bytes,
 )
+from memprof.engines.fake_fidelity import RealKernelLayouts, host_constants
+from memprof.models import ResolvedModel
 from memprof.tracking import TraceEvent
 from memprof.units import format_bytes
 from memprof.workload import StepSetup
@@ -45,7 +49,11 @@ class SimEngine(Engine):
     record_trace = True  # replayed through the allocator model
 
     def __init__(
-        self, sm_major: int = 9, device_memory_bytes: int | None = None, snapshot_path: str | None = None
+        self,
+        sm_major: int = 9,
+        device_memory_bytes: int | None = None,
+        snapshot_path: str | None = None,
+        cuda_sdpa: bool = True,
     ) -> None:
         """
         Args:
@@ -55,9 +63,12 @@ class SimEngine(Engine):
                 retries (None: unlimited).
             snapshot_path: write the allocator model's snapshot of the measured
                 step there (``torch.cuda.memory._dump_snapshot``'s format).
+            cuda_sdpa: route ``scaled_dot_product_attention`` to the kernel CUDA
+                would pick; False leaves it to the CPU dispatcher (see :func:`sim_engine`).
         """
         super().__init__()
         self.sm_major = sm_major
+        self.cuda_sdpa = cuda_sdpa
         self.device_memory_bytes = device_memory_bytes
         self.snapshot_path = snapshot_path
         self._sdpa: CudaSDPA | None = None
@@ -80,9 +91,22 @@ class SimEngine(Engine):
     def context(self) -> Iterator[None]:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        self._sdpa = CudaSDPA(self.sm_major)
-        with FakeTensorMode(allow_non_fake_inputs=True), self._sdpa, one_sequence_per_row():
+        self._sdpa = CudaSDPA(self.sm_major) if self.cuda_sdpa else None
+        # RealKernelLayouts inside the fake mode, below the tracker (entered later, on top)
+        with (
+            FakeTensorMode(allow_non_fake_inputs=True),
+            RealKernelLayouts(),
+            self._sdpa if self._sdpa is not None else contextlib.nullcontext(),
+            one_sequence_per_row(),
+        ):
             yield
+
+    def _build(
+        self, rm: ResolvedModel, setup: StepSetup, allow_pickle: bool, seed: int
+    ) -> tuple[torch.nn.Module, Any]:
+        # construction constants computed on the host keep their values (fake_fidelity)
+        with host_constants():
+            return super()._build(rm, setup, allow_pickle, seed)
 
     @contextlib.contextmanager
     def mesh(self, setup: StepSetup) -> Iterator[Any]:
@@ -185,9 +209,12 @@ class SimEngine(Engine):
     def notes(self) -> list[str]:
         ws = cublas_workspace_bytes(self.sm_major) / 2**20
         kernels = dict(self._sdpa.kernels) if self._sdpa else {}
+        off = self.cpu_semantics()
         out = [
             "sim engine: fake tensors, no weights; CUDA semantics applied (512-byte allocator blocks, "
-            "CUDA's SDPA kernel choice, foreach optimizer)",
+            "CUDA's SDPA kernel choice, foreach optimizer)"
+            if not off
+            else f"sim engine: fake tensors, no weights; CPU semantics instead of CUDA's for: {', '.join(off)}",
             f"not in the peak: the cuBLAS workspace ({ws:.1f} MiB per stream, allocated on the first matmul) "
             "and the CUDA context (driver-dependent; measure it with --engine cuda)",
         ]
@@ -211,6 +238,50 @@ class SimEngine(Engine):
                 "SDPA kernel calls projected: " + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
             )
         return out
+
+    def cpu_semantics(self) -> list[str]:
+        """Which of the CUDA semantics are switched off (:func:`sim_engine`); empty as shipped."""
+        off = []
+        if self.block_rounding != CUDA_BLOCK_ROUNDING:
+            off.append(f"{self.block_rounding}-byte blocks")
+        if self.foreach is not True:
+            off.append("the CPU's optimizer implementation")
+        if not self.cuda_sdpa:
+            off.append("SDPA as the CPU dispatches it")
+        return off
+
+
+def sim_engine(
+    *, exact_bytes: bool = False, cpu_optimizer: bool = False, cuda_sdpa: bool = True, sm_major: int = 9
+) -> SimEngine:
+    """The sim engine, optionally with some of its CUDA semantics switched off.
+
+    Comparing the sim engine with the cpu engine (a real CPU step) mixes two
+    things: how faithfully the fake-tensor trace follows the real step, and the
+    CUDA semantics the sim applies on purpose. Switching all of the latter off
+    leaves the former: the sim with CPU semantics should agree with the cpu engine
+    byte for byte (``bench/validate.py``, ``tests/test_coverage.py``).
+
+    Args:
+        exact_bytes: ``block_rounding = 1`` (exact bytes, as the cpu engine counts)
+            instead of the CUDA allocator's 512-byte blocks.
+        cpu_optimizer: ``foreach = None``: torch's default optimizer implementation
+            for the CPU (a per-parameter loop) instead of CUDA's multi-tensor one.
+        cuda_sdpa: route ``scaled_dot_product_attention`` to the kernel CUDA would
+            pick; False leaves it to the CPU dispatcher, as a CPU step runs it.
+        sm_major: the compute capability projected (CUDA's SDPA kernel choice).
+    """
+    engine = SimEngine(sm_major=sm_major, cuda_sdpa=cuda_sdpa)
+    if exact_bytes:
+        engine.block_rounding = 1
+    if cpu_optimizer:
+        engine.foreach = None  # type: ignore[assignment]  # Engine.foreach is bool | None; SimEngine narrows it
+    return engine
+
+
+def cpu_semantics_sim() -> SimEngine:
+    """The sim engine with every CUDA semantic switched off: the trace-fidelity check against the cpu engine."""
+    return sim_engine(exact_bytes=True, cpu_optimizer=True, cuda_sdpa=False)
 
 
 @contextlib.contextmanager
