@@ -315,13 +315,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 #: families that fail in sim for a reason another branch is fixing now: name -> reason
-_MOE = "MoE: the sim fails on torch's grouped_mm BF16 check; being fixed on another branch"
 _INPUTS = "the synthetic inputs of this model type; being fixed on another branch"
 PENDING: dict[str, str] = {
-    **{
-        name: _MOE
-        for name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "jamba")
-    },
     **{name: _INPUTS for name in ("t5", "clip", "llava", "qwen2_vl")},
 }
 
