@@ -46,8 +46,13 @@ def test_parameter_bytes_match_the_model():
 
 
 # the 70B shape is the 8B's architecture, larger: building it on fake tensors alone takes ~9 s
-# here; bench/fsdp_scale.py runs it (docs/benchmarks.md)
-@pytest.mark.parametrize("name", [m for m in bundled_models() if m != "llama-3-70b"])
+# here; bench/fsdp_scale.py runs it (docs/benchmarks.md). The mixture-of-experts shapes take
+# 10-20 s a step here: their experts run in tests/test_moe.py on tiny configs, and their
+# published parameter counts are checked below on a fake build
+_SLOW_BUNDLED = ("llama-3-70b", "mixtral-8x7b", "qwen3-30b-a3b")
+
+
+@pytest.mark.parametrize("name", [m for m in bundled_models() if m not in _SLOW_BUNDLED])
 def test_sim_engine_every_bundled_config(name):
     p = memprof.analyze(name, engine="sim", mode="train", batch_size=1, seq_len=64, dtype="bfloat16")
     _check_profile(p)
@@ -56,6 +61,19 @@ def test_sim_engine_every_bundled_config(name):
     assert p.categories_at_peak["parameters"] >= 2 * p.model["parameters"]
     # every block is a multiple of 512 bytes
     assert p.peak_bytes % 512 == 0
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    # the published totals: Mixtral-8x7B 46.7B, Qwen3-30B-A3B 30.5B (3.3B active)
+    [("mixtral-8x7b", 46_702_792_704), ("qwen3-30b-a3b", 30_532_122_624)],
+)
+def test_bundled_mixture_of_experts_parameter_counts(name, params):
+    from memprof.api import fake_model
+    from memprof.models import parameter_count
+
+    model = fake_model(resolve(name), Workload(dtype="bfloat16"))
+    assert parameter_count(model) == params
 
 
 def test_sim_llama_8b_parameter_count():
