@@ -53,6 +53,8 @@ class Task(str, Enum):
     speech_seq2seq = "speech-seq2seq"
     image_classification = "image-classification"
     feature_extraction = "feature-extraction"
+    contrastive_image_text = "contrastive-image-text"
+    image_text_to_text = "image-text-to-text"
 
 
 MODEL = typer.Argument(
