@@ -130,6 +130,13 @@ class ResolvedModel:
             return attn
         return self.default_attn() or attn
 
+    def attn_note(self, attn: str) -> str | None:
+        """A profile note when ``attn`` is the model's own and not sdpa (the usual default)."""
+        if attn == "sdpa" or attn != self.default_attn():
+            return None
+        cls = self.model_class()
+        return f"attention: {attn}, the model's default ({getattr(cls, '__name__', '?')} has no sdpa implementation)"
+
     def position_limit(self) -> int | None:
         """The longest sequence the model's positions allow, or None when unbounded."""
         c = self.config
@@ -573,6 +580,12 @@ def build_model(
 
     auto = getattr(transformers, TASKS[rm.task or "feature-extraction"])
     attn = rm.resolve_attn(attn)
+    if attn == "sdpa" and rm.default_attn() == "eager":
+        cls = rm.model_class()
+        raise InputError(
+            f"{rm.spec}: --attn sdpa is not supported by this model ({getattr(cls, '__name__', '?')} has no sdpa "
+            "implementation in transformers); use --attn eager, or auto (the model's own)"
+        )
     # still "auto" (remote code): transformers picks, as from_pretrained does
     kw: dict[str, Any] = {_dtype_kwarg(): tdtype, "attn_implementation": None if attn == "auto" else attn}
     # A copy: from_config keeps the object it is given as model.config, and model

@@ -29,7 +29,7 @@ from memprof.allocator import AllocatorSettings
 from memprof.chunking import chunked_forward, chunked_lm_loss
 from memprof.distill import DistillLoss, DistillPair, TopkTeacher, teacher_inputs
 from memprof.errors import EnvironmentProblem, InputError
-from memprof.models import DTYPES, InputBuilder, call_model
+from memprof.models import DTYPES, InputBuilder, ResolvedModel, call_model
 from memprof.surgery import apply_transform
 from memprof.units import format_bytes
 
@@ -37,7 +37,8 @@ MODES = ("train", "infer", "distill")
 #: modes whose step trains (backward, optimizer): the student, in distillation
 TRAINING_MODES = ("train", "distill")
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "adamw8bit", "none")
-ATTNS = ("eager", "sdpa")
+#: attention implementations; auto: the model's own, as from_pretrained picks it (sdpa where supported)
+ATTNS = ("auto", "eager", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class Workload:
     seq_len: int = 512
     dtype: str = "float32"
     optimizer: str = "adamw"
-    attn: str = "sdpa"
+    #: "auto" until the model is known (:meth:`for_model`), then "sdpa" or "eager"
+    attn: str = "auto"
     task: str | None = None
     decode_tokens: int = 0
     #: distill: the teacher's MODEL spec (resolved like the student's)
@@ -99,6 +101,17 @@ class Workload:
             problems.append(f"--world-size must be at least 1, got {self.world_size}")
         if problems:
             raise InputError("; ".join(problems))
+
+    def for_model(self, rm: ResolvedModel) -> Workload:
+        """This workload with ``attn="auto"`` resolved to the model's own implementation.
+
+        What ``from_pretrained`` picks: sdpa when the model class supports it, else
+        eager (:meth:`ResolvedModel.default_attn`). Commands resolve it as soon as the
+        MODEL spec is, so profiles, recipes and optimizations never see ``auto``
+        (it stays for factory models, whose attention is their own code).
+        """
+        attn = rm.resolve_attn(self.attn)
+        return self if attn == self.attn else replace(self, attn=attn)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

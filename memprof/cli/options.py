@@ -30,6 +30,7 @@ class Optim(str, Enum):
 
 
 class Attn(str, Enum):
+    auto = "auto"
     eager = "eager"
     sdpa = "sdpa"
 
@@ -67,7 +68,12 @@ BATCH = typer.Option(8, "--batch-size", "-b", help="Sequences (or images) per st
 SEQ = typer.Option(512, "--seq-len", "-s", help="Tokens per sequence.")
 DTYPE = typer.Option(DType.float32, "--dtype", help="Parameter dtype.")
 OPTIM = typer.Option(Optim.adamw, "--optimizer", help="Optimizer of the training step.")
-ATTN = typer.Option(Attn.sdpa, "--attn", help="Attention implementation (transformers models).")
+ATTN = typer.Option(
+    Attn.auto,
+    "--attn",
+    help="Attention implementation (transformers models); auto: the model's own, as from_pretrained "
+    "picks it (sdpa where the model supports it, else eager).",
+)
 ENGINE = typer.Option(EngineName.auto, "--engine", "-e", help="cuda, cpu, sim (fake tensors), or auto.")
 TASK = typer.Option(None, "--task", help="Override the head picked from the config's architectures.")
 DECODE = typer.Option(0, "--decode-tokens", help="Infer mode, causal LMs: decode steps after the prefill.")
