@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from memprof.allocator import AllocatorSettings
-from memprof.chunking import chunked_forward, chunked_lm_loss
+from memprof.chunking import cache_keyword, chunked_forward, chunked_lm_loss, output_cache
 from memprof.distill import DistillLoss, DistillPair, TopkTeacher, teacher_inputs
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.models import DTYPES, InputBuilder, ResolvedModel, call_model
@@ -849,9 +849,10 @@ def run_step(
 def _generate(
     model: torch.nn.Module, inputs: dict[str, Any], n: int, enter: Callable[[str], Any], chunk: int = 0
 ) -> None:
+    cache_kw = cache_keyword(model)
     with enter("prefill"):
         out = chunked_forward(model, inputs, chunk, exact=True) if chunk else model(**inputs, use_cache=True)
-        past = out.past_key_values
+        past = output_cache(out)
         next_ids = out.logits[:, -1:].argmax(-1)
         del out
     mask = inputs.get("attention_mask")
@@ -859,8 +860,8 @@ def _generate(
         for _ in range(n):
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(input_ids=next_ids, attention_mask=mask, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=next_ids, attention_mask=mask, use_cache=True, **{cache_kw: past})
+            past = output_cache(out)
             next_ids = out.logits[:, -1:].argmax(-1)
             del out
     del past
