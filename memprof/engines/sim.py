@@ -84,6 +84,9 @@ class SimEngine(Engine):
         """As :meth:`Engine.run_detailed`; image-text models run with :func:`known_small_values`."""
         from memprof.models import IMAGE_TEXT_TASKS
 
+        if rm.model_type in MAMBA_TYPES:
+            workload = StepSetup.of(workload)
+            workload.notes.append(MAMBA_NOTE)
         with known_small_values() if rm.task in IMAGE_TEXT_TASKS else contextlib.nullcontext():
             return super().run_detailed(rm, workload, **kwargs)
 
@@ -188,6 +191,24 @@ class SimEngine(Engine):
             )
         return out
 
+
+#: model types whose selective-scan layers have fused CUDA kernels in mamba_ssm / causal_conv1d
+MAMBA_TYPES = {
+    "mamba",
+    "mamba2",
+    "falcon_mamba",
+    "jamba",
+    "bamba",
+    "zamba",
+    "zamba2",
+    "falcon_h1",
+    "granitemoehybrid",
+    "nemotron_h",
+}
+MAMBA_NOTE = (
+    "mamba layers: projected on transformers' slow path (the scan in PyTorch ops, as on a GPU without "
+    "mamba_ssm and causal_conv1d); with those installed the fused CUDA kernels run instead and take less memory"
+)
 
 #: elements up to which fake tensors made from Python numbers keep their values (a batch's image grids)
 KNOWN_VALUES_NUMEL = 4096
