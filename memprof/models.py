@@ -59,6 +59,13 @@ _SPEECH_TYPES = {"whisper", "speech_to_text", "speech_encoder_decoder"}
 _VISION_TYPES = {"vit", "deit", "beit", "swin", "convnext", "dinov2", "vit_mae", "resnet", "mobilevit"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
+try:
+    from huggingface_hub.errors import StrictDataclassError as _StrictConfigError
+except ImportError:  # pragma: no cover - huggingface_hub before strict dataclasses
+
+    class _StrictConfigError(Exception):  # type: ignore[no-redef]
+        """Never raised: this huggingface_hub has no strict dataclasses."""
+
 
 def bundled_configs_dir() -> Path:
     """The folder of bundled model configs (``configs/models`` in the repository)."""
@@ -252,14 +259,12 @@ def _config_from_dict(data: dict[str, Any], where: str) -> Any:
         config = AutoConfig.for_model(model_type, **kwargs)
     except (TypeError, ValueError) as e:
         raise InputError(f"{where}: invalid {model_type} config ({e})") from None
-    except Exception as e:
-        # huggingface_hub's strict-dataclass validation (transformers >= 5) raises
-        # its own errors, not ValueError: "Class validation error for validator 'x':\n<why>"
-        if type(e).__module__.startswith("huggingface_hub") and "Validation" in type(e).__name__:
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            why = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
-            raise InputError(f"{where}: invalid {model_type} config ({why})") from None
-        raise
+    except _StrictConfigError as e:
+        # transformers >= 5 validates configs as huggingface_hub strict dataclasses,
+        # whose errors are no ValueError: "Class validation error for validator 'x':\n<why>"
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = lines[-1] if lines else type(e).__name__
+        raise InputError(f"{where}: invalid {model_type} config ({why})") from None
     check_config(config, data, where)
     return config
 
@@ -314,7 +319,7 @@ def _config_problems(config: Any, data: Mapping[str, Any], name: str) -> list[st
             )
     hidden = _int(getattr(config, "hidden_size", None))
     heads = _int(getattr(config, "num_attention_heads", None))
-    head_dim_keys = {"head_dim", getattr(config, "attribute_map", {}).get("head_dim", "head_dim")}
+    head_dim_keys = {"head_dim", aliases.get("head_dim", "head_dim")}
     if hidden is not None and heads:
         head_dim = getattr(config, "head_dim", None)
         derived = not (head_dim_keys & set(given)) and head_dim in (None, hidden // heads)
