@@ -136,6 +136,9 @@ def prepare(
 ) -> tuple[ResolvedModel, Engine]:
     """Resolve a MODEL spec and pick the engine (``auto`` decides from the model's size).
 
+    Callers resolve what depends on the model in their workload right after:
+    ``workload = workload.for_model(rm)`` (``attn="auto"``).
+
     Raises:
         InputError, EnvironmentProblem: see :mod:`memprof.errors`.
     """
@@ -172,7 +175,7 @@ def analyze(
     seq_len: int = 512,
     dtype: str = "float32",
     optimizer: str = "adamw",
-    attn: str = "sdpa",
+    attn: str = "auto",
     task: str | None = None,
     decode_tokens: int = 0,
     teacher: str | None = None,
@@ -200,7 +203,8 @@ def analyze(
         seq_len: tokens per sequence.
         dtype: parameter dtype: ``float32``, ``bfloat16`` or ``float16``.
         optimizer: ``adamw``, ``sgd`` or ``none``.
-        attn: ``eager`` or ``sdpa``.
+        attn: ``eager``, ``sdpa`` or ``auto`` (the model's own: sdpa where its class supports it,
+            else eager, as ``from_pretrained`` picks).
         task: override the task picked from the config.
         decode_tokens: for causal LMs in infer mode, decode steps after the prefill.
         teacher: distill: the teacher's MODEL spec (same vocabulary as the student).
@@ -277,6 +281,8 @@ def analyze(
         trust_remote_code=trust_remote_code,
         progress=progress,
     )
+    workload = workload.for_model(rm)
+    setup.update_workload(attn=workload.attn)
     from memprof.diagnose import usable_bytes
     from memprof.plan import DEFAULT_CONTEXT_BYTES
 

@@ -119,6 +119,7 @@ def apply(
         )
     out = Path(output).expanduser().resolve()
     rm, eng = prepare(spec, workload, engine, task=task, trust_remote_code=trust_remote_code, progress=say)
+    workload = workload.for_model(rm)
     if rm.factory is not None:
         raise InputError(
             f"{spec}: memprof apply writes transformers checkpoints; a module:factory model has no config to save"

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,12 +70,35 @@ def chunked_lm_loss(model: Any, inputs: dict[str, Any], chunk: int) -> torch.Ten
     return total / count
 
 
+def cache_keyword(model: Any) -> str:
+    """The keyword a model's forward takes its KV cache by.
+
+    transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns
+    "deprecated and will be removed in 5.40" on every call); older versions
+    know only ``past_key_values``.
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned, by the output's own field name (``cache`` or ``past_key_values``)."""
+    fields = getattr(out, "__dataclass_fields__", None) or {}
+    # reading .past_key_values where the field is .cache works, with a deprecation warning
+    return out.cache if "cache" in fields else out.past_key_values
+
+
+@dataclass
 class ChunkedOutput:
     """What :func:`chunked_forward` returns: logits (all, or the last chunk's) and the cache."""
 
-    def __init__(self, logits: torch.Tensor, past_key_values: Any) -> None:
-        self.logits = logits
-        self.past_key_values = past_key_values
+    logits: torch.Tensor
+    cache: Any
 
 
 def chunked_forward(
@@ -90,14 +114,15 @@ def chunked_forward(
     """
     ids = inputs["input_ids"]
     rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "labels", "use_cache")}
+    cache_kw = cache_keyword(model)
     past = None
     kept: list[torch.Tensor] = []
     out = None
     for s in range(0, ids.shape[1], chunk):
         out = model(
-            input_ids=ids[:, s : s + chunk], past_key_values=past if exact else None, use_cache=exact, **rest
+            input_ids=ids[:, s : s + chunk], use_cache=exact, **{cache_kw: past if exact else None}, **rest
         )
-        past = out.past_key_values if exact else None
+        past = output_cache(out) if exact else None
         if keep_all_logits:
             kept.append(out.logits)
         else:

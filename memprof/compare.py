@@ -178,6 +178,7 @@ def compare(
     say = progress or (lambda msg: None)
     workload.validate()
     rm, eng = prepare(spec, workload, engine, task=task, trust_remote_code=trust_remote_code, progress=say)
+    workload = workload.for_model(rm)
     real = eng.name != "sim"
     measure = Measure(flops=True, timing_steps=timing_steps if real else 0, quality=real)
     base_setup = StepSetup.of(workload)

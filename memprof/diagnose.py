@@ -231,7 +231,7 @@ def diagnose(
             search._best_first()
         else:
             search.search()
-        result = _result(search, search.rm.name, wl, left_out)
+        result = _result(search, search.rm.name, search.wl, left_out)
         if result.chosen is not None:
             ch = result.chosen
             out["plan"] = {

@@ -133,6 +133,8 @@ class GateWorkload:
         from memprof.recipes import from_names, load
 
         rm, eng = prepare(self.model, self.workload, self.engine, task=self.workload.task, progress=progress)
+        # recorded as it ran: a baseline says "sdpa" or "eager", never "auto"
+        self.workload = self.workload.for_model(rm)
         if self.recipe or self.steps:
             recipe = load(self.recipe) if self.recipe else from_names(self.steps)
             if self.recipe and self.steps:

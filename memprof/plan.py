@@ -1494,6 +1494,7 @@ def new_search(
     if eng.name != "sim":
         raise InputError(f"memprof plan searches in the sim engine, not {eng.name}")
     rm, eng = prepare(spec, wl, eng, task=task, trust_remote_code=trust_remote_code, progress=say)
+    wl = wl.for_model(rm)
     say("Building the model on fake tensors (its structure, for the levers)")
     model = fake_model(rm, wl)
     levers, left_out = build_levers(model, wl, derived_allocator=isinstance(eng, SimEngine))
@@ -1602,6 +1603,7 @@ def plan(
     )
     search.search()
     rm = search.rm
+    wl = search.wl  # with the model's attention resolved
     result = _result(search, rm.name, wl, left_out)
     if result.chosen is not None:
         result.recipe = recipe_text(result, spec, recipe_path) if result.chosen.steps else None
@@ -1764,7 +1766,7 @@ def compare_command(spec: str, wl: Workload, path: str) -> str:
         args += ["--dtype", wl.dtype]
     if wl.optimizer != d.optimizer:
         args += ["--optimizer", wl.optimizer]
-    if wl.attn != d.attn:
+    if wl.attn not in (d.attn, "sdpa"):  # sdpa: what auto resolved to
         args += ["--attn", wl.attn]
     if wl.task:
         args += ["--task", wl.task]

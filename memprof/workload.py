@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from memprof.allocator import AllocatorSettings
-from memprof.chunking import chunked_forward, chunked_lm_loss
+from memprof.chunking import cache_keyword, chunked_forward, chunked_lm_loss, output_cache
 from memprof.distill import DistillLoss, DistillPair, TopkTeacher, teacher_inputs
 from memprof.errors import EnvironmentProblem, InputError
-from memprof.models import DTYPES, InputBuilder, call_model
+from memprof.models import DTYPES, InputBuilder, ResolvedModel, call_model
 from memprof.surgery import apply_transform
 from memprof.units import format_bytes
 
@@ -37,7 +37,8 @@ MODES = ("train", "infer", "distill")
 #: modes whose step trains (backward, optimizer): the student, in distillation
 TRAINING_MODES = ("train", "distill")
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "adamw8bit", "none")
-ATTNS = ("eager", "sdpa")
+#: attention implementations; auto: the model's own, as from_pretrained picks it (sdpa where supported)
+ATTNS = ("auto", "eager", "sdpa")
 #: mixture-of-experts routing assumptions of the sim engine (memprof.engines.moe.ROUTINGS)
 MOE_ROUTINGS = ("balanced", "worst")
 #: transformers' experts implementations memprof runs ("auto": the library's own choice)
@@ -53,7 +54,8 @@ class Workload:
     seq_len: int = 512
     dtype: str = "float32"
     optimizer: str = "adamw"
-    attn: str = "sdpa"
+    #: "auto" until the model is known (:meth:`for_model`), then "sdpa" or "eager"
+    attn: str = "auto"
     task: str | None = None
     decode_tokens: int = 0
     #: distill: the teacher's MODEL spec (resolved like the student's)
@@ -115,6 +117,17 @@ class Workload:
             )
         if problems:
             raise InputError("; ".join(problems))
+
+    def for_model(self, rm: ResolvedModel) -> Workload:
+        """This workload with ``attn="auto"`` resolved to the model's own implementation.
+
+        What ``from_pretrained`` picks: sdpa when the model class supports it, else
+        eager (:meth:`ResolvedModel.default_attn`). Commands resolve it as soon as the
+        MODEL spec is, so profiles, recipes and optimizations never see ``auto``
+        (it stays for factory models, whose attention is their own code).
+        """
+        attn = rm.resolve_attn(self.attn)
+        return self if attn == self.attn else replace(self, attn=attn)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -856,9 +869,10 @@ def run_step(
 def _generate(
     model: torch.nn.Module, inputs: dict[str, Any], n: int, enter: Callable[[str], Any], chunk: int = 0
 ) -> None:
+    cache_kw = cache_keyword(model)
     with enter("prefill"):
         out = chunked_forward(model, inputs, chunk, exact=True) if chunk else model(**inputs, use_cache=True)
-        past = out.past_key_values
+        past = output_cache(out)
         next_ids = out.logits[:, -1:].argmax(-1)
         del out
     mask = inputs.get("attention_mask")
@@ -866,8 +880,8 @@ def _generate(
         for _ in range(n):
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(input_ids=next_ids, attention_mask=mask, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=next_ids, attention_mask=mask, use_cache=True, **{cache_kw: past})
+            past = output_cache(out)
             next_ids = out.logits[:, -1:].argmax(-1)
             del out
     del past

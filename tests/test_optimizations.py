@@ -72,7 +72,8 @@ def test_applies_to_says_why_not():
     assert "train" in optimizations.make("checkpointing").applies_to(None, infer)
     train = StepSetup.of(Workload(batch_size=3))
     assert "does not split" in optimizations.make("grad_accumulation", {"steps": 2}).applies_to(None, train)
-    assert "already uses sdpa" in optimizations.make("attention").applies_to(None, train)
+    sdpa = StepSetup.of(Workload(attn="sdpa"))  # the default, auto, is resolved with the model
+    assert "already uses sdpa" in optimizations.make("attention").applies_to(None, sdpa)
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert "no list of repeated blocks" in optimizations.make("checkpointing").applies_to(plain, train)
 

@@ -30,6 +30,7 @@ class Optim(str, Enum):
 
 
 class Attn(str, Enum):
+    auto = "auto"
     eager = "eager"
     sdpa = "sdpa"
 
@@ -65,6 +66,8 @@ class Task(str, Enum):
     speech_seq2seq = "speech-seq2seq"
     image_classification = "image-classification"
     feature_extraction = "feature-extraction"
+    contrastive_image_text = "contrastive-image-text"
+    image_text_to_text = "image-text-to-text"
 
 
 MODEL = typer.Argument(
@@ -77,7 +80,12 @@ BATCH = typer.Option(8, "--batch-size", "-b", help="Sequences (or images) per st
 SEQ = typer.Option(512, "--seq-len", "-s", help="Tokens per sequence.")
 DTYPE = typer.Option(DType.float32, "--dtype", help="Parameter dtype.")
 OPTIM = typer.Option(Optim.adamw, "--optimizer", help="Optimizer of the training step.")
-ATTN = typer.Option(Attn.sdpa, "--attn", help="Attention implementation (transformers models).")
+ATTN = typer.Option(
+    Attn.auto,
+    "--attn",
+    help="Attention implementation (transformers models); auto: the model's own, as from_pretrained "
+    "picks it (sdpa where the model supports it, else eager).",
+)
 MOE_ROUTING = typer.Option(
     MoeRouting.balanced,
     "--moe-routing",

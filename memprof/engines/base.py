@@ -214,6 +214,8 @@ class Engine:
         say = progress or _noop
         measure = measure or Measure()
         setup = StepSetup.of(workload)
+        if setup.workload.attn == "auto":  # commands resolve it first; library callers may not
+            setup.update_workload(attn=setup.workload.for_model(rm).attn)
         setup.validate()
         workload = setup.workload
         extra: dict[str, Any] = {}
@@ -536,6 +538,9 @@ class Engine:
                 r.groups_at_peak["other"]["temporaries"] += residual
             peak = alloc_peak
         notes = list(rm.notes)
+        attn_note = rm.attn_note(workload.attn)
+        if attn_note:
+            notes.append(attn_note)
         notes += self.notes()
         notes += setup.notes
         if sharding is not None:

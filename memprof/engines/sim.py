@@ -19,12 +19,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from memprof.allocator import AllocatorEstimate, AllocatorSettings, expandable_segments_hint, replay
-from memprof.engines.base import Engine
+from memprof.engines.base import Engine, RunResult
 from memprof.engines.cuda_semantics import (
     CUDA_BLOCK_ROUNDING,
     CudaGroupedMM,
@@ -32,10 +32,12 @@ from memprof.engines.cuda_semantics import (
     cublas_workspace_bytes,
 )
 from memprof.engines.fake_fidelity import RealKernelLayouts, host_constants
-from memprof.models import ResolvedModel
 from memprof.tracking import TraceEvent
 from memprof.units import format_bytes
-from memprof.workload import StepSetup
+from memprof.workload import StepSetup, Workload
+
+if TYPE_CHECKING:
+    from memprof.models import ResolvedModel
 
 
 class SimEngine(Engine):
@@ -107,6 +109,16 @@ class SimEngine(Engine):
         # construction constants computed on the host keep their values (fake_fidelity)
         with host_constants():
             return super()._build(rm, setup, allow_pickle, seed)
+
+    def run_detailed(self, rm: ResolvedModel, workload: Workload | StepSetup, **kwargs: Any) -> RunResult:
+        """As :meth:`Engine.run_detailed`; image-text models run with :func:`known_small_values`."""
+        from memprof.models import IMAGE_TEXT_TASKS
+
+        if rm.model_type in MAMBA_TYPES:
+            workload = StepSetup.of(workload)
+            workload.notes.append(MAMBA_NOTE)
+        with known_small_values() if rm.task in IMAGE_TEXT_TASKS else contextlib.nullcontext():
+            return super().run_detailed(rm, workload, **kwargs)
 
     @contextlib.contextmanager
     def mesh(self, setup: StepSetup) -> Iterator[Any]:
@@ -282,6 +294,60 @@ def sim_engine(
 def cpu_semantics_sim() -> SimEngine:
     """The sim engine with every CUDA semantic switched off: the trace-fidelity check against the cpu engine."""
     return sim_engine(exact_bytes=True, cpu_optimizer=True, cuda_sdpa=False)
+
+
+#: model types whose selective-scan layers have fused CUDA kernels in mamba_ssm / causal_conv1d
+MAMBA_TYPES = {
+    "mamba",
+    "mamba2",
+    "falcon_mamba",
+    "jamba",
+    "bamba",
+    "zamba",
+    "zamba2",
+    "falcon_h1",
+    "granitemoehybrid",
+    "nemotron_h",
+}
+MAMBA_NOTE = (
+    "mamba layers: projected on transformers' slow path (the scan in PyTorch ops, as on a GPU without "
+    "mamba_ssm and causal_conv1d); with those installed the fused CUDA kernels run instead and take less memory"
+)
+
+#: elements up to which fake tensors made from Python numbers keep their values (a batch's image grids)
+KNOWN_VALUES_NUMEL = 4096
+
+
+@contextlib.contextmanager
+def known_small_values() -> Iterator[None]:
+    """Small tensors made from Python numbers keep their values; transformers' value checks are off.
+
+    Image-text models read values that fake tensors lack: Qwen2-VL's vision tower
+    splits its patches by the (t, h, w) grid of each image (``tolist``), and LLaVA
+    checks that the image tokens in ``input_ids`` match the image features
+    (``torch_compilable_check``: a data-dependent branch). FakeTensorMode keeps the
+    value of a tensor built with ``torch.tensor`` and of ops on such tensors, up to
+    ``CONSTANT_NUMEL_LIMIT`` elements (1 by default): raised here so a batch's grid
+    stays known. The checks are off through transformers' own switch
+    (``TRANSFORMERS_DISABLE_TORCH_CHECK``): memprof's inputs satisfy them by
+    construction, and the cpu engine runs them. Both are restored on exit.
+    """
+    import os
+
+    from torch._subclasses import fake_tensor
+
+    limit = fake_tensor.CONSTANT_NUMEL_LIMIT
+    env = os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK")
+    fake_tensor.CONSTANT_NUMEL_LIMIT = max(limit, KNOWN_VALUES_NUMEL)
+    os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = "1"
+    try:
+        yield
+    finally:
+        fake_tensor.CONSTANT_NUMEL_LIMIT = limit
+        if env is None:
+            os.environ.pop("TRANSFORMERS_DISABLE_TORCH_CHECK", None)
+        else:
+            os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = env
 
 
 @contextlib.contextmanager

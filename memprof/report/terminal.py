@@ -64,6 +64,8 @@ def summary_table(p: Profile) -> Table:
     )
     if w:
         step = f"{w.get('mode')}  batch {w.get('batch_size')} x seq {w.get('seq_len')}, {w.get('dtype')}, attn {w.get('attn')}"
+        if any(n.startswith(f"attention: {w.get('attn')}, the model's default") for n in p.notes):
+            step += " (the model's default)"
         if w.get("mode") in ("train", "distill"):
             step += f", optimizer {w.get('optimizer')}"
         if w.get("decode_tokens"):
