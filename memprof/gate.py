@@ -28,12 +28,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import yaml
 
 from memprof import __version__

@@ -277,6 +277,8 @@ class Tracker(TorchDispatchMode):
         self._active_fake: Any = None
         #: ops dispatched in the region so far (the timeline's x axis)
         self.ops = 0
+        #: the last op dispatched (an OpOverload; None before the first): where a failure happened
+        self.last_op: Any = None
         # timeline: flat rows of (op, owner module, 7 category totals), and phase spans
         self._tl: list[int] | None = [] if record_timeline else None
         self._spans: list[list[Any]] = []
@@ -756,6 +758,7 @@ class Tracker(TorchDispatchMode):
                 return func(*args, **(kwargs or {}))  # DTensor's sharding propagation: nothing real
             self._fsdp_roles(func, args)
         self.ops += 1
+        self.last_op = func
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten.resize_.default:
             self._on_resize(args[0])

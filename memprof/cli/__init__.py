@@ -2,19 +2,29 @@
 
 Every command lives in its own module; errors from the library are typed
 (:mod:`memprof.errors`) and turned into one line on stderr and an exit code
-here, in one place.
+here, in one place. Anything else that escapes a command is a bug: one line
+too (exit 70), and the traceback in a file (:func:`crash_report`).
 """
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
+import platform
+import shlex
 import sys
+import tempfile
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 import typer
 
-from memprof.errors import MemprofError, OutOfMemory
+from memprof.errors import InternalError, MemprofError, OutOfMemory
+
+#: where crash reports go (default: a ``memprof`` folder in the system's temporary folder)
+CRASH_DIR_VAR = "MEMPROF_CRASH_DIR"
 
 app = typer.Typer(
     name="memprof",
@@ -42,14 +52,78 @@ def _register() -> None:
 _register()
 
 
-def error_line(message: str) -> None:
+def error_line(message: str, prefix: str = "error: ") -> None:
     """Print one error line on stderr (under torchrun, on rank 0 only: the ranks fail alike)."""
     if _other_rank():
         return
     # one line: libraries' messages (the Hub client's) can span several
     message = " ".join(part.strip() for part in message.splitlines() if part.strip())
-    sys.stderr.write(f"memprof: error: {message}\n")
+    sys.stderr.write(f"memprof: {prefix}{message}\n")
     sys.stderr.flush()
+
+
+def _versions() -> str:
+    """memprof's, torch's, transformers' and Python's versions, without importing the libraries."""
+    from importlib import metadata
+
+    from memprof import __version__
+
+    out = [f"memprof {__version__}"]
+    for dist in ("torch", "transformers"):
+        mod = sys.modules.get(dist)
+        try:
+            v = getattr(mod, "__version__", None) or metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            v = "not installed"
+        out.append(f"{dist} {v}")
+    out.append(f"python {platform.python_version()} ({platform.platform()})")
+    return ", ".join(out)
+
+
+def crash_report(e: BaseException, argv: Sequence[str]) -> Path:
+    """Write a crash report: the command line, the versions and the traceback.
+
+    The file is ``memprof-crash-<UTC timestamp>-<pid>.txt`` under ``$MEMPROF_CRASH_DIR``,
+    else under a ``memprof`` folder in the system's temporary folder.
+
+    Returns:
+        the file's path.
+
+    Raises:
+        OSError: the file could not be written.
+    """
+    folder = Path(os.environ.get(CRASH_DIR_VAR) or Path(tempfile.gettempdir()) / "memprof")
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    stem = f"memprof-crash-{now:%Y%m%dT%H%M%SZ}-{os.getpid()}"
+    text = "".join(
+        [
+            f"command: {shlex.join(['memprof', *argv])}\n",
+            f"time: {now.isoformat(timespec='seconds')}\n",
+            f"versions: {_versions()}\n\n",
+            e.traceback_text() if isinstance(e, InternalError) else "".join(traceback.format_exception(e)),
+        ]
+    )
+    for n in range(1, 100):  # two crashes of one process in one second: -2, -3...
+        path = folder / (stem + (f"-{n}" if n > 1 else "") + ".txt")
+        try:
+            with open(path, "x", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{folder}/{stem}-*.txt: 99 files already")
+
+
+def internal_error(e: BaseException, argv: Sequence[str]) -> int:
+    """Report a bug: one line on stderr, the traceback in a file. Returns the exit code (70)."""
+    err = e if isinstance(e, InternalError) else InternalError(e)
+    try:
+        where = f"traceback in {crash_report(e, argv)}"
+    except Exception as w:  # a report that cannot be written must not hide the error itself
+        where = f"the traceback could not be written ({type(w).__name__}: {w})"
+    error_line(f"{err}; {where}", prefix="")
+    return InternalError.exit_code
 
 
 def _other_rank() -> bool:
@@ -76,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.freeze()
     try:
         rv = command.main(args=args, prog_name="memprof", standalone_mode=False)
+    except InternalError as e:
+        code = internal_error(e, args)
     except OutOfMemory as e:
         error_line(str(e))
         code = e.exit_code
@@ -108,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             error_line(e.format_message().replace("\n", " "))
             code = int(e.exit_code)
         else:
-            raise
+            code = internal_error(e, args)
     else:
         code = rv if isinstance(rv, int) else 0
     if argv is None:

@@ -14,6 +14,7 @@ import math
 import platform
 import statistics
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from memprof import __version__
 from memprof.distill import SIDES, resolve_teacher
 from memprof.engines.moe import router_counts
-from memprof.errors import InputError, OutOfMemory
+from memprof.errors import InputError, InternalError, MemprofError, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count
 from memprof.profile import ModuleStat, PhaseStat, Profile
 from memprof.tracking import CATEGORIES, TraceEvent, Tracker, TrackerResult
@@ -116,6 +117,56 @@ def is_oom(e: BaseException) -> bool:
     return False
 
 
+def op_name(op: Any) -> str:
+    """An op as people write it: ``aten.mm`` for the overload ``aten.mm.default``."""
+    packet = getattr(op, "overloadpacket", None)
+    return str(packet if packet is not None else op)
+
+
+_DISPATCH_CODE = Tracker.__torch_dispatch__.__code__
+
+
+def failure_site(
+    e: BaseException, model: torch.nn.Module | None, tracker: Tracker | None
+) -> tuple[str | None, bool, str | None]:
+    """Where an exception escaped a step: the op, whether that op raised it, the module.
+
+    Read once, after the failure: the op a fake-tensor exception names, else the
+    tracker's last op (``tracker``: the failure happened in its region), else the
+    innermost op being dispatched in the traceback; the tracker's failing module,
+    else the innermost module ``forward`` in the traceback, named as in ``model``.
+
+    Returns:
+        ``(op, op_raised, module)``: ``op`` as ``aten.name`` (None: unknown);
+        ``op_raised`` False when the exception came from Python code after the op
+        returned; ``module`` the qualified name (``<model>`` for the root).
+    """
+    frames = [f for f, _ in traceback.walk_tb(e.__traceback__)]  # outermost first
+    overload = torch._ops.OpOverload
+    op: Any = getattr(e, "func", None)
+    raised = True
+    if not isinstance(op, overload):
+        op = None
+        if tracker is not None and tracker.last_op is not None:
+            op = tracker.last_op
+            # the op raised when the tracker's dispatch of it is on the traceback
+            raised = any(f.f_code is _DISPATCH_CODE for f in frames)
+        else:  # fake tensors' dispatch holds the op in a local
+            for f in reversed(frames):
+                if isinstance(f.f_locals.get("func"), overload):
+                    op = f.f_locals["func"]
+                    break
+    module = tracker.error_module if tracker is not None else None
+    if module is None:
+        names = {id(m): n or "<model>" for n, m in model.named_modules()} if model is not None else {}
+        for f in reversed(frames):
+            obj = f.f_locals.get("self")
+            if f.f_code.co_name == "forward" and isinstance(obj, torch.nn.Module):
+                module = names.get(id(obj), type(obj).__name__)
+                break
+    return (op_name(op) if op is not None else None), raised, module
+
+
 class Engine:
     """Base engine; subclasses set the class attributes and override the hooks."""
 
@@ -164,6 +215,16 @@ class Engine:
     def notes(self) -> list[str]:
         return []
 
+    def translate_error(self, e: Exception, model: str, where: str) -> MemprofError | None:
+        """An engine's reading of an exception its step raised: a known limit, or None (a bug).
+
+        Args:
+            e: the exception.
+            model: the model's name.
+            where: where it happened (``aten.nonzero in module model.layers.0``), or "".
+        """
+        return None
+
     # driver -------------------------------------------------------------
     def run(
         self,
@@ -208,8 +269,11 @@ class Engine:
         then the tracked step, then probe the loss again.
 
         Raises:
-            InputError: the model or setup is invalid.
-            OutOfMemory: the measured step ran out of memory (the partial profile is attached).
+            InputError: the model or setup is invalid; ``NotSupported``: a step the
+                engine knowingly cannot run (the sim engine: one that reads tensor values).
+            OutOfMemory: a step ran out of memory (the measured one: the partial profile is attached).
+            InternalError: an unexpected exception while building or stepping (a bug),
+                from the original, with the model, engine, op and module it happened in.
         """
         say = progress or _noop
         measure = measure or Measure()
@@ -229,6 +293,9 @@ class Engine:
             else None
         )
         out = RunResult(profile=None)  # type: ignore[arg-type]
+        model: torch.nn.Module | None = None
+        # the tracker while its region runs: an exception there is placed by its op and module
+        in_region: Tracker | None = None
         try:
             with self.ranks(setup) as mesh, self.context(), contextlib.ExitStack() as model_stack:
                 say(f"Building {rm.name} ({self.name} engine)")
@@ -317,6 +384,7 @@ class Engine:
                     )
                     oom: dict[str, Any] | None = None
                     error: BaseException | None = None
+                    in_region = tracker
                     try:
                         with tracker:
                             tracker.mark_inputs(v for v in inputs.values() if isinstance(v, torch.Tensor))
@@ -336,6 +404,7 @@ class Engine:
                             # inclusive bytes per module when it failed (the diagnosis ranks them)
                             "live_by_module": tracker.state()["modules"],
                         }
+                    in_region = None
                     self.after_measure(extra)
                     if tracker.trace is not None:
                         self.replay_trace(tracker.trace, setup, extra)
@@ -354,6 +423,10 @@ class Engine:
             if sharding is not None:
                 sharding["at_peak"] = dict(result.sharding_at_peak)
             out.profile = self._profile(rm, setup, n_params, result, extra, oom, teacher_info, sharding)
+        except MemprofError:
+            raise
+        except Exception as e:  # KeyboardInterrupt and the like pass untouched
+            raise self._unexpected(e, rm, model, in_region) from e
         finally:
             rm.notes[:] = notes_before
         del model, runner, inputs
@@ -367,6 +440,24 @@ class Engine:
                 out.profile,
             )
         return out
+
+    def _unexpected(
+        self, e: Exception, rm: ResolvedModel, model: torch.nn.Module | None, tracker: Tracker | None
+    ) -> MemprofError:
+        """What an exception that escaped building or stepping means: a known limit, or a bug."""
+        op, raised, module = failure_site(e, model, tracker)
+        parts = [op if raised else f"after {op}"] if op else []
+        where = " ".join(parts + ([f"in module {module}"] if module else []))
+        if is_oom(e):  # outside the measured step (which keeps its partial profile): the build, the warm-up
+            line = str(e).strip().splitlines()
+            return OutOfMemory(
+                f"out of memory outside the measured step{f' ({where})' if where else ''}: "
+                f"{line[0][:300] if line else type(e).__name__}"
+            )
+        known = self.translate_error(e, rm.name, where)
+        if known is not None:
+            return known
+        return InternalError(e, model=rm.name, engine=self.name, op=op, op_raised=raised, module=module)
 
     def _attach_teacher(
         self,

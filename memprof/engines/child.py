@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from memprof.allocator import ENV_VAR, GENERIC_ENV_VAR, alloc_conf_string
-from memprof.errors import EnvironmentProblem, InputError, MemprofError, OutOfMemory
+from memprof.errors import EnvironmentProblem, InputError, InternalError, MemprofError, OutOfMemory
 from memprof.profile import Profile
 
 #: seconds between checks that the child is still alive while waiting for it
@@ -79,22 +79,32 @@ def _child_main(
             "env": {k: os.environ.get(k) for k in env_updates},
         }
         results.put(("result", payload))
+    except InternalError as e:  # its fields and the child's traceback, for the parent's crash report
+        fields = {k: getattr(e, k) for k in ("model", "engine", "op", "op_raised", "module")}
+        fields["message"] = e.what
+        results.put(("error", ("InternalError", str(e), None, fields | {"detail": e.traceback_text()})))
     except MemprofError as e:
         profile = getattr(e, "profile", None)
         results.put(
             ("error", (type(e).__name__, str(e), profile.to_dict() if isinstance(profile, Profile) else None))
         )
     except BaseException as e:  # a bug or a crash of the library: report it, do not hang the parent
-        results.put(("error", ("internal", f"{type(e).__name__}: {e}\n{traceback.format_exc()}", None)))
+        what = InternalError(e).what
+        fields = {"message": f"in the measurement child process: {what}", "detail": traceback.format_exc()}
+        results.put(("error", ("InternalError", str(e), None, fields)))
 
 
-def _raise_from_child(kind: str, message: str, profile: dict[str, Any] | None) -> None:
+def _raise_from_child(
+    kind: str, message: str, profile: dict[str, Any] | None, fields: dict[str, Any] | None = None
+) -> None:
     if kind == "OutOfMemory":
         raise OutOfMemory(message, Profile.from_dict(profile) if profile else None)
-    if kind == "InputError":
+    if kind in ("InputError", "NotSupported", "ProblemsError"):
         raise InputError(message)
     if kind == "EnvironmentProblem":
         raise EnvironmentProblem(message)
+    if kind == "InternalError":
+        raise InternalError(**(fields or {"message": message}))
     raise MemprofError(f"the measurement child process failed: {message}")
 
 
@@ -144,8 +154,8 @@ def run_in_child(
                 try:  # it may have put its result just before exiting
                     kind, payload = results.get(timeout=_POLL_S)
                 except queue.Empty:
-                    raise MemprofError(
-                        f"the measurement child process exited (code {proc.exitcode}) without a result"
+                    raise InternalError(
+                        message=f"the measurement child process exited (code {proc.exitcode}) without a result"
                     ) from None
             if kind == "progress":
                 if progress is not None:

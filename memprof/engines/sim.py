@@ -32,6 +32,7 @@ from memprof.engines.cuda_semantics import (
     cublas_workspace_bytes,
 )
 from memprof.engines.fake_fidelity import RealKernelLayouts, host_constants
+from memprof.errors import MemprofError, NotSupported
 from memprof.tracking import TraceEvent
 from memprof.units import format_bytes
 from memprof.workload import StepSetup, Workload
@@ -214,6 +215,23 @@ class SimEngine(Engine):
             hint = expandable_segments_hint(est, exp)
         self._hint = hint
         extra["allocator"] = {"source": "model", **est.to_dict(), "expandable_segments_hint": hint}
+
+    def translate_error(self, e: Exception, model: str, where: str) -> MemprofError | None:
+        """Fake tensors' known limits: a step that reads tensor values, an op without a fake kernel."""
+        from torch._subclasses.fake_tensor import (
+            DataDependentOutputException,
+            DynamicOutputShapeException,
+            UnsupportedOperatorException,
+        )
+
+        at = f" ({where})" if where else ""
+        if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
+            why = f"the step reads tensor values{at}"
+        elif isinstance(e, UnsupportedOperatorException):
+            why = f"the step runs an op fake tensors cannot run{at}"
+        else:
+            return None
+        return NotSupported(model, f"{why}; use --engine cpu to measure it", engine="sim")
 
     def peak_reserved(self) -> int | None:
         return self._estimate.peak_reserved_bytes if self._estimate is not None else None
