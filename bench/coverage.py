@@ -53,8 +53,8 @@ def _error(e: BaseException) -> str:
 
 def run_family(fam: ModuleType, name: str, tmp: Path, log: Callable[[str], None] = C.log) -> dict[str, Any]:
     """Every variant of one family: peaks, errors, seconds, and the differences from the cpu engine."""
-    from memprof.api import fake_model
     from memprof.models import resolve
+    from memprof.prepare import fake_model
     from memprof.workload import Workload
 
     t0 = time.perf_counter()

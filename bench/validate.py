@@ -263,7 +263,7 @@ def resolve_case(case: Case, tmp: Path) -> Any:
 def step_setup(case: Case) -> Any:
     """The StepSetup of a case: its workload, and the optimizations for autocast and checkpointing."""
     from memprof import optimizations
-    from memprof.compare import _apply
+    from memprof.prepare import apply_step
     from memprof.workload import StepSetup, Workload
 
     wl = Workload(
@@ -282,7 +282,7 @@ def step_setup(case: Case) -> Any:
         steps.append(("checkpointing", {}))
     for name, options in steps:
         # as memprof compare and plan do: check that it applies, apply, record it
-        reason = _apply(optimizations.make(name, options), None, setup)
+        reason = apply_step(optimizations.make(name, options), None, setup)
         if reason:
             raise ValueError(f"{case.name}: {name} does not apply: {reason}")
     return setup

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from memprof.distill import resolve_teacher
-from memprof.engines import SimEngine, get_engine
+from memprof.engines import SimEngine
 from memprof.engines.base import Engine, Measure, versions
 from memprof.errors import InputError, MemprofError, OutOfMemory
-from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count, resolve
+from memprof.models import ResolvedModel, parameter_count
+from memprof.prepare import estimate_state_bytes, fake_model, prepare
 from memprof.profile import ModuleStat, PhaseStat, Profile
 from memprof.sharding import Launch, gather_profiles
 from memprof.tracking import Tracker
@@ -91,80 +91,6 @@ def track(
             device = str(p.device)
     with tracker:
         yield TrackSession(tracker, model, device)
-
-
-def fake_model(rm: ResolvedModel, workload: Workload) -> torch.nn.Module:
-    """The model built on fake tensors: its structure and sizes, no memory, no values."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from memprof.engines.fake_fidelity import host_constants
-
-    notes = list(rm.notes)
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True), host_constants():
-            model, _ = build_model(
-                rm, dtype=workload.dtype, attn=workload.attn, load_weights=False, init_weights=False
-            )
-    finally:
-        rm.notes[:] = notes
-    return model
-
-
-def estimate_state_bytes(rm: ResolvedModel, workload: Workload) -> int:
-    """Parameters (+ gradients + optimizer state for training), counted on a fake build."""
-    n = parameter_count(fake_model(rm, workload))
-    per = torch.tensor([], dtype=DTYPES[workload.dtype]).element_size()
-    copies = 1
-    if workload.training:
-        copies += 1 + {"adamw": 2, "sgd": 1}.get(workload.optimizer, 0)
-    total = n * per * copies
-    if workload.mode == "distill" and workload.teacher:
-        # the teacher's parameters, in the student's dtype (the baseline's)
-        total += parameter_count(fake_model(resolve_teacher(rm, workload.teacher), workload)) * per
-    return total
-
-
-def prepare(
-    spec: str,
-    workload: Workload,
-    engine: str | Engine = "auto",
-    *,
-    task: str | None = None,
-    snapshot: str | None = None,
-    trust_remote_code: bool = False,
-    progress: Callable[[str], None] | None = None,
-) -> tuple[ResolvedModel, Engine]:
-    """Resolve a MODEL spec and pick the engine (``auto`` decides from the model's size).
-
-    Callers resolve what depends on the model in their workload right after:
-    ``workload = workload.for_model(rm)`` (``attn="auto"``).
-
-    Raises:
-        InputError, EnvironmentProblem: see :mod:`memprof.errors`.
-    """
-    rm = resolve(spec, task=task, trust_remote_code=trust_remote_code)
-    if workload.mode == "distill" and workload.teacher:
-        resolve_teacher(rm, workload.teacher)  # a teacher that cannot teach fails here, before any build
-    if isinstance(engine, Engine):
-        eng = engine
-    else:
-        estimate = None
-        if engine == "auto":
-            if progress:
-                progress("Counting parameters")
-            estimate = estimate_state_bytes(rm, workload)
-        eng = get_engine(engine, estimate_bytes=estimate, snapshot=snapshot)
-    if rm.source == "hub" and eng.load_weights and not rm.has_weights:
-        from memprof.errors import EnvironmentProblem
-        from memprof.models import fetch_hub_weights
-
-        try:
-            fetch_hub_weights(rm)
-        except EnvironmentProblem:
-            rm.notes.append(
-                "weights: not in the local cache; random initialisation (memory does not depend on values)"
-            )
-    return rm, eng
 
 
 def analyze(
@@ -425,4 +351,6 @@ def run_ranks(
     return profile
 
 
-__all__ = ["TrackSession", "analyze", "estimate_state_bytes", "prepare", "track"]
+# estimate_state_bytes, fake_model and prepare live in the shared layer (memprof.prepare);
+# they stay importable from here, where they were
+__all__ = ["TrackSession", "analyze", "estimate_state_bytes", "fake_model", "prepare", "track"]

@@ -33,13 +33,13 @@ import torch
 
 from memprof import __version__
 from memprof.allocator import ENV_VAR, alloc_conf_string
-from memprof.api import fake_model, prepare
-from memprof.compare import output_difference, stack, tokenizer_folder
+from memprof.compare import output_difference, tokenizer_folder
 from memprof.data import DataSpec
 from memprof.engines.base import Engine
 from memprof.engines.sim import SimEngine
 from memprof.errors import InputError
 from memprof.models import DTYPES, build_model
+from memprof.prepare import fake_model, prepare, stack
 from memprof.profile import Profile
 from memprof.recipes import Recipe
 from memprof.sharding import Launch

@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 
-from memprof.api import fake_model, prepare
 from memprof.data import DataSpec, encode, padding_plan
 from memprof.engines.base import Engine, Measure, RunResult
 from memprof.errors import EnvironmentProblem, InputError, OutOfMemory
-from memprof.optimizations.registry import Optimization
+from memprof.prepare import apply_step, fake_model, prepare
 from memprof.profile import Profile
 from memprof.recipes import Recipe
 from memprof.workload import StepSetup, Workload
@@ -227,7 +226,7 @@ def compare(
         row = StepResult(name=step.name, options=step.options, label=step.describe())
         cmp.steps.append(row)
         trial = setup.copy() if cumulative else base_setup.copy()
-        reason = _apply(step, model_view, trial)
+        reason = apply_step(step, model_view, trial)
         if reason:
             row.skipped = reason
             continue
@@ -262,42 +261,5 @@ def tokenizer_folder(rm: Any) -> Any:
     return None if rm.source == "bundled" else (rm.folder or rm.weights_dir)
 
 
-def _apply(step: Optimization, model: torch.nn.Module | None, setup: StepSetup) -> str | None:
-    """Apply ``step`` to ``setup``; the reason it does not apply, or None."""
-    reason = step.applies_to(model, setup)
-    if reason:
-        return reason
-    step.apply(setup)
-    setup.steps.append({"name": step.name, "options": step.options})
-    try:
-        setup.validate()
-    except InputError as e:
-        return str(e)
-    return None
-
-
-def stack(
-    recipe: Recipe,
-    workload: Workload,
-    model: torch.nn.Module | None,
-    *,
-    pretrained: bool = False,
-    data_lengths: list[int] | None = None,
-) -> tuple[StepSetup, list[str]]:
-    """The setup with every applicable step of the recipe, and the skipped steps' reasons.
-
-    ``pretrained``: the model's weights are trained ones (see :attr:`StepSetup.pretrained`);
-    ``data_lengths``: the token lengths of the data (what dynamic padding batches).
-    """
-    setup = StepSetup.of(workload)
-    setup.pretrained = pretrained
-    setup.data_lengths = list(data_lengths or [])
-    skipped = []
-    for step in recipe.steps:
-        trial = setup.copy()
-        reason = _apply(step, model, trial)
-        if reason:
-            skipped.append(f"{step.describe()}: {reason}")
-        else:
-            setup = trial
-    return setup, skipped
+#: the shared layer's (plan imports it from here until it moves to memprof.prepare)
+_apply = apply_step

@@ -128,8 +128,7 @@ class GateWorkload:
 
     def run(self, *, progress: Progress | None = None) -> Profile:
         """Profile this workload (with its optimizations stacked, if any)."""
-        from memprof.api import fake_model, prepare
-        from memprof.compare import stack
+        from memprof.prepare import fake_model, prepare, stack
         from memprof.recipes import from_names, load
 
         rm, eng = prepare(self.model, self.workload, self.engine, task=self.workload.task, progress=progress)

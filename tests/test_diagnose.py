@@ -13,10 +13,11 @@ import io
 
 import pytest
 
-from memprof.api import analyze, prepare
+from memprof.api import analyze
 from memprof.cli import main
 from memprof.engines import SimEngine
 from memprof.errors import InputError, OutOfMemory
+from memprof.prepare import prepare
 from memprof.profile import Profile
 from memprof.workload import Workload
 from tests.conftest import greedy_model, setup_with, tiny

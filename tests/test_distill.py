@@ -284,7 +284,7 @@ def test_which_optimizations_apply_to_distillation():
     done = setup_with(distill(), ("distill_teacher", {"dtype": "bfloat16"}))
     assert "already" in optimizations.make("distill_teacher").applies_to(None, done)
     assert optimizations.make("distill_teacher", {"topk": 8}).applies_to(None, done) is None
-    from memprof.api import fake_model
+    from memprof.prepare import fake_model
 
     student = fake_model(resolve(tiny("llama")), distill())
     why = optimizations.make("distill_teacher", {"topk": V}).applies_to(student, dist)

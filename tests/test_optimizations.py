@@ -387,7 +387,7 @@ def test_chunking_says_why_not():
     assert "inference" in optimizations.make("chunking", {"form": "prefill"}).applies_to(
         None, StepSetup.of(Workload())
     )
-    from memprof.api import fake_model
+    from memprof.prepare import fake_model
 
     bert = fake_model(resolve(tiny("bert")), Workload())
     assert "causal LMs" in optimizations.make("chunking", {"size": 8}).applies_to(
@@ -440,7 +440,7 @@ def test_structured_pruning_really_shrinks_the_ffn(llama):
 
 
 def test_structured_pruning_says_why_not():
-    from memprof.api import fake_model
+    from memprof.prepare import fake_model
 
     gpt2 = fake_model(resolve(tiny("gpt2")), Workload())
     assert "no feed-forward layout" in optimizations.make("pruning").applies_to(
@@ -465,7 +465,7 @@ def test_sliding_window_is_a_mask_with_eager_and_sdpa(attn):
 
 
 def test_local_attention_says_why_not():
-    from memprof.api import fake_model
+    from memprof.prepare import fake_model
 
     llama = fake_model(resolve(tiny("llama")), Workload())
     opt = optimizations.make("local_attention", {"window": 16})

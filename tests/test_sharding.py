@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import REPO, setup_with, tiny
 
-from memprof.api import prepare
 from memprof.cli import main
 from memprof.engines import SimEngine
+from memprof.prepare import prepare
 from memprof.workload import Workload
 
 LLAMA = tiny("llama")

@@ -9,12 +9,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from memprof import optimizations
-from memprof.api import fake_model
 from memprof.compare import compare
 from memprof.engines import CpuEngine, SimEngine
 from memprof.engines.base import Measure
 from memprof.errors import InputError
 from memprof.models import resolve
+from memprof.prepare import fake_model
 from memprof.recipes import from_names
 from memprof.surgery import prune_heads, sparsify_2to4
 from memprof.workload import StepSetup, Workload
