@@ -61,10 +61,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from memprof.errors import InputError
+from memprof.units import CUDA_BLOCK_BYTES
 
 MiB = 2**20
 #: every block is a multiple of this (kMinBlockSize)
-MIN_BLOCK = 512
+MIN_BLOCK = CUDA_BLOCK_BYTES
 #: largest request served from the small pool (kSmallSize)
 SMALL_SIZE = 1 * MiB
 #: segment size of the small pool (kSmallBuffer)

@@ -16,7 +16,7 @@ from memprof.prepare import estimate_state_bytes, fake_model, prepare
 from memprof.profile import ModuleStat, PhaseStat, Profile
 from memprof.sharding import Launch, gather_profiles
 from memprof.tracking import Tracker
-from memprof.units import format_bytes
+from memprof.units import CUDA_BLOCK_BYTES, format_bytes
 from memprof.workload import MOE_ROUTINGS, StepSetup, Workload
 
 
@@ -83,7 +83,7 @@ def track(
     Yields:
         A :class:`TrackSession`; call ``.profile()`` after (or inside) the block.
     """
-    tracker = Tracker(model, optimizer, block_rounding=512 if cuda_rounding else 1)
+    tracker = Tracker(model, optimizer, block_rounding=CUDA_BLOCK_BYTES if cuda_rounding else 1)
     device = "cpu"
     if model is not None:
         p = next(model.parameters(), None)

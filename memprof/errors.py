@@ -3,7 +3,7 @@
 Exit codes (documented in the README):
 
 ====  =====================================================================
-code  meaning
+code  meaning (:class:`ExitCode`)
 ====  =====================================================================
 0     success
 1     not returned by memprof (Python's code for a crash before memprof's
@@ -18,12 +18,31 @@ code  meaning
       budget (the closest plans are reported)
 70    internal error (EX_SOFTWARE): a bug in memprof or in a library it
       drives; one line on stderr, the traceback in a file (please report it)
+130   interrupted (Ctrl-C)
 ====  =====================================================================
 """
 
 from __future__ import annotations
 
 import traceback
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from memprof.profile import Profile
+
+
+class ExitCode(IntEnum):
+    """Every exit code memprof returns: the table above, the one place they are defined."""
+
+    OK = 0
+    INPUT = 2
+    ENVIRONMENT = 3
+    OUT_OF_MEMORY = 4
+    REGRESSION = 5
+    NO_PLAN_FITS = 6
+    INTERNAL = 70
+    INTERRUPTED = 130
 
 
 class MemprofError(Exception):
@@ -33,13 +52,13 @@ class MemprofError(Exception):
     classify, reported as an internal error's code.
     """
 
-    exit_code = 70
+    exit_code: int = ExitCode.INTERNAL
 
 
 class InputError(MemprofError):
     """The user's input is wrong: a path, a value, a config file."""
 
-    exit_code = 2
+    exit_code = ExitCode.INPUT
 
 
 class NotSupported(InputError):
@@ -77,15 +96,15 @@ class ProblemsError(InputError):
 class EnvironmentProblem(MemprofError):
     """The machine cannot do what was asked: no GPU, no network, no package."""
 
-    exit_code = 3
+    exit_code = ExitCode.ENVIRONMENT
 
 
 class OutOfMemory(MemprofError):
     """The measured step ran out of memory. ``profile`` holds what was measured."""
 
-    exit_code = 4
+    exit_code = ExitCode.OUT_OF_MEMORY
 
-    def __init__(self, message: str, profile: object | None = None) -> None:
+    def __init__(self, message: str, profile: Profile | None = None) -> None:
         super().__init__(message)
         self.profile = profile
 
@@ -97,7 +116,7 @@ class NoPlanFits(MemprofError):
     plans and what dominates their memory.
     """
 
-    exit_code = 6
+    exit_code = ExitCode.NO_PLAN_FITS
 
     def __init__(self, message: str, result: object | None = None) -> None:
         super().__init__(message)
@@ -124,7 +143,7 @@ class InternalError(MemprofError):
         detail: a traceback from elsewhere (a child process), kept for the crash file.
     """
 
-    exit_code = 70
+    exit_code = ExitCode.INTERNAL
 
     def __init__(
         self,

@@ -89,13 +89,6 @@ SHARD_ROLES: tuple[str, ...] = (
 _SHARDED, _UNSHARDED, _UNSHARDED_GRAD, _AG, _RS = range(5)
 
 
-def round_cuda_block(nbytes: int) -> int:
-    """Size the CUDA caching allocator really hands out: multiples of 512 bytes."""
-    if nbytes <= 0:
-        return 0
-    return ((nbytes + 511) // 512) * 512
-
-
 class TraceEvent(NamedTuple):
     """One allocation or free of a tracked storage (``Tracker(record_trace=True)``)."""
 

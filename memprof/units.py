@@ -10,6 +10,10 @@ import re
 
 from memprof.errors import InputError
 
+#: the CUDA caching allocator hands out multiples of this many bytes (kMinBlockSize):
+#: the tracker's rounding on cuda and sim, and the allocator model's smallest block
+CUDA_BLOCK_BYTES = 512
+
 _BINARY = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _DECIMAL = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import typer
 
-from memprof.errors import InternalError, MemprofError, OutOfMemory
+from memprof.errors import ExitCode, InternalError, MemprofError, OutOfMemory
 
 #: where crash reports go (default: a ``memprof`` folder in the system's temporary folder)
 CRASH_DIR_VAR = "MEMPROF_CRASH_DIR"
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = e.exit_code
     except KeyboardInterrupt:
         error_line("interrupted")
-        code = 130
+        code = ExitCode.INTERRUPTED
     except Exception as e:
         # Typer vendors its own click in recent releases: match click's
         # exceptions by shape rather than by class.
@@ -176,10 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = int(e.exit_code)
         elif name == "Abort":
             error_line("aborted")
-            code = 130
+            code = ExitCode.INTERRUPTED
         elif name == "NoArgsIsHelpError":
             command.main(args=[*args, "--help"], prog_name="memprof", standalone_mode=False)
-            code = 2
+            code = ExitCode.INPUT
         elif hasattr(e, "format_message") and hasattr(e, "exit_code"):
             error_line(e.format_message().replace("\n", " "))
             code = int(e.exit_code)

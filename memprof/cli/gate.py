@@ -13,11 +13,10 @@ from memprof import gate
 from memprof.cli import options as O
 from memprof.cli.common import check_output, spinner, stdout_console, write_output
 from memprof.cli.compare import RECIPE, STEP
-from memprof.errors import EnvironmentProblem, InputError
+from memprof.errors import EnvironmentProblem, ExitCode, InputError
 from memprof.report import gate as render
 
 #: exit code of `memprof check` when a workload's peak grew beyond the tolerance
-REGRESSION_EXIT = 5
 
 
 class Format(str, Enum):
@@ -163,4 +162,4 @@ def check(
             + ", ".join(f"{k} {a} -> {b2}" for k, (a, b2) in rep.version_changes.items())
             + " (refresh the baseline, or drop --strict-versions)"
         )
-    return REGRESSION_EXIT if rep.regressions else 0
+    return ExitCode.REGRESSION if rep.regressions else ExitCode.OK

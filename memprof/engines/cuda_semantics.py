@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-CUDA_BLOCK_ROUNDING = 512
+from memprof.units import CUDA_BLOCK_BYTES
+
+CUDA_BLOCK_ROUNDING = CUDA_BLOCK_BYTES
 
 
 def cublas_workspace_bytes(sm_major: int = 9) -> int:

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memprof import __version__
 from memprof.errors import EnvironmentProblem
-from memprof.profile import Profile, write_atomic
+from memprof.profile import Profile
 from memprof.tracking import CATEGORIES
 from memprof.units import format_bytes, format_count
 
@@ -780,8 +779,3 @@ def check_html(rep: CheckReport) -> str:
     if rep.version_changes:
         page.notes([f"{k}: {a} -> {b2}" for k, (a, b2) in rep.version_changes.items()])
     return page.render()
-
-
-def write_html(path: str | Path, text: str) -> None:
-    """Write a report atomically (readers see the old file or the new, never half)."""
-    write_atomic(Path(path), text)
