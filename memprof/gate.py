@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from memprof import __version__
+from memprof.choices import EngineName, values
 from memprof.errors import InputError, MemprofError, ProblemsError
 from memprof.profile import Profile, write_atomic
 from memprof.tracking import CATEGORIES
@@ -61,7 +62,8 @@ _WORKLOAD_KEYS = (
     "experts",
 )
 _ENTRY_KEYS = ("name", "model", "engine", "recipe", "steps", *_WORKLOAD_KEYS)
-ENGINES = ("sim", "cpu", "cuda", "auto")
+#: the engines a workloads entry may name (sim, the deterministic one, first: the default)
+ENGINES = ("sim", *(e for e in values(EngineName) if e != "sim"))
 
 Progress = Callable[[str], None]
 

@@ -28,32 +28,31 @@ from typing import Any
 
 import torch
 
+from memprof.choices import DType, Task, values
 from memprof.errors import EnvironmentProblem, InputError
 
 #: tasks memprof builds inputs for, with the transformers auto class of each
 TASKS: dict[str, str] = {
-    "causal-lm": "AutoModelForCausalLM",
-    "masked-lm": "AutoModelForMaskedLM",
-    "seq-classification": "AutoModelForSequenceClassification",
-    "seq2seq-lm": "AutoModelForSeq2SeqLM",
-    "speech-seq2seq": "AutoModelForSpeechSeq2Seq",
-    "image-classification": "AutoModelForImageClassification",
-    "feature-extraction": "AutoModel",
+    Task.causal_lm.value: "AutoModelForCausalLM",
+    Task.masked_lm.value: "AutoModelForMaskedLM",
+    Task.seq_classification.value: "AutoModelForSequenceClassification",
+    Task.seq2seq_lm.value: "AutoModelForSeq2SeqLM",
+    Task.speech_seq2seq.value: "AutoModelForSpeechSeq2Seq",
+    Task.image_classification.value: "AutoModelForImageClassification",
+    Task.feature_extraction.value: "AutoModel",
     # CLIP-style pairs of towers trained with a contrastive loss (transformers' example
     # of the same name); the auto class is the one that builds CLIPModel, SiglipModel...
-    "contrastive-image-text": "AutoModelForZeroShotImageClassification",
+    Task.contrastive_image_text.value: "AutoModelForZeroShotImageClassification",
     # a vision tower feeding a language model (LLaVA, Qwen2-VL, Gemma 3...)
-    "image-text-to-text": "AutoModelForImageTextToText",
+    Task.image_text_to_text.value: "AutoModelForImageTextToText",
 }
+if set(TASKS) != set(values(Task)):  # pragma: no cover - a task added to one place only
+    raise RuntimeError("memprof.models.TASKS and memprof.choices.Task disagree")
 
 #: the tasks whose inputs pair images with text
 IMAGE_TEXT_TASKS = ("contrastive-image-text", "image-text-to-text")
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {d.value: getattr(torch, d.value) for d in DType}
 
 _SPEECH_TYPES = {"whisper", "speech_to_text", "speech_encoder_decoder"}
 _VISION_TYPES = {"vit", "deit", "beit", "swin", "convnext", "dinov2", "vit_mae", "resnet", "mobilevit"}

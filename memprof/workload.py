@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from memprof.allocator import AllocatorSettings
+from memprof.choices import MORE_OPTIMIZERS, Attn, Experts, Mode, MoeRouting, Optim, values
 from memprof.chunking import cache_keyword, chunked_forward, chunked_lm_loss, output_cache
 from memprof.distill import DistillLoss, DistillPair, TopkTeacher, teacher_inputs
 from memprof.errors import EnvironmentProblem, InputError
@@ -33,16 +34,13 @@ from memprof.models import DTYPES, InputBuilder, ResolvedModel, call_model
 from memprof.surgery import apply_transform
 from memprof.units import format_bytes
 
-MODES = ("train", "infer", "distill")
+MODES = values(Mode)
 #: modes whose step trains (backward, optimizer): the student, in distillation
 TRAINING_MODES = ("train", "distill")
-OPTIMIZERS = ("adamw", "sgd", "adafactor", "adamw8bit", "none")
-#: attention implementations; auto: the model's own, as from_pretrained picks it (sdpa where supported)
-ATTNS = ("auto", "eager", "sdpa")
-#: mixture-of-experts routing assumptions of the sim engine (memprof.engines.moe.ROUTINGS)
-MOE_ROUTINGS = ("balanced", "worst")
-#: transformers' experts implementations memprof runs ("auto": the library's own choice)
-EXPERTS = ("auto", "grouped_mm", "batched_mm", "eager")
+OPTIMIZERS = values(Optim)[:-1] + MORE_OPTIMIZERS + ("none",)
+ATTNS = values(Attn)
+MOE_ROUTINGS = values(MoeRouting)
+EXPERTS = values(Experts)
 
 
 @dataclass(frozen=True)

@@ -2,72 +2,16 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 
 import typer
 
+from memprof.choices import Attn, DType, EngineName, Experts, Mode, MoeRouting, Optim, Shard, Task
 from memprof.data import DataSpec
 from memprof.workload import Workload
 
-
-class Mode(str, Enum):
-    train = "train"
-    infer = "infer"
-    distill = "distill"
-
-
-class DType(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class Optim(str, Enum):
-    adamw = "adamw"
-    sgd = "sgd"
-    none = "none"
-
-
-class Attn(str, Enum):
-    auto = "auto"
-    eager = "eager"
-    sdpa = "sdpa"
-
-
-class MoeRouting(str, Enum):
-    balanced = "balanced"
-    worst = "worst"
-
-
-class Experts(str, Enum):
-    auto = "auto"
-    grouped_mm = "grouped_mm"
-    batched_mm = "batched_mm"
-    eager = "eager"
-
-
-class EngineName(str, Enum):
-    auto = "auto"
-    cuda = "cuda"
-    cpu = "cpu"
-    sim = "sim"
-
-
-class Shard(str, Enum):
-    fsdp = "fsdp"
-
-
-class Task(str, Enum):
-    causal_lm = "causal-lm"
-    masked_lm = "masked-lm"
-    seq_classification = "seq-classification"
-    seq2seq_lm = "seq2seq-lm"
-    speech_seq2seq = "speech-seq2seq"
-    image_classification = "image-classification"
-    feature_extraction = "feature-extraction"
-    contrastive_image_text = "contrastive-image-text"
-    image_text_to_text = "image-text-to-text"
+# the choices live in memprof.choices (one place); re-exported for the commands
+__all__ = ["Attn", "DType", "EngineName", "Experts", "Mode", "MoeRouting", "Optim", "Shard", "Task"]
 
 
 MODEL = typer.Argument(

@@ -6,12 +6,13 @@ import os
 
 import torch
 
+from memprof.choices import EngineName, values
 from memprof.engines.base import Engine
 from memprof.engines.cpu import CpuEngine
 from memprof.engines.sim import SimEngine
 from memprof.errors import InputError
 
-ENGINES = ("auto", "cuda", "cpu", "sim")
+ENGINES = values(EngineName)
 
 
 def available_ram_bytes() -> int | None:
