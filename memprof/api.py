@@ -226,7 +226,7 @@ def analyze(
         if not isinstance(e.profile, Profile):
             raise
         oom, profile = e, e.profile
-        if budget is None and eng.name == "cuda" and torch.cuda.is_available():
+        if budget is None and eng.gpu and torch.cuda.is_available():
             budget = int(torch.cuda.get_device_properties(eng.device()).total_memory)
     if oom is None and launch is None:
         other_routing(eng, rm, setup, profile, progress=progress, allow_pickle=allow_pickle)

@@ -158,7 +158,7 @@ def apply(
     before = after = None
     if profile:
         prof_eng = eng
-        if setup.shard and eng.name != "sim" and Launch.from_env() is None:
+        if setup.shard and not eng.simulated and Launch.from_env() is None:
             # real ranks need torchrun: the sharded step (and its baseline) is projected
             prof_eng = SimEngine()
             prof_eng.reason = "apply: a sharded step is projected (real ranks run under torchrun)"

@@ -178,7 +178,7 @@ def compare(
     workload.validate()
     rm, eng = prepare(spec, workload, engine, task=task, trust_remote_code=trust_remote_code, progress=say)
     workload = workload.for_model(rm)
-    real = eng.name != "sim"
+    real = not eng.simulated
     measure = Measure(flops=True, timing_steps=timing_steps if real else 0, quality=real)
     base_setup = StepSetup.of(workload)
     base_setup.pretrained = rm.has_weights and eng.load_weights
@@ -242,7 +242,7 @@ def compare(
             row.error = str(e)
             continue
         except RuntimeError as e:
-            if eng.name != "sim":
+            if not eng.simulated:
                 raise
             # fake tensors cannot run data-dependent code (e.g. torchao's 8-bit optimizer
             # builds its quantization map with .tolist()): say so in the row

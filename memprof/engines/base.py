@@ -171,6 +171,11 @@ class Engine:
     """Base engine; subclasses set the class attributes and override the hooks."""
 
     name = "base"
+    #: the step runs on fake tensors: no values, no real memory (the engine's capabilities
+    #: are attributes; nothing tests an engine by its name)
+    simulated = False
+    #: the step runs on a CUDA device
+    gpu = False
     block_rounding = 1
     #: keep the measured step's allocation trace (the sim engine replays it)
     record_trace = False
@@ -284,7 +289,7 @@ class Engine:
         workload = setup.workload
         extra: dict[str, Any] = {}
         dev = self.device()
-        real = self.name != "sim"
+        real = not self.simulated
         notes_before = list(rm.notes)
         # resolved before anything is built: a teacher that cannot teach fails fast
         trm = (
@@ -312,7 +317,7 @@ class Engine:
                 inputs = builder.build(workload.batch_size, workload.seq_len, dev, with_labels=train)
                 env = RunEnv(
                     device_type=dev.type,
-                    simulate_cuda=self.name == "sim",
+                    simulate_cuda=self.simulated,
                     default_foreach=self.foreach,
                     recompute_context=self.recompute_context(),
                     mesh=mesh,
@@ -334,7 +339,7 @@ class Engine:
                             say("Quality probe on the data's texts")
                             batch = {k: v.to(dev) for k, v in measure.texts.items()}
                             out.embeddings = runner.embed(batch)
-                    if train or self.name == "cuda" or measure.flops or measure.timing_steps:
+                    if train or self.gpu or measure.flops or measure.timing_steps:
                         say("Warm-up step (creates optimizer state, initialises kernels)")
                         torch.manual_seed(measure.seed)
                         if measure.flops:

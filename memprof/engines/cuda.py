@@ -110,6 +110,7 @@ class CudaEngine(Engine):
     """A real step on CUDA device ``index``."""
 
     name = "cuda"
+    gpu = True
     block_rounding = CUDA_BLOCK_ROUNDING
     load_weights = True
     foreach = None  # torch's default on CUDA is foreach

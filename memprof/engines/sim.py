@@ -45,6 +45,7 @@ class SimEngine(Engine):
     """Fake-tensor step projected to CUDA (default target: a Hopper-class GPU, sm 9.x)."""
 
     name = "sim"
+    simulated = True
     block_rounding = CUDA_BLOCK_ROUNDING
     load_weights = False
     init_weights = False  # fake tensors have no values to initialise
