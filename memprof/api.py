@@ -13,7 +13,7 @@ from memprof.engines.base import Engine, Measure, versions
 from memprof.errors import InputError, MemprofError, OutOfMemory
 from memprof.models import ResolvedModel, parameter_count
 from memprof.prepare import estimate_state_bytes, fake_model, prepare
-from memprof.profile import ModuleStat, PhaseStat, Profile
+from memprof.profile import Profile, from_tracker
 from memprof.sharding import Launch, gather_profiles
 from memprof.tracking import Tracker
 from memprof.units import CUDA_BLOCK_BYTES, format_bytes
@@ -40,7 +40,8 @@ class TrackSession:
         """The plain-data profile of what ran inside the ``with`` block."""
         r = self.tracker.result()
         model = self._model
-        return Profile(
+        return from_tracker(
+            r,
             engine="track",
             engine_reason="memprof.track() around user code",
             device=self._device,
@@ -49,15 +50,6 @@ class TrackSession:
                 "parameters": parameter_count(model) if model is not None else 0,
             },
             workload={},
-            peak_bytes=r.peak_bytes,
-            categories_at_peak=dict(r.categories_at_peak),
-            phases=[PhaseStat(p["name"], p["peak_bytes"]) for p in r.phases],
-            modules=[
-                ModuleStat(m.name, m.type, m.peak_bytes, m.activation_bytes, m.bytes_at_peak)
-                for m in r.modules
-            ],
-            peak_phase=r.peak_phase,
-            peak_module=r.peak_module,
             versions=versions(),
         )
 

@@ -188,6 +188,44 @@ class Profile:
             raise InputError(f"profile is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def from_tracker(
+    r: Any,
+    *,
+    engine: str,
+    device: str,
+    model: dict[str, Any],
+    workload: dict[str, Any],
+    categories_at_peak: dict[str, int] | None = None,
+    peak_bytes: int | None = None,
+    **fields: Any,
+) -> Profile:
+    """The one place a Profile is built from a tracker's result (:class:`memprof.tracking.TrackerResult`).
+
+    Engines and :func:`memprof.track` give what they know beside it in ``fields``;
+    ``categories_at_peak`` and ``peak_bytes`` override the tracker's (the cuda
+    engine reconciles them with the allocator's own peak).
+    """
+    return Profile(
+        engine=engine,
+        device=device,
+        model=model,
+        workload=workload,
+        peak_bytes=int(r.peak_bytes if peak_bytes is None else peak_bytes),
+        categories_at_peak={
+            c: int(v)
+            for c, v in (r.categories_at_peak if categories_at_peak is None else categories_at_peak).items()
+        },
+        phases=[PhaseStat(p["name"], int(p["peak_bytes"])) for p in r.phases],
+        modules=[
+            ModuleStat(m.name, m.type, int(m.peak_bytes), int(m.activation_bytes), int(m.bytes_at_peak))
+            for m in r.modules
+        ],
+        peak_phase=r.peak_phase,
+        peak_module=r.peak_module,
+        **fields,
+    )
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a file so that readers see the old content or the new, never half."""
     path = Path(path)

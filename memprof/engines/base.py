@@ -26,7 +26,7 @@ from memprof.distill import SIDES, resolve_teacher
 from memprof.engines.moe import router_counts
 from memprof.errors import InputError, InternalError, MemprofError, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count
-from memprof.profile import ModuleStat, PhaseStat, Profile
+from memprof.profile import Profile, from_tracker
 from memprof.tracking import CATEGORIES, TraceEvent, Tracker, TrackerResult
 from memprof.workload import RunEnv, StepRunner, StepSetup, Workload
 
@@ -645,7 +645,8 @@ class Engine:
             notes.append(
                 "steady state: one warm-up step ran first, so optimizer state exists as in every step but the first"
             )
-        return Profile(
+        return from_tracker(
+            r,
             engine=self.name,
             engine_reason=self.reason,
             device=self.device_name(),
@@ -662,13 +663,6 @@ class Engine:
             peak_bytes=peak,
             peak_reserved_bytes=self.peak_reserved(),
             categories_at_peak=cats,
-            phases=[PhaseStat(p["name"], int(p["peak_bytes"])) for p in r.phases],
-            modules=[
-                ModuleStat(m.name, m.type, int(m.peak_bytes), int(m.activation_bytes), int(m.bytes_at_peak))
-                for m in r.modules
-            ],
-            peak_phase=r.peak_phase,
-            peak_module=r.peak_module,
             overheads=extra.get("overheads", {}),
             nvml=extra.get("nvml"),
             versions=versions(),
