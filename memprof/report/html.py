@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memprof import __version__
+from memprof._version import __version__
 from memprof.errors import EnvironmentProblem
 from memprof.profile import Profile, write_atomic
 from memprof.tracking import CATEGORIES
