@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from memprof import __version__
+from memprof._version import __version__
 from memprof.allocator import ENV_VAR, alloc_conf_string
 from memprof.compare import output_difference, tokenizer_folder
 from memprof.data import DataSpec

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from memprof import __version__
+from memprof._version import __version__
 from memprof.choices import EngineName, values
 from memprof.errors import InputError, MemprofError, ProblemsError
 from memprof.profile import Profile, write_atomic

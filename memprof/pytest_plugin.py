@@ -13,8 +13,11 @@ on them itself or states a budget with the marker::
         memprof.assert_within_baseline("memprof-baseline.json", "gpt2-train-b2-s128", tolerance="1%")
 
 A failure prints the memory at the peak by category and the modules that held
-the most (for a baseline: the categories and modules that grew). Nothing heavy
-is imported until a test uses the fixture.
+the most (for a baseline: the categories and modules that grew).
+
+Loading the plugin imports only pytest (``import memprof`` is lazy): torch,
+transformers and memprof's library load when a test records a step with the
+fixture, so a suite that never uses memprof pays nothing for it.
 """
 
 from __future__ import annotations

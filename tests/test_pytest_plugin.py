@@ -44,6 +44,22 @@ def test_the_plugin_is_registered_for_pytest():
     assert any(e.value == "memprof.pytest_plugin" for e in entry_points(group="pytest11"))
 
 
+def test_a_suite_that_does_not_use_memprof_never_imports_torch(tmp_path):
+    code, out = run_pytest(
+        tmp_path,
+        f"""
+import sys
+
+def test_plain(request):
+    plugin = request.config.pluginmanager.get_plugin("memprof")
+    assert plugin is not None and plugin.__file__.startswith({str(REPO)!r})
+    heavy = [m for m in ("torch", "transformers", "yaml", "memprof.api") if m in sys.modules]
+    assert heavy == []
+""",
+    )
+    assert code == 0 and "1 passed" in out, out
+
+
 def test_marker_fails_a_step_over_budget_and_passes_one_under(tmp_path):
     code, out = run_pytest(
         tmp_path,

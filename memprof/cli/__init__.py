@@ -66,7 +66,7 @@ def _versions() -> str:
     """memprof's, torch's, transformers' and Python's versions, without importing the libraries."""
     from importlib import metadata
 
-    from memprof import __version__
+    from memprof._version import __version__
 
     out = [f"memprof {__version__}"]
     for dist in ("torch", "transformers"):

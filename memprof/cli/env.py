@@ -15,7 +15,7 @@ from memprof.units import format_bytes
 def collect() -> dict:
     import transformers
 
-    from memprof import __version__
+    from memprof._version import __version__
     from memprof.engines.cuda import nvml_snapshot
 
     info: dict = {

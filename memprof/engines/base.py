@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from memprof import __version__
+from memprof._version import __version__
 from memprof.distill import SIDES, resolve_teacher
 from memprof.engines.moe import router_counts
 from memprof.errors import InputError, InternalError, MemprofError, OutOfMemory

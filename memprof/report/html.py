@@ -29,7 +29,7 @@ import html
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from memprof import __version__
+from memprof._version import __version__
 from memprof.errors import EnvironmentProblem
 from memprof.profile import Profile
 from memprof.tracking import CATEGORIES
