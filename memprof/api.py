@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from memprof.distill import resolve_teacher
+from memprof.distill_loss import resolve_teacher
 from memprof.engines import SimEngine, get_engine
 from memprof.engines.base import Engine, Measure, versions
 from memprof.errors import InputError, MemprofError, OutOfMemory
