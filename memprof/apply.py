@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from memprof._version import __version__
-from memprof.allocator import ENV_VAR, alloc_conf_string
+from memprof.allocator_model import ENV_VAR, alloc_conf_string
 from memprof.compare import output_difference, tokenizer_folder
 from memprof.data import DataSpec
 from memprof.engines.base import Engine
@@ -43,7 +43,6 @@ from memprof.prepare import fake_model, prepare, stack
 from memprof.profile import Profile
 from memprof.recipes import Recipe
 from memprof.sharding import Launch
-from memprof.surgery import apply_transform, checkpoint_problem
 from memprof.workload import StepSetup, Workload, main_output
 
 SCHEMA = "memprof.apply/1"
@@ -148,13 +147,13 @@ def apply(
             + "; ".join(skipped or ["empty recipe"])
         )
     # Refuse before any profiling: a checkpoint that does not reload as the measured model is worse than none.
-    unsaveable = [why for t in setup.model_transforms if (why := checkpoint_problem(t))]
+    steps = setup.optimizations()
+    unsaveable = [why for o in steps if (why := o.checkpoint_problem())]
     if unsaveable:
         raise InputError(f"{spec}: cannot write this checkpoint: " + "; ".join(unsaveable))
     # The transforms in the form a checkpoint holds (masks folded in, BERT's heads zeroed
     # rather than removed): the "after" profile then measures what the written model takes.
-    for transform in setup.model_transforms:
-        transform.update(permanent=True, checkpoint=True)
+    setup.checkpoint_form = True
     before = after = None
     if profile:
         prof_eng = eng
@@ -196,14 +195,18 @@ def apply(
         say("Writing the checkpoint")
         if source is not None:
             model = source
-            quant = [t for t in setup.model_transforms if t["kind"] == "quantize"]
-            if dtype != workload.dtype or setup.model_transforms:
+            rewrites = [o for o in steps if o.rewrites_model]
+            # quantization is written below through transformers' own quantizer
+            quant = [
+                {"backend": o.backend, "bits": o.config.bits} for o in rewrites if o.name == "quantization"
+            ]
+            if dtype != workload.dtype or rewrites:
                 # a changed copy: the source model stays as loaded, for the verification below
                 model = copy.deepcopy(source)
-                for transform in setup.model_transforms:
-                    if transform["kind"] == "quantize":
+                for o in rewrites:
+                    if o.name == "quantization":
                         continue  # below: transformers' own quantizer writes the reloadable format
-                    notes.append(apply_transform(model, transform))
+                    notes.append(o.transform_model(model, setup))
                 model = model.to(DTYPES[dtype])
             if quant:
                 notes.append(_save_quantized(model, quant[0], tmp, out.parent))
@@ -262,7 +265,7 @@ def apply(
 
 
 def quantization_config(spec: dict[str, Any]) -> Any:
-    """The transformers quantization config for a ``quantize`` transform, or InputError if none can be saved."""
+    """The transformers quantization config for ``{"backend", "bits"}``, or InputError if none can be saved."""
     backend, bits = spec["backend"], spec.get("bits", 8)
     if backend == "torchao":
         from transformers import TorchAoConfig
@@ -278,7 +281,7 @@ def quantization_config(spec: dict[str, Any]) -> Any:
         if bits == 4:
             return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
         return BitsAndBytesConfig(load_in_8bit=True)
-    raise InputError(checkpoint_problem(spec) or f"{backend} quantization has no checkpoint format")
+    raise InputError(f"{backend} quantization has no checkpoint format")
 
 
 def _save_quantized(model: Any, spec: dict[str, Any], tmp: Path, parent: Path) -> str:

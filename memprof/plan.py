@@ -80,7 +80,7 @@ import torch
 import yaml
 
 from memprof import optimizations, recipes
-from memprof.allocator import SMALL_BUFFER
+from memprof.allocator_model import SMALL_BUFFER
 from memprof.api import fake_model, prepare
 from memprof.compare import _apply
 from memprof.engines.base import Engine, Measure

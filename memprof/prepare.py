@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from memprof.distill import resolve_teacher
+from memprof.distill_loss import resolve_teacher
 from memprof.engines import get_engine
 from memprof.engines.base import Engine
 from memprof.errors import EnvironmentProblem, InputError

@@ -11,7 +11,7 @@ version; removing or renaming one bumps it.
 caching allocator's numbers beside the peak. ``source`` says where they come
 from: ``"measured"`` (cuda engine: ``max_memory_reserved`` and
 ``max_memory_allocated``) or ``"model"`` (sim engine: the step's allocations
-replayed through :mod:`memprof.allocator`, an estimate); ``conf`` is the
+replayed through :mod:`memprof.allocator_model`, an estimate); ``conf`` is the
 ``PYTORCH_CUDA_ALLOC_CONF`` in effect, ``peak_reserved_bytes``,
 ``peak_allocated_bytes``, ``fragmentation_bytes`` (reserved minus allocated at
 their peaks) and ``segments``.

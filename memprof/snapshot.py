@@ -3,7 +3,7 @@
 Two directions:
 
 * **model to snapshot** (sim engine): :func:`model_snapshot` replays a trace
-  through the allocator model (:mod:`memprof.allocator`) and returns the
+  through the allocator model (:mod:`memprof.allocator_model`) and returns the
   snapshot of its state at the end, with the device trace of every action it
   took; :func:`write_snapshot` pickles it as ``torch.cuda.memory._dump_snapshot``
   does, so ``python -m torch.cuda._memory_viz stats|trace|segments FILE`` and
@@ -48,7 +48,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from memprof.allocator import (
+from memprof.allocator_model import (
     AllocatorEstimate,
     AllocatorSettings,
     CachingAllocatorModel,
@@ -85,7 +85,7 @@ def model_snapshot(
     """Replay a trace through the allocator model, recording what a CUDA snapshot holds.
 
     Args:
-        events: the trace, as :func:`memprof.allocator.replay` takes it (the
+        events: the trace, as :func:`memprof.allocator_model.replay` takes it (the
             tracker's :class:`~memprof.tracking.TraceEvent` items: their phase and
             op counter go into the snapshot's frames and ``time_us``).
         settings: the allocator settings (None: PyTorch's defaults).
@@ -94,7 +94,7 @@ def model_snapshot(
         max_points: the timeline's bound.
 
     Returns:
-        The estimate (the same numbers as :func:`~memprof.allocator.replay`) and
+        The estimate (the same numbers as :func:`~memprof.allocator_model.replay`) and
         the snapshot (plain data; see the module docstring).
 
     Raises:
@@ -374,7 +374,7 @@ def _series(trace: list[dict[str, Any]]) -> tuple[list[int], list[int], list[int
 
 
 def replay_events(snapshot: Mapping[str, Any], device: int = 0) -> list[tuple[int, int, bool]]:
-    """A GPU's allocations and frees as :func:`memprof.allocator.replay` takes them (keyed by address).
+    """A GPU's allocations and frees as :func:`memprof.allocator_model.replay` takes them (keyed by address).
 
     The blocks live when the history starts come first, allocated in address
     order at their requested sizes (their real order is older than the
@@ -439,8 +439,8 @@ def cuda_allocator_view(
         tracker's op counter; ``event``, ``allocated``, ``reserved``, ``rows``,
         ``peak_allocated_index``, ``peak_reserved_index``), ``at_peak``
         (``allocated`` and ``reserved``: the state when each first reached its
-        peak, keys :data:`memprof.allocator.AT_PEAK_KEYS`, ``op`` None),
-        ``expandable_segments_hint`` (:func:`memprof.allocator.expandable_segments_hint`
+        peak, keys :data:`memprof.allocator_model.AT_PEAK_KEYS`, ``op`` None),
+        ``expandable_segments_hint`` (:func:`memprof.allocator_model.expandable_segments_hint`
         of the model replaying the history; None when expandable segments are
         already on or the settings are not understood) and ``notes``.
     """

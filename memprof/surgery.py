@@ -1,11 +1,11 @@
-"""Model surgery: transforms that change a built model (pruning, gated MLPs), described as plain data.
+"""Model surgery: functions that change a built model (pruning, quantization, gated MLPs).
 
-A transform is a dict (``{"kind": "prune_unstructured", "amount": 0.5}``) kept in
-:attr:`memprof.workload.StepSetup.model_transforms`; :func:`apply_transform`
-carries it out on a model (real or fake tensors) and returns a line for the
-report with what it measured (sparsity, sizes). ``memprof apply`` runs the
-same transforms on the loaded weights with ``checkpoint: True`` (the form a
-saved checkpoint can hold) and asks :func:`checkpoint_problem` first.
+Each carries out one change on a model (real or fake tensors) and returns a
+line for the report with what it measured (sparsity, sizes). The
+optimizations call them from their ``transform_model`` hook
+(:mod:`memprof.optimizations.pruning`, ``quantization``, ``glu``); ``memprof
+apply`` runs the same hooks on the loaded weights in the form a saved
+checkpoint can hold (``StepSetup.checkpoint_form``).
 """
 
 from __future__ import annotations
@@ -23,45 +23,6 @@ import torch.nn.utils.prune as prune
 
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.units import format_bytes
-
-
-def apply_transform(model: torch.nn.Module, spec: dict[str, Any]) -> str:
-    """Carry out one transform on ``model`` in place; return what it did, measured."""
-    kind = spec["kind"]
-    if kind == "prune_unstructured":
-        return prune_unstructured(model, spec["amount"], permanent=spec.get("permanent", True))
-    if kind == "prune_ffn":
-        return prune_ffn(model, spec["amount"])
-    if kind == "quantize":
-        return quantize(model, spec["backend"], spec.get("bits", 8))
-    if kind == "prune_heads":
-        return prune_heads(model, spec["amount"], checkpoint=spec.get("checkpoint", False))
-    if kind == "sparsify_2to4":
-        # safetensors holds plain tensors: a checkpoint keeps the dense zeros
-        compress = spec.get("compress", False) and not spec.get("checkpoint", False)
-        return sparsify_2to4(model, compress=compress)
-    if kind == "gated_mlp":
-        return gated_mlp(model, spec["activation"])
-    raise InputError(f"unknown model transform {kind!r}")
-
-
-def checkpoint_problem(spec: dict[str, Any]) -> str | None:
-    """Why a checkpoint cannot hold the result of this transform, or None."""
-    if spec["kind"] == "quantize" and spec["backend"] == "torch.ao":
-        return (
-            "torch.ao quantization cannot be saved in a format transformers reloads (its packed CPU "
-            "modules have no checkpoint format): install torchao and use the quantization step with backend torchao"
-        )
-    if spec["kind"] == "gated_mlp":
-        # The gated MLP is a different function with new random weights; the stock
-        # architecture class would rebuild a plain MLP from config.json, so no file
-        # memprof could write reloads as the model that was measured.
-        return (
-            "glu replaces the MLP with a gated one that the model's stock transformers class cannot "
-            "build from config.json: a written checkpoint would not reload as the measured model "
-            "(measure it with memprof compare; build the gated model in your own code)"
-        )
-    return None
 
 
 def _linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:

@@ -172,7 +172,7 @@ class Tracker(TorchDispatchMode):
             tensors are never counted: they hold no memory (the sim engine
             offloads to them to stand for host memory).
         record_trace: keep the ordered allocations and frees in :attr:`trace`
-            (what :mod:`memprof.allocator` replays); the tensors that exist on
+            (what :mod:`memprof.allocator_model` replays); the tensors that exist on
             entry come first, as allocations. Off: :attr:`trace` is None and
             nothing is recorded.
         distributed: the model is sharded with FSDP2 (parameters are DTensors):

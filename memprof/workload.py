@@ -1,9 +1,13 @@
 """The step to measure: a training step or an inference step, and its settings.
 
 :class:`Workload` is what the user asked for (mode, shapes, dtype, optimizer).
-:class:`StepSetup` is the whole step as plain data: the workload plus what the
-optimizations of a recipe changed (micro-batches, autocast, checkpointing,
-optimizer implementation...). :class:`StepRunner` runs it on a built model.
+:class:`StepSetup` is the whole step as plain data: the workload, the
+optimizations applied (``steps``) and what they record for the engines and
+``memprof apply`` (micro-batches, config and training-argument changes,
+notes...). :class:`StepRunner` runs it on a built model: it rebuilds the
+optimizations from ``steps`` and calls their hooks
+(:mod:`memprof.optimizations.registry`); what an optimization does to the
+model or the step lives in its own module.
 
 A training step is forward, loss, backward, optimizer step and zeroing of the
 gradients (``set_to_none``). It is measured in steady state: the engine runs one
@@ -11,28 +15,25 @@ warm-up step first, so the optimizer state exists as in every step of a real run
 but the first. An inference step is a forward pass without autograd; for causal
 LMs, ``decode_tokens > 0`` adds N decode steps on the KV cache after the prefill.
 A distillation step is a training step of the student whose loss compares its
-logits with a teacher's (:mod:`memprof.distill`): the teacher runs beside it,
+logits with a teacher's (:mod:`memprof.distill_loss`): the teacher runs beside it,
 or its top-k logits are read back from disk.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
-from memprof.allocator import AllocatorSettings
+from memprof.allocator_model import AllocatorSettings
 from memprof.choices import MORE_OPTIMIZERS, Attn, Experts, Mode, MoeRouting, Optim, values
-from memprof.chunking import cache_keyword, chunked_forward, chunked_lm_loss, output_cache
-from memprof.distill import DistillLoss, DistillPair, TopkTeacher, teacher_inputs
+from memprof.chunked import cache_keyword, output_cache
+from memprof.distill_loss import DistillLoss, DistillPair, teacher_inputs
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.models import DTYPES, InputBuilder, ResolvedModel, call_model
-from memprof.surgery import apply_transform
-from memprof.units import format_bytes
 
 MODES = values(Mode)
 #: modes whose step trains (backward, optimizer): the student, in distillation
@@ -144,40 +145,24 @@ class Workload:
 
 @dataclass
 class StepSetup:
-    """The step to run, as plain data: a workload and the settings optimizations change.
+    """The step to run, as plain data: a workload, the optimizations applied, what they record.
 
-    Engines interpret it (:class:`StepRunner`); ``memprof apply`` persists the
-    part that lives in a checkpoint (``config_updates``, storage dtype) and
-    writes the rest as training arguments.
+    Engines run it (:class:`StepRunner`, which calls the hooks of the
+    optimizations in ``steps``); ``memprof apply`` persists the part that lives
+    in a checkpoint (``config_updates``, storage dtype, the optimizations'
+    model transforms) and writes the rest as training arguments. The fields
+    below are the ones several optimizations, the engines or the reports read;
+    a setting only one optimization reads is that optimization's config.
     """
 
     workload: Workload
     #: gradient accumulation: the batch runs as this many equal micro-batches
     micro_batches: int = 1
-    #: autocast dtype ("bfloat16" / "float16") around forward and loss, or None
+    #: autocast dtype ("bfloat16" / "float16") of the mixed_precision step, or None
+    #: (read by the fsdp step: the sharded parameters' compute dtype)
     autocast: str | None = None
-    #: scale the loss (float16 autocast): torch.amp.GradScaler
+    #: float16 autocast scales the loss (torch.amp.GradScaler)
     grad_scaler: bool = False
-    #: activation checkpointing of every n-th repeated block; 0 = off
-    checkpointing: int = 0
-    #: saved activations go to host memory (torch.autograd.graph.save_on_cpu)
-    offload_activations: bool = False
-    #: optimizer implementation: auto (the engine's default), foreach, fused, for-loop
-    optimizer_impl: str = "auto"
-    #: zero_grad(set_to_none=...) after the step
-    set_to_none: bool = True
-    #: step each parameter in its gradient hook (full gradients never coexist)
-    optimizer_in_backward: bool = False
-    #: inference under torch.inference_mode instead of torch.no_grad
-    inference_mode: bool = False
-    #: pass use_cache to the model's forward (None: the config's default)
-    use_cache: bool | None = None
-    #: causal LMs, training: LM head and cross-entropy over chunks of this many tokens (0: off)
-    loss_chunk: int = 0
-    #: causal LMs, inference: the forward (or prefill) in chunks of this many tokens (0: off)
-    prefill_chunk: int = 0
-    #: chunks extend the KV cache (exact); False: independent chunks (changes outputs)
-    chunk_exact: bool = True
     #: distill: the teacher's forward under torch.no_grad, its parameters frozen
     teacher_no_grad: bool = False
     #: distill: the teacher's parameter dtype (None: the student's)
@@ -185,10 +170,9 @@ class StepSetup:
     #: distill: the teacher's top-k logits per token precomputed offline and read
     #: back each step, instead of the teacher itself (0: off)
     teacher_topk: int = 0
-    #: config attributes changed before the model is built (e.g. sliding_window)
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-    #: model surgery, in order (memprof.surgery): {"kind", ...options}
-    model_transforms: list[dict[str, Any]] = field(default_factory=list)
+    #: model transforms in the form a saved checkpoint holds (masks folded in,
+    #: BERT's pruned heads zeroed rather than removed): set by ``memprof apply``
+    checkpoint_form: bool = False
     #: token lengths of the data sample (--data / --lengths): what dynamic padding batches
     data_lengths: list[int] = field(default_factory=list)
     #: dynamic padding's plan over the sample (memprof.data.PaddingPlan.to_dict), or None: fixed
@@ -196,19 +180,19 @@ class StepSetup:
     #: the step runs on the checkpoint's trained weights (set by compare and apply from the
     #: model and engine): optimizations that replace layers with new random ones refuse it
     pretrained: bool = False
-    #: the optimizations applied, in order: {"name", "options"}
+    #: the optimizations applied, in order: {"name", "options"}; the step runner
+    #: rebuilds them from here and calls their hooks (memprof.optimizations.registry)
     steps: list[dict[str, Any]] = field(default_factory=list)
     #: config.json changes that persist in a checkpoint (memprof apply)
     config_updates: dict[str, Any] = field(default_factory=dict)
     #: transformers TrainingArguments fields for the training-loop changes
     training_args: dict[str, Any] = field(default_factory=dict)
     #: parameter sharding across ``workload.world_size`` ranks: "fsdp" (FSDP2's
-    #: fully_shard per repeated block, then the root) or None
+    #: fully_shard per repeated block, then the root) or None (the engines report it)
     shard: str | None = None
-    #: FSDP2 reshard_after_forward: free each block's unsharded parameters after its
-    #: forward (all-gathered again in backward); False keeps them to the backward
+    #: FSDP2 reshard_after_forward (reported with the sharding)
     reshard_after_forward: bool = True
-    #: CUDA caching allocator settings (memprof.allocator.AllocatorSettings as plain
+    #: CUDA caching allocator settings (memprof.allocator_model.AllocatorSettings as plain
     #: data; empty: PyTorch's defaults). They only take effect through
     #: PYTORCH_CUDA_ALLOC_CONF before CUDA initialises: the cuda engine measures
     #: them in a child process, the sim engine replays its trace through a model
@@ -225,8 +209,6 @@ class StepSetup:
     def copy(self) -> StepSetup:
         return replace(
             self,
-            model_transforms=[dict(t) for t in self.model_transforms],
-            config_overrides=dict(self.config_overrides),
             padding=dict(self.padding) if self.padding is not None else None,
             steps=[dict(s) for s in self.steps],
             config_updates=dict(self.config_updates),
@@ -238,6 +220,23 @@ class StepSetup:
     def update_workload(self, **changes: Any) -> None:
         self.workload = replace(self.workload, **changes)
 
+    def has_step(self, name: str) -> bool:
+        """True when the optimization ``name`` is among the applied steps."""
+        return any(s["name"] == name for s in self.steps)
+
+    def optimizations(self) -> list[Any]:
+        """Fresh instances of the applied optimizations, in order (their hooks run the step)."""
+        from memprof.optimizations.registry import from_steps
+
+        return from_steps(self.steps)
+
+    def config_overrides(self) -> dict[str, Any]:
+        """Config attributes the optimizations change before the model is built."""
+        out: dict[str, Any] = {}
+        for opt in self.optimizations():
+            out.update(opt.config_overrides(self))
+        return out
+
     def validate(self) -> None:
         """Raise InputError listing what is wrong."""
         self.workload.validate()
@@ -248,10 +247,6 @@ class StepSetup:
             problems.append(
                 f"batch size {self.workload.batch_size} does not split into {self.micro_batches} equal micro-batches"
             )
-        if self.optimizer_impl not in OPTIMIZER_IMPLS:
-            problems.append(f"optimizer implementation must be one of {', '.join(OPTIMIZER_IMPLS)}")
-        if self.optimizer_in_backward and self.micro_batches > 1:
-            problems.append("the optimizer cannot step in backward while gradients accumulate")
         if self.teacher_dtype is not None and self.teacher_dtype not in DTYPES:
             problems.append(f"unknown teacher dtype {self.teacher_dtype!r}; use one of: {', '.join(DTYPES)}")
         if self.teacher_topk < 0:
@@ -260,15 +255,8 @@ class StepSetup:
             self.teacher_no_grad or self.teacher_dtype or self.teacher_topk
         ):
             problems.append("teacher settings apply to distillation steps only")
-        if self.shard and self.optimizer_in_backward:
-            problems.append(
-                "the optimizer cannot step in backward with FSDP2: it assigns the gradient shards after "
-                "the reduce-scatter, where no gradient hook fires"
-            )
-        if self.optimizer_in_backward and self.grad_scaler:
-            problems.append(
-                "the optimizer cannot step in backward with a gradient scaler (unscaling needs all gradients)"
-            )
+        for opt in self.optimizations():
+            problems.extend(opt.setup_problems(self))
         if self.shard is not None:
             if self.shard != "fsdp":
                 problems.append(f"unknown sharding {self.shard!r}; use: fsdp")
@@ -383,72 +371,17 @@ def _adamw8bit(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     )
 
 
-class OptimizerInBackward:
-    """One optimizer per parameter, stepped in the parameter's gradient hook.
-
-    The full set of gradients never exists at once: each gradient is consumed
-    and freed as soon as it is accumulated (the PyTorch tutorial
-    "How to save memory by fusing the optimizer step into the backward pass").
-    """
-
-    def __init__(self, make: Any, params: list[torch.nn.Parameter]) -> None:
-        self.optimizers: dict[torch.nn.Parameter, torch.optim.Optimizer] = {}
-        self._handles = []
-        for p in params:
-            opt = make([p])
-            if opt is None:
-                continue
-            self.optimizers[p] = opt
-            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
-
-    def _hook(self, p: torch.Tensor) -> None:
-        opt = self.optimizers[p]  # type: ignore[index]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-
-class _SimScaler:
-    """The memory of torch.amp.GradScaler without its data-dependent branch.
-
-    GradScaler.step reads found_inf with .item(), which fake tensors cannot
-    answer; the tensors it creates (scale, found_inf, in-place unscaling) are
-    the same here.
-    """
-
-    def __init__(self) -> None:
-        self._scale: torch.Tensor | None = None
-
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        if self._scale is None:
-            self._scale = torch.full((), 2.0**16, dtype=torch.float32, device=loss.device)
-        return loss * self._scale
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        assert self._scale is not None
-        inv = self._scale.double().reciprocal().float()
-        found_inf = torch.zeros((), dtype=torch.float32, device=self._scale.device)
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads:
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv)
-        optimizer.step()
-
-    def update(self) -> None:
-        pass
-
-
 class StepRunner:
-    """A built model prepared for a :class:`StepSetup`: optimizer, checkpointing, hooks.
+    """A built model prepared for a :class:`StepSetup`: its optimizations' hooks, the optimizer.
 
-    Use :meth:`step` for a training or inference step, :meth:`probe` for the
-    quality check (an eval-mode forward without autograd), and :meth:`close`
-    (or ``with``) to remove what was installed on the model. A distillation
-    step needs its teacher first (:meth:`attach_teacher`); ``model`` is the
-    student, and every setting but the ``teacher_*`` ones acts on it.
+    The runner rebuilds the setup's optimizations (``setup.steps``) and calls
+    their hooks (:class:`memprof.optimizations.registry.Optimization`) at fixed
+    points: it has no branch of its own per optimization. Use :meth:`step` for
+    a training or inference step, :meth:`probe` for the quality check (an
+    eval-mode forward without autograd), and :meth:`close` (or ``with``) to
+    remove what was installed on the model. A distillation step needs its
+    teacher first (:meth:`attach_teacher`); ``model`` is the student, and every
+    optimization but ``distill_teacher`` acts on it.
     """
 
     def __init__(
@@ -469,98 +402,63 @@ class StepRunner:
         self.pair: DistillPair | None = None
         self._task: str | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.in_backward: OptimizerInBackward | None = None
         self.scaler: Any = None
-        #: sim, sharded: the optimizer steps the rank's local shards (memprof.sharding.LocalShards)
+        #: sim, sharded: the optimizer steps the rank's local shards (set by the fsdp optimization)
         self.local_shards: Any = None
-        for spec in self.setup.model_transforms:
-            self.setup.notes.append(apply_transform(model, spec))
-        if self.train and self.setup.checkpointing:
-            enable_checkpointing(model, self.setup.checkpointing, self.env.recompute_context)
-        if self.setup.shard == "fsdp":
-            if self.env.mesh is None:
-                raise InputError("a sharded step needs its ranks: the engine provides the device mesh")
-            from memprof.sharding import shard_model
-
-            mp = DTYPES[self.setup.autocast] if self.setup.autocast else None
-            if mp is not None and mp == next(model.parameters()).dtype:
-                mp = None  # the parameters are already in that dtype
-            self.setup.notes.append(
-                shard_model(
-                    model,
-                    self.env.mesh,
-                    reshard_after_forward=self.setup.reshard_after_forward,
-                    param_dtype=mp,
-                    separate_head=bool(self.setup.loss_chunk),
-                )
-            )
+        #: the setup's optimizations, fresh for this runner (their hooks run the step)
+        self.optimizations = self.setup.optimizations()
+        for opt in self.optimizations:
+            self._note(opt.transform_model(model, self.setup))
+        for opt in sorted(self.optimizations, key=lambda o: o.wrap_stage):
+            self._note(opt.wrap_model(model, self))
+        settings: dict[str, Any] = {"foreach": self.env.default_foreach, "fused": False, "set_to_none": True}
+        for opt in self.optimizations:
+            settings.update(opt.optimizer_settings(self))
+        #: zero_grad(set_to_none=...) after the step
+        self.set_to_none: bool = settings["set_to_none"]
         if self.train and build_optimizer:
             params = [p for p in model.parameters() if p.requires_grad]
-            impl = self.setup.optimizer_impl
-            foreach = {"foreach": True, "for-loop": False}.get(impl, self.env.default_foreach)
-            fused = impl == "fused"
 
             def make(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
-                return make_optimizer(wl.optimizer, model, foreach=foreach, fused=fused, params=ps)
-
-            if self.setup.optimizer_in_backward:
-                self.in_backward = OptimizerInBackward(make, params)
-            elif self.setup.shard and self.env.simulate_cuda:
-                from memprof.sharding import LocalShards
-
-                self.local_shards = LocalShards(params)
-                self.optimizer = make(self.local_shards.params)
-                if self.optimizer is not None:
-                    self.local_shards.attach(self.optimizer)
-            else:
-                self.optimizer = make(params)
-            if self.setup.grad_scaler:
-                self.scaler = (
-                    _SimScaler() if self.env.simulate_cuda else torch.amp.GradScaler(self.env.device_type)
+                return make_optimizer(
+                    wl.optimizer, model, foreach=settings["foreach"], fused=settings["fused"], params=ps
                 )
+
+            if not any(opt.build_optimizer(self, make, params) for opt in self.optimizations):
+                self.optimizer = make(params)
+            for opt in self.optimizations:
+                scaler = opt.grad_scaler(self)
+                if scaler is not None:
+                    self.scaler = scaler
+
+    def _note(self, note: str | None) -> None:
+        if note:
+            self.setup.notes.append(note)
 
     def attach_teacher(self, teacher: torch.nn.Module, inputs: dict[str, Any], task: str | None) -> str:
         """Give a distillation step its teacher (built in the teacher's dtype, on the device).
 
-        With ``teacher_topk``, the teacher runs once here over ``inputs`` (each
-        micro-batch), its top-k logits are written to disk, and the runner keeps
-        no reference to it: drop yours and it is gone from memory.
+        The baseline keeps the teacher as loaded; an optimization may replace it
+        (``distill_teacher``: frozen, or its top-k logits written to disk, the
+        runner then keeping no reference to it: drop yours and it is gone).
 
         Returns:
             a note for the report.
         """
-        s = self.setup
         teacher.train(False)  # no dropout: the teacher's targets are deterministic
         self._task = task
-        if s.teacher_no_grad or s.teacher_topk:
-            teacher.requires_grad_(False)
-        if s.teacher_topk:
-            parts = split_batch(inputs, s.micro_batches, s.workload.batch_size)
-            with self._autocast():
-                topk = TopkTeacher.write(
-                    teacher,
-                    parts,
-                    s.teacher_topk,
-                    task=task,
-                    device=next(self.model.parameters()).device,
-                    simulate=self.env.simulate_cuda,
-                )
-            side: torch.nn.Module = topk
-            note = (
-                f"teacher: top-{topk.k} logits per token precomputed in one offline pass (not measured), "
-                f"{format_bytes(topk.stored_bytes())} on disk, read back each step; the KL is over the "
-                "teacher's top-k renormalised (an approximation)"
-            )
-        else:
-            side = teacher
-            how = (
-                "under torch.no_grad, parameters frozen"
-                if s.teacher_no_grad
-                else "as loaded (parameters require grad) under autograd, logits not detached: backward "
-                "fills teacher gradients the student's optimizer never zeroes (the naive baseline)"
-            )
-            note = f"teacher: forward after the student's, {how}"
-        wl = s.workload
+        side: torch.nn.Module = teacher
+        note = (
+            "teacher: forward after the student's, as loaded (parameters require grad) under autograd, "
+            "logits not detached: backward fills teacher gradients the student's optimizer never zeroes "
+            "(the naive baseline)"
+        )
+        for opt in self.optimizations:
+            got = opt.attach_teacher(self, teacher, inputs, task)
+            if got is not None:
+                side, note = got
+                break
+        wl = self.setup.workload
         self.pair = DistillPair(self.model, side, DistillLoss(wl.temperature, wl.ce_weight))
         return note
 
@@ -572,17 +470,12 @@ class StepRunner:
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        if self.in_backward is not None:
-            return list(self.in_backward.optimizers.values())
-        return [self.optimizer] if self.optimizer is not None else []
+        own = [o for opt in self.optimizations for o in opt.own_optimizers()]
+        return own + ([self.optimizer] if self.optimizer is not None else [])
 
     def close(self) -> None:
-        if self.in_backward is not None:
-            self.in_backward.remove()
-        if self.pair is not None and isinstance(self.pair.teacher, TopkTeacher):
-            self.pair.teacher.remove()
-        if self.local_shards is not None:
-            self.local_shards.remove()
+        for opt in self.optimizations:
+            opt.close()
 
     def __enter__(self) -> StepRunner:
         return self
@@ -590,43 +483,50 @@ class StepRunner:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # contexts ------------------------------------------------------------
-    def _autocast(self) -> Any:
-        dt = self.setup.autocast
-        if not dt:
-            return contextlib.nullcontext()
-        return torch.autocast(self.env.device_type, dtype=DTYPES[dt])
+    # the hooks' parts of a forward -----------------------------------------
+    @contextlib.contextmanager
+    def contexts(self, kind: str) -> Iterator[None]:
+        """The optimizations' forward contexts of ``kind``, entered in step order."""
+        with contextlib.ExitStack() as stack:
+            for opt in self.optimizations:
+                cm = opt.forward_context(self, kind)
+                if cm is not None:
+                    stack.enter_context(cm)
+            yield
 
-    def _offload(self) -> Any:
-        if not (self.setup.offload_activations and self.train):
-            return contextlib.nullcontext()
-        if self.env.simulate_cuda:
-            # Host memory stands as the meta device: the tracker never counts it,
-            # and the copy back in backward is a new device tensor, as on CUDA.
-            def pack(t: torch.Tensor) -> Any:
-                return (t.device, t.to("meta"))
-
-            def unpack(packed: Any) -> torch.Tensor:
-                dev, t = packed
-                return t.to(dev)
-
-            return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-        return torch.autograd.graph.save_on_cpu(pin_memory=self.env.device_type == "cuda")
-
-    def _with_cache_choice(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        if self.setup.use_cache is not None and "__args__" not in inputs:
-            return {**inputs, "use_cache": self.setup.use_cache}
+    def model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` with the optimizations' extra keyword arguments of the forward."""
+        extra: dict[str, Any] = {}
+        for opt in self.optimizations:
+            extra.update(opt.model_kwargs(self))
+        if extra and "__args__" not in inputs:
+            return {**inputs, **extra}
         return inputs
 
     def _call(self, inputs: dict[str, Any]) -> Any:
-        return call_model(self.model, self._with_cache_choice(inputs))
+        return call_model(self.model, self.model_inputs(inputs))
+
+    def _hooked_loss(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        for opt in self.optimizations:
+            loss = opt.loss(self, inputs)
+            if loss is not None:
+                return loss
+        return None
 
     def _loss(self, inputs: dict[str, Any]) -> torch.Tensor:
         """The training loss of one (micro-)batch."""
-        if self.setup.loss_chunk:
-            return chunked_lm_loss(self.model, self._with_cache_choice(inputs), self.setup.loss_chunk)
+        loss = self._hooked_loss(inputs)
+        if loss is not None:
+            return loss
         out = self._call(inputs)
         return InputBuilder.loss(out)
+
+    def _hooked_forward(self, inputs: dict[str, Any], keep_all_logits: bool = False) -> Any:
+        for opt in self.optimizations:
+            out = opt.forward(self, inputs, keep_all_logits=keep_all_logits)
+            if out is not None:
+                return out
+        return None
 
     def _distill_loss(self, inputs: dict[str, Any], part: int | None) -> tuple[torch.Tensor, Any]:
         """The distillation loss of micro-batch ``part`` (None: the whole batch), and the student's output."""
@@ -637,26 +537,17 @@ class StepRunner:
         student_in = inputs if w > 0 else {k: v for k, v in inputs.items() if k != "labels"}
         out = self._call(student_in)
         ce = InputBuilder.loss(out) if w > 0 else None
-        teacher = pair.teacher
-        t: Any
-        if isinstance(teacher, TopkTeacher):
-            t = teacher(part)
+        t: Any = None
+        for opt in self.optimizations:
+            t = opt.teacher_logits(self, part)
+            if t is not None:
+                break
         else:
-            grad_off = torch.no_grad() if self.setup.teacher_no_grad else contextlib.nullcontext()
-            with grad_off:
-                t = call_model(teacher, teacher_inputs(inputs, self._task)).logits
+            with self.contexts("teacher"):
+                t = call_model(pair.teacher, teacher_inputs(inputs, self._task)).logits
         loss = pair.loss(out.logits, t, ce)
         del t, ce
         return loss, out
-
-    def _infer(self, inputs: dict[str, Any], keep_all_logits: bool = False) -> Any:
-        """One inference forward (chunked when the setup says so)."""
-        c = self.setup.prefill_chunk
-        if c:
-            return chunked_forward(
-                self.model, inputs, c, exact=self.setup.chunk_exact, keep_all_logits=keep_all_logits
-            )
-        return self._call(inputs)
 
     # steps ---------------------------------------------------------------
     def step(
@@ -675,19 +566,20 @@ class StepRunner:
 
         wl = self.setup.workload
         if not self.train:
-            grad_off = torch.inference_mode() if self.setup.inference_mode else torch.no_grad()
-            with grad_off, self._autocast():
+            with torch.no_grad(), self.contexts("infer"):
                 if wl.decode_tokens:
-                    _generate(self.model, inputs, wl.decode_tokens, enter, self.setup.prefill_chunk)
+                    _generate(self.model, inputs, wl.decode_tokens, enter, self._hooked_forward)
                 else:
                     with enter("forward"):
-                        out = self._infer(inputs)
+                        out = self._hooked_forward(inputs)
+                        if out is None:
+                            out = self._call(inputs)
                         del out
             return
         k = self.setup.micro_batches
         for i, part in enumerate(split_batch(inputs, k, wl.batch_size)):
             with enter("forward"):
-                with self._offload(), self._autocast():
+                with self.contexts("train"):
                     if wl.mode == "distill":
                         loss, out = self._distill_loss(part, i)
                         del out
@@ -707,11 +599,11 @@ class StepRunner:
                     self.scaler.update()
                 else:
                     self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=self.setup.set_to_none)
-                if self.local_shards is not None:
-                    self.model.zero_grad(set_to_none=self.setup.set_to_none)  # the DTensor gradients
-            elif self.in_backward is None:
-                self.model.zero_grad(set_to_none=self.setup.set_to_none)
+                self.optimizer.zero_grad(set_to_none=self.set_to_none)
+                for opt in self.optimizations:
+                    opt.after_optimizer_step(self, self.set_to_none)
+            elif not any(opt.own_optimizers() for opt in self.optimizations):
+                self.model.zero_grad(set_to_none=self.set_to_none)
 
     def probe(self, inputs: dict[str, Any]) -> tuple[float | None, torch.Tensor | None]:
         """Loss and main output of an eval-mode forward without autograd (quality check).
@@ -722,15 +614,20 @@ class StepRunner:
         was = self.model.training
         self.model.train(False)
         try:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self.contexts("eval"):
                 if self.setup.workload.mode == "distill":
                     loss, out = self._distill_loss(inputs, None)
                 elif self.train:
                     out = self._call(inputs)
-                    loss = self._loss(inputs) if self.setup.loss_chunk else InputBuilder.loss(out)
+                    hooked = self._hooked_loss(inputs)
+                    loss = hooked if hooked is not None else InputBuilder.loss(out)
                 else:
-                    out = self._infer(inputs, keep_all_logits=True)
-                    loss = InputBuilder.loss(out.logits if self.setup.prefill_chunk else out)
+                    out = self._hooked_forward(inputs, keep_all_logits=True)
+                    if out is not None:
+                        loss = InputBuilder.loss(out.logits)
+                    else:
+                        out = self._call(inputs)
+                        loss = InputBuilder.loss(out)
                 main = main_output(out)
         finally:
             self.model.train(was)
@@ -745,7 +642,7 @@ class StepRunner:
         was = self.model.training
         self.model.train(False)
         try:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self.contexts("eval"):
                 main = main_output(self._call(batch))
         finally:
             self.model.train(was)
@@ -792,44 +689,6 @@ def split_batch(inputs: dict[str, Any], k: int, batch_size: int) -> list[dict[st
     return [{key: part(v, i) for key, v in inputs.items()} for i in range(k)]
 
 
-def enable_checkpointing(
-    model: torch.nn.Module, every: int, recompute_context: Callable[[], Any] | None = None
-) -> str:
-    """Activation checkpointing (non-reentrant) of every ``every``-th repeated block.
-
-    transformers models use their own switch; other modules get the blocks of
-    their longest list of same-type children wrapped in ``torch.utils.checkpoint``.
-
-    Returns:
-        how it was done, for the report.
-
-    Raises:
-        InputError: the model has no repeated blocks to checkpoint.
-    """
-    kwargs: dict[str, Any] = {"use_reentrant": False}
-    if recompute_context is not None:
-        kwargs["context_fn"] = lambda: (contextlib.nullcontext(), recompute_context())
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None and getattr(model, "supports_gradient_checkpointing", False):
-        enable(kwargs, every_n_layers=every)
-        return "transformers activation_checkpointing_enable"
-    legacy = getattr(model, "gradient_checkpointing_enable", None)
-    if legacy is not None and getattr(model, "supports_gradient_checkpointing", False) and every == 1:
-        legacy(gradient_checkpointing_kwargs=kwargs)
-        return "transformers gradient_checkpointing_enable"
-    blocks = repeated_blocks(model)
-    if not blocks:
-        raise InputError(f"{type(model).__name__} has no repeated blocks to checkpoint")
-    from torch.utils.checkpoint import checkpoint
-
-    for i, block in enumerate(blocks):
-        if i % every:
-            continue
-        # An instance attribute: Module.__call__ (and its hooks) stays outside the checkpoint.
-        block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), **kwargs)
-    return "torch.utils.checkpoint around repeated blocks"
-
-
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The longest ModuleList/Sequential of two or more children of one type."""
     best: list[torch.nn.Module] = []
@@ -865,11 +724,18 @@ def run_step(
 
 
 def _generate(
-    model: torch.nn.Module, inputs: dict[str, Any], n: int, enter: Callable[[str], Any], chunk: int = 0
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    n: int,
+    enter: Callable[[str], Any],
+    prefill: Callable[[dict[str, Any]], Any] | None = None,
 ) -> None:
+    """Prefill, then ``n`` greedy decode steps on the KV cache; ``prefill``: an optimization's own (None: its default)."""
     cache_kw = cache_keyword(model)
     with enter("prefill"):
-        out = chunked_forward(model, inputs, chunk, exact=True) if chunk else model(**inputs, use_cache=True)
+        out = prefill(inputs) if prefill is not None else None
+        if out is None:
+            out = model(**inputs, use_cache=True)
         past = output_cache(out)
         next_ids = out.logits[:, -1:].argmax(-1)
         del out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memprof import optimizations
-from memprof.allocator import (
+from memprof.allocator_model import (
     ENV_VAR,
     GENERIC_ENV_VAR,
     AllocatorSettings,

@@ -12,7 +12,7 @@ import sys
 import pytest
 from torch.cuda import _memory_viz
 
-from memprof.allocator import (
+from memprof.allocator_model import (
     AT_PEAK_KEYS,
     HINT_MIN_BYTES,
     AllocatorEstimate,
@@ -37,7 +37,7 @@ from tests.conftest import gpu_test, tiny
 
 
 def hand_trace() -> list[tuple[int, int, bool, str, int]]:
-    """Worked by hand from the rules in memprof.allocator's docstring (ops are 10 x the index).
+    """Worked by hand from the rules in memprof.allocator_model's docstring (ops are 10 x the index).
 
     0-2: three 8 MiB requests (large pool, below 10 MiB: 20 MiB segments). The
     first takes a new segment S1 and is split off (12 MiB left, more than 1 MiB);
@@ -110,7 +110,7 @@ def test_segments_and_layout_stay_consistent(settings, capacity):
     # a random mix of sizes and lifetimes, with releases (capacity, GC) and unmapping
     import random
 
-    from memprof.allocator import AllocatorSettings, CachingAllocatorModel
+    from memprof.allocator_model import AllocatorSettings, CachingAllocatorModel
 
     rnd = random.Random(7)
     live: list[int] = []

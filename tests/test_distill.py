@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from memprof import optimizations
-from memprof.distill import kd_loss
+from memprof.distill_loss import kd_loss
 from memprof.engines import CpuEngine, SimEngine
 from memprof.engines.base import Measure
 from memprof.errors import InputError

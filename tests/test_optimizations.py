@@ -12,9 +12,10 @@ from memprof.engines import CpuEngine, SimEngine
 from memprof.engines.base import Measure
 from memprof.errors import InputError
 from memprof.models import resolve
+from memprof.optimizations.checkpointing import enable_checkpointing
 from memprof.optimizations.registry import Optimization, register
 from memprof.tracking import Tracker
-from memprof.workload import StepRunner, StepSetup, Workload, enable_checkpointing
+from memprof.workload import StepRunner, StepSetup, Workload
 from tests.conftest import setup_with, tiny
 
 QUALITY = Measure(quality=True)
@@ -340,7 +341,7 @@ def test_chunked_loss_drops_the_full_logits_and_keeps_loss_and_gradient(llama):
 
 
 def test_chunked_loss_gradient_equals_the_models_own():
-    from memprof.chunking import chunked_lm_loss
+    from memprof.chunked import chunked_lm_loss
     from memprof.models import build_model
 
     rm = resolve(tiny("llama"))
@@ -355,7 +356,7 @@ def test_chunked_loss_gradient_equals_the_models_own():
 
 
 def test_exact_chunked_prefill_equals_the_full_forward_and_feeds_generation(llama):
-    from memprof.chunking import chunked_forward
+    from memprof.chunked import chunked_forward
     from memprof.models import build_model
 
     model, builder = build_model(resolve(llama), dtype="float32", attn="sdpa", load_weights=False)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from memprof._version import __version__
-from memprof.distill import SIDES, resolve_teacher
+from memprof.distill_loss import SIDES, resolve_teacher
 from memprof.engines.moe import router_counts
 from memprof.errors import InputError, InternalError, MemprofError, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count
@@ -581,7 +581,7 @@ class Engine:
     ) -> tuple[torch.nn.Module, Any]:
         torch.manual_seed(seed)
         workload = setup.workload
-        overrides = setup.config_overrides or None
+        overrides = setup.config_overrides() or None
         random_init = self.init_weights and not (self.load_weights and rm.has_weights)
         if random_init and workload.dtype != "float32":
             # Initialise in float32 and cast: the same seed gives the same weights

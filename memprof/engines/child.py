@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from memprof.allocator import ENV_VAR, GENERIC_ENV_VAR, alloc_conf_string
+from memprof.allocator_model import ENV_VAR, GENERIC_ENV_VAR, alloc_conf_string
 from memprof.errors import EnvironmentProblem, InputError, InternalError, MemprofError, OutOfMemory
 from memprof.profile import Profile
 

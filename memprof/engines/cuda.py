@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from memprof.allocator import ENV_VAR, GENERIC_ENV_VAR
+from memprof.allocator_model import ENV_VAR, GENERIC_ENV_VAR
 from memprof.engines.base import Engine, Measure, Progress, RunResult
 from memprof.engines.child import child_env_updates, run_in_child
 from memprof.engines.cuda_semantics import CUDA_BLOCK_ROUNDING

@@ -7,7 +7,7 @@ what CUDA does differently: the SDPA kernel choice, the allocator's 512-byte
 blocks, the multi-tensor (foreach) optimizer that CUDA defaults to, and the
 cuBLAS workspace reported beside the peak. The peak reserved memory is an
 estimate: the measured step's allocations and frees, replayed through a model
-of the caching allocator (:mod:`memprof.allocator`) with the step's allocator
+of the caching allocator (:mod:`memprof.allocator_model`) with the step's allocator
 settings. The same replay gives allocated and reserved over the step and the
 fragmentation at their peaks; a second replay with ``expandable_segments`` says
 whether that setting would help; with a ``snapshot_path`` the model's state and
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from memprof.allocator import AllocatorEstimate, AllocatorSettings, expandable_segments_hint, replay
+from memprof.allocator_model import AllocatorEstimate, AllocatorSettings, expandable_segments_hint, replay
 from memprof.engines.base import Engine, RunResult
 from memprof.engines.cuda_semantics import (
     CUDA_BLOCK_ROUNDING,

@@ -6,6 +6,12 @@ Importing this package registers the built-in optimizations::
     opt = optimizations.make("checkpointing", {"every": 2})
     reason = opt.applies_to(model, setup)  # None when it applies
     opt.apply(setup)
+    setup.steps.append({"name": opt.name, "options": opt.options})
+    # StepRunner(model, setup) then calls the hooks of every optimization in setup.steps
+
+A new optimization is one module: a registered :class:`~.registry.Optimization`
+subclass with its ``Config``, ``apply`` and the hooks it needs (see
+:mod:`.registry`).
 """
 
 from __future__ import annotations

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from memprof.optimizations.registry import Optimization, register
-from memprof.workload import StepSetup
+from memprof.workload import StepRunner, StepSetup
 
 
 @register
@@ -27,8 +30,23 @@ class ActivationOffload(Optimization):
         pass
 
     def apply(self, setup: StepSetup) -> None:
-        setup.offload_activations = True
         setup.notes.append(
             "activation offload: wrap forward and loss in torch.autograd.graph.save_on_cpu(pin_memory=True) "
             "(no TrainingArguments field)"
         )
+
+    def forward_context(self, runner: StepRunner, kind: str) -> Any:
+        if kind != "train":
+            return None
+        if runner.env.simulate_cuda:
+            # Host memory stands as the meta device: the tracker never counts it,
+            # and the copy back in backward is a new device tensor, as on CUDA.
+            def pack(t: torch.Tensor) -> Any:
+                return (t.device, t.to("meta"))
+
+            def unpack(packed: Any) -> torch.Tensor:
+                dev, t = packed
+                return t.to(dev)
+
+            return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        return torch.autograd.graph.save_on_cpu(pin_memory=runner.env.device_type == "cuda")

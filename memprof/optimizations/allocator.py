@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from memprof.allocator import ENV_VAR, LARGE_BUFFER, AllocatorSettings, MiB, alloc_conf_string
+from memprof.allocator_model import ENV_VAR, LARGE_BUFFER, AllocatorSettings, MiB, alloc_conf_string
 from memprof.optimizations.registry import Optimization, option, register
 from memprof.workload import StepSetup
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from memprof.errors import InputError
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.workload import StepSetup, repeated_blocks
+from memprof.workload import StepRunner, StepSetup, repeated_blocks
 
 
 @register
@@ -39,7 +45,6 @@ class Checkpointing(Optimization):
         return None
 
     def apply(self, setup: StepSetup) -> None:
-        setup.checkpointing = self.config.every
         setup.training_args["gradient_checkpointing"] = True
         setup.training_args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
         if self.config.every > 1:
@@ -48,3 +53,50 @@ class Checkpointing(Optimization):
                 f"model.activation_checkpointing_enable(every_n_layers={self.config.every}) in your script "
                 "(TrainingArguments has no field for it)"
             )
+
+    def wrap_model(self, model: torch.nn.Module, runner: StepRunner) -> str | None:
+        if runner.train:
+            enable_checkpointing(model, self.config.every, runner.env.recompute_context)
+        return None
+
+
+def enable_checkpointing(
+    model: torch.nn.Module, every: int, recompute_context: Callable[[], Any] | None = None
+) -> str:
+    """Activation checkpointing (non-reentrant) of every ``every``-th repeated block.
+
+    transformers models use their own switch; other modules get the blocks of
+    their longest list of same-type children wrapped in ``torch.utils.checkpoint``.
+
+    Args:
+        recompute_context: a context the recomputation runs in (the sim engine
+            re-enters its CUDA-semantics mode there).
+
+    Returns:
+        how it was done, for the report.
+
+    Raises:
+        InputError: the model has no repeated blocks to checkpoint.
+    """
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if recompute_context is not None:
+        kwargs["context_fn"] = lambda: (contextlib.nullcontext(), recompute_context())
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None and getattr(model, "supports_gradient_checkpointing", False):
+        enable(kwargs, every_n_layers=every)
+        return "transformers activation_checkpointing_enable"
+    legacy = getattr(model, "gradient_checkpointing_enable", None)
+    if legacy is not None and getattr(model, "supports_gradient_checkpointing", False) and every == 1:
+        legacy(gradient_checkpointing_kwargs=kwargs)
+        return "transformers gradient_checkpointing_enable"
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise InputError(f"{type(model).__name__} has no repeated blocks to checkpoint")
+    from torch.utils.checkpoint import checkpoint
+
+    for i, block in enumerate(blocks):
+        if i % every:
+            continue
+        # An instance attribute: Module.__call__ (and its hooks) stays outside the checkpoint.
+        block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), **kwargs)
+    return "torch.utils.checkpoint around repeated blocks"

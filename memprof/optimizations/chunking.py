@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from memprof.chunking import why_not_chunkable
+import torch
+
+from memprof.chunked import chunked_forward, chunked_lm_loss, why_not_chunkable
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.workload import StepSetup
+from memprof.workload import StepRunner, StepSetup
 
 
 @register
@@ -68,16 +70,32 @@ class Chunking(Optimization):
     def apply(self, setup: StepSetup) -> None:
         form, size = self.config.form, self.config.size
         if form == "loss":
-            setup.loss_chunk = size
             setup.notes.append(
                 f"chunked loss ({size} tokens): the LM head and cross-entropy run chunk by chunk "
                 "(torchtune's chunked cross-entropy, Liger's fused linear cross-entropy do this in a trainer)"
             )
-        else:
-            setup.prefill_chunk = size
-            setup.chunk_exact = form == "prefill"
-            if form == "independent":
-                setup.notes.append(
-                    f"independent chunks of {size} tokens: each chunk sees only itself, so the outputs CHANGE "
-                    "(see the quality column); exact chunking is form: prefill"
-                )
+        elif form == "independent":
+            setup.notes.append(
+                f"independent chunks of {size} tokens: each chunk sees only itself, so the outputs CHANGE "
+                "(see the quality column); exact chunking is form: prefill"
+            )
+
+    @property
+    def calls_head_directly(self) -> bool:  # type: ignore[override]
+        return self.config.form == "loss"
+
+    def loss(self, runner: StepRunner, inputs: dict[str, Any]) -> torch.Tensor | None:
+        if self.config.form != "loss":
+            return None
+        return chunked_lm_loss(runner.model, runner.model_inputs(inputs), self.config.size)
+
+    def forward(self, runner: StepRunner, inputs: dict[str, Any], *, keep_all_logits: bool) -> Any:
+        if self.config.form == "loss":
+            return None
+        return chunked_forward(
+            runner.model,
+            inputs,
+            self.config.size,
+            exact=self.config.form == "prefill",
+            keep_all_logits=keep_all_logits,
+        )

@@ -5,13 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from memprof.distill_loss import TopkTeacher
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.workload import StepSetup
+from memprof.units import format_bytes
+from memprof.workload import StepRunner, StepSetup, split_batch
 
 
 @register
 class DistillTeacher(Optimization):
-    """Make the teacher cheaper (:mod:`memprof.distill`; the student is untouched).
+    """Make the teacher cheaper (:mod:`memprof.distill_loss`; the student is untouched).
 
     * ``no_grad`` (default): freeze the teacher and run it under
       ``torch.no_grad``: no activations kept for backward, no teacher
@@ -85,3 +89,45 @@ class DistillTeacher(Optimization):
                 "(no_grad rather than inference_mode: a tensor made under inference_mode cannot be saved for "
                 "backward, which a loss using the logits as they come would do; the memory is the same)"
             )
+
+    # The hooks read the setup's teacher settings: distill_teacher steps stack
+    # (apply merges them), and every instance sees the merged result.
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self._topk: TopkTeacher | None = None
+
+    def attach_teacher(
+        self, runner: StepRunner, teacher: torch.nn.Module, inputs: dict[str, Any], task: str | None
+    ) -> tuple[torch.nn.Module, str] | None:
+        s = runner.setup
+        if not (s.teacher_no_grad or s.teacher_topk):
+            return None  # only the dtype changed: the teacher runs as loaded
+        teacher.requires_grad_(False)
+        if not s.teacher_topk:
+            return teacher, "teacher: forward after the student's, under torch.no_grad, parameters frozen"
+        parts = split_batch(inputs, s.micro_batches, s.workload.batch_size)
+        with runner.contexts("teacher_pass"):
+            self._topk = TopkTeacher.write(
+                teacher,
+                parts,
+                s.teacher_topk,
+                task=task,
+                device=next(runner.model.parameters()).device,
+                simulate=runner.env.simulate_cuda,
+            )
+        note = (
+            f"teacher: top-{self._topk.k} logits per token precomputed in one offline pass (not measured), "
+            f"{format_bytes(self._topk.stored_bytes())} on disk, read back each step; the KL is over the "
+            "teacher's top-k renormalised (an approximation)"
+        )
+        return self._topk, note
+
+    def teacher_logits(self, runner: StepRunner, part: int | None) -> torch.Tensor | None:
+        return self._topk(part) if self._topk is not None else None
+
+    def forward_context(self, runner: StepRunner, kind: str) -> Any:
+        return torch.no_grad() if kind == "teacher" and runner.setup.teacher_no_grad else None
+
+    def close(self) -> None:
+        if self._topk is not None:
+            self._topk.remove()

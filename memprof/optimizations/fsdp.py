@@ -5,8 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from memprof.optimizations.registry import Optimization, option, register
-from memprof.workload import StepSetup, repeated_blocks
+import torch
+
+from memprof.errors import InputError
+from memprof.models import DTYPES
+from memprof.optimizations.registry import MakeOptimizer, Optimization, option, register
+from memprof.workload import StepRunner, StepSetup, repeated_blocks
 
 
 @register
@@ -24,6 +28,8 @@ class Fsdp(Optimization):
     name = "fsdp"
     summary = "FSDP2 fully_shard per block: parameters, gradients and optimizer state / world size"
     modes = ("train", "distill")
+    #: sharding wraps last: it must see the final modules (after surgery and checkpointing)
+    wrap_stage = 1
 
     @dataclass
     class Config:
@@ -47,3 +53,44 @@ class Fsdp(Optimization):
             "version": 2,
             "reshard_after_forward": self.config.reshard_after_forward,
         }
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self._shards: Any = None
+
+    def wrap_model(self, model: torch.nn.Module, runner: StepRunner) -> str | None:
+        if runner.env.mesh is None:
+            raise InputError("a sharded step needs its ranks: the engine provides the device mesh")
+        from memprof.sharding import shard_model
+
+        autocast = runner.setup.autocast
+        mp = DTYPES[autocast] if autocast else None
+        if mp is not None and mp == next(model.parameters()).dtype:
+            mp = None  # the parameters are already in that dtype
+        return shard_model(
+            model,
+            runner.env.mesh,
+            reshard_after_forward=self.config.reshard_after_forward,
+            param_dtype=mp,
+            # a step that calls the LM head itself needs it as its own unit
+            separate_head=any(o.calls_head_directly for o in runner.optimizations),
+        )
+
+    def build_optimizer(self, runner: StepRunner, make: MakeOptimizer, params: list[Any]) -> bool:
+        if not runner.env.simulate_cuda:
+            return False  # real ranks: the optimizer steps the DTensor parameters
+        from memprof.sharding import LocalShards
+
+        self._shards = runner.local_shards = LocalShards(params)
+        runner.optimizer = make(self._shards.params)
+        if runner.optimizer is not None:
+            self._shards.attach(runner.optimizer)
+        return True
+
+    def after_optimizer_step(self, runner: StepRunner, set_to_none: bool) -> None:
+        if self._shards is not None:
+            runner.model.zero_grad(set_to_none=set_to_none)  # the DTensor gradients
+
+    def close(self) -> None:
+        if self._shards is not None:
+            self._shards.remove()

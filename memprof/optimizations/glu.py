@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.surgery import GLU_ACTIVATIONS, glu_layout
+from memprof.surgery import GLU_ACTIVATIONS, gated_mlp, glu_layout
 from memprof.workload import StepSetup
 
 
@@ -38,6 +40,7 @@ class Glu(Optimization):
         "4/3 of the MLP activations with a fused activation, measured"
     )
     modes = ("train", "infer")
+    rewrites_model = True
 
     @dataclass
     class Config:
@@ -54,11 +57,24 @@ class Glu(Optimization):
                 "the model runs on pretrained weights: a gated MLP replaces them with new random ones "
                 "(glu is an architecture choice for training from a config; the sim engine never loads weights)"
             )
-        if any(t["kind"] == "gated_mlp" for t in setup.model_transforms):
+        if setup.has_step(self.name):
             return "the MLP is already gated by an earlier step"
         if model is not None:
             return glu_layout(model)
         return None
 
     def apply(self, setup: StepSetup) -> None:
-        setup.model_transforms.append({"kind": "gated_mlp", "activation": self.config.activation})
+        pass  # the model changes in transform_model
+
+    def transform_model(self, model: torch.nn.Module, setup: StepSetup) -> str | None:
+        return gated_mlp(model, self.config.activation)
+
+    def checkpoint_problem(self) -> str | None:
+        # The gated MLP is a different function with new random weights; the stock
+        # architecture class would rebuild a plain MLP from config.json, so no file
+        # memprof could write reloads as the model that was measured.
+        return (
+            "glu replaces the MLP with a gated one that the model's stock transformers class cannot "
+            "build from config.json: a written checkpoint would not reload as the measured model "
+            "(measure it with memprof compare; build the gated model in your own code)"
+        )

@@ -31,7 +31,7 @@ class GradAccumulation(Optimization):
         k = setup.micro_batches * self.config.steps
         if b % k:
             return f"batch size {b} does not split into {k} equal micro-batches"
-        if setup.optimizer_in_backward:
+        if setup.has_step("optimizer_in_backward"):
             return "the optimizer steps in backward, which leaves no gradients to accumulate"
         return None
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.workload import StepSetup
+from memprof.workload import StepRunner, StepSetup
 
 
 @register
@@ -28,14 +30,20 @@ class InferenceMode(Optimization):
         use_cache: bool = option(False, "let the forward build a KV cache")
 
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
-        if setup.inference_mode:
+        if setup.has_step(self.name):
             return "inference_mode is already on"
         return None
 
     def apply(self, setup: StepSetup) -> None:
-        setup.inference_mode = True
         if setup.workload.decode_tokens:
             setup.notes.append("use_cache stays on: generation reads the KV cache")
         else:
-            setup.use_cache = self.config.use_cache
             setup.config_updates["use_cache"] = self.config.use_cache
+
+    def forward_context(self, runner: StepRunner, kind: str) -> Any:
+        return torch.inference_mode() if kind == "infer" else None
+
+    def model_kwargs(self, runner: StepRunner) -> dict[str, Any]:
+        if runner.setup.workload.decode_tokens:
+            return {}  # generation reads the KV cache
+        return {"use_cache": self.config.use_cache}

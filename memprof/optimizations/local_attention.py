@@ -41,10 +41,12 @@ class LocalAttention(Optimization):
 
     def apply(self, setup: StepSetup) -> None:
         w = self.config.window
-        setup.config_overrides["sliding_window"] = w
         setup.config_updates["sliding_window"] = w
         setup.notes.append(
             f"sliding window of {w} tokens: outputs change beyond the window; with attn "
             f"{setup.workload.attn} the window is a mask over the full seq x seq scores, so they are still "
             "computed (only flash-attention 2's native window skips them)"
         )
+
+    def config_overrides(self, setup: StepSetup) -> dict[str, Any]:
+        return {"sliding_window": self.config.window}

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from memprof.models import DTYPES
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.workload import StepSetup
+from memprof.workload import StepRunner, StepSetup
 
 
 @register
@@ -63,3 +66,43 @@ class MixedPrecision(Optimization):
             setup.training_args["bf16" if dt == "bfloat16" else "fp16"] = True
             if dt == "float16":
                 setup.grad_scaler = True
+
+    def forward_context(self, runner: StepRunner, kind: str) -> Any:
+        # the teacher's forward in a distillation step runs inside the step's own autocast
+        if self.config.pure or kind == "teacher":
+            return None
+        return torch.autocast(runner.env.device_type, dtype=DTYPES[self.config.dtype])
+
+    def grad_scaler(self, runner: StepRunner) -> Any:
+        if not runner.setup.grad_scaler:
+            return None
+        return _SimScaler() if runner.env.simulate_cuda else torch.amp.GradScaler(runner.env.device_type)
+
+
+class _SimScaler:
+    """The memory of torch.amp.GradScaler without its data-dependent branch.
+
+    GradScaler.step reads found_inf with .item(), which fake tensors cannot
+    answer; the tensors it creates (scale, found_inf, in-place unscaling) are
+    the same here.
+    """
+
+    def __init__(self) -> None:
+        self._scale: torch.Tensor | None = None
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        if self._scale is None:
+            self._scale = torch.full((), 2.0**16, dtype=torch.float32, device=loss.device)
+        return loss * self._scale
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        assert self._scale is not None
+        inv = self._scale.double().reciprocal().float()
+        found_inf = torch.zeros((), dtype=torch.float32, device=self._scale.device)
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv)
+        optimizer.step()
+
+    def update(self) -> None:
+        pass

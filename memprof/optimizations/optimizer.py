@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.workload import OPTIMIZER_IMPLS, StepSetup
+from memprof.workload import OPTIMIZER_IMPLS, StepRunner, StepSetup
 
 # transformers TrainingArguments.optim values
 _HF_OPTIM = {
@@ -56,10 +56,17 @@ class OptimizerChoice(Optimization):
     def apply(self, setup: StepSetup) -> None:
         c = self.config
         setup.update_workload(optimizer=c.type)
-        setup.optimizer_impl = c.impl
-        setup.set_to_none = c.set_to_none
         optim = _HF_OPTIM.get((c.type, c.impl))
         if optim:
             setup.training_args["optim"] = optim
         if c.type == "adafactor":
             setup.training_args["optim_args"] = "scale_parameter=False,relative_step=False,warmup_init=False"
+
+    def optimizer_settings(self, runner: StepRunner) -> dict[str, Any]:
+        impl = self.config.impl
+        out: dict[str, Any] = {"set_to_none": self.config.set_to_none}
+        if impl == "fused":
+            out["fused"] = True
+        elif impl != "auto":
+            out["foreach"] = impl == "foreach"
+        return out

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from memprof.optimizations.registry import Optimization, register
-from memprof.workload import StepSetup
+import torch
+
+from memprof.optimizations.registry import MakeOptimizer, Optimization, register
+from memprof.workload import StepRunner, StepSetup
 
 
 @register
@@ -36,10 +38,68 @@ class OptimizerInBackward(Optimization):
             return "the float16 gradient scaler unscales all gradients before the step"
         return None
 
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self._per_param: PerParameterOptimizers | None = None
+
     def apply(self, setup: StepSetup) -> None:
-        setup.optimizer_in_backward = True
         setup.notes.append(
             "optimizer in backward: one optimizer per parameter stepped in "
             "register_post_accumulate_grad_hook (no TrainingArguments field; see the PyTorch tutorial "
             "'optimizer step in backward')"
         )
+
+    def setup_problems(self, setup: StepSetup) -> list[str]:
+        problems = []
+        if setup.micro_batches > 1:
+            problems.append("the optimizer cannot step in backward while gradients accumulate")
+        if setup.shard:
+            problems.append(
+                "the optimizer cannot step in backward with FSDP2: it assigns the gradient shards after "
+                "the reduce-scatter, where no gradient hook fires"
+            )
+        if setup.grad_scaler:
+            problems.append(
+                "the optimizer cannot step in backward with a gradient scaler (unscaling needs all gradients)"
+            )
+        return problems
+
+    def build_optimizer(self, runner: StepRunner, make: MakeOptimizer, params: list[Any]) -> bool:
+        self._per_param = PerParameterOptimizers(make, params)
+        return True
+
+    def own_optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self._per_param.optimizers.values()) if self._per_param is not None else []
+
+    def close(self) -> None:
+        if self._per_param is not None:
+            self._per_param.remove()
+
+
+class PerParameterOptimizers:
+    """One optimizer per parameter, stepped in the parameter's gradient hook.
+
+    The full set of gradients never exists at once: each gradient is consumed
+    and freed as soon as it is accumulated (the PyTorch tutorial
+    "How to save memory by fusing the optimizer step into the backward pass").
+    """
+
+    def __init__(self, make: Any, params: list[torch.nn.Parameter]) -> None:
+        self.optimizers: dict[torch.nn.Parameter, torch.optim.Optimizer] = {}
+        self._handles = []
+        for p in params:
+            opt = make([p])
+            if opt is None:
+                continue
+            self.optimizers[p] = opt
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    def _hook(self, p: torch.Tensor) -> None:
+        opt = self.optimizers[p]  # type: ignore[index]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

@@ -5,8 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.surgery import ffn_layout, heads_layout
+from memprof.surgery import (
+    ffn_layout,
+    heads_layout,
+    prune_ffn,
+    prune_heads,
+    prune_unstructured,
+    sparsify_2to4,
+)
 from memprof.workload import StepSetup
 
 # "2to4", not "2:4": YAML 1.1 (PyYAML) reads an unquoted 2:4 as the base-60 number 124
@@ -47,6 +56,7 @@ class Pruning(Optimization):
         "structured FFN neurons or attention heads (really smaller)"
     )
     modes = ("train", "infer", "distill")
+    rewrites_model = True
 
     @dataclass
     class Config:
@@ -75,7 +85,7 @@ class Pruning(Optimization):
             return []
 
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
-        if any(t["kind"].startswith("prune") or t["kind"] == "sparsify_2to4" for t in setup.model_transforms):
+        if setup.has_step(self.name):
             return "the model is already pruned by an earlier step"
         if model is None:
             return None
@@ -86,22 +96,23 @@ class Pruning(Optimization):
         return None
 
     def apply(self, setup: StepSetup) -> None:
+        if self.config.method == "2to4" and setup.workload.mode != "infer":
+            setup.notes.append(
+                "2:4 sparsity in training: the pattern is applied once here; a real sparse fine-tune re-applies "
+                "the mask after every optimizer step, and the dense weights take the same memory"
+            )
+
+    def transform_model(self, model: torch.nn.Module, setup: StepSetup) -> str | None:
         c = self.config
         if c.method == "unstructured":
-            setup.model_transforms.append(
-                {"kind": "prune_unstructured", "amount": c.amount, "permanent": c.permanent}
-            )
-        elif c.method == "heads":
-            setup.model_transforms.append({"kind": "prune_heads", "amount": c.amount})
-        elif c.method == "2to4":
+            # a checkpoint holds the weights with the mask folded in
+            return prune_unstructured(model, c.amount, permanent=c.permanent or setup.checkpoint_form)
+        if c.method == "heads":
+            return prune_heads(model, c.amount, checkpoint=setup.checkpoint_form)
+        if c.method == "2to4":
             # compressed weights are inference-only: the optimizer cannot step a
-            # semi-structured tensor, and training keeps the mask on dense weights
-            infer = setup.workload.mode == "infer"
-            setup.model_transforms.append({"kind": "sparsify_2to4", "compress": infer})
-            if not infer:
-                setup.notes.append(
-                    "2:4 sparsity in training: the pattern is applied once here; a real sparse fine-tune re-applies "
-                    "the mask after every optimizer step, and the dense weights take the same memory"
-                )
-        else:
-            setup.model_transforms.append({"kind": "prune_ffn", "amount": c.amount})
+            # semi-structured tensor, and training keeps the mask on dense weights;
+            # safetensors holds plain tensors, so a checkpoint keeps the dense zeros
+            compress = setup.workload.mode == "infer" and not setup.checkpoint_form
+            return sparsify_2to4(model, compress=compress)
+        return prune_ffn(model, c.amount)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.surgery import _linears, quant_backend, quantization_problem
+from memprof.surgery import _linears, quant_backend, quantization_problem, quantize
 from memprof.workload import StepSetup
 
 
@@ -28,6 +30,7 @@ class Quantization(Optimization):
         "int8 weight-only (torchao / torch.ao) or 8/4-bit bitsandbytes (GPU): smaller weights, inference"
     )
     modes = ("infer",)
+    rewrites_model = True
 
     @dataclass
     class Config:
@@ -39,7 +42,7 @@ class Quantization(Optimization):
         )
 
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
-        if any(t["kind"] == "quantize" for t in setup.model_transforms):
+        if setup.has_step(self.name):
             return "the model is already quantized by an earlier step"
         backend = quant_backend(self.config.backend, self.config.bits)
         why = quantization_problem(backend, self.config.bits)
@@ -50,5 +53,21 @@ class Quantization(Optimization):
         return None
 
     def apply(self, setup: StepSetup) -> None:
-        backend = quant_backend(self.config.backend, self.config.bits)
-        setup.model_transforms.append({"kind": "quantize", "backend": backend, "bits": self.config.bits})
+        pass  # the weights change in transform_model
+
+    @property
+    def backend(self) -> str:
+        """The backend ``auto`` resolves to here."""
+        return quant_backend(self.config.backend, self.config.bits)
+
+    def transform_model(self, model: torch.nn.Module, setup: StepSetup) -> str | None:
+        return quantize(model, self.backend, self.config.bits)
+
+    def checkpoint_problem(self) -> str | None:
+        if self.backend == "torch.ao":
+            return (
+                "torch.ao quantization cannot be saved in a format transformers reloads (its packed CPU "
+                "modules have no checkpoint format): install torchao and use the quantization step with "
+                "backend torchao"
+            )
+        return None

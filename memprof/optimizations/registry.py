@@ -8,6 +8,41 @@ PEFT's ``peft_types`` and torch's ``register_flop_formula``.
 
 Options are validated where they enter (:func:`parse_options`): every problem
 is collected, so a recipe with three mistakes gets three messages at once.
+
+An optimization owns its behaviour too. :meth:`Optimization.apply` records
+what the step needs as plain data (``StepSetup``: the persisted config and
+training-argument changes, the notes, the few settings several optimizations
+or the engines read); the step runner (:class:`memprof.workload.StepRunner`)
+rebuilds the setup's optimizations from ``StepSetup.steps``
+(:func:`from_steps`: one fresh instance per runner, so an instance may keep
+per-run state) and calls their hooks at fixed points of the step, with no
+per-optimization branches of its own. Every hook does nothing by default; an
+optimization overrides the ones it needs:
+
+=========================  =====================================================
+hook                       when the runner calls it
+=========================  =====================================================
+``config_overrides``       before the model is built: config attributes to set
+``transform_model``        after the build, in step order: rewrite layers or
+                           weights (what ``memprof apply`` writes to disk)
+``wrap_model``             after every transform, by ``wrap_stage``: runtime
+                           wrappers (checkpointing, sharding)
+``model_kwargs``           each forward: extra keyword arguments of the model
+``forward_context``        around each forward (and loss): a context manager
+``loss`` / ``forward``     compute the training loss / the inference forward
+                           differently (the first optimization answering wins)
+``attach_teacher``         distillation: what stands for the teacher (frozen,
+                           its precomputed top-k logits)
+``teacher_logits``         distillation: the teacher's logits without running it
+``optimizer_settings``     how the optimizer is built (foreach, fused) and its
+                           gradients freed (set_to_none)
+``build_optimizer``        take over building the optimizers (per parameter,
+                           over local shards)
+``grad_scaler``            a loss scaler for the step
+``after_optimizer_step``   after the optimizer's step and zero_grad
+``close``                  remove what the hooks installed
+``setup_problems``         StepSetup.validate: conflicts with other settings
+=========================  =====================================================
 """
 
 from __future__ import annotations
@@ -22,9 +57,14 @@ from typing import Any, ClassVar
 from memprof.errors import InputError
 
 if typing.TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     import torch
 
-    from memprof.workload import StepSetup
+    from memprof.workload import StepRunner, StepSetup
+
+#: a factory of one optimizer over some parameters (None: nothing to optimize)
+MakeOptimizer = Callable[[list[Any]], Any]
 
 
 def option(
@@ -46,13 +86,22 @@ class Optimization:
 
     Subclasses set ``name``, ``summary``, ``Config`` (a dataclass of options),
     ``modes`` (the workload modes it applies to), implement :meth:`apply`, and
-    :meth:`why_not` when more than the mode decides whether it applies.
+    :meth:`why_not` when more than the mode decides whether it applies. What
+    the optimization does to the model and the step lives in the hooks below
+    (see the module docstring for when the runner calls each); the runner
+    passes itself (``runner``: its ``model``, ``setup``, ``env``, ``train``).
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Config: ClassVar[type] = type(None)
     modes: ClassVar[tuple[str, ...]] = ("train",)
+    #: :meth:`transform_model` rewrites layers or weights (``memprof apply`` writes the result)
+    rewrites_model: ClassVar[bool] = False
+    #: order of :meth:`wrap_model` among the optimizations (lower first; ties in step order)
+    wrap_stage: ClassVar[int] = 0
+    #: the step calls the model's LM head itself, outside the model's forward (a chunked loss)
+    calls_head_directly: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -86,6 +135,99 @@ class Optimization:
     def apply(self, setup: StepSetup) -> None:
         """Change the step (its workload fields, its step settings) in place."""
         raise NotImplementedError
+
+    # hooks: the step runner calls these; each does nothing unless overridden --------
+    def config_overrides(self, setup: StepSetup) -> dict[str, Any]:
+        """Model config attributes to set before the model is built."""
+        return {}
+
+    def transform_model(self, model: torch.nn.Module, setup: StepSetup) -> str | None:
+        """Change the built model in place (after the build, in step order); a note for the report.
+
+        ``setup.checkpoint_form``: the change in the form a saved checkpoint holds
+        (``memprof apply`` sets it). Set :attr:`rewrites_model` when it changes
+        layers or weights.
+        """
+        return None
+
+    def checkpoint_problem(self) -> str | None:
+        """Why a saved checkpoint cannot hold what :meth:`transform_model` did, or None."""
+        return None
+
+    def wrap_model(self, model: torch.nn.Module, runner: StepRunner) -> str | None:
+        """Wrap the transformed model for the run (after every transform, by :attr:`wrap_stage`); a note or None."""
+        return None
+
+    def model_kwargs(self, runner: StepRunner) -> dict[str, Any]:
+        """Extra keyword arguments of the model's forward (not for positional-only inputs)."""
+        return {}
+
+    def forward_context(self, runner: StepRunner, kind: str) -> AbstractContextManager[Any] | None:
+        """A context entered around each forward (and loss), or None.
+
+        Args:
+            kind: ``train`` (forward and loss of a training (micro-)batch), ``infer``
+                (the inference step, inside ``torch.no_grad``), ``eval`` (the quality
+                probe and embeddings, inside ``torch.no_grad``), ``teacher`` (the
+                distillation teacher's forward, inside the ``train`` contexts) or
+                ``teacher_pass`` (the teacher's offline top-k pass).
+        """
+        return None
+
+    def loss(self, runner: StepRunner, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """The training loss of a (micro-)batch, when this optimization computes it; else None."""
+        return None
+
+    def forward(self, runner: StepRunner, inputs: dict[str, Any], *, keep_all_logits: bool) -> Any:
+        """The inference forward (the prefill before decoding), when this optimization runs it; else None.
+
+        ``keep_all_logits``: the caller reads every position's logits (the quality check).
+        """
+        return None
+
+    def attach_teacher(
+        self, runner: StepRunner, teacher: torch.nn.Module, inputs: dict[str, Any], task: str | None
+    ) -> tuple[torch.nn.Module, str] | None:
+        """Distillation: what stands for the teacher in the step, and a note; None keeps it as loaded.
+
+        The first optimization answering wins.
+        """
+        return None
+
+    def teacher_logits(self, runner: StepRunner, part: int | None) -> torch.Tensor | None:
+        """Distillation: the teacher's logits of micro-batch ``part`` (None: the whole batch)
+        when this optimization supplies them (read back from disk); None runs the teacher."""
+        return None
+
+    def optimizer_settings(self, runner: StepRunner) -> dict[str, Any]:
+        """Changes to how the optimizer runs: ``foreach``, ``fused`` (bools), ``set_to_none``."""
+        return {}
+
+    def build_optimizer(self, runner: StepRunner, make: MakeOptimizer, params: list[Any]) -> bool:
+        """Build the step's optimizers instead of the runner; True when done.
+
+        Set ``runner.optimizer`` for one optimizer the runner steps, or keep the
+        optimizers and step them yourself (list them in :meth:`own_optimizers`).
+        """
+        return False
+
+    def own_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Optimizers this optimization steps itself (the runner neither steps nor zeroes for them)."""
+        return []
+
+    def grad_scaler(self, runner: StepRunner) -> Any:
+        """A loss scaler (``scale``, ``step``, ``update``, as torch.amp.GradScaler), or None."""
+        return None
+
+    def after_optimizer_step(self, runner: StepRunner, set_to_none: bool) -> None:
+        """After the runner's optimizer step and ``zero_grad``."""
+
+    def close(self) -> None:
+        """Remove what the hooks installed (handles, files)."""
+
+    def setup_problems(self, setup: StepSetup) -> list[str]:
+        """What conflicts with this optimization in the final setup (StepSetup.validate)."""
+        return []
 
     def describe(self) -> str:
         """A short label with the options that differ from the defaults."""
@@ -132,6 +274,17 @@ def get(name: str) -> type[Optimization]:
         return _REGISTRY[name]
     except KeyError:
         raise InputError(unknown_name_message(name)) from None
+
+
+def from_steps(steps: list[dict[str, Any]]) -> list[Optimization]:
+    """Fresh optimizations for a setup's ``steps`` (``{"name", "options"}``), in order.
+
+    Raises:
+        InputError: an unknown name or invalid options.
+    """
+    if steps:
+        import memprof.optimizations  # noqa: F401  (registers the built-in optimizations)
+    return [make(s["name"], s["options"]) for s in steps]
 
 
 def unknown_name_message(name: Any) -> str:
