@@ -24,6 +24,10 @@ code  meaning
 from __future__ import annotations
 
 import traceback
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from memprof.plan import PlanResult
 
 
 class MemprofError(Exception):
@@ -99,9 +103,9 @@ class NoPlanFits(MemprofError):
 
     exit_code = 6
 
-    def __init__(self, message: str, result: object | None = None) -> None:
+    def __init__(self, message: str, result: PlanResult | None = None) -> None:
         super().__init__(message)
-        self.result = result
+        self.result: PlanResult | None = result
 
 
 class InternalError(MemprofError):
