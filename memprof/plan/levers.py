@@ -440,6 +440,9 @@ def optimizer_trace_problem(name: str, dtype: torch.dtype) -> str | None:
             opt.step()
     except (InputError, EnvironmentProblem) as e:
         return str(e)
-    except Exception as e:  # a library reading tensor values (e.g. .tolist()) under fake tensors
+    except RuntimeError as e:
+        # a library reading tensor values (e.g. .tolist()) or running an op fake tensors cannot
+        # (torch's fake-tensor limits are RuntimeErrors, NotImplementedError is one too); anything
+        # else is a bug and propagates
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
     return None

@@ -129,6 +129,9 @@ def plan(
         InputError: a bad argument, model or workload.
         EnvironmentProblem: see :mod:`memprof.errors`.
         NoPlanFits: no searched combination fits; ``result`` holds the search.
+        InternalError: a sim run raised something unexpected (a bug in memprof or in a
+            library it drives); a run that ran out of memory, or that the sim engine
+            knowingly cannot run, is recorded in the result instead.
     """
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()

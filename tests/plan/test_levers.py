@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
+
 from memprof.api import fake_model, prepare
 from memprof.engines import SimEngine
 from memprof.workload import Workload
@@ -19,3 +21,24 @@ def test_world_size_one_has_no_fsdp_lever():
     assert "fsdp" not in names
     assert names[:3] == ["precision", "optimizer", "checkpointing"]
     assert levers[-1].name == "allocator" and levers[-1].derived
+
+
+def test_an_optimizer_that_reads_values_under_fake_tensors_is_reported_and_a_bug_propagates(monkeypatch):
+    import torch
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    import memprof.workload as workload_mod
+
+    def reads_values(*a, **k):
+        raise DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
+
+    monkeypatch.setattr(workload_mod, "make_optimizer", reads_values)
+    why = P.optimizer_trace_problem("adamw8bit", torch.float32)
+    assert why is not None and why.startswith("DataDependentOutputException: aten._local_scalar_dense")
+
+    def bug(*a, **k):
+        raise KeyError("no such optimizer")
+
+    monkeypatch.setattr(workload_mod, "make_optimizer", bug)
+    with pytest.raises(KeyError):
+        P.optimizer_trace_problem("adamw8bit", torch.float32)
