@@ -201,3 +201,25 @@ def test_a_key_error_in_a_sim_run_is_an_internal_error_on_the_command_line(
     assert re.match(
         r"memprof: internal error while profiling llama in sim: KeyError: 'no such segment'", lines[0]
     )
+
+
+def test_single_fixes_measures_each_lever_alone_then_searches_on_reusing_the_runs():
+    # the diagnosis's step (tests/test_diagnose.py): 36 MiB as it is, a 35 MiB budget
+    wl = Workload(batch_size=4, seq_len=64, dtype="bfloat16", optimizer="sgd")
+    found = P.single_fixes(tiny("llama"), wl, 35 * MiB, context_overhead=0)
+    r = found.result
+    assert found.baseline is r.baseline and found.baseline.need_bytes > 35 * MiB
+    names = [s.lever for s in found.singles]
+    assert names == [lv.name for lv in r.levers if lv.name in names]  # in lever order
+    assert "allocator" in names  # from the baseline's run: no run of its own
+    for s in found.singles:
+        c = s.candidate
+        assert c.source == "measured" and sum(1 for x in c.levels if x) == 1
+        lever = next(i for i, x in enumerate(c.levels) if x)
+        assert r.levers[lever].name == s.lever
+    purposes = [run.purpose for run in r.runs]
+    n_alone = sum(1 for p in purposes if p.startswith("effect of "))
+    assert purposes[0] == "baseline" and all(p.startswith("effect of ") for p in purposes[1 : 1 + n_alone])
+    assert any(s.candidate.fits for s in found.singles)
+    assert "most aggressive" not in purposes  # a single lever fits: only cheaper stacks are looked for
+    assert r.chosen is not None and r.chosen.fits and len(r.runs) <= 16
