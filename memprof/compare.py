@@ -259,7 +259,3 @@ def compare(
 def tokenizer_folder(rm: Any) -> Any:
     """Where the model's tokenizer would be (a bundled config's folder holds configs, not a tokenizer)."""
     return None if rm.source == "bundled" else (rm.folder or rm.weights_dir)
-
-
-#: the shared layer's (plan imports it from here until it moves to memprof.prepare)
-_apply = apply_step

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from memprof.errors import EnvironmentProblem, InputError, OutOfMemory
+from memprof.errors import EnvironmentProblem, InputError, InternalError, OutOfMemory
 from memprof.profile import Profile
 from memprof.units import format_bytes
 from memprof.workload import Workload
@@ -126,7 +126,7 @@ def diagnose(
     Raises:
         InputError: a budget that leaves nothing, or a workload the search refuses.
     """
-    from memprof.plan import _result, new_search
+    from memprof.plan import single_fixes
 
     say = progress or (lambda m: None)
     out = accounting(profile, budget_bytes, context_bytes)
@@ -173,47 +173,27 @@ def diagnose(
             f"the tensors fit ({format_bytes(out['peak_bytes'])} at the peak) but the allocator reserves "
             f"{format_bytes(out['reserved_bytes'])}: fragmentation; try expandable segments"
         )
-    wl = workload
     try:
-        search, left_out = new_search(
+        found = single_fixes(
             spec,
-            wl,
+            workload,
             budget_bytes,
             context_overhead=context_bytes,
-            engine=None,
-            max_overhead=None,
-            max_plans=1,
             max_runs=max_runs,
             task=task,
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
-            say=lambda m: say(f"fixes: {m}"),
+            progress=lambda m: say(f"fixes: {m}"),
         )
-        zero = tuple(0 for _ in search.levers)
-        search.measure(zero, "baseline")
-        base = search.cands[zero]
-        singles = []
-        for i, lever in enumerate(search.levers):
-            for level in range(len(lever.levels) - 1, 0, -1):
-                key = list(zero)
-                key[i] = level
-                k = tuple(key)
-                if k not in search.cands:  # not applicable to this step
-                    continue
-                if search._run_key(k) not in search.by_key and len(search.runs) < max_runs:
-                    search.measure(k, f"effect of {lever.name}")
-                c = search.cands[k]
-                if c.source == "measured" and c.need_bytes is not None:
-                    singles.append((lever.name, c))
-                break
-        singles.sort(key=lambda lc: (lc[1].need_bytes, lc[1].cost))
-        base_need = base.need_bytes or out["need_bytes"]
-        for name, c in singles[:fixes]:
+        singles = sorted(found.singles, key=lambda s: (s.candidate.need_bytes, s.candidate.cost))
+        base_need = found.baseline.need_bytes or out["need_bytes"]
+        for single in singles[:fixes]:
+            c = single.candidate
             if c.need_bytes is None or c.need_bytes >= base_need:
                 continue
             out["fixes"].append(
                 {
-                    "lever": name,
+                    "lever": single.lever,
                     "label": c.label,
                     "steps": c.steps,
                     "peak_bytes": c.peak_bytes,
@@ -226,12 +206,7 @@ def diagnose(
                     "side_notes": c.side_notes,
                 }
             )
-        if any(c.fits for _, c in singles):
-            # a single fix fits already: look only for cheaper stacks (no "most aggressive" runs)
-            search._best_first()
-        else:
-            search.search()
-        result = _result(search, search.rm.name, search.wl, left_out)
+        result = found.result
         if result.chosen is not None:
             ch = result.chosen
             out["plan"] = {
@@ -252,10 +227,12 @@ def diagnose(
                 "fits": False,
                 "dominant": result.dominant,
             }
-    except (InputError, EnvironmentProblem, OutOfMemory) as e:
-        # the model cannot run in the sim engine (or the search refuses the step): say why
+    except (InputError, EnvironmentProblem, OutOfMemory, InternalError) as e:
+        # the model cannot run in the sim engine (or the search refuses the step): say why. An
+        # internal error of a sim run (one the engine does not know as a limit) is said too: the
+        # fixes are a projection in another engine than the profile's, which stands without them
         out["fixes_error"] = f"no fixes projected: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         return out
-    out["runs"] = len(search.runs)
+    out["runs"] = len(result.runs)
     out["engine"] = "sim (the fixes are projected: each a sim run of the real model code)"
     return out

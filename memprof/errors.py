@@ -29,6 +29,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from memprof.plan import PlanResult
     from memprof.profile import Profile
 
 
@@ -118,9 +119,9 @@ class NoPlanFits(MemprofError):
 
     exit_code = ExitCode.NO_PLAN_FITS
 
-    def __init__(self, message: str, result: object | None = None) -> None:
+    def __init__(self, message: str, result: PlanResult | None = None) -> None:
         super().__init__(message)
-        self.result = result
+        self.result: PlanResult | None = result
 
 
 class InternalError(MemprofError):

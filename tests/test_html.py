@@ -154,7 +154,7 @@ def test_cli_writes_the_page_atomically_and_refuses_a_directory(tmp_path, capsys
 def _pages(tmp_path: Path, p: Profile) -> dict[str, Path]:
     """One page of each kind, from small sim runs; and a broken page (a script throws).
 
-    The commands' own ``--html`` runs are tested in test_compare, test_plan and
+    The commands' own ``--html`` runs are tested in test_compare, tests/plan and
     test_gate; here the pages are built from the library's results, for the browser.
     """
     from memprof.errors import NoPlanFits

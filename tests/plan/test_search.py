@@ -1,4 +1,4 @@
-"""memprof plan: the search on a tiny causal LM in the sim engine, the recipe it writes, bad input.
+"""memprof plan: the search on a tiny causal LM in the sim engine, and the recipe and page it writes.
 
 The tiny Llama's reserved memory moves in 2 MiB steps (the caching allocator's small-pool
 segments), and the sim projects a 32 MiB cuBLAS workspace: budgets here are 32 MiB plus
@@ -11,50 +11,19 @@ import importlib
 import json
 import math
 import os
+import re
 
 import pytest
 
 from memprof import recipes
-from memprof.api import fake_model, prepare
 from memprof.cli import main
-from memprof.compare import stack
-from memprof.engines import SimEngine
-from memprof.errors import InputError, NoPlanFits
+from memprof.engines.sim import SimEngine
+from memprof.errors import InternalError, NoPlanFits
 from memprof.workload import Workload
 from tests.conftest import tiny
+from tests.plan.helpers import TINY, TINY_WL, CountingSim, MiB, need_of, run
 
-P = importlib.import_module("memprof.plan")  # the module (memprof.plan is also the function)
-MiB = 2**20
-WORKSPACE = 32 * MiB  # the sim's cuBLAS workspace (sm 9.x)
-TINY = ["-b", "2", "-s", "64", "--dtype", "bfloat16", "--context-overhead", "0"]
-TINY_WL = Workload(batch_size=2, seq_len=64, dtype="bfloat16")
-
-
-def run(capsys, *args):
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def need_of(spec: str, wl: Workload, recipe: recipes.Recipe | None) -> tuple[int, int]:
-    """(reserved + cuBLAS workspace, peak) of a direct sim run of the step, with the recipe's steps."""
-    rm, eng = prepare(spec, wl, SimEngine())
-    setup, skipped = stack(recipe, wl, fake_model(rm, wl)) if recipe else (wl, [])
-    assert not skipped
-    p = eng.run(rm, setup)
-    return p.peak_reserved_bytes + p.overheads["cublas_workspace_bytes"], p.peak_bytes
-
-
-class CountingSim(SimEngine):
-    """Counts the steps it runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def run_detailed(self, *args, **kwargs):
-        self.calls += 1
-        return super().run_detailed(*args, **kwargs)
+P = importlib.import_module("memprof.plan")  # the package (memprof.plan is also the function)
 
 
 @pytest.fixture(scope="module")
@@ -179,21 +148,6 @@ def test_c_impossible_budget_exits_6_with_the_frontier(tmp_path, capsys, monkeyp
     assert not path.exists() and not list(tmp_path.iterdir())  # nothing written, nothing left behind
 
 
-def test_e_maximize_batch_size_finds_the_edge(capsys):
-    spec, budget = tiny("llama"), 40 * MiB
-    args = ["--budget", "40MiB", "-b", "4", "-s", "64", "--context-overhead", "0"]
-    code, out, err = run(capsys, "plan", spec, *args, "--maximize", "batch-size", "--json", "-")
-    assert code == 0, err
-    m = json.loads(out)["maximize"]
-    b = m["best"]
-    assert m["dimension"] == "batch-size" and b > 4 and m["first_misfit"] == b + 1
-    assert len(m["probes"]) <= 8
-    # checked by direct sim runs, outside the search
-    fits, _ = need_of(spec, Workload(batch_size=b, seq_len=64), None)
-    over, _ = need_of(spec, Workload(batch_size=b + 1, seq_len=64), None)
-    assert fits <= budget < over
-
-
 def test_world_size_adds_the_fsdp_lever_and_reports_per_rank(tmp_path, capsys, monkeypatch):
     # plumbing only: the numbers do not matter (until the sim engine shards, a sharded step
     # measures like an unsharded one)
@@ -211,74 +165,61 @@ def test_world_size_adds_the_fsdp_lever_and_reports_per_rank(tmp_path, capsys, m
     assert "per rank of 2" in out and "(per rank)" in out
 
 
-def test_world_size_one_has_no_fsdp_lever():
-    model = fake_model(*prepare(tiny("llama"), Workload(), SimEngine())[:1], Workload())
-    levers, left_out = P.build_levers(model, Workload(batch_size=4, seq_len=64))
-    names = [lv.name for lv in levers]
-    assert "fsdp" not in names
-    assert names[:3] == ["precision", "optimizer", "checkpointing"]
-    assert levers[-1].name == "allocator" and levers[-1].derived
+@pytest.fixture
+def second_run_raises_key_error(monkeypatch):
+    """A bug in memprof inside the second sim run (the first lever's): a KeyError as its trace is replayed."""
+    replay = SimEngine.replay_trace
+    calls = []
+
+    def broken(self, trace, setup, extra):
+        calls.append(setup)
+        if len(calls) == 2:
+            raise KeyError("no such segment")
+        return replay(self, trace, setup, extra)
+
+    monkeypatch.setattr(SimEngine, "replay_trace", broken)
+    return calls
 
 
-@pytest.mark.parametrize(
-    "args,needle",
-    [
-        (["--budget", "24XB"], "--budget: unknown size unit"),
-        (["--budget", "lots"], "--budget: not a size"),
-        (["--budget", "0"], "--budget: must be more than 0"),
-        (["--budget", "24GiB", "--world-size", "0"], "--world-size must be at least 1"),
-        (["--budget", "24GiB", "--max-overhead", "40"], "--max-overhead: not a percentage"),
-        (["--budget", "100MiB", "--context-overhead", "1GiB"], "leaves nothing after the CUDA context"),
-        (["--budget", "24GiB", "--maximize", "width"], "--maximize"),
-        ([], "--budget"),
-    ],
-)
-def test_f_bad_input_is_one_line_exit_2(capsys, args, needle):
-    code, out, err = run(capsys, "plan", tiny("llama"), *args)
-    assert code == 2
+def test_a_key_error_in_a_sim_run_propagates_instead_of_dropping_the_lever(second_run_raises_key_error):
+    # before: caught as a "failed run", the lever dropped with a note, the search went on
+    with pytest.raises(InternalError) as e:
+        P.plan(tiny("llama"), TINY_WL, 34 * MiB, context_overhead=0, max_plans=1)
+    assert isinstance(e.value.__cause__, KeyError)
+    assert e.value.exit_code == 70 and "KeyError: 'no such segment'" in str(e.value)
+    assert len(second_run_raises_key_error) == 2  # the baseline ran; the search stopped at the bug
+
+
+def test_a_key_error_in_a_sim_run_is_an_internal_error_on_the_command_line(
+    second_run_raises_key_error, capsys, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MEMPROF_CRASH_DIR", str(tmp_path / "crashes"))
+    code, out, err = run(capsys, "plan", tiny("llama"), "--budget", "34MiB", *TINY, "--plans", "1")
+    assert code == 70
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("memprof: error:"), err
-    assert needle in lines[0]
-    assert "Traceback" not in err
-
-
-def test_library_rejects_bad_arguments():
-    wl = Workload(batch_size=1, seq_len=8)
-    for kw in ({"world_size": 0}, {"max_overhead": -0.1}, {"maximize": "width"}, {"context_overhead": -1}):
-        with pytest.raises(InputError):
-            P.plan(tiny("llama"), wl, 24 * 2**30, **kw)
-
-
-def test_recipe_text_refuses_an_empty_plan_and_validates():
-    r = P.PlanResult(
-        model="m",
-        workload=Workload().to_dict(),
-        engine="sim",
-        budget=P.Budget(2**30, 0, WORKSPACE),
-        max_overhead=None,
-        levers=[],
-        not_searched=[],
-        baseline=P.Candidate(levels=(), steps=[], label="as it is", status="fits"),
-        candidates=[],
-        runs=[],
-        counts={},
+    assert len(lines) == 1 and "Traceback" not in err
+    assert re.match(
+        r"memprof: internal error while profiling llama in sim: KeyError: 'no such segment'", lines[0]
     )
-    r.plans = [r.baseline]
-    with pytest.raises(InputError, match="fits as it is"):
-        P.recipe_text(r, "m", "plan.yaml")
-    r.plans = [
-        P.Candidate(
-            levels=(1,),
-            steps=[{"name": "checkpointing", "options": {"every": 2}}],
-            label="checkpointing(every=2)",
-            status="fits",
-            run=2,
-            peak_bytes=1,
-            reserved_bytes=2,
-            need_bytes=3,
-            flop_overhead=0.12,
-        )
-    ]
-    text = P.recipe_text(r, "m", "x.yaml")
-    assert recipes.parse(text).steps[0].options == {"every": 2}
-    assert "# confirm: memprof compare m --recipe x.yaml --engine sim -b 8 -s 512" in text
+
+
+def test_single_fixes_measures_each_lever_alone_then_searches_on_reusing_the_runs():
+    # the diagnosis's step (tests/test_diagnose.py): 36 MiB as it is, a 35 MiB budget
+    wl = Workload(batch_size=4, seq_len=64, dtype="bfloat16", optimizer="sgd")
+    found = P.single_fixes(tiny("llama"), wl, 35 * MiB, context_overhead=0)
+    r = found.result
+    assert found.baseline is r.baseline and found.baseline.need_bytes > 35 * MiB
+    names = [s.lever for s in found.singles]
+    assert names == [lv.name for lv in r.levers if lv.name in names]  # in lever order
+    assert "allocator" in names  # from the baseline's run: no run of its own
+    for s in found.singles:
+        c = s.candidate
+        assert c.source == "measured" and sum(1 for x in c.levels if x) == 1
+        lever = next(i for i, x in enumerate(c.levels) if x)
+        assert r.levers[lever].name == s.lever
+    purposes = [run.purpose for run in r.runs]
+    n_alone = sum(1 for p in purposes if p.startswith("effect of "))
+    assert purposes[0] == "baseline" and all(p.startswith("effect of ") for p in purposes[1 : 1 + n_alone])
+    assert any(s.candidate.fits for s in found.singles)
+    assert "most aggressive" not in purposes  # a single lever fits: only cheaper stacks are looked for
+    assert r.chosen is not None and r.chosen.fits and len(r.runs) <= 16

@@ -1,0 +1,125 @@
+"""Combinations of lever levels: a key holds one level index per lever (all zeros: the step as given).
+
+:class:`Combinations` reads a key (its steps, label, side cost, structure);
+:func:`enumerate_setups` stacks every combination's optimizations on the step, once
+per prefix, and says which combinations do not apply.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+
+from memprof import optimizations
+from memprof.plan.levers import SIDE_COSTS, Lever, apply_steps
+from memprof.workload import StepSetup, Workload
+
+#: one level index per lever
+Key = tuple[int, ...]
+
+
+class Combinations:
+    """The combinations of ``levers``' levels, and what a key means.
+
+    A derived lever (the allocator setting) comes from the same trace: the run that
+    measures a key measures it with the derived lever at level 0 (:meth:`run_key`), and
+    gives every level of it (:meth:`with_alloc`).
+    """
+
+    def __init__(self, levers: list[Lever]) -> None:
+        self.levers = levers
+        #: the derived lever's index (None: there is none)
+        self.alloc = next((i for i, lv in enumerate(levers) if lv.derived), None)
+        #: the step as given
+        self.zero: Key = tuple(0 for _ in levers)
+
+    def run_key(self, key: Key) -> Key:
+        """The combination a run measures for ``key`` (the derived lever at level 0)."""
+        if self.alloc is None:
+            return key
+        k = list(key)
+        k[self.alloc] = 0
+        return tuple(k)
+
+    def with_alloc(self, key: Key) -> list[Key]:
+        """``key`` with each level of the derived lever: the combinations one run measures."""
+        if self.alloc is None:
+            return [key]
+        out = []
+        for a in range(len(self.levers[self.alloc].levels)):
+            k = list(key)
+            k[self.alloc] = a
+            out.append(tuple(k))
+        return out
+
+    def steps_of(self, key: Key) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for lv, i in zip(self.levers, key):
+            out += [dict(s) for s in lv.levels[i].steps]
+        return out
+
+    def label(self, key: Key) -> str:
+        steps = self.steps_of(key)
+        if not steps:
+            return "as it is"
+        return " + ".join(optimizations.make(s["name"], s["options"]).describe() for s in steps)
+
+    def side_cost(self, key: Key) -> float:
+        return sum(lv.levels[i].side_cost for lv, i in zip(self.levers, key))
+
+    def side_notes(self, key: Key) -> list[str]:
+        return [
+            SIDE_COSTS[lv.levels[i].side][1]  # type: ignore[index]
+            for lv, i in zip(self.levers, key)
+            if i and lv.levels[i].side
+        ]
+
+    def lever(self, name: str) -> int | None:
+        """The index of the lever called ``name`` (None: not searched)."""
+        return next((i for i, lv in enumerate(self.levers) if lv.name == name), None)
+
+    def in_backward(self, key: Key) -> bool:
+        """The optimizer steps in backward (no full gradients, no optimizer phase)."""
+        i = self.lever("optimizer in backward")
+        return i is not None and key[i] > 0
+
+    def micro_batches(self, key: Key) -> int:
+        i = self.lever("micro-batches")
+        return int(self.levers[i].levels[key[i]].amount) if i is not None and key[i] else 1
+
+    def signature(self, key: Key) -> Key:
+        """The levels of the levers that change FLOPs: keys with one signature count the same FLOPs."""
+        return tuple(k if lv.flops else 0 for lv, k in zip(self.levers, key))
+
+
+def enumerate_setups(
+    levers: list[Lever], model: torch.nn.Module, workload: Workload
+) -> tuple[dict[Key, StepSetup], dict[Key, str]]:
+    """Every valid run combination's setup, stacked lever by lever (a prefix is stacked once).
+
+    Returns:
+        The setups by run key (derived levers at level 0), and the combinations that do
+        not apply with the reason (a level that does not apply on top of the others).
+    """
+    setups: dict[Key, StepSetup] = {}
+    invalid: dict[Key, str] = {}
+    run_levers = [lv if not lv.derived else Lever(lv.name, lv.levels[:1], derived=True) for lv in levers]
+
+    def walk(depth: int, key: Key, setup: StepSetup) -> None:
+        if depth == len(run_levers):
+            setups[key] = setup
+            return
+        for i, level in enumerate(run_levers[depth].levels):
+            trial = setup.copy() if level.steps else setup
+            reason = apply_steps(level.steps, model, trial)
+            if reason:
+                rest = [range(len(lv.levels)) for lv in run_levers[depth + 1 :]]
+                for tail in itertools.product(*rest):
+                    invalid[(*key, i, *tail)] = reason
+                continue
+            walk(depth + 1, (*key, i), trial)
+
+    walk(0, (), StepSetup.of(workload))
+    return setups, invalid
