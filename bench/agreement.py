@@ -47,9 +47,10 @@ def tracker_vs_memtracker(spec: str, batch_size: int, seq_len: int) -> dict[str,
     import torch
 
     from memprof.api import analyze
+    from memprof.engines.runner import make_optimizer, run_step
     from memprof.models import build_model, parameter_count, resolve
     from memprof.tracking import Tracker
-    from memprof.workload import Workload, make_optimizer, run_step
+    from memprof.workload import Workload
 
     out: dict[str, Any] = {"spec": spec, "batch_size": batch_size, "seq_len": seq_len}
     wl = Workload(mode="train", batch_size=batch_size, seq_len=seq_len, dtype="float32", optimizer="adamw")

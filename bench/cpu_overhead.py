@@ -41,9 +41,10 @@ def main() -> int:
     C.quiet()
     import torch
 
+    from memprof.engines.runner import make_optimizer, run_step
     from memprof.models import build_model, parameter_count, resolve
     from memprof.tracking import Tracker
-    from memprof.workload import Workload, make_optimizer, run_step
+    from memprof.workload import Workload
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -51,9 +51,10 @@ def main() -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memprof.engines.cuda_semantics import CudaSDPA
+    from memprof.engines.runner import make_optimizer, run_step
     from memprof.models import build_model, parameter_count, resolve
     from memprof.tracking import Tracker
-    from memprof.workload import Workload, make_optimizer, run_step
+    from memprof.workload import Workload
 
     wl = Workload(
         mode="train",

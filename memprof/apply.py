@@ -39,6 +39,7 @@ from memprof.engines.base import Engine
 from memprof.engines.sim import SimEngine
 from memprof.errors import InputError
 from memprof.models import DTYPES, build_model
+from memprof.optimizations.registry import for_setup
 from memprof.prepare import fake_model, prepare, stack
 from memprof.profile import Profile
 from memprof.recipes import Recipe
@@ -147,7 +148,7 @@ def apply(
             + "; ".join(skipped or ["empty recipe"])
         )
     # Refuse before any profiling: a checkpoint that does not reload as the measured model is worse than none.
-    steps = setup.optimizations()
+    steps = for_setup(setup)
     unsaveable = [why for o in steps if (why := o.checkpoint_problem())]
     if unsaveable:
         raise InputError(f"{spec}: cannot write this checkpoint: " + "; ".join(unsaveable))

@@ -22,6 +22,7 @@ from memprof.engines import get_engine
 from memprof.engines.base import Engine
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.models import DTYPES, ResolvedModel, build_model, fetch_hub_weights, parameter_count, resolve
+from memprof.optimizations.registry import check_setup
 from memprof.workload import StepSetup, Workload
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ def apply_step(step: Optimization, model: torch.nn.Module | None, setup: StepSet
     step.apply(setup)
     setup.steps.append({"name": step.name, "options": step.options})
     try:
-        setup.validate()
+        check_setup(setup)
     except InputError as e:
         return str(e)
     return None

@@ -21,8 +21,6 @@ or its top-k logits are read back from disk.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -30,10 +28,8 @@ import torch
 
 from memprof.allocator_model import AllocatorSettings
 from memprof.choices import MORE_OPTIMIZERS, Attn, Experts, Mode, MoeRouting, Optim, values
-from memprof.chunked import cache_keyword, output_cache
-from memprof.distill_loss import DistillLoss, DistillPair, teacher_inputs
-from memprof.errors import EnvironmentProblem, InputError
-from memprof.models import DTYPES, InputBuilder, ResolvedModel, call_model
+from memprof.errors import InputError
+from memprof.models import DTYPES, ResolvedModel
 
 MODES = values(Mode)
 #: modes whose step trains (backward, optimizer): the student, in distillation
@@ -224,21 +220,18 @@ class StepSetup:
         """True when the optimization ``name`` is among the applied steps."""
         return any(s["name"] == name for s in self.steps)
 
-    def optimizations(self) -> list[Any]:
-        """Fresh instances of the applied optimizations, in order (their hooks run the step)."""
-        from memprof.optimizations.registry import from_steps
-
-        return from_steps(self.steps)
-
-    def config_overrides(self) -> dict[str, Any]:
-        """Config attributes the optimizations change before the model is built."""
-        out: dict[str, Any] = {}
-        for opt in self.optimizations():
-            out.update(opt.config_overrides(self))
-        return out
-
     def validate(self) -> None:
-        """Raise InputError listing what is wrong."""
+        """Raise InputError listing what is wrong with the plain data.
+
+        What the applied optimizations find wrong is checked by
+        :func:`memprof.optimizations.registry.check_setup`, which calls this first.
+        """
+        problems = self.problems()
+        if problems:
+            raise InputError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """What is wrong with the plain data (the workload raises on its own problems)."""
         self.workload.validate()
         problems = []
         if self.micro_batches < 1:
@@ -255,8 +248,6 @@ class StepSetup:
             self.teacher_no_grad or self.teacher_dtype or self.teacher_topk
         ):
             problems.append("teacher settings apply to distillation steps only")
-        for opt in self.optimizations():
-            problems.extend(opt.setup_problems(self))
         if self.shard is not None:
             if self.shard != "fsdp":
                 problems.append(f"unknown sharding {self.shard!r}; use: fsdp")
@@ -267,8 +258,7 @@ class StepSetup:
                 AllocatorSettings.from_dict(self.alloc_conf)
             except InputError as e:
                 problems.append(str(e))
-        if problems:
-            raise InputError("; ".join(problems))
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -278,379 +268,6 @@ class StepSetup:
 
 
 OPTIMIZER_IMPLS = ("auto", "foreach", "fused", "for-loop")
-
-
-@dataclass
-class RunEnv:
-    """What the engine tells the step runner about where it runs."""
-
-    #: "cpu" or "cuda": the device tensors live on
-    device_type: str = "cpu"
-    #: the sim engine: CPU fake tensors standing for a CUDA GPU
-    simulate_cuda: bool = False
-    #: the engine's optimizer implementation for impl "auto" (None: torch's default)
-    default_foreach: bool | None = None
-    #: a context the checkpoint recomputation runs in (the sim engine re-enters its
-    #: CUDA-semantics mode there: torch function modes do not follow into backward)
-    recompute_context: Callable[[], Any] | None = None
-    #: the device mesh of the ranks a sharded step runs on (memprof.sharding)
-    mesh: Any = None
-
-
-def make_optimizer(
-    name: str,
-    model: torch.nn.Module,
-    *,
-    foreach: bool | None,
-    fused: bool | None = None,
-    params: list[torch.nn.Parameter] | None = None,
-) -> torch.optim.Optimizer | None:
-    """The optimizer of a training step.
-
-    Args:
-        name: ``adamw``, ``sgd`` (momentum 0.9), ``adafactor`` (transformers; fixed
-            learning rate, factored second moments), ``adamw8bit`` (torchao or
-            bitsandbytes) or ``none``.
-        model: its trainable parameters are optimized (unless ``params`` is given).
-        foreach: the multi-tensor implementation; ``None`` lets torch choose for
-            the device (the sim engine passes ``True``, CUDA's default).
-        fused: the fused kernel (AdamW, SGD).
-        params: optimize these parameters only.
-
-    Raises:
-        InputError: unknown name, or an implementation this optimizer or build lacks.
-        EnvironmentProblem: the 8-bit optimizer's library is not installed.
-    """
-    if params is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-    if name == "none" or not params:
-        return None
-    impl: dict[str, Any] = {}
-    if fused:
-        impl["fused"] = True
-    elif foreach is not None:
-        impl["foreach"] = foreach
-    try:
-        if name == "adamw":
-            return torch.optim.AdamW(params, lr=1e-5, **impl)
-        if name == "sgd":
-            return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **impl)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise InputError(f"optimizer {name} with {impl}: {str(e).splitlines()[0]}") from None
-    if name == "adafactor":
-        if fused:
-            raise InputError("adafactor has no fused implementation")
-        from transformers.optimization import Adafactor
-
-        # A fixed learning rate: relative steps and parameter scaling compare tensors
-        # with Python numbers, which fake tensors cannot answer (and the memory is the same).
-        return Adafactor(params, lr=1e-3, scale_parameter=False, relative_step=False, warmup_init=False)
-    if name == "adamw8bit":
-        return _adamw8bit(params)
-    raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
-
-
-def _adamw8bit(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    from memprof.surgery import quiet_imports
-
-    try:
-        with quiet_imports():
-            from torchao.optim import AdamW8bit
-
-        return AdamW8bit(params, lr=1e-5)
-    except ImportError:
-        pass
-    try:
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=1e-5)
-    except ImportError:
-        pass
-    raise EnvironmentProblem(
-        "the adamw8bit optimizer needs torchao or bitsandbytes: pip install torchao (or bitsandbytes on a GPU)"
-    )
-
-
-class StepRunner:
-    """A built model prepared for a :class:`StepSetup`: its optimizations' hooks, the optimizer.
-
-    The runner rebuilds the setup's optimizations (``setup.steps``) and calls
-    their hooks (:class:`memprof.optimizations.registry.Optimization`) at fixed
-    points: it has no branch of its own per optimization. Use :meth:`step` for
-    a training or inference step, :meth:`probe` for the quality check (an
-    eval-mode forward without autograd), and :meth:`close` (or ``with``) to
-    remove what was installed on the model. A distillation step needs its
-    teacher first (:meth:`attach_teacher`); ``model`` is the student, and every
-    optimization but ``distill_teacher`` acts on it.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        setup: StepSetup | Workload,
-        env: RunEnv | None = None,
-        *,
-        build_optimizer: bool = True,
-    ) -> None:
-        self.model = model
-        self.setup = StepSetup.of(setup)
-        self.env = env or RunEnv()
-        self.setup.validate()
-        wl = self.setup.workload
-        self.train = wl.training
-        #: distillation: student, teacher and loss as one module (what the tracker watches)
-        self.pair: DistillPair | None = None
-        self._task: str | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scaler: Any = None
-        #: sim, sharded: the optimizer steps the rank's local shards (set by the fsdp optimization)
-        self.local_shards: Any = None
-        #: the setup's optimizations, fresh for this runner (their hooks run the step)
-        self.optimizations = self.setup.optimizations()
-        for opt in self.optimizations:
-            self._note(opt.transform_model(model, self.setup))
-        for opt in sorted(self.optimizations, key=lambda o: o.wrap_stage):
-            self._note(opt.wrap_model(model, self))
-        settings: dict[str, Any] = {"foreach": self.env.default_foreach, "fused": False, "set_to_none": True}
-        for opt in self.optimizations:
-            settings.update(opt.optimizer_settings(self))
-        #: zero_grad(set_to_none=...) after the step
-        self.set_to_none: bool = settings["set_to_none"]
-        if self.train and build_optimizer:
-            params = [p for p in model.parameters() if p.requires_grad]
-
-            def make(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
-                return make_optimizer(
-                    wl.optimizer, model, foreach=settings["foreach"], fused=settings["fused"], params=ps
-                )
-
-            if not any(opt.build_optimizer(self, make, params) for opt in self.optimizations):
-                self.optimizer = make(params)
-            for opt in self.optimizations:
-                scaler = opt.grad_scaler(self)
-                if scaler is not None:
-                    self.scaler = scaler
-
-    def _note(self, note: str | None) -> None:
-        if note:
-            self.setup.notes.append(note)
-
-    def attach_teacher(self, teacher: torch.nn.Module, inputs: dict[str, Any], task: str | None) -> str:
-        """Give a distillation step its teacher (built in the teacher's dtype, on the device).
-
-        The baseline keeps the teacher as loaded; an optimization may replace it
-        (``distill_teacher``: frozen, or its top-k logits written to disk, the
-        runner then keeping no reference to it: drop yours and it is gone).
-
-        Returns:
-            a note for the report.
-        """
-        teacher.train(False)  # no dropout: the teacher's targets are deterministic
-        self._task = task
-        side: torch.nn.Module = teacher
-        note = (
-            "teacher: forward after the student's, as loaded (parameters require grad) under autograd, "
-            "logits not detached: backward fills teacher gradients the student's optimizer never zeroes "
-            "(the naive baseline)"
-        )
-        for opt in self.optimizations:
-            got = opt.attach_teacher(self, teacher, inputs, task)
-            if got is not None:
-                side, note = got
-                break
-        wl = self.setup.workload
-        self.pair = DistillPair(self.model, side, DistillLoss(wl.temperature, wl.ce_weight))
-        return note
-
-    # what the tracker should watch
-    @property
-    def tracked(self) -> torch.nn.Module:
-        """The module the tracker watches: the model, or student + teacher + loss."""
-        return self.pair if self.pair is not None else self.model
-
-    @property
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        own = [o for opt in self.optimizations for o in opt.own_optimizers()]
-        return own + ([self.optimizer] if self.optimizer is not None else [])
-
-    def close(self) -> None:
-        for opt in self.optimizations:
-            opt.close()
-
-    def __enter__(self) -> StepRunner:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    # the hooks' parts of a forward -----------------------------------------
-    @contextlib.contextmanager
-    def contexts(self, kind: str) -> Iterator[None]:
-        """The optimizations' forward contexts of ``kind``, entered in step order."""
-        with contextlib.ExitStack() as stack:
-            for opt in self.optimizations:
-                cm = opt.forward_context(self, kind)
-                if cm is not None:
-                    stack.enter_context(cm)
-            yield
-
-    def model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """``inputs`` with the optimizations' extra keyword arguments of the forward."""
-        extra: dict[str, Any] = {}
-        for opt in self.optimizations:
-            extra.update(opt.model_kwargs(self))
-        if extra and "__args__" not in inputs:
-            return {**inputs, **extra}
-        return inputs
-
-    def _call(self, inputs: dict[str, Any]) -> Any:
-        return call_model(self.model, self.model_inputs(inputs))
-
-    def _hooked_loss(self, inputs: dict[str, Any]) -> torch.Tensor | None:
-        for opt in self.optimizations:
-            loss = opt.loss(self, inputs)
-            if loss is not None:
-                return loss
-        return None
-
-    def _loss(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """The training loss of one (micro-)batch."""
-        loss = self._hooked_loss(inputs)
-        if loss is not None:
-            return loss
-        out = self._call(inputs)
-        return InputBuilder.loss(out)
-
-    def _hooked_forward(self, inputs: dict[str, Any], keep_all_logits: bool = False) -> Any:
-        for opt in self.optimizations:
-            out = opt.forward(self, inputs, keep_all_logits=keep_all_logits)
-            if out is not None:
-                return out
-        return None
-
-    def _distill_loss(self, inputs: dict[str, Any], part: int | None) -> tuple[torch.Tensor, Any]:
-        """The distillation loss of micro-batch ``part`` (None: the whole batch), and the student's output."""
-        pair = self.pair
-        if pair is None:
-            raise InputError("a distillation step needs its teacher (StepRunner.attach_teacher)")
-        w = self.setup.workload.ce_weight
-        student_in = inputs if w > 0 else {k: v for k, v in inputs.items() if k != "labels"}
-        out = self._call(student_in)
-        ce = InputBuilder.loss(out) if w > 0 else None
-        t: Any = None
-        for opt in self.optimizations:
-            t = opt.teacher_logits(self, part)
-            if t is not None:
-                break
-        else:
-            with self.contexts("teacher"):
-                t = call_model(pair.teacher, teacher_inputs(inputs, self._task)).logits
-        loss = pair.loss(out.logits, t, ce)
-        del t, ce
-        return loss, out
-
-    # steps ---------------------------------------------------------------
-    def step(
-        self,
-        inputs: dict[str, Any],
-        tracker: Any = None,
-        on_phase: Callable[[str], None] | None = None,
-    ) -> None:
-        """Run one step; mark its phases on the tracker when given."""
-        t = tracker if tracker is not None else _NoPhases()
-
-        def enter(name: str) -> Any:
-            if on_phase is not None:
-                on_phase(name)
-            return t.phase(name)
-
-        wl = self.setup.workload
-        if not self.train:
-            with torch.no_grad(), self.contexts("infer"):
-                if wl.decode_tokens:
-                    _generate(self.model, inputs, wl.decode_tokens, enter, self._hooked_forward)
-                else:
-                    with enter("forward"):
-                        out = self._hooked_forward(inputs)
-                        if out is None:
-                            out = self._call(inputs)
-                        del out
-            return
-        k = self.setup.micro_batches
-        for i, part in enumerate(split_batch(inputs, k, wl.batch_size)):
-            with enter("forward"):
-                with self.contexts("train"):
-                    if wl.mode == "distill":
-                        loss, out = self._distill_loss(part, i)
-                        del out
-                    else:
-                        loss = self._loss(part)
-                if k > 1:
-                    loss = loss / k
-                if self.scaler is not None:
-                    loss = self.scaler.scale(loss)
-            with enter("backward"):
-                loss.backward()
-                del loss
-        with enter("optimizer"):
-            if self.optimizer is not None:
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=self.set_to_none)
-                for opt in self.optimizations:
-                    opt.after_optimizer_step(self, self.set_to_none)
-            elif not any(opt.own_optimizers() for opt in self.optimizations):
-                self.model.zero_grad(set_to_none=self.set_to_none)
-
-    def probe(self, inputs: dict[str, Any]) -> tuple[float | None, torch.Tensor | None]:
-        """Loss and main output of an eval-mode forward without autograd (quality check).
-
-        Eval mode turns dropout off, so two setups compare on the same function;
-        the forward runs under the setup's autocast and in the model's dtype.
-        """
-        was = self.model.training
-        self.model.train(False)
-        try:
-            with torch.no_grad(), self.contexts("eval"):
-                if self.setup.workload.mode == "distill":
-                    loss, out = self._distill_loss(inputs, None)
-                elif self.train:
-                    out = self._call(inputs)
-                    hooked = self._hooked_loss(inputs)
-                    loss = hooked if hooked is not None else InputBuilder.loss(out)
-                else:
-                    out = self._hooked_forward(inputs, keep_all_logits=True)
-                    if out is not None:
-                        loss = InputBuilder.loss(out.logits)
-                    else:
-                        out = self._call(inputs)
-                        loss = InputBuilder.loss(out)
-                main = main_output(out)
-        finally:
-            self.model.train(was)
-        return float(loss.float()), (main.detach().float().clone() if main is not None else None)
-
-    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """One vector per text of a real batch: the main output mean-pooled over its tokens.
-
-        For a sentence encoder (MiniLM) that is its sentence embedding (mean
-        pooling, as sentence-transformers does); for an LM, its pooled logits.
-        """
-        was = self.model.training
-        self.model.train(False)
-        try:
-            with torch.no_grad(), self.contexts("eval"):
-                main = main_output(self._call(batch))
-        finally:
-            self.model.train(was)
-        mask = batch.get("attention_mask")
-        if main is None or main.dim() != 3 or mask is None or main.shape[:2] != mask.shape:
-            return None
-        m = mask.to(main.device, torch.float32).unsqueeze(-1)
-        return (main.float() * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 def main_output(out: Any) -> torch.Tensor | None:
@@ -698,54 +315,3 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
             if len(kids) >= 2 and len({type(c) for c in kids}) == 1 and len(kids) > len(best):
                 best = kids
     return best
-
-
-class _NoPhases:
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        yield
-
-
-def run_step(
-    model: torch.nn.Module,
-    inputs: dict[str, Any],
-    workload: Workload,
-    optimizer: torch.optim.Optimizer | None,
-    tracker: Any = None,
-    on_phase: Callable[[str], None] | None = None,
-) -> None:
-    """One plain step of ``workload`` with a given optimizer (no optimizations).
-
-    A shortcut for benchmarks and tests; engines use :class:`StepRunner`.
-    """
-    runner = StepRunner(model, workload, build_optimizer=False)
-    runner.optimizer = optimizer
-    runner.step(inputs, tracker=tracker, on_phase=on_phase)
-
-
-def _generate(
-    model: torch.nn.Module,
-    inputs: dict[str, Any],
-    n: int,
-    enter: Callable[[str], Any],
-    prefill: Callable[[dict[str, Any]], Any] | None = None,
-) -> None:
-    """Prefill, then ``n`` greedy decode steps on the KV cache; ``prefill``: an optimization's own (None: its default)."""
-    cache_kw = cache_keyword(model)
-    with enter("prefill"):
-        out = prefill(inputs) if prefill is not None else None
-        if out is None:
-            out = model(**inputs, use_cache=True)
-        past = output_cache(out)
-        next_ids = out.logits[:, -1:].argmax(-1)
-        del out
-    mask = inputs.get("attention_mask")
-    with enter("decode"):
-        for _ in range(n):
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(input_ids=next_ids, attention_mask=mask, use_cache=True, **{cache_kw: past})
-            past = output_cache(out)
-            next_ids = out.logits[:, -1:].argmax(-1)
-            del out
-    del past

@@ -100,8 +100,8 @@ def test_workload_and_teacher_validation(tmp_path):
     with pytest.raises(InputError, match="token by token: the student must be"):
         run(StepSetup.of(distill()), student=tiny("bert-cls"))
     # a runner never falls back to a plain training step without its teacher
+    from memprof.engines.runner import StepRunner
     from memprof.models import build_model
-    from memprof.workload import StepRunner
 
     model, builder = build_model(resolve(tiny("llama")))
     with pytest.raises(InputError, match="needs its teacher"):

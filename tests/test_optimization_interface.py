@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from memprof import optimizations
+from memprof.engines.runner import StepRunner
 from memprof.optimizations import registry
 from memprof.optimizations.registry import Optimization, option
 from memprof.recipes import Recipe
-from memprof.workload import StepRunner, StepSetup, Workload
+from memprof.workload import StepSetup, Workload
 from tests.conftest import setup_with, tiny
 
 MiB = 1 << 20

@@ -10,12 +10,13 @@ import torch
 from memprof import optimizations
 from memprof.engines import CpuEngine, SimEngine
 from memprof.engines.base import Measure
+from memprof.engines.runner import StepRunner
 from memprof.errors import InputError
 from memprof.models import resolve
 from memprof.optimizations.checkpointing import enable_checkpointing
 from memprof.optimizations.registry import Optimization, register
 from memprof.tracking import Tracker
-from memprof.workload import StepRunner, StepSetup, Workload
+from memprof.workload import StepSetup, Workload
 from tests.conftest import setup_with, tiny
 
 QUALITY = Measure(quality=True)

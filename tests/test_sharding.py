@@ -40,9 +40,9 @@ def test_sim_step_equals_pytorch_fsdp_mem_tracker():
     fmt = pytest.importorskip("torch.distributed._tools.fsdp2_mem_tracker")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from memprof.engines.runner import RunEnv, StepRunner
     from memprof.sharding import fake_group, shard_model
     from memprof.tracking import Tracker
-    from memprof.workload import RunEnv, StepRunner
 
     wl = Workload(batch_size=2, seq_len=64, world_size=8)
     setup = setup_with(wl, ("fsdp", {}))

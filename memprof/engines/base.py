@@ -24,11 +24,13 @@ import torch
 from memprof._version import __version__
 from memprof.distill_loss import SIDES, resolve_teacher
 from memprof.engines.moe import router_counts
+from memprof.engines.runner import RunEnv, StepRunner
 from memprof.errors import InputError, InternalError, MemprofError, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count
+from memprof.optimizations.registry import check_setup, config_overrides
 from memprof.profile import Profile, from_tracker
 from memprof.tracking import CATEGORIES, TraceEvent, Tracker, TrackerResult
-from memprof.workload import RunEnv, StepRunner, StepSetup, Workload
+from memprof.workload import StepSetup, Workload
 
 Progress = Callable[[str], None]
 
@@ -285,7 +287,7 @@ class Engine:
         setup = StepSetup.of(workload)
         if setup.workload.attn == "auto":  # commands resolve it first; library callers may not
             setup.update_workload(attn=setup.workload.for_model(rm).attn)
-        setup.validate()
+        check_setup(setup)
         workload = setup.workload
         extra: dict[str, Any] = {}
         dev = self.device()
@@ -581,7 +583,7 @@ class Engine:
     ) -> tuple[torch.nn.Module, Any]:
         torch.manual_seed(seed)
         workload = setup.workload
-        overrides = setup.config_overrides() or None
+        overrides = config_overrides(setup) or None
         random_init = self.init_weights and not (self.load_weights and rm.has_weights)
         if random_init and workload.dtype != "float32":
             # Initialise in float32 and cast: the same seed gives the same weights

@@ -38,6 +38,7 @@ from memprof.engines.child import child_env_updates, run_in_child
 from memprof.engines.cuda_semantics import CUDA_BLOCK_ROUNDING
 from memprof.errors import EnvironmentProblem
 from memprof.models import ResolvedModel
+from memprof.optimizations.registry import check_setup
 from memprof.snapshot import cuda_allocator_view, device_trace, write_snapshot
 from memprof.workload import StepSetup, Workload
 
@@ -166,7 +167,7 @@ class CudaEngine(Engine):
                 track_modules=track_modules,
                 measure=measure,
             )
-        setup.validate()
+        check_setup(setup)
         if torch.cuda.is_initialized():
             # the parent's cached blocks would be memory the child cannot have
             gc.collect()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from memprof.optimizations.registry import Optimization, register
-from memprof.workload import StepRunner, StepSetup
+from memprof.workload import StepSetup
+
+if TYPE_CHECKING:
+    from memprof.engines.runner import StepRunner
 
 
 @register

@@ -6,13 +6,16 @@ import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from memprof.errors import InputError
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.workload import StepRunner, StepSetup, repeated_blocks
+from memprof.workload import StepSetup, repeated_blocks
+
+if TYPE_CHECKING:
+    from memprof.engines.runner import StepRunner
 
 
 @register

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from memprof.chunked import chunked_forward, chunked_lm_loss, why_not_chunkable
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.workload import StepRunner, StepSetup
+from memprof.workload import StepSetup
+
+if TYPE_CHECKING:
+    from memprof.engines.runner import StepRunner
 
 
 @register

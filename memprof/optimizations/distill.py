@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from memprof.distill_loss import TopkTeacher
 from memprof.optimizations.registry import Optimization, option, register
 from memprof.units import format_bytes
-from memprof.workload import StepRunner, StepSetup, split_batch
+from memprof.workload import StepSetup, split_batch
+
+if TYPE_CHECKING:
+    from memprof.engines.runner import StepRunner
 
 
 @register

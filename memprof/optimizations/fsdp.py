@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from memprof.errors import InputError
 from memprof.models import DTYPES
 from memprof.optimizations.registry import MakeOptimizer, Optimization, option, register
-from memprof.workload import StepRunner, StepSetup, repeated_blocks
+from memprof.workload import StepSetup, repeated_blocks
+
+if TYPE_CHECKING:
+    from memprof.engines.runner import StepRunner
 
 
 @register

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.workload import OPTIMIZER_IMPLS, StepRunner, StepSetup
+from memprof.workload import OPTIMIZER_IMPLS, StepSetup
+
+if TYPE_CHECKING:
+    from memprof.engines.runner import StepRunner
 
 # transformers TrainingArguments.optim values
 _HF_OPTIM = {

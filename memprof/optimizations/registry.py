@@ -12,7 +12,7 @@ is collected, so a recipe with three mistakes gets three messages at once.
 An optimization owns its behaviour too. :meth:`Optimization.apply` records
 what the step needs as plain data (``StepSetup``: the persisted config and
 training-argument changes, the notes, the few settings several optimizations
-or the engines read); the step runner (:class:`memprof.workload.StepRunner`)
+or the engines read); the step runner (:class:`memprof.engines.runner.StepRunner`)
 rebuilds the setup's optimizations from ``StepSetup.steps``
 (:func:`from_steps`: one fresh instance per runner, so an instance may keep
 per-run state) and calls their hooks at fixed points of the step, with no
@@ -61,7 +61,8 @@ if typing.TYPE_CHECKING:
 
     import torch
 
-    from memprof.workload import StepRunner, StepSetup
+    from memprof.engines.runner import StepRunner
+    from memprof.workload import StepSetup
 
 #: a factory of one optimizer over some parameters (None: nothing to optimize)
 MakeOptimizer = Callable[[list[Any]], Any]
@@ -407,3 +408,25 @@ def option_help(config_cls: type) -> list[tuple[str, str, Any, str]]:
             extra = " (" + "|".join(map(str, meta["choices"])) + ")"
         out.append((f.name, _type_name(hints[f.name]) + extra, f.default, meta.get("help", "")))
     return out
+
+
+def for_setup(setup: StepSetup) -> list[Optimization]:
+    """Fresh instances of a setup's applied optimizations, in order (their hooks run the step)."""
+    return from_steps(setup.steps)
+
+
+def config_overrides(setup: StepSetup) -> dict[str, Any]:
+    """Config attributes the setup's optimizations change before the model is built."""
+    out: dict[str, Any] = {}
+    for opt in for_setup(setup):
+        out.update(opt.config_overrides(setup))
+    return out
+
+
+def check_setup(setup: StepSetup) -> None:
+    """Raise InputError listing everything wrong with a setup: its plain data, then what its optimizations find."""
+    problems = setup.problems()
+    for opt in for_setup(setup):
+        problems.extend(opt.setup_problems(setup))
+    if problems:
+        raise InputError("; ".join(problems))

@@ -428,7 +428,7 @@ def optimizer_trace_problem(name: str, dtype: torch.dtype) -> str | None:
     """Why optimizer ``name`` cannot step under fake tensors, or None (one 128 x 128 step)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from memprof.workload import make_optimizer
+    from memprof.engines.runner import make_optimizer
 
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
