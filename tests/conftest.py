@@ -109,7 +109,7 @@ def _quiet_transformers():
 
 
 def screenshots(config: Any) -> list[str]:
-    """The screenshots the browser tests took (tests/test_html.py), listed at the end of the run.
+    """The screenshots the browser tests took (tests/report/test_html.py), listed at the end of the run.
 
     Kept on the config object: this module is imported twice (as pytest's conftest
     and as ``tests.conftest``), so a module-level list would not be shared.

@@ -47,7 +47,7 @@ def test_parameter_bytes_match_the_model():
 
 # the 70B shape is the 8B's architecture, larger: building it on fake tensors alone takes ~9 s
 # here; bench/fsdp_scale.py runs it (docs/benchmarks.md). The mixture-of-experts shapes take
-# 10-20 s a step here: their experts run in tests/test_moe.py on tiny configs, and their
+# 10-20 s a step here: their experts run in tests/engines/test_moe.py on tiny configs, and their
 # published parameter counts are checked below on a fake build
 _SLOW_BUNDLED = ("llama-3-70b", "mixtral-8x7b", "qwen3-30b-a3b")
 

@@ -19,7 +19,7 @@ from memprof.recipes import from_names
 from memprof.surgery import prune_heads, sparsify_2to4
 from memprof.workload import StepSetup, Workload
 from tests.conftest import gpu_test, tiny
-from tests.test_optimizations import QUALITY, cats, run, setup_with
+from tests.optimizations.test_optimizations import QUALITY, cats, run, setup_with
 
 
 def random_model(name: str, auto=AutoModelForCausalLM, attn: str = "sdpa") -> torch.nn.Module:
