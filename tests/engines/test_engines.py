@@ -201,7 +201,7 @@ def test_out_of_memory_reports_partial_profile(tmp_path, monkeypatch):
     assert "forward phase in greedy" in str(ei.value)
 
 
-@gpu_test
+@gpu_test()
 def test_cuda_engine_matches_allocator():
     p = memprof.analyze(tiny("llama"), engine="cuda", mode="train", batch_size=2, seq_len=64)
     _check_profile(p)
