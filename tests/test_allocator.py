@@ -353,7 +353,7 @@ def test_child_errors_come_back_typed():
         _raise_from_child("internal", "RuntimeError: boom", None)
 
 
-@gpu_test
+@gpu_test()
 def test_cuda_engine_measures_allocator_settings_in_a_child_process():
     from memprof.engines.cuda import CudaEngine
 

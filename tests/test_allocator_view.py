@@ -587,7 +587,7 @@ def test_cuda_engine_plumbing_without_a_gpu(monkeypatch, tmp_path, snapshot):
             assert pickle.load(f) == snap
 
 
-@gpu_test
+@gpu_test()
 def test_cuda_engine_reports_the_allocator_view(tmp_path):
     from memprof.engines.cuda import CudaEngine
     from memprof.models import resolve

@@ -47,7 +47,7 @@ def test_parameter_bytes_match_the_model():
 
 # the 70B shape is the 8B's architecture, larger: building it on fake tensors alone takes ~9 s
 # here; bench/fsdp_scale.py runs it (docs/benchmarks.md). The mixture-of-experts shapes take
-# 10-20 s a step here: their experts run in tests/test_moe.py on tiny configs, and their
+# 10-20 s a step here: their experts run in tests/engines/test_moe.py on tiny configs, and their
 # published parameter counts are checked below on a fake build
 _SLOW_BUNDLED = ("llama-3-70b", "mixtral-8x7b", "qwen3-30b-a3b")
 
@@ -201,7 +201,7 @@ def test_out_of_memory_reports_partial_profile(tmp_path, monkeypatch):
     assert "forward phase in greedy" in str(ei.value)
 
 
-@gpu_test
+@gpu_test()
 def test_cuda_engine_matches_allocator():
     p = memprof.analyze(tiny("llama"), engine="cuda", mode="train", batch_size=2, seq_len=64)
     _check_profile(p)

@@ -19,7 +19,7 @@ from memprof.recipes import from_names
 from memprof.surgery import prune_heads, sparsify_2to4
 from memprof.workload import StepSetup, Workload
 from tests.conftest import gpu_test, tiny
-from tests.test_optimizations import QUALITY, cats, run, setup_with
+from tests.optimizations.test_optimizations import QUALITY, cats, run, setup_with
 
 
 def random_model(name: str, auto=AutoModelForCausalLM, attn: str = "sdpa") -> torch.nn.Module:
@@ -127,7 +127,7 @@ def test_2to4_on_the_cpu_saves_nothing_and_says_what_would():
         optimizations.make("pruning", {"method": "2to4", "amount": 0.3})
 
 
-@gpu_test
+@gpu_test()
 def test_2to4_compresses_to_about_56_percent_on_an_ampere_or_newer_gpu():
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("the semi-structured format needs compute capability >= 8.0")
