@@ -109,7 +109,7 @@ def make_optimizer(
 
 
 def _adamw8bit(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    from memprof.surgery import quiet_imports
+    from memprof.surgery.quantization import quiet_imports
 
     try:
         with quiet_imports():
