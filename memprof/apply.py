@@ -271,7 +271,7 @@ def quantization_config(spec: dict[str, Any]) -> Any:
     if backend == "torchao":
         from transformers import TorchAoConfig
 
-        from memprof.surgery import quiet_imports
+        from memprof.surgery.quantization import quiet_imports
 
         with quiet_imports():
             from torchao.quantization import Int8WeightOnlyConfig

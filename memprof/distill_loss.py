@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from memprof.errors import EnvironmentProblem, InputError
-from memprof.models import ResolvedModel, call_model, resolve
+from memprof.inputs import call_model
+from memprof.models import ResolvedModel, resolve
 
 #: tasks whose logits compare token by token
 DISTILL_TASKS = ("causal-lm", "masked-lm")

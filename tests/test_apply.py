@@ -280,7 +280,7 @@ def _recipe(folder: Path, name: str, options: dict) -> Path:
 
 
 def _pruned_in_memory(auto: type, src: Path) -> torch.nn.Module:
-    from memprof.surgery import prune_heads
+    from memprof.surgery.pruning import prune_heads
 
     model = auto.from_pretrained(src).eval()
     prune_heads(model, 0.5)

@@ -27,6 +27,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "memprof.budget",
             "memprof.profile",
             "memprof.models",
+            "memprof.model_config",
+            "memprof.inputs",
             "memprof.data",
             "memprof.workload",
             "memprof.tracking",

@@ -51,7 +51,7 @@ def quiet_libraries() -> None:
     # logs about native kernels built for other GPUs and pytree registrations, and
     # torch.ao warns that its quantized dtypes are deprecated: none of it concerns
     # the measurement.
-    from memprof.surgery import NOISY_LOGGERS
+    from memprof.surgery.quantization import NOISY_LOGGERS
 
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

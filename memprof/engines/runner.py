@@ -27,7 +27,7 @@ import torch
 from memprof.chunked import cache_keyword, output_cache
 from memprof.distill_loss import DistillLoss, DistillPair, teacher_inputs
 from memprof.errors import EnvironmentProblem, InputError
-from memprof.models import InputBuilder, call_model
+from memprof.inputs import InputBuilder, call_model
 from memprof.optimizations.registry import check_setup, for_setup
 from memprof.workload import (
     OPTIMIZERS,
@@ -109,7 +109,7 @@ def make_optimizer(
 
 
 def _adamw8bit(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    from memprof.surgery import quiet_imports
+    from memprof.surgery.quantization import quiet_imports
 
     try:
         with quiet_imports():

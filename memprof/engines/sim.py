@@ -114,7 +114,7 @@ class SimEngine(Engine):
 
     def run_detailed(self, rm: ResolvedModel, workload: Workload | StepSetup, **kwargs: Any) -> RunResult:
         """As :meth:`Engine.run_detailed`; image-text models run with :func:`known_small_values`."""
-        from memprof.models import IMAGE_TEXT_TASKS
+        from memprof.inputs import IMAGE_TEXT_TASKS
 
         if rm.model_type in MAMBA_TYPES:
             workload = StepSetup.of(workload)

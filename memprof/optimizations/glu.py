@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.surgery import GLU_ACTIVATIONS, gated_mlp, glu_layout
+from memprof.surgery.glu import GLU_ACTIVATIONS, gated_mlp, glu_layout
 from memprof.workload import StepSetup
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.surgery import (
+from memprof.surgery.pruning import (
     ffn_layout,
     heads_layout,
     prune_ffn,

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.surgery import _linears, quant_backend, quantization_problem, quantize
+from memprof.surgery.common import linears
+from memprof.surgery.quantization import quant_backend, quantization_problem, quantize
 from memprof.workload import StepSetup
 
 
@@ -48,7 +49,7 @@ class Quantization(Optimization):
         why = quantization_problem(backend, self.config.bits)
         if why:
             return why
-        if model is not None and not _linears(model):
+        if model is not None and not linears(model):
             return f"{type(model).__name__} has no Linear layers to quantize"
         return None
 

@@ -418,7 +418,7 @@ def test_unstructured_pruning_does_not_shrink_memory(llama):
 
 def test_unstructured_pruning_zeroes_the_asked_fraction():
     from memprof.models import build_model
-    from memprof.surgery import prune_unstructured
+    from memprof.surgery.pruning import prune_unstructured
 
     model, _ = build_model(resolve(tiny("llama")), dtype="float32", attn="sdpa", load_weights=False)
     prune_unstructured(model, 0.3)
@@ -513,7 +513,7 @@ def test_int8_weight_only_quantization_in_sim(llama):
 
 
 def test_quantization_says_why_not(llama, monkeypatch):
-    from memprof import surgery
+    from memprof.surgery import quantization as surgery
 
     wl = Workload(mode="infer", batch_size=2, seq_len=32)
     setup = StepSetup.of(wl)

@@ -16,7 +16,7 @@ from memprof.errors import InputError
 from memprof.models import resolve
 from memprof.prepare import fake_model
 from memprof.recipes import from_names
-from memprof.surgery import prune_heads, sparsify_2to4
+from memprof.surgery.pruning import prune_heads, sparsify_2to4
 from memprof.workload import StepSetup, Workload
 from tests.conftest import gpu_test, tiny
 from tests.optimizations.test_optimizations import QUALITY, cats, run, setup_with

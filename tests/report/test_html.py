@@ -175,7 +175,7 @@ def _pages(tmp_path: Path, p: Profile) -> dict[str, Path]:
     pages["check"] = H.check_html(CheckReport("base.json", "1%", [row], {}))
     # a page whose script throws: the page must say so (no charts: no plotly.js to parse)
     pages["broken"] = (
-        H._Page("broken").render().replace("<h1>", "<script>throw new Error('boom')</script><h1>", 1)
+        H.Page("broken").render().replace("<h1>", "<script>throw new Error('boom')</script><h1>", 1)
     )
     out = {}
     for name, text in pages.items():

@@ -1,0 +1,164 @@
+"""Read a model's config.json into a transformers config, and check that its sizes fit together.
+
+Part of resolving a MODEL spec (:mod:`memprof.models`): a config that transformers
+accepts can still fail later, deep inside a layer's forward; :func:`check_config`
+refuses it here, in one line that names the attribute to change.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from memprof.errors import InputError
+
+try:
+    from huggingface_hub.errors import StrictDataclassError as _StrictConfigError
+except ImportError:  # pragma: no cover - huggingface_hub before strict dataclasses
+
+    class _StrictConfigError(Exception):  # type: ignore[no-redef]
+        """Never raised: this huggingface_hub has no strict dataclasses."""
+
+
+def load_config_file(path: Path, trust_remote_code: bool) -> Any:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object with a model_type")
+    return config_from_dict(data, str(path))
+
+
+def config_from_dict(data: dict[str, Any], where: str) -> Any:
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = data.get("model_type")
+    if not model_type:
+        raise InputError(f"{where}: no model_type in the config")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise InputError(
+            f"{where}: unknown model_type {model_type!r} (this transformers knows "
+            f"{len(CONFIG_MAPPING_NAMES)} types, e.g. llama, gpt2, bert, t5, vit, whisper)"
+        )
+    kwargs = {k: v for k, v in data.items() if k != "model_type" and not k.startswith("_memprof")}
+    try:
+        config = AutoConfig.for_model(model_type, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{where}: invalid {model_type} config ({e})") from None
+    except _StrictConfigError as e:
+        # transformers >= 5 validates configs as huggingface_hub strict dataclasses,
+        # whose errors are no ValueError: "Class validation error for validator 'x':\n<why>"
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = lines[-1] if lines else type(e).__name__
+        raise InputError(f"{where}: invalid {model_type} config ({why})") from None
+    check_config(config, data, where)
+    return config
+
+
+def check_config(config: Any, data: Mapping[str, Any], where: str) -> None:
+    """Refuse configs whose sizes do not fit together, before anything is built.
+
+    transformers checks some relations itself; the ones here fail later, inside a
+    layer, with an AssertionError or a shape mismatch deep in a forward. Sub-configs
+    (``text_config``, ``vision_config``...) are checked too.
+
+    Args:
+        config: the transformers config built from ``data``.
+        data: the config.json as read (what was given, as opposed to the class defaults).
+        where: the file or spec, for the message.
+
+    Raises:
+        InputError: the first relation that does not hold, in one line.
+    """
+    problems = _config_problems(config, data, getattr(config, "model_type", "?"))
+    if problems:
+        raise InputError(f"{where}: {problems[0]}")
+
+
+_SUB_CONFIGS = ("text_config", "vision_config", "audio_config")
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _config_problems(config: Any, data: Mapping[str, Any], name: str) -> list[str]:
+    problems: list[str] = []
+    given = data if isinstance(data, Mapping) else {}
+
+    aliases = getattr(config, "attribute_map", None) or {}
+
+    def origin(attr: str) -> str:
+        names = {attr, aliases.get(attr, attr)} | {k for k, v in aliases.items() if v == attr}
+        if names & set(given):
+            return ""
+        return f" ({name}'s default: the config does not set {attr})"
+
+    vocab = _int(getattr(config, "vocab_size", None))
+    # token ids the model looks up in its embedding: padding, and the decoder's first token
+    for attr in ("pad_token_id", "decoder_start_token_id"):
+        token = _int(getattr(config, attr, None))
+        if vocab is not None and token is not None and not 0 <= token < vocab:
+            problems.append(
+                f"{name} {attr} {token} is outside the vocabulary of {vocab} tokens{origin(attr)}; "
+                f"set {attr} below vocab_size"
+            )
+    hidden = _int(getattr(config, "hidden_size", None))
+    heads = _int(getattr(config, "num_attention_heads", None))
+    head_dim_keys = {"head_dim", aliases.get("head_dim", "head_dim")}
+    if hidden is not None and heads:
+        head_dim = getattr(config, "head_dim", None)
+        derived = not (head_dim_keys & set(given)) and head_dim in (None, hidden // heads)
+        if derived and hidden % heads:
+            problems.append(
+                f"{name} hidden_size {hidden} is not divisible by num_attention_heads {heads} "
+                "(each head gets hidden_size / heads dimensions; or set head_dim)"
+            )
+    kv = _int(getattr(config, "num_key_value_heads", None))
+    if heads and kv is not None:
+        if getattr(config, "kv_lora_rank", None) is not None and kv != heads:
+            # multi-head latent attention (DeepSeek-V2/V3) expands its latent to every head
+            problems.append(
+                f"{name} num_key_value_heads {kv} must equal num_attention_heads {heads}: "
+                "latent attention (kv_lora_rank) gives every head its own keys and values"
+            )
+        elif kv < 1 or heads % kv:
+            problems.append(
+                f"{name} num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+            )
+    for sub in _SUB_CONFIGS:
+        sub_cfg = getattr(config, sub, None)
+        if sub_cfg is not None and sub_cfg is not config and hasattr(sub_cfg, "to_dict"):
+            sub_data = given.get(sub)
+            problems += _config_problems(
+                sub_cfg, sub_data if isinstance(sub_data, Mapping) else {}, f"{name} {sub}"
+            )
+    text = getattr(config, "text_config", None)
+    text_vocab = _int(getattr(text, "vocab_size", None)) if text is not None else None
+    for attr in _IMAGE_TOKENS:  # the special tokens memprof writes into image-text inputs
+        token = _int(getattr(config, attr, None))
+        if token is not None and text_vocab is not None and not 0 <= token < text_vocab:
+            problems.append(
+                f"{name} {attr} {token} is outside the text vocabulary of {text_vocab} tokens"
+                f"{origin(attr)}; set {attr} below text_config.vocab_size"
+            )
+    return problems
+
+
+_IMAGE_TOKENS = ("image_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+def read_json(p: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{p}: expected a JSON object")
+    return data
