@@ -46,6 +46,12 @@ The rules modelled (one stream, PyTorch 2.x):
   least 512 bytes is split off. Free pages are unmapped only under memory
   pressure (the out-of-memory retry), never by garbage collection.
 
+The parts: :mod:`~memprof.allocator_model.settings` (constants, settings,
+``PYTORCH_CUDA_ALLOC_CONF``), :mod:`~memprof.allocator_model.blocks` (blocks,
+segments, pools, request sizes), :mod:`~memprof.allocator_model.model` (the
+allocator), :mod:`~memprof.allocator_model.estimate` (what a replay finds, the
+timeline), :mod:`~memprof.allocator_model.replay` (:func:`replay`, the hint).
+
 Known limitations: one stream and no CUDA graphs; events a real allocator waits
 on (cross-stream uses) are ignored; the layout at the start is the replay of the
 tensors alive when tracking began (the real one also has the warm-up step's
