@@ -1,46 +1,10 @@
-"""Live tensor storages -> categories and owning modules.
+"""The :class:`Tracker`: a ``TorchDispatchMode`` that keeps live tensor memory by category and module.
 
-:class:`Tracker` is a ``TorchDispatchMode`` used as a context manager. Every
-tensor storage created while it is active is recorded once, with its size, the
-category it was created in and the module that was running. A weak reference
-to the storage tells when it is freed, so the tracker keeps an exact running
-total of live bytes, and its peak, without ever walking the live set per op.
-
-Categories (``Category``):
-
-* ``parameters``, ``buffers``: the model's own tensors, registered on entry.
-* ``gradients``: ``param.grad`` (tagged by post-accumulate-grad hooks).
-* ``optimizer_state``: tensors held in ``optimizer.state``.
-* ``activations``: tensors autograd saved for the backward pass, and module
-  outputs (in inference, where nothing is saved, the outputs are what flows).
-* ``inputs``: the step's input tensors (registered by the caller).
-* ``temporaries``: everything else created during the step.
-
-Module attribution: a storage belongs to the innermost module running when it
-was created; in backward, to the module whose backward is running (found with
-multi-grad hooks, as ``torch.distributed._tools.mod_tracker`` does).
-
-Groups: given submodule names (``groups=("student", "teacher")``), the tracker
-also keeps the categories of each group (a submodule with its descendants) at
-the peak; memory outside every group (inputs, code outside modules) is ``other``.
-
-The breakdown at the peak is taken lazily: the live set at a peak is the same
-as just before the first free that follows it, so the tracker aggregates the
-live set only at those moments, and only when the peak was a new maximum.
-
-Known limitations:
-
-* Memory not held by tensors (the cuBLAS workspace, the CUDA context, the
-  allocator's cache) is invisible here; the cuda engine reads it from the
-  allocator instead.
-* A storage resized in place (``resize_``) keeps the size it had when first
-  seen, except through ``aten.resize_`` itself, which is followed.
-* FSDP2 (``distributed=True``): PyTorch frees and re-allocates the gathered
-  parameters with ``UntypedStorage.resize_``, which is not a dispatched op;
-  the tracker wraps that method while it is active (as PyTorch's own
-  ``MemTracker`` does) and restores it on exit.
-* Non-reentrant checkpointing installs its own saved-tensor hooks, which hide
-  the tensors it saves from the ``activations`` tag (they stay temporaries).
+Its parts live beside it: module attribution (:mod:`memprof.tracking.modules`), the model's
+own tensors (:mod:`memprof.tracking.model_tensors`),
+FSDP2 roles (:mod:`memprof.tracking.fsdp`), the timeline's downsampling
+(:mod:`memprof.tracking.timeline`), the results (:mod:`memprof.tracking.results`).
+The overview and the known limitations are in :mod:`memprof.tracking`.
 """
 
 from __future__ import annotations
@@ -49,102 +13,31 @@ import contextlib
 import sys
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
-from functools import cache, partial
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-
-class Category(str, Enum):
-    """Where a tensor's memory comes from."""
-
-    PARAMETERS = "parameters"
-    BUFFERS = "buffers"
-    GRADIENTS = "gradients"
-    OPTIMIZER_STATE = "optimizer_state"
-    ACTIVATIONS = "activations"
-    TEMPORARIES = "temporaries"
-    INPUTS = "inputs"
-
-
-CATEGORIES: tuple[str, ...] = tuple(c.value for c in Category)
-_CAT_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
-_PARAM, _BUF, _GRAD, _OPT, _ACT, _TMP, _INP = range(7)
-
-#: What FSDP2's storages are, beside their category (``Tracker(distributed=True)``):
-#: the rank's shards of the parameters, the parameters all-gathered for the block
-#: running, the unsharded gradients waiting for the reduce-scatter, and the
-#: communication buffers (all-gather output, reduce-scatter input)
-SHARD_ROLES: tuple[str, ...] = (
-    "sharded_parameters",
-    "unsharded_parameters",
-    "unsharded_gradients",
-    "all_gather_buffers",
-    "reduce_scatter_buffers",
+from memprof.tracking.fsdp import FsdpRoles
+from memprof.tracking.model_tensors import ModelTensors
+from memprof.tracking.modules import ModuleAttribution, _Frame
+from memprof.tracking.results import (
+    _ACT,
+    _CAT_INDEX,
+    _TMP,
+    CATEGORIES,
+    SHARD_ROLES,
+    Category,
+    ModuleStats,
+    TraceEvent,
+    TrackerResult,
 )
-_SHARDED, _UNSHARDED, _UNSHARDED_GRAD, _AG, _RS = range(5)
+from memprof.tracking.tensors import _inner_tensors, _is_wrapper, _unpack
+from memprof.tracking.timeline import downsample
 
 
-class TraceEvent(NamedTuple):
-    """One allocation or free of a tracked storage (``Tracker(record_trace=True)``)."""
-
-    #: the storage's id: unique among the storages live at the same time
-    storage: int
-    #: its size as tracked (rounded up to the tracker's ``block_rounding``)
-    nbytes: int
-    #: True: allocated (or first seen); False: freed
-    alloc: bool
-    #: the phase running when it happened (None: before the first phase, e.g. the
-    #: tensors that existed on entry and the inputs)
-    phase: str | None
-    #: the tracker's op counter when it happened (ops dispatched so far in the region)
-    op: int = 0
-
-
-@dataclass
-class ModuleStats:
-    """What the tracker learned about one module (plain data)."""
-
-    name: str
-    type: str
-    peak_bytes: int = 0  # highest live bytes while the module ran (forward or backward)
-    activation_bytes: int = 0  # its activations (with submodules') live at the global peak
-    bytes_at_peak: int = 0  # everything it owns (with submodules') live at the global peak
-
-
-@dataclass
-class TrackerResult:
-    """Plain-data result of a tracked region."""
-
-    peak_bytes: int
-    categories_at_peak: dict[str, int]
-    phases: list[dict[str, Any]]
-    modules: list[ModuleStats]
-    peak_phase: str | None
-    peak_module: str | None
-    final_bytes: int
-    live_by_category: dict[str, int] = field(default_factory=dict)
-    #: per group (and "other"): bytes by category at the peak; empty without groups
-    groups_at_peak: dict[str, dict[str, int]] = field(default_factory=dict)
-    #: FSDP2 (distributed=True): bytes by SHARD_ROLES at the peak; empty otherwise
-    sharding_at_peak: dict[str, int] = field(default_factory=dict)
-
-
-class _Frame:
-    """One active module on the forward or backward stack."""
-
-    __slots__ = ("idx", "peak")
-
-    def __init__(self, idx: int, current: int) -> None:
-        self.idx = idx
-        self.peak = current
-
-
-class Tracker(TorchDispatchMode):
+class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
     """Track live tensor memory by category and module.
 
     Use it as a context manager around the region to measure::
@@ -321,207 +214,12 @@ class Tracker(TorchDispatchMode):
             self._closed = True
             self._keep.clear()
 
-    def _enter_distributed(self, stack: contextlib.ExitStack) -> None:
-        from torch._guards import active_fake_mode
-        from torch.distributed.tensor import DTensor
-
-        self._dtensor = DTensor
-        self._collectives = {
-            op: kind
-            for op, kind in (
-                (_op("c10d", "_allgather_base_"), "all_gather"),
-                (_op("c10d", "_reduce_scatter_base_"), "reduce_scatter"),
-                (_op("fsdp", "chunk_cat"), "chunk_cat"),
-            )
-            if op is not None
-        }
-        # the fake mode of the step (sim engine) or None: any other one is DTensor's
-        # sharding propagation, whose global-shape tensors hold nothing
-        self._active_fake = active_fake_mode
-        self._entry_fake = active_fake_mode()
-        orig = torch.UntypedStorage.resize_
-        tracker = self
-
-        def resize_(st: torch.UntypedStorage, size: int) -> Any:
-            out = orig(st, size)
-            if tracker._active:
-                tracker._on_storage_resize(st)
-            return out
-
-        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign, assignment]
-        stack.callback(setattr, torch.UntypedStorage, "resize_", orig)
-        for opt in self.optimizers:
-            self._handles.append(opt.register_step_pre_hook(self._before_optimizer_step))
-
-    def _before_optimizer_step(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
-        # FSDP2 assigns the sharded gradients itself (no accumulate-grad hook fires)
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.register(
-                        p.grad, Category.GRADIENTS, owner=self._param_owner.get(id(p), 0), retag=True
-                    )
-
     def _remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._fw_stack.clear()
         self._bw_stack.clear()
-
-    def _index_modules(self, model: torch.nn.Module) -> None:
-        self._mod_names.clear()
-        self._mod_types.clear()
-        self._mod_parent.clear()
-        self._mod_index.clear()
-        name_of: dict[str, int] = {}
-        for name, mod in model.named_modules(remove_duplicate=True):
-            idx = len(self._mod_names)
-            self._mod_names.append(name or "<model>")
-            self._mod_types.append(type(mod).__name__)
-            parent_name = name.rsplit(".", 1)[0] if "." in name else ("" if name else None)
-            self._mod_parent.append(-1 if parent_name is None else name_of.get(parent_name, 0))
-            name_of[name] = idx
-            self._mod_index[id(mod)] = idx
-        self._mod_peak = [0] * len(self._mod_names)
-        self._mod_group = [self._group_of(n) for n in self._mod_names]
-        self._mod_tot = [0] * len(self._mod_names)
-        self._mod_act = [0] * len(self._mod_names)
-        for mod in model.modules():
-            owner = self._mod_index[id(mod)]
-            for p in mod.parameters(recurse=False):
-                self._param_owner.setdefault(id(p), owner)
-
-    def _group_of(self, name: str) -> int:
-        for g, prefix in enumerate(self.groups):
-            if name == prefix or name.startswith(prefix + "."):
-                return g
-        return self._other
-
-    def _gi(self, owner: int, cat: int) -> int:
-        """Index of (the owner's group, category) in the flat group counters."""
-        g = self._mod_group[owner] if 0 <= owner < len(self._mod_group) else self._other
-        return g * 7 + cat
-
-    def _register_existing(self) -> None:
-        assert self.model is not None
-        for p in self.model.parameters():
-            self.register(p, Category.PARAMETERS, owner=self._param_owner.get(id(p), 0))
-            if self.distributed and _is_wrapper(p):
-                for inner in _inner_tensors(p):
-                    self._set_role(inner, _SHARDED)
-            if p.grad is not None:
-                self.register(p.grad, Category.GRADIENTS, owner=self._param_owner.get(id(p), 0))
-        for mod in self.model.modules():
-            owner = self._mod_index[id(mod)]
-            for b in mod.buffers(recurse=False):
-                self.register(b, Category.BUFFERS, owner=owner)
-            packed = getattr(mod, "_packed_params", None)
-            if packed is not None and hasattr(packed, "_weight_bias"):
-                # torch.ao quantized layers keep their weights in an opaque packed
-                # object, not in parameters: count them at their int8 size (an
-                # unpacked copy, kept alive while tracking, stands for the packed one)
-                for t in packed._weight_bias():
-                    if isinstance(t, torch.Tensor):
-                        self._keep.append(t)
-                        self.register(t, Category.PARAMETERS, owner=owner)
-
-    def _register_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer] | None = None) -> None:
-        for opt in self.optimizers if optimizers is None else optimizers:
-            for p, state in opt.state.items():
-                owner = self._param_owner.get(id(p), 0)
-                for v in state.values():
-                    if isinstance(v, torch.Tensor):
-                        self.register(v, Category.OPTIMIZER_STATE, owner=owner, retag=True)
-
-    def _after_optimizer_step(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
-        self._register_optimizer_state([opt])
-
-    def _install_grad_hooks(self) -> None:
-        assert self.model is not None
-        for p in self.model.parameters():
-            if p.requires_grad:
-                owner = self._param_owner.get(id(p), 0)
-                self._handles.append(p.register_post_accumulate_grad_hook(partial(self._on_grad, owner)))
-
-    def _on_grad(self, owner: int, p: torch.Tensor) -> None:
-        if p.grad is not None:
-            self.register(p.grad, Category.GRADIENTS, owner=owner, retag=True)
-
-    def _install_module_hooks(self) -> None:
-        assert self.model is not None
-        for mod in self.model.modules():
-            idx = self._mod_index.get(id(mod))
-            if idx is None:
-                continue
-            self._handles.append(mod.register_forward_pre_hook(partial(self._fw_pre, idx)))
-            self._handles.append(mod.register_forward_hook(partial(self._fw_post, idx), always_call=True))
-
-    # ----------------------------------------------------------- module hooks
-    def _fw_pre(self, idx: int, mod: torch.nn.Module, args: Any) -> None:
-        self._fw_stack.append(_Frame(idx, self.current))
-        if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
-            tensors = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor) and a.requires_grad]
-            if tensors:
-                # Fires when the gradients w.r.t. the module's inputs exist: its backward ended.
-                self._handles.append(
-                    torch.autograd.graph.register_multi_grad_hook(tensors, partial(self._bw_post, idx))
-                )
-
-    def _fw_post(self, idx: int, mod: torch.nn.Module, args: Any, output: Any) -> None:
-        if output is None and self.error_module is None and sys.exc_info()[0] is not None:
-            # always_call hooks run while an exception propagates: innermost first
-            self.error_module = self._mod_names[idx]
-        stack = self._fw_stack
-        # Pop down to this module (always_call=True also runs on exceptions).
-        while stack:
-            frame = stack.pop()
-            self._close_frame(frame)
-            if frame.idx == idx:
-                break
-        outs = [o for o in tree_flatten(output)[0] if isinstance(o, torch.Tensor)]
-        for o in outs:
-            self._retag(o, _ACT, from_cat=_TMP)
-        if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
-            req = [o for o in outs if o.requires_grad]
-            if req:
-                # Fires on the first gradient w.r.t. an output: the module's backward begins.
-                self._handles.append(
-                    torch.autograd.graph.register_multi_grad_hook(req, partial(self._bw_pre, idx), mode="any")
-                )
-
-    def _bw_pre(self, idx: int, *args: Any) -> None:
-        if self._closed:
-            return
-        self._bw_stack.append(_Frame(idx, self.current))
-
-    def _bw_post(self, idx: int, *args: Any) -> None:
-        if self._closed:
-            return
-        stack = self._bw_stack
-        if not any(f.idx == idx for f in stack):
-            return
-        while stack:
-            frame = stack.pop()
-            self._close_frame(frame)
-            if frame.idx == idx:
-                break
-
-    def _close_frame(self, frame: _Frame) -> None:
-        if frame.peak > self._mod_peak[frame.idx]:
-            self._mod_peak[frame.idx] = frame.peak
-
-    def end_backward(self) -> None:
-        """Close module frames left open when a backward pass ends."""
-        while self._bw_stack:
-            self._close_frame(self._bw_stack.pop())
-
-    def _owner(self) -> int:
-        if self._bw_stack and torch._C._current_graph_task_id() != -1:
-            return self._bw_stack[-1].idx
-        if self._fw_stack:
-            return self._fw_stack[-1].idx
-        return -1
 
     # --------------------------------------------------------------- phases
     @contextlib.contextmanager
@@ -768,58 +466,6 @@ class Tracker(TorchDispatchMode):
                             self._maybe_add(oo)
         return out
 
-    def _fsdp_roles(self, func: Any, args: Any) -> None:
-        """Tag FSDP2's communication buffers and unsharded gradients as they reach a collective."""
-        op = self._collectives.get(func)
-        if op is None:
-            return
-        if op == "all_gather":
-            self._set_role(args[0], _AG)
-        elif op == "reduce_scatter":
-            self._set_role(args[1], _RS)
-            # the output is the rank's gradient shard (FSDP2 assigns it as .grad)
-            self.register(args[0], Category.GRADIENTS, retag=True)
-        elif op == "chunk_cat":
-            for g in args[0]:
-                if isinstance(g, torch.Tensor):
-                    self.register(g, Category.GRADIENTS, retag=True)
-                    self._set_role(g, _UNSHARDED_GRAD)
-
-    def _set_role(self, t: Any, role: int) -> None:
-        if not isinstance(t, torch.Tensor):
-            return
-        try:
-            sid = id(t.untyped_storage())
-        except (NotImplementedError, RuntimeError):
-            return
-        rec = self._records.get(sid)
-        if rec is None:
-            return
-        old = self._role.get(sid)
-        if old == role:
-            return
-        if old is not None:
-            self._roles[old] -= rec[0]
-        self._role[sid] = role
-        self._roles[role] += rec[0]
-
-    def _on_storage_resize(self, st: Any) -> None:
-        """``UntypedStorage.resize_`` (FSDP2's gather and reshard of a block's parameters)."""
-        sid = id(st)
-        rec = self._records.get(sid)
-        if rec is None:
-            if st.nbytes() == 0:
-                return
-            # a fake tensor's storage is on meta: the step's device is what counts
-            dev = st.device.type
-            if self.device_type is not None and dev not in (self.device_type, "meta"):
-                return
-            self._add(st, sid, _PARAM, self._owner())
-            self._role[sid] = _UNSHARDED
-            self._roles[_UNSHARDED] += self._records[sid][0]
-            return
-        self._resized(st, sid, rec)
-
     def _maybe_add(self, t: torch.Tensor) -> None:
         if t.layout is not torch.strided:
             return
@@ -912,42 +558,7 @@ class Tracker(TorchDispatchMode):
         tl = self._tl
         if tl is None:
             return None
-        width = 9
-        n = len(tl) // width
-        totals = [sum(tl[i * width + 2 : i * width + width]) for i in range(n)]
-        if n <= max_points:
-            keep = list(range(n))
-        else:
-            buckets = max(1, max_points // 2)
-            keep = []
-            for b in range(buckets):
-                lo, hi = b * n // buckets, (b + 1) * n // buckets
-                if lo >= hi:
-                    continue
-                seg = range(lo, hi)
-                i_min = min(seg, key=totals.__getitem__)
-                i_max = max(seg, key=totals.__getitem__)
-                keep.extend(sorted({i_min, i_max}))
-        used: dict[int, int] = {}
-        mods: list[int] = []
-        for i in keep:
-            m = tl[i * width + 1]
-            if m >= 0 and self.track_modules and m < len(self._mod_names):
-                mods.append(used.setdefault(m, len(used)))
-            else:
-                mods.append(-1)
-        peak_index = max(range(len(keep)), key=lambda k: totals[keep[k]]) if keep else -1
-        return {
-            "x": "op",
-            "op": [tl[i * width] for i in keep],
-            "categories": {c: [tl[i * width + 2 + j] for i in keep] for j, c in enumerate(CATEGORIES)},
-            "module": mods,
-            "modules": [self._mod_names[m] for m in used],
-            "phases": [{"name": nm, "start": a, "end": b} for nm, a, b in self._spans],
-            "ops": self.ops,
-            "rows": n,
-            "peak_index": peak_index,
-        }
+        return downsample(tl, self._spans, self._mod_names, self.track_modules, self.ops, max_points)
 
     def result(self, top_level_only: bool = False) -> TrackerResult:
         """The plain-data result. Valid inside or after the tracked region."""
@@ -1003,35 +614,3 @@ class Tracker(TorchDispatchMode):
             else {},
             sharding_at_peak=dict(zip(SHARD_ROLES, self._roles_at_peak)) if self.distributed else {},
         )
-
-
-def _is_wrapper(t: torch.Tensor) -> bool:
-    """A tensor subclass made of inner tensors (torchao's quantized weights, DTensor...).
-
-    Its own storage is a placeholder of the logical (dense) size; the memory is
-    in the inner tensors, which are counted instead.
-    """
-    return _wrapper_type(type(t))
-
-
-@cache
-def _wrapper_type(cls: type) -> bool:
-    # per type, not per tensor: the tracker asks for every op's output
-    return hasattr(cls, "__tensor_flatten__")
-
-
-def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
-    names, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
-    return [v for v in (getattr(t, n) for n in names) if isinstance(v, torch.Tensor)]
-
-
-def _op(namespace: str, name: str) -> Any:
-    """``torch.ops.<namespace>.<name>.default``, or None where this build lacks it."""
-    try:
-        return getattr(getattr(torch.ops, namespace), name).default
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def _unpack(t: torch.Tensor) -> torch.Tensor:
-    return t
