@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from memprof.budget import DEFAULT_CONTEXT_BYTES
+from memprof.budget import check as check_budget
 from memprof.engines import SimEngine
 from memprof.engines.base import Engine, Measure, versions
 from memprof.errors import InputError, MemprofError, OutOfMemory
@@ -157,7 +159,8 @@ def analyze(
     Raises:
         InputError, EnvironmentProblem, OutOfMemory: see :mod:`memprof.errors`.
     """
-    if context_overhead is not None and context_overhead < 0:
+    context = DEFAULT_CONTEXT_BYTES if context_overhead is None else context_overhead
+    if context < 0:
         raise InputError("--context-overhead must be 0 or more")
     if fixes < 0:
         raise InputError(f"--fixes must be 0 or more, got {fixes}")
@@ -201,13 +204,9 @@ def analyze(
     )
     workload = workload.for_model(rm)
     setup.update_workload(attn=workload.attn)
-    from memprof.diagnose import usable_bytes
-    from memprof.plan import DEFAULT_CONTEXT_BYTES
-
-    context = DEFAULT_CONTEXT_BYTES if context_overhead is None else context_overhead
     measure = Measure()
     if budget is not None:
-        measure.budget = usable_bytes(budget, context, eng.workspace_bytes())
+        measure.budget = check_budget(budget, context, eng.workspace_bytes())
     oom: OutOfMemory | None = None
     try:
         if launch is None:

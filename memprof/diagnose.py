@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from memprof.budget import Budget
+from memprof.budget import check as check_budget
 from memprof.errors import EnvironmentProblem, InputError, InternalError, OutOfMemory
 from memprof.profile import Profile
 from memprof.units import format_bytes
@@ -36,34 +38,19 @@ Progress = Callable[[str], None]
 DEFAULT_FIXES = 3
 
 
-def usable_bytes(budget_bytes: int, context_bytes: int, workspace_bytes: int) -> int:
-    """What a budget leaves for the step's tensors and the allocator's cache.
-
-    Raises:
-        InputError: nothing is left.
-    """
-    usable = budget_bytes - context_bytes - workspace_bytes
-    if usable <= 0:
-        raise InputError(
-            f"--budget {format_bytes(budget_bytes)} leaves nothing after the CUDA context "
-            f"({format_bytes(context_bytes)}, --context-overhead) and the cuBLAS workspace "
-            f"({format_bytes(workspace_bytes)})"
-        )
-    return usable
-
-
 def accounting(profile: Profile, budget_bytes: int, context_bytes: int) -> dict[str, Any]:
     """The budget against what the profiled step needs (reserved memory and the overheads)."""
     ov = profile.overheads or {}
     ws = int(ov.get("cublas_workspace_bytes") or 0) if not ov.get("included_in_peak", True) else 0
     reserved = profile.peak_reserved_bytes if profile.peak_reserved_bytes is not None else profile.peak_bytes
-    need = int(reserved) + context_bytes + ws
+    b = Budget(budget_bytes, context_bytes, ws)
+    need = b.need(reserved)
     return {
         "budget_bytes": budget_bytes,
         "context_bytes": context_bytes,
         "context_source": "assumed (--context-overhead)",
         "cublas_workspace_bytes": ws,
-        "usable_bytes": budget_bytes - context_bytes - ws,
+        "usable_bytes": b.usable_bytes,
         "peak_bytes": profile.peak_bytes,
         "reserved_bytes": int(reserved),
         "reserved_source": (profile.allocator or {}).get("source", "peak allocated"),
@@ -130,7 +117,7 @@ def diagnose(
 
     say = progress or (lambda m: None)
     out = accounting(profile, budget_bytes, context_bytes)
-    usable_bytes(budget_bytes, context_bytes, out["cublas_workspace_bytes"])  # raises when nothing is left
+    check_budget(budget_bytes, context_bytes, out["cublas_workspace_bytes"])  # raises when nothing is left
     crossing = dict((profile.budget or {}).get("crossing") or {}) or None
     if crossing is None and profile.oom:
         o = profile.oom  # a real out-of-memory error: the state when it was raised

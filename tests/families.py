@@ -320,8 +320,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 #: families that fail in sim for a reason another branch is fixing now: name -> reason
-PENDING: dict[str, str] = {
-}
+PENDING: dict[str, str] = {}
 
 
 def available() -> dict[str, dict[str, Any]]:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import typer
 
+from memprof.budget import DEFAULT_CONTEXT_BYTES
 from memprof.cli import options as O
 from memprof.cli.common import check_output, spinner, stdout_console, write_output
 from memprof.errors import InputError, NoPlanFits
-from memprof.plan import DEFAULT_CONTEXT_BYTES, PlanResult, recipe_text
+from memprof.plan import PlanResult, recipe_text
 from memprof.plan import plan as run_plan
 from memprof.report.plan import render_plan
 from memprof.units import format_bytes, parse_percent

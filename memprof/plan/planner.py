@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from memprof import budget
+from memprof.budget import Budget
 from memprof.engines.base import Engine
 from memprof.engines.sim import SimEngine
 from memprof.errors import InputError, NoPlanFits
@@ -15,7 +17,7 @@ from memprof.plan.levers import build_levers
 from memprof.plan.maximize import MAXIMIZE
 from memprof.plan.maximize import maximize as maximize_with
 from memprof.plan.recipe import recipe_text
-from memprof.plan.result import Budget, PlanResult, SingleFixes
+from memprof.plan.result import PlanResult, SingleFixes
 from memprof.plan.search import Progress, Search
 from memprof.prepare import fake_model, prepare
 from memprof.units import format_bytes
@@ -25,7 +27,7 @@ MiB = 2**20
 #: the CUDA context assumed when none is given: recent drivers with lazy module
 #: loading take 300-600 MiB per process on an H100 (measure yours with
 #: ``memprof analyze --engine cuda``)
-DEFAULT_CONTEXT_BYTES = 512 * MiB
+DEFAULT_CONTEXT_BYTES = budget.DEFAULT_CONTEXT_BYTES
 
 
 def new_search(
@@ -141,15 +143,9 @@ def plan(
         raise InputError(f"--max-overhead must be 0% or more, got {max_overhead:.0%}")
     if maximize is not None and maximize not in MAXIMIZE:
         raise InputError(f"--maximize must be one of {', '.join(MAXIMIZE)}, got {maximize!r}")
-    if context_overhead < 0:
-        raise InputError("--context-overhead must be 0 or more")
     if max_plans < 1 or max_runs < 2:
         raise InputError("max_plans must be at least 1 and max_runs at least 2")
-    if budget_bytes <= context_overhead:
-        raise InputError(
-            f"--budget {format_bytes(budget_bytes)} leaves nothing after the CUDA context "
-            f"({format_bytes(context_overhead)}, --context-overhead)"
-        )
+    budget.check(budget_bytes, context_overhead)
     wl = replace(workload, world_size=world_size) if world_size != 1 else workload
     search = new_search(
         spec,

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from memprof.budget import Budget  # re-exported: the plan's results carry it
 from memprof.plan.levers import SIDE_COSTS, Lever
 from memprof.profile import Profile
 from memprof.units import format_bytes
@@ -121,39 +122,6 @@ class Candidate:
             "cost": self.cost,
             "categories_at_peak": self.categories,
             "peak_phase": self.peak_phase,
-        }
-
-
-@dataclass
-class Budget:
-    """What the budget must hold besides the step's tensors, and what is left for them."""
-
-    budget_bytes: int
-    #: the CUDA context: an assumption (no GPU to measure it), ``--context-overhead``
-    context_bytes: int
-    #: cuBLAS workspace, from the sim profile (allocated on the first matmul, outside the peak)
-    cublas_workspace_bytes: int
-    world_size: int = 1
-
-    @property
-    def usable_bytes(self) -> int:
-        """What is left for the caching allocator's reserved memory."""
-        return self.budget_bytes - self.context_bytes - self.cublas_workspace_bytes
-
-    def need(self, reserved: float) -> int:
-        """What a step with ``reserved`` bytes reserved needs of the budget (with the overheads)."""
-        return int(reserved) + self.context_bytes + self.cublas_workspace_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "budget_bytes": self.budget_bytes,
-            "context_bytes": self.context_bytes,
-            "context_source": "assumed (--context-overhead); measure it with memprof analyze --engine cuda",
-            "cublas_workspace_bytes": self.cublas_workspace_bytes,
-            "usable_bytes": self.usable_bytes,
-            "fragmentation": "peak reserved of the sim's caching-allocator model (replaying the step)",
-            "per_rank": self.world_size > 1,
-            "world_size": self.world_size,
         }
 
 

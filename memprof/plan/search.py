@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memprof.budget import Budget
 from memprof.engines.base import Engine, Measure
 from memprof.errors import EnvironmentProblem, InputError, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel
 from memprof.plan.combinations import Combinations, Key, enumerate_setups
 from memprof.plan.estimator import Estimator, Measured
 from memprof.plan.levers import NOT_SEARCHED, Lever, optimizer_trace_problem
-from memprof.plan.result import Budget, Candidate, PlanResult, Run, SingleFix, pareto
+from memprof.plan.result import Candidate, PlanResult, Run, SingleFix, pareto
 from memprof.plan.result import dominant as dominant_of
 from memprof.units import format_bytes
 from memprof.workload import Workload

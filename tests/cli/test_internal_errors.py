@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import memprof.cli.analyze as analyze_cli
-import memprof.workload as workload_mod
+import memprof.engines.runner as runner_mod
 from memprof.cli import main
 from memprof.engines import get_engine
 from memprof.errors import InputError, InternalError, NotSupported
@@ -107,7 +107,7 @@ def test_a_bug_in_memprof_step_code(monkeypatch, capsys, crash_dir):
     def boom(*a, **k):
         raise KeyError("no such input")
 
-    monkeypatch.setattr(workload_mod, "call_model", boom)
+    monkeypatch.setattr(runner_mod, "call_model", boom)
     assert main(["analyze", tiny("llama"), "--engine", "sim", "-b", "1", "-s", "8"]) == 70
     m, path = crash_line(capsys)
     assert m["where"] == " while profiling llama in sim"
@@ -148,7 +148,7 @@ def test_a_crash_file_that_cannot_be_written_is_said_on_the_same_line(tmp_path, 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("MEMPROF_CRASH_DIR", str(blocker / "crashes"))  # under a file: mkdir fails
-    monkeypatch.setattr(workload_mod, "call_model", lambda *a, **k: {}["x"])
+    monkeypatch.setattr(runner_mod, "call_model", lambda *a, **k: {}["x"])
     assert main(["analyze", tiny("llama"), "--engine", "sim", "-b", "1", "-s", "8"]) == 70
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
@@ -173,7 +173,7 @@ def test_interrupt_is_still_130(monkeypatch, capsys):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(workload_mod, "call_model", interrupt)
+    monkeypatch.setattr(runner_mod, "call_model", interrupt)
     assert main(["analyze", tiny("llama"), "--engine", "sim", "-b", "1", "-s", "8"]) == 130
     err = capsys.readouterr().err  # Typer turns the interrupt into exit 130, silently
     assert "internal error" not in err and "Traceback" not in err

@@ -27,18 +27,18 @@ def test_an_optimizer_that_reads_values_under_fake_tensors_is_reported_and_a_bug
     import torch
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
-    import memprof.workload as workload_mod
+    import memprof.engines.runner as runner_mod
 
     def reads_values(*a, **k):
         raise DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
 
-    monkeypatch.setattr(workload_mod, "make_optimizer", reads_values)
+    monkeypatch.setattr(runner_mod, "make_optimizer", reads_values)
     why = P.optimizer_trace_problem("adamw8bit", torch.float32)
     assert why is not None and why.startswith("DataDependentOutputException: aten._local_scalar_dense")
 
     def bug(*a, **k):
         raise KeyError("no such optimizer")
 
-    monkeypatch.setattr(workload_mod, "make_optimizer", bug)
+    monkeypatch.setattr(runner_mod, "make_optimizer", bug)
     with pytest.raises(KeyError):
         P.optimizer_trace_problem("adamw8bit", torch.float32)

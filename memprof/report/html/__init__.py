@@ -6,7 +6,7 @@ One file, opened without a network: plotly.js is inlined once per page (about
 
 Each page records script errors (``window.onerror``) and, once the charts are
 drawn, counts them into ``<body data-charts=N data-errors=M>``, so a headless
-browser can check that the page rendered (``tests/test_html.py``).
+browser can check that the page rendered (``tests/report/test_html.py``).
 
 Charts:
 
