@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
+from memprof import optimizations
 from memprof.budget import DEFAULT_CONTEXT_BYTES
 from memprof.budget import check as check_budget
+from memprof.diagnose import diagnose
 from memprof.engines import SimEngine
 from memprof.engines.base import Engine, Measure, versions
 from memprof.errors import InputError, MemprofError, OutOfMemory
@@ -222,8 +224,6 @@ def analyze(
     if oom is None and launch is None:
         other_routing(eng, rm, setup, profile, progress=progress, allow_pickle=allow_pickle)
     if budget is not None:
-        from memprof.diagnose import diagnose
-
         profile.budget = diagnose(
             spec,
             workload,
@@ -287,7 +287,6 @@ def sharded_setup(workload: Workload, shard: str | None) -> StepSetup:
         return setup
     if shard != "fsdp":
         raise InputError(f"unknown sharding {shard!r}; use: fsdp")
-    from memprof import optimizations
 
     opt = optimizations.make("fsdp")
     reason = opt.applies_to(None, setup)

@@ -38,12 +38,14 @@ from memprof.data import DataSpec
 from memprof.engines.base import Engine
 from memprof.engines.sim import SimEngine
 from memprof.errors import InputError
-from memprof.models import DTYPES, build_model
+from memprof.models import DTYPES, TASKS, build_model
 from memprof.optimizations.registry import for_setup
 from memprof.prepare import fake_model, prepare, stack
 from memprof.profile import Profile
 from memprof.recipes import Recipe
 from memprof.sharding import Launch
+from memprof.surgery.quantization import quiet_imports
+from memprof.units import format_bytes
 from memprof.workload import StepSetup, Workload, main_output
 
 SCHEMA = "memprof.apply/1"
@@ -271,8 +273,6 @@ def quantization_config(spec: dict[str, Any]) -> Any:
     if backend == "torchao":
         from transformers import TorchAoConfig
 
-        from memprof.surgery.quantization import quiet_imports
-
         with quiet_imports():
             from torchao.quantization import Int8WeightOnlyConfig
         return TorchAoConfig(Int8WeightOnlyConfig())
@@ -301,7 +301,6 @@ def _save_quantized(model: Any, spec: dict[str, Any], tmp: Path, parent: Path) -
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     size = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
-    from memprof.units import format_bytes
 
     return (
         f"quantized with transformers' {type(qconfig).__name__} ({spec['backend']}, {spec.get('bits', 8)}-bit); "
@@ -326,8 +325,6 @@ def _verify(
 ) -> dict[str, Any]:
     """Reload the written checkpoint and compare its output with the source model's."""
     import transformers
-
-    from memprof.models import TASKS
 
     auto = getattr(transformers, TASKS[rm.task]) if rm.task in TASKS else transformers.AutoModel
     reloaded = auto.from_pretrained(str(folder))
@@ -410,7 +407,6 @@ def readme(
     verification: dict[str, Any] | None,
     notes: list[str],
 ) -> str:
-    from memprof.units import format_bytes
 
     lines = [
         f"# {name}, optimized by memprof",

@@ -28,6 +28,7 @@ from typing import Any
 from memprof.budget import Budget
 from memprof.budget import check as check_budget
 from memprof.errors import EnvironmentProblem, InputError, InternalError, OutOfMemory
+from memprof.plan import single_fixes
 from memprof.profile import Profile
 from memprof.units import format_bytes
 from memprof.workload import Workload
@@ -113,7 +114,6 @@ def diagnose(
     Raises:
         InputError: a budget that leaves nothing, or a workload the search refuses.
     """
-    from memprof.plan import single_fixes
 
     say = progress or (lambda m: None)
     out = accounting(profile, budget_bytes, context_bytes)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.inputs import call_model
-from memprof.models import ResolvedModel, resolve
+from memprof.models import ResolvedModel, fetch_hub_weights, resolve
 
 #: tasks whose logits compare token by token
 DISTILL_TASKS = ("causal-lm", "masked-lm")
@@ -76,8 +76,6 @@ def resolve_teacher(
             f"{sv}: distillation compares logits token by token, so they must share the vocabulary"
         )
     if teacher.source == "hub" and load_weights and not teacher.has_weights:
-        from memprof.models import fetch_hub_weights
-
         try:
             fetch_hub_weights(teacher)
         except EnvironmentProblem:

@@ -38,8 +38,11 @@ import yaml
 
 from memprof._version import __version__
 from memprof.choices import EngineName, values
+from memprof.engines.base import versions
 from memprof.errors import InputError, MemprofError, ProblemsError
+from memprof.prepare import fake_model, prepare, stack
 from memprof.profile import Profile, write_atomic
+from memprof.recipes import from_names, load
 from memprof.tracking import CATEGORIES
 from memprof.units import format_bytes, parse_percent, parse_size
 from memprof.workload import Workload
@@ -130,8 +133,6 @@ class GateWorkload:
 
     def run(self, *, progress: Progress | None = None) -> Profile:
         """Profile this workload (with its optimizations stacked, if any)."""
-        from memprof.prepare import fake_model, prepare, stack
-        from memprof.recipes import from_names, load
 
         rm, eng = prepare(self.model, self.workload, self.engine, task=self.workload.task, progress=progress)
         # recorded as it ran: a baseline says "sdpa" or "eager", never "auto"
@@ -238,7 +239,6 @@ class Baseline:
 
 def record(workloads: list[GateWorkload], *, progress: Progress | None = None) -> Baseline:
     """Profile every workload: the baseline."""
-    from memprof.engines.base import versions
 
     say = progress or (lambda m: None)
     profiles = []
@@ -468,7 +468,6 @@ def check(
     progress: Progress | None = None,
 ) -> CheckReport:
     """Run every workload of ``baseline`` again and compare its peak with the recorded one."""
-    from memprof.engines.base import versions
 
     say = progress or (lambda m: None)
     now = versions()

@@ -20,6 +20,7 @@ import torch
 from memprof.distill_loss import resolve_teacher
 from memprof.engines import get_engine
 from memprof.engines.base import Engine
+from memprof.engines.fake_fidelity import host_constants
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.models import DTYPES, ResolvedModel, build_model, fetch_hub_weights, parameter_count, resolve
 from memprof.optimizations.registry import check_setup
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
 def fake_model(rm: ResolvedModel, workload: Workload) -> torch.nn.Module:
     """The model built on fake tensors: its structure and sizes, no memory, no values."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from memprof.engines.fake_fidelity import host_constants
 
     notes = list(rm.notes)
     try:

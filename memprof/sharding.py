@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from memprof.errors import EnvironmentProblem, InputError
+from memprof.workload import repeated_blocks
 
 #: DeepSpeed's ZeRO-3 estimate (``estimate_zero3_model_states_mem_needs``, no offload):
 #: bytes per parameter over all ranks (fp16 parameters and gradients, fp32 master
@@ -113,7 +114,6 @@ def init_launched_group(device_type: str, timeout_s: float = 600.0) -> Any:
 
 def blocks_to_shard(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks FSDP2 wraps one unit each (the longest list of same-type children)."""
-    from memprof.workload import repeated_blocks
 
     return repeated_blocks(model)
 

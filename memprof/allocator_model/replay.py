@@ -8,6 +8,7 @@ from typing import Any
 from memprof.allocator_model.estimate import AllocatorEstimate
 from memprof.allocator_model.model import CachingAllocatorModel
 from memprof.allocator_model.settings import ENV_VAR, AllocatorSettings, MiB
+from memprof.units import format_bytes
 
 
 def replay(
@@ -72,7 +73,6 @@ def expandable_segments_hint(
         ``message``: one line when it saves at least :data:`HINT_MIN_FRACTION` of
         the reserved peak and at least :data:`HINT_MIN_BYTES`, else None.
     """
-    from memprof.units import format_bytes
 
     conf = expandable.conf
     saved = baseline.peak_reserved_bytes - expandable.peak_reserved_bytes

@@ -8,6 +8,8 @@ import typer
 
 from memprof.choices import Attn, DType, EngineName, Experts, Mode, MoeRouting, Optim, Shard, Task
 from memprof.data import DataSpec
+from memprof.errors import InputError
+from memprof.units import parse_size
 from memprof.workload import Workload
 
 # the choices live in memprof.choices (one place); re-exported for the commands
@@ -146,9 +148,6 @@ def size(text: str, flag: str, *, positive: bool = False) -> int:
     Raises:
         InputError: not a size, a negative one, or 0 where ``positive``.
     """
-    from memprof.errors import InputError
-    from memprof.units import parse_size
-
     try:
         n = parse_size(text)
     except InputError as e:

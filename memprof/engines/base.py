@@ -29,6 +29,7 @@ from memprof.errors import InputError, InternalError, MemprofError, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count
 from memprof.optimizations.registry import check_setup, config_overrides
 from memprof.profile import Profile, from_tracker
+from memprof.sharding import Launch, init_launched_group, largest_layer_params, zero3_estimate
 from memprof.tracking import CATEGORIES, TraceEvent, Tracker, TrackerResult
 from memprof.workload import StepSetup, Workload
 
@@ -540,7 +541,6 @@ class Engine:
     @contextlib.contextmanager
     def mesh(self, setup: StepSetup) -> Iterator[Any]:
         """The device mesh of a sharded step's ranks: torchrun's (the sim engine: a fake group's)."""
-        from memprof.sharding import Launch, init_launched_group
 
         launch = Launch.from_env()
         n = setup.workload.world_size
@@ -561,8 +561,6 @@ class Engine:
 
     def _sharding_info(self, model: torch.nn.Module, setup: StepSetup, n_params: int) -> dict[str, Any]:
         import torch.distributed as dist
-
-        from memprof.sharding import largest_layer_params, zero3_estimate
 
         n = setup.workload.world_size
         return {

@@ -39,6 +39,7 @@ from memprof.engines.cuda_semantics import CUDA_BLOCK_ROUNDING
 from memprof.errors import EnvironmentProblem
 from memprof.models import ResolvedModel
 from memprof.optimizations.registry import check_setup
+from memprof.sharding import Launch
 from memprof.snapshot import cuda_allocator_view, device_trace, write_snapshot
 from memprof.workload import StepSetup, Workload
 
@@ -133,7 +134,6 @@ class CudaEngine(Engine):
             )
         if index is None:
             # under torchrun each rank measures its own GPU (LOCAL_RANK), else GPU 0
-            from memprof.sharding import Launch
 
             launch = Launch.from_env()
             index = launch.local_rank if launch is not None else 0

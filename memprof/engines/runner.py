@@ -29,6 +29,7 @@ from memprof.distill_loss import DistillLoss, DistillPair, teacher_inputs
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.inputs import InputBuilder, call_model
 from memprof.optimizations.registry import check_setup, for_setup
+from memprof.surgery.quantization import quiet_imports
 from memprof.workload import (
     OPTIMIZERS,
     StepSetup,
@@ -109,7 +110,6 @@ def make_optimizer(
 
 
 def _adamw8bit(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    from memprof.surgery.quantization import quiet_imports
 
     try:
         with quiet_imports():

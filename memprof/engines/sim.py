@@ -32,7 +32,11 @@ from memprof.engines.cuda_semantics import (
     cublas_workspace_bytes,
 )
 from memprof.engines.fake_fidelity import RealKernelLayouts, host_constants
+from memprof.engines.moe import assumed_routing, experts_modules
 from memprof.errors import MemprofError, NotSupported
+from memprof.inputs import IMAGE_TEXT_TASKS
+from memprof.sharding import fake_group
+from memprof.snapshot import model_snapshot, write_snapshot
 from memprof.tracking import TraceEvent
 from memprof.units import format_bytes
 from memprof.workload import StepSetup, Workload
@@ -114,7 +118,6 @@ class SimEngine(Engine):
 
     def run_detailed(self, rm: ResolvedModel, workload: Workload | StepSetup, **kwargs: Any) -> RunResult:
         """As :meth:`Engine.run_detailed`; image-text models run with :func:`known_small_values`."""
-        from memprof.inputs import IMAGE_TEXT_TASKS
 
         if rm.model_type in MAMBA_TYPES:
             workload = StepSetup.of(workload)
@@ -125,7 +128,6 @@ class SimEngine(Engine):
     @contextlib.contextmanager
     def mesh(self, setup: StepSetup) -> Iterator[Any]:
         """A sharded step runs on a fake process group of ``world_size`` ranks (this is rank 0)."""
-        from memprof.sharding import fake_group
 
         with fake_group(setup.workload.world_size) as mesh:
             yield mesh
@@ -144,7 +146,6 @@ class SimEngine(Engine):
     @contextlib.contextmanager
     def experts_context(self, model: Any, setup: StepSetup) -> Iterator[Any]:
         """Mixture-of-experts layers: CUDA's grouped matmul, and the routing assumption (memprof.engines.moe)."""
-        from memprof.engines.moe import assumed_routing, experts_modules
 
         if not experts_modules(model):
             yield None
@@ -199,8 +200,6 @@ class SimEngine(Engine):
         settings = AllocatorSettings.from_dict(setup.alloc_conf)
         capacity = self.device_memory_bytes
         if self.snapshot_path:
-            from memprof.snapshot import model_snapshot, write_snapshot
-
             est, snap = model_snapshot(trace, settings, capacity_bytes=capacity, timeline=True)
             write_snapshot(snap, self.snapshot_path)
         else:

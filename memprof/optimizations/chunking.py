@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memprof.chunked import chunked_forward, chunked_lm_loss, why_not_chunkable
+from memprof.models import TASKS
 from memprof.optimizations.registry import Optimization, option, register
 from memprof.workload import StepSetup
 
@@ -58,8 +59,6 @@ class Chunking(Optimization):
         if wl.task not in (None, "causal-lm"):
             return f"applies to causal LMs, not {wl.task}"
         if model is not None:
-            from memprof.models import TASKS
-
             head = type(model).__name__
             if "CausalLM" not in head and "LMHead" not in head:
                 return f"applies to causal LMs, not {head} ({', '.join(t for t in TASKS if t != 'causal-lm')} differ)"

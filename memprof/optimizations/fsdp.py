@@ -10,6 +10,7 @@ import torch
 from memprof.errors import InputError
 from memprof.models import DTYPES
 from memprof.optimizations.registry import MakeOptimizer, Optimization, option, register
+from memprof.sharding import LocalShards, shard_model
 from memprof.workload import StepSetup, repeated_blocks
 
 if TYPE_CHECKING:
@@ -64,7 +65,6 @@ class Fsdp(Optimization):
     def wrap_model(self, model: torch.nn.Module, runner: StepRunner) -> str | None:
         if runner.env.mesh is None:
             raise InputError("a sharded step needs its ranks: the engine provides the device mesh")
-        from memprof.sharding import shard_model
 
         autocast = runner.setup.autocast
         mp = DTYPES[autocast] if autocast else None
@@ -82,7 +82,6 @@ class Fsdp(Optimization):
     def build_optimizer(self, runner: StepRunner, make: MakeOptimizer, params: list[Any]) -> bool:
         if not runner.env.simulate_cuda:
             return False  # real ranks: the optimizer steps the DTensor parameters
-        from memprof.sharding import LocalShards
 
         self._shards = runner.local_shards = LocalShards(params)
         runner.optimizer = make(self._shards.params)

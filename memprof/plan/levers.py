@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from memprof import optimizations
+from memprof.engines import runner
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.models import DTYPES
 from memprof.prepare import apply_step
@@ -428,12 +429,10 @@ def optimizer_trace_problem(name: str, dtype: torch.dtype) -> str | None:
     """Why optimizer ``name`` cannot step under fake tensors, or None (one 128 x 128 step)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from memprof.engines.runner import make_optimizer
-
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             layer = torch.nn.Linear(128, 128, bias=False, dtype=dtype)
-            opt = make_optimizer(name, layer, foreach=True)
+            opt = runner.make_optimizer(name, layer, foreach=True)
             if opt is None:
                 return None
             layer.weight.grad = torch.zeros_like(layer.weight)

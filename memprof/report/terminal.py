@@ -11,6 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from memprof.profile import Profile
+from memprof.report.diagnosis import budget_panel
+from memprof.report.timeline import columns, fragmentation_line
 from memprof.tracking import CATEGORIES
 from memprof.units import format_bytes, format_count
 
@@ -97,7 +99,6 @@ def summary_table(p: Profile) -> Table:
         if alloc.get("conf"):
             how += f"; {alloc['conf']}"
         t.add_row("Peak reserved", format_bytes(p.peak_reserved_bytes, 2) + f"  [dim]({how})[/dim]")
-        from memprof.report.timeline import fragmentation_line
 
         frag = fragmentation_line(alloc)
         if frag:
@@ -137,7 +138,6 @@ def timeline_panel(p: Profile, width: int = 72, rows: int = 2) -> Panel | None:
     The bars run from the lowest total of the step (bottom) to the peak (top), so
     the shape shows even when parameters and optimizer state dominate.
     """
-    from memprof.report.timeline import columns
 
     tl = p.timeline
     cols = columns(tl, width) if tl else None
@@ -364,7 +364,6 @@ def render(p: Profile, console: Console, top: int = 15) -> None:
     spark = timeline_panel(p, width=max(24, min(96, console.width - 8)))
     if spark is not None:
         console.print(spark)
-    from memprof.report.diagnosis import budget_panel
 
     verdict = budget_panel(p)
     if p.oom:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memprof.tracking import CATEGORIES
+from memprof.units import format_bytes
 
 
 def totals(tl: dict[str, Any]) -> list[int]:
@@ -84,7 +85,6 @@ def fragmentation_line(allocator: dict[str, Any] | None) -> str | None:
     when the allocated memory first peaked (the sim's allocator model, or the
     cuda engine's allocator history).
     """
-    from memprof.units import format_bytes
 
     at = ((allocator or {}).get("at_peak") or {}).get("allocated") or {}
     if not at or at.get("reserved_bytes") is None:

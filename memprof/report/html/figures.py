@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from memprof.errors import EnvironmentProblem
+from memprof.plan import pareto as frontier_of
 from memprof.profile import Profile
+from memprof.report.timeline import totals
 from memprof.tracking import CATEGORIES
 from memprof.units import format_bytes, format_count
 
@@ -73,7 +75,6 @@ def timeline_figure(p: Profile, title: str = "Memory over the step") -> Any | No
     if not tl or not tl.get("op"):
         return None
     go = _go()
-    from memprof.report.timeline import totals
 
     ops = tl["op"]
     tot = totals(tl)
@@ -339,7 +340,6 @@ def pareto_figure(r: PlanResult) -> Any | None:
                 hovertemplate=f"%{{text}}<br>cost %{{x:.1f}}%<br>needs %{{y:.3f}} {unit}<extra></extra>",
             )
         )
-    from memprof.plan import pareto as frontier_of
 
     # the frontier over every plan measured, those that fit and those that do not, by cost
     pareto = sorted(frontier_of([*r.frontier, *r.plans]), key=lambda c: c.cost)

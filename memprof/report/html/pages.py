@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from memprof.profile import Profile
+from memprof.report.diagnosis import budget_html
 from memprof.report.html.figures import (
     CAT_COLORS,
     allocator_figure,
@@ -15,6 +16,7 @@ from memprof.report.html.figures import (
     waterfall_figure,
 )
 from memprof.report.html.page import Page, esc, table
+from memprof.report.timeline import fragmentation_line
 from memprof.tracking import CATEGORIES
 from memprof.units import format_bytes, format_count
 
@@ -59,7 +61,6 @@ def _summary(p: Profile) -> str:
     if p.peak_reserved_bytes is not None:
         how = "allocator model estimate" if a.get("source") == "model" else "measured"
         rows.append(("Peak reserved", esc(f"{format_bytes(p.peak_reserved_bytes, 2)} ({how})")))
-    from memprof.report.timeline import fragmentation_line
 
     frag = fragmentation_line(a)
     if frag:
@@ -100,7 +101,6 @@ def profile_page(p: Profile, title: str | None = None) -> Page:
     page.raw(_summary(p))
     if p.budget:
         page.h2("Budget")
-        from memprof.report.diagnosis import budget_html
 
         page.raw(budget_html(p))
     page.h2("Memory over the step")
