@@ -264,6 +264,7 @@ def other_routing(
         progress(f"Mixture of experts: the step again with --moe-routing {other}")
     again = setup.copy()
     again.update_workload(moe_routing=other)
+    peak: int | None
     try:
         peak = eng.run(rm, again, allow_pickle=allow_pickle, measure=Measure(timeline=False)).peak_bytes
     except OutOfMemory as e:

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -201,7 +201,9 @@ def apply(
             rewrites = [o for o in steps if o.rewrites_model]
             # quantization is written below through transformers' own quantizer
             quant = [
-                {"backend": o.backend, "bits": o.config.bits} for o in rewrites if o.name == "quantization"
+                {"backend": cast(Any, o).backend, "bits": cast(Any, o.config).bits}
+                for o in rewrites
+                if o.name == "quantization"
             ]
             if dtype != workload.dtype or rewrites:
                 # a changed copy: the source model stays as loaded, for the verification below
@@ -209,7 +211,9 @@ def apply(
                 for o in rewrites:
                     if o.name == "quantization":
                         continue  # below: transformers' own quantizer writes the reloadable format
-                    notes.append(o.transform_model(model, setup))
+                    note = o.transform_model(model, setup)
+                    if note:
+                        notes.append(note)
                 model = model.to(DTYPES[dtype])
             if quant:
                 notes.append(_save_quantized(model, quant[0], tmp, out.parent))

@@ -275,8 +275,10 @@ def image_plan(rm: ResolvedModel, seq_len: int) -> ImagePlan:
         )
     side = _side(vc.image_size)
     patch = _side(getattr(vc, "patch_size", 1))
-    tokens = getattr(c, "mm_tokens_per_image", None) or getattr(vc, "num_image_tokens", None)
-    if not isinstance(tokens, int):
+    given = getattr(c, "mm_tokens_per_image", None) or getattr(vc, "num_image_tokens", None)
+    if isinstance(given, int):
+        tokens = given
+    else:
         tokens = (side // patch) ** 2
         if getattr(c, "vision_feature_select_strategy", "default") == "full":
             tokens += 1  # the CLS token's feature too

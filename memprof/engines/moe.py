@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -245,7 +245,7 @@ def assumed_routing(model: torch.nn.Module, routing: str) -> Iterator[MoeInfo | 
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         with unset_fake_temporarily():
-            ids = routing_indices(tokens, top_k, int(module.num_experts), routing).to(index.dtype)
+            ids = routing_indices(tokens, top_k, int(cast(Any, module).num_experts), routing).to(index.dtype)
             ids = ids.view(index.shape)
         setattr(ids, _TAG, True)
         info.calls += 1
@@ -298,7 +298,7 @@ def _info(model: torch.nn.Module, found: list[tuple[str, torch.nn.Module]], rout
             break
     return MoeInfo(
         layers=len(found),
-        num_experts=int(found[0][1].num_experts),
+        num_experts=int(cast(Any, found[0][1]).num_experts),
         top_k=top_k,
         implementation=experts_implementation(model),
         routing=routing,

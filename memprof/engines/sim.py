@@ -170,7 +170,9 @@ class SimEngine(Engine):
 
         @contextlib.contextmanager
         def both() -> Iterator[None]:
-            with sdpa, routing:
+            with contextlib.ExitStack() as stack:
+                for m in modes:
+                    stack.enter_context(m)
                 yield
 
         return both
