@@ -471,7 +471,7 @@ def build_model(
         else:
             with contextlib.nullcontext() if init_weights else _no_init_weights():
                 model = auto.from_config(kw.pop("config", config), **kw)
-            if not init_weights and hasattr(model, "tie_weights"):
+            if not init_weights:
                 # transformers 5's no_init_weights replaces init_weights, where the weights
                 # are also tied: without this a tied LM head (GPT-2, Qwen2.5, Llama-3.2, T5,
                 # BERT) would be a second vocab x hidden matrix, with its gradient and state

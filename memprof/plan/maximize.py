@@ -32,7 +32,7 @@ def maximize(search: Search, chosen: Candidate, dimension: str, say: Progress) -
         step = max(1, 2 ** (int(math.log2(start)) - 5)) if start >= 64 else 1
     cap = None
     if dimension == "seq-len":
-        cap = search.rm.position_limit() if hasattr(search.rm, "position_limit") else None
+        cap = search.rm.position_limit()
     out = Maximized(dimension=dimension, start=start, best=start, first_misfit=None, limit="")
     budget = search.budget.budget_bytes
     max_probes = 14
