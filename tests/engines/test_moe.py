@@ -186,6 +186,26 @@ def test_cli_moe_routing(tmp_path, capsys):
     assert prof["moe"]["routing"] == "worst" and prof["workload"]["moe_routing"] == "worst"
     assert "Experts" in capsys.readouterr().out
     assert main(["analyze", path, "--engine", "sim", "--moe-routing", "random"]) == 2
+    assert main(["analyze", path, "--engine", "sim", "--experts", "fused"]) == 2
+
+
+def test_workloads_file_moe_keys_are_checked(tmp_path):
+    from memprof.errors import ProblemsError
+    from memprof.gate import read_workloads
+
+    good = tmp_path / "good.yaml"
+    good.write_text("workloads:\n  - model: gpt2\n    moe_routing: worst\n    experts: eager\n")
+    (w,) = read_workloads(good)
+    assert w.workload.moe_routing == "worst" and w.workload.experts == "eager"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "workloads:\n  - model: gpt2\n    moe_routing: random\n  - model: gpt2\n    experts: fused\n"
+    )
+    with pytest.raises(ProblemsError) as e:
+        read_workloads(bad)
+    assert len(e.value.problems) == 2
+    assert "--moe-routing must be one of balanced, worst" in e.value.problems[0]
+    assert "--experts must be one of" in e.value.problems[1]
 
 
 def test_checkpointed_eager_experts_recompute_with_the_routing(tmp_path):
