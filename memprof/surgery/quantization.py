@@ -32,8 +32,9 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-#: loggers that talk on import when torchao is installed (native kernels for other GPUs, pytree notices)
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+#: loggers that talk on import when torchao or bitsandbytes is installed (native kernels for other
+#: GPUs, pytree notices, bitsandbytes' optional Hub kernels)
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes")
 
 
 @contextlib.contextmanager
