@@ -68,6 +68,21 @@ measured), ``routing_dependent`` (whether any op's size depended on the
 routing; when not, the other assumption gives the same memory),
 ``rows_per_call`` (token-expert rows per experts call) and, when analyze
 measured it, ``other`` (the other assumption's ``routing`` and ``peak_bytes``).
+
+Added within version 1: ``parameters`` (None in profiles written before it):
+``trainable`` and ``frozen`` (parameter counts), ``trainable_bytes`` and
+``frozen_bytes`` (their device bytes; frozen includes packed 4-bit weights and
+their quantization state), and ``adapters`` (LoRA/QLoRA: the adapter
+parameters' count, or None without adapters).
+
+Added within version 1: ``host`` (None unless the step keeps tensors in host
+memory: offloaded optimizer state or gradients, paged optimizer state,
+offloaded activations): ``bytes`` (host memory the step needs at once, never
+part of ``peak_bytes``), ``by_kind`` (``optimizer_state``, ``gradients``,
+``parameters``, ``activations`` -> bytes), ``pcie_bytes_per_step`` (bytes
+crossing the bus each step, both directions) and ``paged_bytes`` (state in
+unified memory outside the caching allocator, which pages it to the GPU on
+demand).
 """
 
 from __future__ import annotations
@@ -138,6 +153,10 @@ class Profile:
     budget: dict[str, Any] | None = None
     #: mixture-of-experts models: the experts layers and the routing used (see the module docstring)
     moe: dict[str, Any] | None = None
+    #: trainable and frozen parameters (see the module docstring)
+    parameters: dict[str, Any] | None = None
+    #: host memory the step keeps off the device (see the module docstring)
+    host: dict[str, Any] | None = None
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:
