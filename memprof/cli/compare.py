@@ -11,7 +11,7 @@ from memprof import recipes
 from memprof.cli import options as O
 from memprof.cli.common import check_output, spinner, stdout_console, write_output
 from memprof.compare import compare as run_compare
-from memprof.errors import InputError
+from memprof.errors import EnvironmentProblem, InputError
 from memprof.report.compare import render_compare
 
 RECIPE = typer.Option(
@@ -34,8 +34,12 @@ def load_recipe(
     extra = recipes.from_names(steps, allow_repeats=allow_repeats) if steps else None
     if r and extra:
         r.steps += extra.steps
-        return r
-    return r or extra  # type: ignore[return-value]
+    out: recipes.Recipe = r or extra  # type: ignore[assignment]
+    # a missing optional library (peft, bitsandbytes, torchao): one line, before any work
+    missing = [why for s in out.steps if (why := s.environment_problem())]
+    if missing:
+        raise EnvironmentProblem(missing[0])
+    return out
 
 
 def compare(

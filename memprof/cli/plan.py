@@ -23,6 +23,12 @@ class Maximize(str, Enum):
     seq_len = "seq-len"
 
 
+class Peft(str, Enum):
+    lora = "lora"
+    qlora = "qlora"
+    any = "any"
+
+
 def plan(
     model: str = O.MODEL,
     budget: str = typer.Option(..., "--budget", help="GPU memory per rank: 24GiB, 80GB, 16384MiB."),
@@ -45,6 +51,12 @@ def plan(
     ),
     maximize: Maximize | None = typer.Option(
         None, "--maximize", help="Also find the largest batch size or sequence length that fits."
+    ),
+    peft: Peft | None = typer.Option(
+        None,
+        "--peft",
+        help="Also search stacks that train adapters: lora, qlora (4-bit base) or any. They change what is "
+        "trained, so never by default; the full fine-tune's plan stays the answer when one fits.",
     ),
     context_overhead: str = typer.Option(
         format_bytes(DEFAULT_CONTEXT_BYTES, 0).replace(" ", ""),
@@ -112,6 +124,7 @@ def plan(
                 allow_pickle=allow_pickle,
                 trust_remote_code=trust_remote_code,
                 recipe_path=str(write_recipe) if write_recipe else "plan.yaml",
+                peft=peft.value if peft else None,
             )
         except NoPlanFits as e:
             failure = e

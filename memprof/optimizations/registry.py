@@ -42,6 +42,7 @@ hook                       when the runner calls it
 ``after_optimizer_step``   after the optimizer's step and zero_grad
 ``close``                  remove what the hooks installed
 ``setup_problems``         StepSetup.validate: conflicts with other settings
+``environment_problem``    before any work: a missing optional library
 =========================  =====================================================
 """
 
@@ -229,6 +230,10 @@ class Optimization:
     def setup_problems(self, setup: StepSetup) -> list[str]:
         """What conflicts with this optimization in the final setup (StepSetup.validate)."""
         return []
+
+    def environment_problem(self) -> str | None:
+        """Why it cannot run on this machine (a missing optional library), with the install hint; or None."""
+        return None
 
     def describe(self) -> str:
         """A short label with the options that differ from the defaults."""

@@ -85,6 +85,18 @@ class Combinations:
         i = self.lever("optimizer in backward")
         return i is not None and key[i] > 0
 
+    def gradients_off_device(self, key: Key) -> bool:
+        """Gradients leave the device as backward makes them (offloaded to the host optimizer)."""
+        i = self.lever("optimizer offload")
+        return i is not None and any(
+            s["name"] == "optimizer_offload" and s["options"].get("gradients")
+            for s in self.levers[i].levels[key[i]].steps
+        )
+
+    def trains_adapters(self) -> bool:
+        """Every combination trains PEFT adapters (``--peft``): the base weights have no gradients."""
+        return self.lever("peft") is not None
+
     def micro_batches(self, key: Key) -> int:
         i = self.lever("micro-batches")
         return int(self.levers[i].levels[key[i]].amount) if i is not None and key[i] else 1

@@ -132,10 +132,15 @@ class Estimator:
         fb = max([v for k, v in phases.items() if k != "optimizer"] or [m.peak_bytes])
         x = max(fb - base, 0.0)
         y = max(phases.get("optimizer", 0) - base, 0.0)
-        grads = params  # full fine-tuning: every parameter has a gradient of its dtype
+        # full fine-tuning: every parameter has a gradient of its dtype; adapters: next to none
+        grads = 0.0 if self.combinations.trains_adapters() else params
         acts: float | None
         temps: float | None = None
-        if not self.training or self.combinations.in_backward(m.key):
+        if (
+            not self.training
+            or self.combinations.in_backward(m.key)
+            or self.combinations.gradients_off_device(m.key)
+        ):
             acts = x
         elif self.combinations.micro_batches(m.key) > 1:
             acts = max(x - grads, 0.0)  # the gradients of the earlier micro-batches are there
@@ -333,8 +338,13 @@ class Estimator:
         state = self.compose("state", key, [zero])
         if params is None or state is None:
             return None
-        grads = params if self.training and not self.combinations.in_backward(key) else 0.0
+        grads = params if self.training and not self._grads_transient(key) else 0.0
         return params + state + base.other + grads
+
+    def _grads_transient(self, key: Key) -> bool:
+        """No full set of gradients on the device: stepped in backward, offloaded, or adapters only."""
+        c = self.combinations
+        return c.in_backward(key) or c.gradients_off_device(key) or c.trains_adapters()
 
     def estimate(self, key: Key) -> tuple[float, float]:
         """(peak, reserved) of a combination not measured: optimistic where an effect is unknown.
@@ -357,7 +367,7 @@ class Estimator:
         acts = self.compose("acts", key, anchors) or 0.0
         temps = self.compose("temps", key, anchors) or 0.0
         grads = params
-        if not self.training or self.combinations.in_backward(key):
+        if not self.training or self._grads_transient(key):
             x, y = acts, 0.0
         elif self.combinations.micro_batches(key) > 1:
             x, y = acts + grads, grads + temps

@@ -29,6 +29,24 @@ SIDE_COSTS: dict[str, tuple[float, str]] = {
     "autocast": (0.005, "bf16 matmuls under autocast (float32 master weights kept)"),
     "pure_bf16": (0.04, "numerics: no float32 master weights, updates below bf16 resolution are lost"),
     "adamw8bit": (0.02, "numerics: 8-bit optimizer moments (block-wise quantized)"),
+    "paged": (
+        0.12,
+        "numerics: 8-bit moments; the state lives in unified memory outside the caching allocator, "
+        "paged over PCIe while the GPU is full",
+    ),
+    "cpu_optimizer": (
+        0.3,
+        "PCIe traffic and a CPU optimizer step: gradients to host, updated parameters back, every step",
+    ),
+    "lora": (
+        0.1,
+        "trains low-rank adapters, not the weights (PEFT): fewer trainable parameters, quality task-dependent",
+    ),
+    "qlora": (
+        0.15,
+        "trains adapters over 4-bit NF4 base weights: quantization error in the frozen weights, "
+        "dequantization in every forward and backward",
+    ),
     "adafactor": (0.04, "numerics: Adafactor's factored second moment, no first moment (retune the LR)"),
     "fsdp_keep": (0.03, "communication: one all-gather per block and forward, reduce-scatter of gradients"),
     "fsdp": (
@@ -51,7 +69,12 @@ NOT_SEARCHED: dict[str, str] = {
     "glu": "changes the model's function",
     "local_attention": "changes the model's function",
     "dynamic_padding": "changes the batches (it needs the data's lengths)",
+    "lora": "changes what is trained (searched with --peft lora or any)",
+    "qlora": "changes what is trained and quantizes the base weights (searched with --peft qlora or any)",
 }
+
+#: what ``--peft`` may ask for, and the adapters each searches
+PEFT_CHOICES: dict[str, tuple[str, ...]] = {"lora": ("lora",), "qlora": ("qlora",), "any": ("lora", "qlora")}
 
 
 @dataclass
@@ -239,6 +262,15 @@ def build_levers(
                         ),
                         "adafactor",
                     ),
+                    # the 8-bit state in unified memory: none of it in the device peak
+                    _side(
+                        Level(
+                            "paged adamw8bit",
+                            [_opt("optimizer", type="paged_adamw8bit")],
+                            prior={"params": 1, "state": 0.0, "acts": 1, "temps": 0.0},
+                        ),
+                        "paged",
+                    ),
                 ],
             )
         )
@@ -391,6 +423,32 @@ def build_levers(
             )
         )
         if wl.optimizer != "none":
+            # the optimizer state (and then the gradients) stepped in host memory
+            add(
+                Lever(
+                    "optimizer offload",
+                    [
+                        Level("off"),
+                        _side(
+                            Level(
+                                "state",
+                                [_opt("optimizer_offload", gradients=False)],
+                                prior={"params": 1, "state": 0.0, "acts": 1, "temps": 0.0},
+                            ),
+                            "cpu_optimizer",
+                        ),
+                        _side(
+                            Level(
+                                "state + gradients",
+                                [_opt("optimizer_offload", gradients=True)],
+                                prior={"params": 1, "state": 0.0, "acts": 1, "temps": 0.0},
+                            ),
+                            "cpu_optimizer",
+                            1.1,
+                        ),
+                    ],
+                )
+            )
             # its effect is structural (no full gradients, no optimizer phase): no ratios to learn
             add(
                 Lever(

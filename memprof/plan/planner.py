@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Any
 
-from memprof import budget
+from memprof import budget, optimizations
 from memprof.budget import Budget
 from memprof.engines.base import Engine
 from memprof.engines.sim import SimEngine
-from memprof.errors import InputError, NoPlanFits
-from memprof.plan.levers import build_levers
+from memprof.errors import EnvironmentProblem, InputError, NoPlanFits
+from memprof.plan.levers import PEFT_CHOICES, build_levers
 from memprof.plan.maximize import MAXIMIZE
 from memprof.plan.maximize import maximize as maximize_with
 from memprof.plan.recipe import recipe_text
@@ -44,10 +45,12 @@ def new_search(
     allow_pickle: bool,
     trust_remote_code: bool,
     say: Progress,
+    peft: str | None = None,
 ) -> Search:
     """The search over ``wl``'s levers, nothing measured yet (``left_out``: the levels left out, and why).
 
-    Shared by :func:`plan` and :func:`single_fixes`.
+    Shared by :func:`plan` and :func:`single_fixes`. ``peft`` (``lora``, ``qlora``): every
+    combination trains those adapters.
 
     Raises:
         InputError: a bad workload, or an engine other than sim.
@@ -60,7 +63,7 @@ def new_search(
     wl = wl.for_model(rm)
     say("Building the model on fake tensors (its structure, for the levers)")
     model = fake_model(rm, wl)
-    levers, left_out = build_levers(model, wl, derived_allocator=isinstance(eng, SimEngine))
+    levers, left_out = build_levers(model, wl, derived_allocator=isinstance(eng, SimEngine), peft=peft)
     budget = Budget(budget_bytes, context_overhead, 0, wl.world_size)
     return Search(
         rm,
@@ -95,6 +98,7 @@ def plan(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     recipe_path: str = "plan.yaml",
+    peft: str | None = None,
 ) -> PlanResult:
     """Find the least costly optimizations that make a step fit a GPU memory budget.
 
@@ -121,6 +125,10 @@ def plan(
         allow_pickle: permit loading ``.bin`` checkpoints.
         trust_remote_code: permit models that ship their own code.
         recipe_path: the path named in the recipe's confirming command.
+        peft: ``lora``, ``qlora`` or ``any``: also search stacks on top of those adapters
+            (one search each; they change what is trained, so never by default). The full
+            fine-tune's plan stays the answer when one fits; otherwise the first adapter
+            kind that fits (LoRA before QLoRA). ``result.peft`` lists each kind's plan.
 
     Returns:
         The search: budget accounting, every combination resolved, the plans that fit
@@ -145,24 +153,41 @@ def plan(
         raise InputError(f"--maximize must be one of {', '.join(MAXIMIZE)}, got {maximize!r}")
     if max_plans < 1 or max_runs < 2:
         raise InputError("max_plans must be at least 1 and max_runs at least 2")
+    if peft is not None and peft not in PEFT_CHOICES:
+        raise InputError(f"--peft must be one of {', '.join(PEFT_CHOICES)}, got {peft!r}")
+    kinds = PEFT_CHOICES[peft] if peft else ()
+    if kinds and not workload.training:
+        raise InputError(f"--peft trains adapters: it needs a training step, not --mode {workload.mode}")
+    for kind in kinds:
+        require_optional(kind)
     budget.check(budget_bytes, context_overhead)
     wl = replace(workload, world_size=world_size) if world_size != 1 else workload
-    search = new_search(
-        spec,
-        wl,
-        budget_bytes,
-        context_overhead=context_overhead,
-        engine=engine,
-        max_overhead=max_overhead,
-        max_plans=max_plans,
-        max_runs=max_runs,
-        task=task,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        say=say,
-    )
-    search.run()
-    result = search.result()
+
+    def searched(kind: str | None) -> tuple[Search, PlanResult]:
+        s = new_search(
+            spec,
+            wl,
+            budget_bytes,
+            context_overhead=context_overhead,
+            engine=engine,
+            max_overhead=max_overhead,
+            max_plans=max_plans,
+            max_runs=max_runs,
+            task=task,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            say=say if kind is None else (lambda msg: say(f"{kind}: {msg}")),
+            peft=kind,
+        )
+        s.run()
+        return s, s.result()
+
+    search, result = searched(None)
+    if kinds:
+        options = [("full", search, result)] + [(k, *searched(k)) for k in kinds]
+        if result.chosen is None:
+            search, result = next(((s, r) for _, s, r in options if r.chosen is not None), (search, result))
+        result.peft = [_peft_option(k, r) for k, _, r in options]
     if result.chosen is not None:
         result.recipe = recipe_text(result, spec, recipe_path) if result.chosen.steps else None
         if maximize:
@@ -180,6 +205,31 @@ def plan(
             msg += f": the closest needs {format_bytes(closest.need_bytes)} (run {closest.run})"
         raise NoPlanFits(msg, result)
     return result
+
+
+def _peft_option(kind: str, r: PlanResult) -> dict[str, Any]:
+    """One line of ``result.peft``: what training ``kind`` (full, lora, qlora) takes under the budget."""
+    best = r.chosen or (r.frontier[0] if r.frontier else None)
+    return {
+        "trains": kind,
+        "fits": r.chosen is not None,
+        "steps": best.steps if best else [],
+        "label": best.label if best else None,
+        "peak_bytes": best.peak_bytes if best else None,
+        "need_bytes": best.need_bytes if best else None,
+        "cost": best.cost if best else None,
+        "source": best.source if best else None,
+        "runs": len(r.runs),
+    }
+
+
+def require_optional(name: str) -> None:
+    """EnvironmentProblem (one line, the install hint) when optimization ``name``'s library is missing."""
+    opt = optimizations.make(name, {})
+    problem = getattr(opt, "environment_problem", None)
+    why = problem() if callable(problem) else None
+    if why:
+        raise EnvironmentProblem(why)
 
 
 def single_fixes(

@@ -165,7 +165,8 @@ class PlanResult:
     not fit: no other needs less memory at a lower cost), ``runs`` (each sim run),
     ``counts`` (combinations, runs, pruned by reason), ``maximize``, ``recipe`` (YAML
     text of the chosen plan), ``dominant`` (what dominates the closest plan's memory
-    when none fits), ``notes``, ``seconds``.
+    when none fits), ``notes``, ``seconds``, ``peft`` (``--peft``: the plan of each kind of
+    training, full fine-tune first; added within schema 1).
     """
 
     model: str
@@ -186,6 +187,9 @@ class PlanResult:
     dominant: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: ``--peft``: what each kind of training takes ({"trains": full | lora | qlora, "fits",
+    #: "steps", "label", "peak_bytes", "need_bytes", "cost", "source", "runs"}); empty without it
+    peft: list[dict[str, Any]] = field(default_factory=list)
     schema: str = SCHEMA
 
     @property
@@ -219,6 +223,7 @@ class PlanResult:
             "dominant": self.dominant,
             "notes": self.notes,
             "seconds": round(self.seconds, 2),
+            "peft": self.peft,
         }
 
 

@@ -133,6 +133,32 @@ def search_lines(r: PlanResult) -> list[str]:
     return lines
 
 
+_TRAINS = {"full": "full fine-tune", "lora": "LoRA adapters", "qlora": "QLoRA (4-bit base + adapters)"}
+
+
+def peft_table(r: PlanResult) -> Table:
+    """``--peft``: the cheapest plan of each kind of training (one search each), full fine-tune first."""
+    t = Table(title="What each kind of training takes (--peft)", title_justify="left", box=box.SIMPLE_HEAD)
+    t.add_column("trains")
+    t.add_column("cheapest plan that fits (or the closest)")
+    t.add_column("peak", justify="right")
+    t.add_column("needs", justify="right")
+    t.add_column("fits")
+    t.add_column("cost", justify="right")
+    t.add_column("runs", justify="right")
+    for o in r.peft:
+        t.add_row(
+            _TRAINS.get(o["trains"], o["trains"]),
+            o["label"] or "-",
+            format_bytes(o["peak_bytes"]) if o["peak_bytes"] is not None else "-",
+            format_bytes(o["need_bytes"]) if o["need_bytes"] is not None else "-",
+            "[green]yes[/green]" if o["fits"] else "[red]no[/red]",
+            f"{o['cost']:.2f}" if o["cost"] is not None else "-",
+            str(o["runs"]),
+        )
+    return t
+
+
 def render_plan(
     r: PlanResult,
     console: Console,
@@ -197,6 +223,8 @@ def render_plan(
             console.print("What dominates the closest plan's memory:")
         for line in r.dominant:
             console.print(f"  • {line}")
+    if r.peft:
+        console.print(peft_table(r))
     console.print(
         "[dim]* reserved: the caching-allocator model's estimate (sim engine), not a measurement[/dim]"
     )
