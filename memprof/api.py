@@ -16,8 +16,9 @@ from memprof.engines import SimEngine
 from memprof.engines.base import Engine, Measure, versions
 from memprof.errors import InputError, MemprofError, OutOfMemory
 from memprof.models import ResolvedModel, parameter_count
-from memprof.prepare import estimate_state_bytes, fake_model, prepare
+from memprof.prepare import estimate_state_bytes, fake_model, prepare, stack
 from memprof.profile import Profile, from_tracker
+from memprof.recipes import Recipe
 from memprof.sharding import Launch, gather_profiles
 from memprof.tracking import Tracker
 from memprof.units import CUDA_BLOCK_BYTES, format_bytes
@@ -115,6 +116,7 @@ def analyze(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: Callable[[str], None] | None = None,
+    recipe: Recipe | None = None,
 ) -> Profile:
     """Profile one step of a model, as ``memprof analyze`` does.
 
@@ -154,6 +156,8 @@ def analyze(
         allow_pickle: permit loading ``.bin`` checkpoints.
         trust_remote_code: permit models that ship their own code.
         progress: called with a short status line as the work advances.
+        recipe: optimizations to apply to the step first (``--recipe``/``--step``); every
+            one must apply (one that does not is an InputError with the reason).
 
     Returns:
         The profile of the measured step (rank 0's under torchrun, on every rank).
@@ -188,6 +192,14 @@ def analyze(
         experts=experts,
     )
     workload.validate()
+    steps = recipe.steps if recipe is not None else []
+    if steps and shard:
+        raise InputError("--shard with --step/--recipe: add the fsdp step to them instead")
+    if steps and budget is not None:
+        raise InputError(
+            "--budget diagnoses the step as given; for a step with optimizations use memprof plan "
+            "(which searches them) or memprof compare"
+        )
     setup = sharded_setup(workload, shard)
     if shard and engine == "auto":
         if launch is None:
@@ -206,6 +218,11 @@ def analyze(
     )
     workload = workload.for_model(rm)
     setup.update_workload(attn=workload.attn)
+    if steps:
+        assert recipe is not None
+        setup, skipped = stack(recipe, workload, fake_model(rm, workload), pretrained=bool(rm.has_weights))
+        if skipped:
+            raise InputError("not applied: " + "; ".join(skipped))
     measure = Measure()
     if budget is not None:
         measure.budget = check_budget(budget, context, eng.workspace_bytes())

@@ -7,6 +7,7 @@ import typer
 from memprof.api import analyze as run_analyze
 from memprof.cli import options as O
 from memprof.cli.common import check_output, spinner, stderr_console, stdout_console, write_output
+from memprof.cli.compare import load_recipe
 from memprof.errors import OutOfMemory
 from memprof.report.terminal import render
 from memprof.sharding import Launch
@@ -30,6 +31,17 @@ def analyze(
     shard: O.Shard | None = O.SHARD,
     moe_routing: O.MoeRouting = O.MOE_ROUTING,
     experts: O.Experts = O.EXPERTS,
+    recipe: str | None = typer.Option(
+        None,
+        "--recipe",
+        "-r",
+        help="Apply a recipe's optimizations to the step first (YAML file or shipped name).",
+    ),
+    step: list[str] | None = typer.Option(
+        None,
+        "--step",
+        help="Apply an optimization to the step first: NAME or NAME:key=value,... (repeatable).",
+    ),
     top: int = typer.Option(15, "--top", help="Modules to list."),
     json_path: str | None = O.JSON,
     html_path: str | None = O.HTML,
@@ -58,6 +70,7 @@ def analyze(
     check_output(html_path, "--html")
     budget_bytes = O.size(budget, "--budget", positive=True) if budget is not None else None
     context_bytes = O.size(context_overhead, "--context-overhead")
+    steps = load_recipe(recipe, step) if (recipe or step) else None
     launch = Launch.from_env() if shard else None
     # under torchrun only rank 0 reports: it holds every rank's profile
     quiet = launch is not None and launch.rank != 0
@@ -89,6 +102,7 @@ def analyze(
                 allow_pickle=allow_pickle,
                 trust_remote_code=trust_remote_code,
                 progress=progress,
+                recipe=steps,
             )
         except OutOfMemory as e:
             partial = e

@@ -169,17 +169,35 @@ def param_bytes(model: torch.nn.Module) -> int:
 
 
 def build_levers(
-    model: torch.nn.Module, workload: Workload, *, derived_allocator: bool = True
+    model: torch.nn.Module,
+    workload: Workload,
+    *,
+    derived_allocator: bool = True,
+    peft: str | None = None,
 ) -> tuple[list[Lever], list[str]]:
     """The levers searched for this model and step, and the levers left out with the reason.
 
     Levels that do not apply to the model or step (checked with each optimization's
     own ``applies_to`` on the baseline setup) are left out.
+
+    Args:
+        peft: ``lora`` or ``qlora``: every combination trains those adapters (a lever of
+            one level, first, whose step is part of the step as given), so the search
+            finds the cheapest stack on top of them.
+
+    Raises:
+        InputError: ``peft`` does not apply to this model and step.
     """
     wl = workload
     levers: list[Lever] = []
     left_out: list[str] = []
     base = StepSetup.of(wl)
+    if peft is not None:
+        forced = _side(Level(peft, [_opt(peft)]), peft)
+        reason = apply_steps(forced.steps, model, base)
+        if reason:
+            raise InputError(f"--peft {peft}: {reason}")
+        levers.append(Lever("peft", [forced]))
     train = wl.training
     elem = DTYPES[wl.dtype].itemsize
     adamw_state = 2 * param_bytes(model)  # two moments in the parameters' dtype
