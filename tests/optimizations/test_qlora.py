@@ -207,3 +207,36 @@ def test_missing_bitsandbytes_is_one_line_with_the_install_hint(monkeypatch):
         quantize_4bit(model, NF4Spec())
     assert "\n" not in str(e.value)
     assert isinstance(model[0], torch.nn.Linear)
+
+
+# ------------------------------------------------------------ memprof apply (its own section: easy to merge)
+def test_apply_writes_a_4bit_checkpoint_that_reloads_in_4bit(tmp_path):
+    import bitsandbytes as bnb
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from memprof import apply as apply_mod
+    from memprof import recipes
+
+    src = tmp_path / "src"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny("llama"))).save_pretrained(src)
+    out = tmp_path / "qlora"
+    res = apply_mod.apply(
+        str(src),
+        recipes.from_names(["qlora:quant_type=fp4,compute_dtype=float32"]),
+        out,
+        Workload(batch_size=2, seq_len=16),
+        engine="cpu",
+        profile=False,
+    )
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "bitsandbytes" and q["load_in_4bit"] is True
+    assert q["bnb_4bit_quant_type"] == "fp4" and q["bnb_4bit_use_double_quant"] is True
+    assert q["bnb_4bit_compute_dtype"] == "float32"
+    # transformers reloads it in 4-bit (bitsandbytes' CPU backend here): every Linear but the head
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 2 * 7
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    v = res.verification
+    assert v["quantized_layers"] == 2 * 7
+    assert v["output_max_rel_diff"] > 0 and v["output_min_cosine"] > 0.9  # 4-bit rounding: visible, small
