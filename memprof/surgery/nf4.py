@@ -183,6 +183,9 @@ def _empty_linear4bit(bnb: Any, lin: torch.nn.Linear, spec: NF4Spec) -> torch.nn
             device="meta",
         )
     new.train(lin.training)
+    # On a CPU with AVX512-BF16, an eval-mode forward without gradients repacks the weight
+    # in place for bitsandbytes' CPU gemv (another layout, no autograd): keep CUDA's layout
+    new.support_avx512bf16_for_cpu = False
     return new
 
 

@@ -99,6 +99,17 @@ def test_sim_holds_the_dequantized_weight_cuda_holds(wide_llama, monkeypatch):
     assert forward - forward_only >= 256 * 256 * 2
 
 
+def test_the_quality_probe_keeps_bitsandbytes_training_layout():
+    # on a CPU with AVX512-BF16 an eval forward would repack the weights for bitsandbytes'
+    # CPU gemv (no autograd): the step after the probe must be the step without it
+    setup = setup_with(Workload(batch_size=2, seq_len=16, dtype="bfloat16"), ("qlora", {}))
+    spec = resolve(tiny("llama"))
+    probed = CpuEngine().run_detailed(spec, setup, measure=Measure(quality=True))
+    plain = CpuEngine().run_detailed(spec, setup, measure=Measure())
+    assert probed.profile.peak_bytes == plain.profile.peak_bytes
+    assert probed.loss_after < probed.loss_before  # the adapters trained
+
+
 def _linear_bytes(spec: str, dtype: str) -> int:
     model, _ = build_model(resolve(spec), dtype=dtype, attn="sdpa", load_weights=False)
     return sum(m.weight.numel() * m.weight.element_size() for _, m in linears(model))
