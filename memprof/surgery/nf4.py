@@ -20,7 +20,9 @@ lists it, for the tracker (it counts as frozen parameters) and for checks.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -151,8 +153,9 @@ def _quantized_fake(bnb: Any, lin: torch.nn.Linear, spec: NF4Spec) -> torch.nn.M
         )
     new = _empty_linear4bit(bnb, lin, spec)
     # nn.Parameter of a fake tensor is the fake tensor itself, marked as a parameter;
-    # the attributes are those of a quantized Params4bit
+    # its class and attributes are those of a quantized Params4bit
     weight = torch.nn.Parameter(packed, requires_grad=False)
+    weight.__class__ = _fake_params4bit_class()
     weight.quant_state = state  # type: ignore[attr-defined]
     weight.blocksize = BLOCKSIZE  # type: ignore[attr-defined]
     weight.compress_statistics = spec.double_quant  # type: ignore[attr-defined]
@@ -164,6 +167,36 @@ def _quantized_fake(bnb: Any, lin: torch.nn.Linear, spec: NF4Spec) -> torch.nn.M
     new.quant_state = state
     _keep_bias(new, lin)
     return new
+
+
+_FAKE_PARAMS4BIT: type | None = None
+
+
+def _fake_params4bit_class() -> type:
+    """A FakeTensor subclass named ``Params4bit``: the fake packed weight, as PEFT recognises bitsandbytes'.
+
+    PEFT finds 4-bit weights by their class name (``dequantize_bnb_weight``, used by
+    DoRA's weight norm and by merging); bitsandbytes' own ``Params4bit`` cannot wrap a
+    fake tensor. The subclass adds nothing: fake-tensor dispatch is unchanged.
+    """
+    global _FAKE_PARAMS4BIT
+    if _FAKE_PARAMS4BIT is None:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        def __deepcopy__(self: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+            # PEFT deep-copies a Linear4bit before DoRA's weight norm (as for a real one: a copy)
+            new = torch.nn.Parameter(self.detach().clone(), requires_grad=self.requires_grad)
+            memo[id(self)] = new
+            new.__class__ = type(self)
+            with warnings.catch_warnings():  # torch's FakeTensor deepcopy reads a (fake) data pointer
+                warnings.simplefilter("ignore", UserWarning)
+                new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+            return new
+
+        _FAKE_PARAMS4BIT = type(
+            "Params4bit", (FakeTensor,), {"__module__": __name__, "__deepcopy__": __deepcopy__}
+        )
+    return _FAKE_PARAMS4BIT
 
 
 def _empty_linear4bit(bnb: Any, lin: torch.nn.Linear, spec: NF4Spec) -> torch.nn.Module:

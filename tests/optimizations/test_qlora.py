@@ -110,6 +110,17 @@ def test_the_quality_probe_keeps_bitsandbytes_training_layout():
     assert probed.loss_after < probed.loss_before  # the adapters trained
 
 
+def test_dora_runs_on_the_fake_4bit_weights():
+    # PEFT's DoRA deep-copies the Linear4bit and dequantizes a weight it recognises as Params4bit
+    setup = setup_with(Workload(batch_size=2, seq_len=16, dtype="bfloat16"), ("qlora", {"dora": True}))
+    cpu = run(CpuEngine(), tiny("llama"), setup)
+    sim = run(cpu_semantics_sim(), tiny("llama"), setup)
+    assert cats(sim)["parameters"] == cats(cpu)["parameters"]
+    assert cats(sim)["optimizer_state"] == cats(cpu)["optimizer_state"]
+    # the peaks differ by 64 KiB of activations on this tiny model (not yet explained)
+    assert abs(sim.profile.peak_bytes - cpu.profile.peak_bytes) <= 0.10 * cpu.profile.peak_bytes
+
+
 def _linear_bytes(spec: str, dtype: str) -> int:
     model, _ = build_model(resolve(spec), dtype=dtype, attn="sdpa", load_weights=False)
     return sum(m.weight.numel() * m.weight.element_size() for _, m in linears(model))
