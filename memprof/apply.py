@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -199,17 +199,13 @@ def apply(
         if source is not None:
             model = source
             rewrites = [o for o in steps if o.rewrites_model]
-            # quantization is written below through transformers' own quantizer
-            quant = [
-                {"backend": cast(Any, o).backend, "bits": cast(Any, o.config).bits}
-                for o in rewrites
-                if o.name == "quantization"
-            ]
+            # quantization (and qlora's 4-bit base) is written below through transformers' own quantizer
+            quant = [q for o in rewrites if (q := checkpoint_quantization(o)) is not None]
             if dtype != workload.dtype or rewrites:
                 # a changed copy: the source model stays as loaded, for the verification below
                 model = copy.deepcopy(source)
                 for o in rewrites:
-                    if o.name == "quantization":
+                    if checkpoint_quantization(o) is not None:
                         continue  # below: transformers' own quantizer writes the reloadable format
                     note = o.transform_model(model, setup)
                     if note:
@@ -271,8 +267,30 @@ def apply(
     )
 
 
+def checkpoint_quantization(opt: Any) -> dict[str, Any] | None:
+    """The quantization a step leaves in the checkpoint (a :func:`quantization_config` spec), or None.
+
+    ``quantization``: its backend and bits. ``qlora``: its 4-bit base weights, as
+    bitsandbytes 4-bit with the step's data type, double quantization and compute
+    dtype (its LoRA adapters are not part of the base checkpoint).
+    """
+    if opt.name == "quantization":
+        return {"backend": opt.backend, "bits": opt.config.bits}
+    if opt.name == "qlora":
+        c = opt.config
+        return {
+            "backend": "bitsandbytes",
+            "bits": 4,
+            "quant_type": c.quant_type,
+            "double_quant": c.double_quant,
+            "compute_dtype": c.compute_dtype,
+        }
+    return None
+
+
 def quantization_config(spec: dict[str, Any]) -> Any:
-    """The transformers quantization config for ``{"backend", "bits"}``, or InputError if none can be saved."""
+    """The transformers quantization config for ``{"backend", "bits"}`` (bitsandbytes 4-bit: also
+    ``quant_type``, ``double_quant``, ``compute_dtype``), or InputError if none can be saved."""
     backend, bits = spec["backend"], spec.get("bits", 8)
     if backend == "torchao":
         from transformers import TorchAoConfig
@@ -284,7 +302,12 @@ def quantization_config(spec: dict[str, Any]) -> Any:
         from transformers import BitsAndBytesConfig
 
         if bits == 4:
-            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+            return BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=spec.get("quant_type", "nf4"),
+                bnb_4bit_use_double_quant=spec.get("double_quant", False),
+                bnb_4bit_compute_dtype=DTYPES[spec["compute_dtype"]] if "compute_dtype" in spec else None,
+            )
         return BitsAndBytesConfig(load_in_8bit=True)
     raise InputError(f"{backend} quantization has no checkpoint format")
 
@@ -343,7 +366,10 @@ def _verify(
     diff, rel = output_difference(b, a)
     cos = torch.nn.functional.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=1)
     quantized = sum(
-        1 for m in reloaded.modules() if hasattr(type(getattr(m, "weight", None)), "__tensor_flatten__")
+        1
+        for m in reloaded.modules()
+        if hasattr(type(w := getattr(m, "weight", None)), "__tensor_flatten__")
+        or getattr(w, "quant_state", None) is not None  # bitsandbytes 4-bit
     )
     return {
         "output_min_cosine": float(cos.min()),

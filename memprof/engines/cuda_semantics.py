@@ -19,6 +19,10 @@ so the simulation runs CPU fake tensors and applies CUDA semantics here:
 * **Grouped matmul.** ``aten._grouped_mm`` (the experts of transformers' MoE
   models) takes every floating dtype on CUDA and pads its output's rows to 16
   bytes (:class:`CudaGroupedMM`); the meta function refuses all but bfloat16.
+* **bitsandbytes' 4-bit matmul.** ``bitsandbytes::gemm_4bit`` (the forward of a
+  QLoRA base layer) has only an output in its fake kernel; on CUDA, past a few
+  rows, bitsandbytes dequantizes the weight to the compute dtype and calls
+  ``F.linear`` (:class:`CudaGemm4bit`), the temporaries a training step holds.
 * **Workspaces and context.** The cuBLAS workspace and the CUDA context are not
   tensors; they are reported separately (:func:`cublas_workspace_bytes`), never
   folded into the peak.
@@ -206,4 +210,41 @@ class CudaGroupedMM(TorchDispatchMode):
             offs = args[2] if len(args) > 2 else kwargs.get("offs")
             out_dtype = args[4] if len(args) > 4 else kwargs.get("out_dtype")
             return grouped_mm_output(mat_a, mat_b, offs, out_dtype)
+        return func(*args, **kwargs)
+
+
+#: rows (tokens) up to which bitsandbytes' CUDA ``gemm_4bit`` always runs its fused kernel
+#: (``_GEMM_4BIT_CUSTOM_FLOOR_M`` in ``bitsandbytes/backends/cuda/ops.py``)
+GEMM_4BIT_FUSED_ROWS = 4
+
+
+class CudaGemm4bit(TorchFunctionMode):
+    """``bitsandbytes::gemm_4bit`` as bitsandbytes' CUDA dispatch runs it for more than a few rows.
+
+    The op's fake kernel allocates the output only. On CUDA (``backends/cuda/ops.py``)
+    bitsandbytes runs its fused kernel (output only) up to 4 rows, and past 1536 rows
+    (or a blocksize-misaligned K) the unfused fallback: the nested absmax dequantized
+    (float32), the weight dequantized to the compute dtype (``[N, K]``), then
+    ``F.linear``. Between, a per-GPU heuristic picks; for most shapes above 32 rows on
+    Hopper it is the fallback, and a training step's rows (tokens) are in the
+    thousands. The projection takes the fallback above 4 rows and runs bitsandbytes'
+    own unfused implementation (its default backend's, the same ops and sizes as the
+    CUDA fallback), so the step holds the temporaries CUDA's does. The backward
+    (``MatMul4Bit``) already dequantizes with ordinary ops. ``calls`` counts the paths.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "namespace", None) == "bitsandbytes" and func._opname == "gemm_4bit":
+            a = args[0]
+            if a.numel() // max(1, a.shape[-1]) > GEMM_4BIT_FUSED_ROWS:
+                from bitsandbytes.backends.default.ops import _gemm_4bit_default_impl
+
+                self.calls["dequantize+linear"] += 1
+                return _gemm_4bit_default_impl(*args, **kwargs)
+            self.calls["fused"] += 1
         return func(*args, **kwargs)

@@ -27,6 +27,7 @@ from memprof.allocator_model import AllocatorEstimate, AllocatorSettings, expand
 from memprof.engines.base import Engine, RunResult
 from memprof.engines.cuda_semantics import (
     CUDA_BLOCK_ROUNDING,
+    CudaGemm4bit,
     CudaGroupedMM,
     CudaSDPA,
     cublas_workspace_bytes,
@@ -80,6 +81,8 @@ class SimEngine(Engine):
         self.device_memory_bytes = device_memory_bytes
         self.snapshot_path = snapshot_path
         self._sdpa: CudaSDPA | None = None
+        #: bitsandbytes' 4-bit matmul as CUDA runs it (QLoRA base layers)
+        self._gemm4 = CudaGemm4bit()
         #: the mixture-of-experts routing mode of the model being run (memprof.engines.moe)
         self._routing: Any = None
         self._estimate: AllocatorEstimate | None = None
@@ -105,6 +108,7 @@ class SimEngine(Engine):
             FakeTensorMode(allow_non_fake_inputs=True),
             RealKernelLayouts(),
             self._sdpa if self._sdpa is not None else contextlib.nullcontext(),
+            self._gemm4,
             one_sequence_per_row(),
         ):
             yield
@@ -160,22 +164,19 @@ class SimEngine(Engine):
     def recompute_context(self) -> Callable[[], Any] | None:
         # Torch function modes are not active while autograd runs backward, where
         # checkpointing recomputes: re-enter the SDPA routing there.
-        # The mixture-of-experts routing (a function mode too) goes with it.
+        # The mixture-of-experts routing and bitsandbytes' 4-bit matmul (function modes
+        # too) go with it.
         sdpa, routing = self._sdpa, self._routing
-        modes = [m for m in (sdpa, routing) if m is not None]
-        if not modes:
-            return None
-        if len(modes) == 1:
-            return lambda: modes[0]
+        modes = [m for m in (sdpa, routing, self._gemm4) if m is not None]
 
         @contextlib.contextmanager
-        def both() -> Iterator[None]:
+        def recompute_modes() -> Iterator[None]:
             with contextlib.ExitStack() as stack:
                 for m in modes:
                     stack.enter_context(m)
                 yield
 
-        return both
+        return recompute_modes
 
     def before_measure(self) -> None:
         super().before_measure()
@@ -184,6 +185,7 @@ class SimEngine(Engine):
         self._hint = None
         if self._sdpa is not None:
             self._sdpa.kernels.clear()  # count the measured step's kernels only
+        self._gemm4.calls.clear()
 
     def after_measure(self, extra: dict[str, Any]) -> None:
         extra["overheads"] = {
@@ -268,6 +270,11 @@ class SimEngine(Engine):
         if kernels:
             out.append(
                 "SDPA kernel calls projected: " + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
+            )
+        if self._gemm4.calls:
+            out.append(
+                "bitsandbytes 4-bit matmuls projected as CUDA runs them: "
+                + ", ".join(f"{k} x{v}" for k, v in sorted(self._gemm4.calls.items()))
             )
         return out
 

@@ -33,6 +33,7 @@ from memprof.optimizations import (  # noqa: F401  (imported to register them)
     optimizer,
     optimizer_in_backward,
     pruning,
+    qlora,
     quantization,
 )
 from memprof.optimizations.registry import (

@@ -1,4 +1,4 @@
-"""The model's own tensors: parameters, buffers and packed weights on entry, gradients and optimizer state as hooks see them.
+"""The model's own tensors: parameters, buffers, packed weights and their quantization state on entry, gradients and optimizer state as hooks see them.
 
 :class:`ModelTensors` is a part of :class:`~memprof.tracking.Tracker`, which holds
 the state it uses.
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from memprof.surgery.nf4 import quant_state_tensors
 from memprof.tracking.results import _SHARDED, Category
 from memprof.tracking.tensors import _inner_tensors, _is_wrapper
 
@@ -57,6 +58,11 @@ class ModelTensors:
                     if isinstance(t, torch.Tensor):
                         self._keep.append(t)
                         self.register(t, Category.PARAMETERS, owner=owner)
+            # bitsandbytes 4-bit layers keep their quantization state (absmax, code
+            # tables, offset, nested absmax) beside the packed weight, not in parameters:
+            # frozen parameters too (a table shared by layers counts once: by storage)
+            for t in quant_state_tensors(mod):
+                self.register(t, Category.PARAMETERS, owner=owner)
 
     def _register_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer] | None = None) -> None:
         for opt in self.optimizers if optimizers is None else optimizers:
