@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from memprof.errors import InputError
 from memprof.optimizations.registry import Optimization, option, register
 from memprof.surgery.common import linears
 from memprof.surgery.lora import LoraSpec, attach_lora
@@ -85,10 +86,14 @@ class QLora(Optimization):
         c = self.config
         return NF4Spec(quant_type=c.quant_type, double_quant=c.double_quant, compute_dtype=c.compute_dtype)
 
-    def why_not(self, model: Any, setup: StepSetup) -> str | None:
+    def environment_problem(self) -> str | None:
         missing = missing_libraries()
+        return f"{INSTALL_HINT} ({', '.join(missing)} not installed)" if missing else None
+
+    def why_not(self, model: Any, setup: StepSetup) -> str | None:
+        missing = self.environment_problem()
         if missing:
-            return f"{INSTALL_HINT} ({', '.join(missing)} not installed)"
+            return missing
         why = _conflict(setup, self.config.compute_dtype, earlier=True)
         if why:
             return why
@@ -106,8 +111,6 @@ class QLora(Optimization):
         try:
             attach_lora(model, self.lora_spec)
         except ValueError as e:  # PEFT: no target module matched
-            from memprof.errors import InputError
-
             raise InputError(f"qlora: targets {self.config.targets!r}: {e}") from None
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return f"{note}; LoRA adapters (rank {self.config.rank}, {self.config.targets}): {trainable:,} trainable parameters"
