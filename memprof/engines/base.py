@@ -419,6 +419,7 @@ class Engine:
                         tracker.trace = None  # can be long: drop it once used
                     result = tracker.result()
                     extra["timeline"] = tracker.timeline()
+                    extra["host"] = runner.host_memory()
                     if moe is not None:
                         extra["moe"] = moe.to_dict()
                         setup.notes.append(moe.note())
@@ -675,4 +676,5 @@ class Engine:
             timeline=extra.get("timeline"),
             budget=extra.get("budget"),
             moe=extra.get("moe"),
+            host=extra.get("host"),
         )

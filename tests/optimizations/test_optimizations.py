@@ -246,7 +246,7 @@ def test_adamw8bit_without_its_library_says_how_to_install(llama, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_lowbit)
     from memprof.errors import EnvironmentProblem
 
-    with pytest.raises(EnvironmentProblem, match="pip install torchao"):
+    with pytest.raises(EnvironmentProblem, match="pip install bitsandbytes"):
         run(
             CpuEngine(),
             llama,
