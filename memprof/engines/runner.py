@@ -128,11 +128,7 @@ def _adamw8bit(params: list[torch.nn.Parameter], *, paged: bool, simulate: bool)
     not run under memprof's tracker (a dispatch mode): the fallback where bitsandbytes
     is missing.
     """
-    try:
-        with quiet_imports():
-            import bitsandbytes as bnb
-    except ImportError:
-        bnb = None
+    bnb = _optional("bitsandbytes")
     if bnb is not None:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -144,16 +140,26 @@ def _adamw8bit(params: list[torch.nn.Parameter], *, paged: bool, simulate: bool)
             return _paged_stand_in(bnb)(params, unified="meta" if simulate else None)
     if paged:
         raise EnvironmentProblem("the paged_adamw8bit optimizer needs bitsandbytes: pip install bitsandbytes")
-    try:
-        with quiet_imports():
-            from torchao.optim import AdamW8bit
-
-        return AdamW8bit(params, lr=1e-5)
-    except ImportError:
-        pass
+    torchao_optim = _optional("torchao.optim")
+    if torchao_optim is not None:
+        return torchao_optim.AdamW8bit(params, lr=1e-5)
     raise EnvironmentProblem(
         "the adamw8bit optimizer needs bitsandbytes or torchao: pip install bitsandbytes (or torchao)"
     )
+
+
+def _optional(module: str) -> Any:
+    """An optional library's module, or None where it is not installed (or fails to import)."""
+    import importlib
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(module.partition(".")[0]) is None:
+            return None
+        with quiet_imports():
+            return importlib.import_module(module)
+    except ImportError:
+        return None
 
 
 def _paged_stand_in(bnb: Any) -> type:

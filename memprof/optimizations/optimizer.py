@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,11 @@ class OptimizerChoice(Optimization):
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
         if setup.workload.optimizer == "none":
             return "the workload has no optimizer (--optimizer none)"
+        t = self.config.type
+        if t == "paged_adamw8bit" and not _installed("bitsandbytes"):
+            return "bitsandbytes is not installed: pip install bitsandbytes"
+        if t == "adamw8bit" and not (_installed("bitsandbytes") or _installed("torchao")):
+            return "neither bitsandbytes nor torchao is installed: pip install bitsandbytes (or torchao)"
         return None
 
     def apply(self, setup: StepSetup) -> None:
@@ -101,3 +107,8 @@ class OptimizerChoice(Optimization):
         elif impl != "auto":
             out["foreach"] = impl == "foreach"
         return out
+
+
+def _installed(module: str) -> bool:
+    # find_spec, not import: importing these loads native libraries and logs about them
+    return importlib.util.find_spec(module) is not None
