@@ -234,24 +234,21 @@ def test_set_to_none_false_keeps_gradients_through_forward(llama):
 
 
 def test_adamw8bit_without_its_library_says_how_to_install(llama, monkeypatch):
-    import builtins
+    import importlib.util
 
-    real_import = builtins.__import__
+    real = importlib.util.find_spec
 
-    def no_lowbit(name, *args, **kwargs):
-        if name.startswith(("torchao", "bitsandbytes")):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
+    def no_lowbit(name, *args):
+        return None if name.startswith(("torchao", "bitsandbytes")) else real(name, *args)
 
-    monkeypatch.setattr(builtins, "__import__", no_lowbit)
+    monkeypatch.setattr(importlib.util, "find_spec", no_lowbit)
     from memprof.errors import EnvironmentProblem
 
+    wl = Workload(batch_size=1, seq_len=8)
+    why = optimizations.make("optimizer", {"type": "adamw8bit"}).applies_to(None, StepSetup.of(wl))
+    assert "pip install bitsandbytes" in why
     with pytest.raises(EnvironmentProblem, match="pip install bitsandbytes"):
-        run(
-            CpuEngine(),
-            llama,
-            setup_with(Workload(batch_size=1, seq_len=8), ("optimizer", {"type": "adamw8bit"})),
-        )
+        run(CpuEngine(), llama, StepSetup.of(dataclasses.replace(wl, optimizer="adamw8bit")))
 
 
 # ------------------------------------------------------------------ attention
