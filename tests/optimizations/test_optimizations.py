@@ -271,6 +271,13 @@ def test_activation_offload_moves_activations_off_the_gpu_in_sim(llama):
     off = run(SimEngine(), llama, setup_with(wl, ("activation_offload", {})))
     assert cats(off)["activations"] < 0.2 * cats(base)["activations"]
     assert off.profile.peak_bytes < base.profile.peak_bytes
+    # the host line: what left the device is on the host (save_on_cpu copies every saved
+    # tensor, weights too), and it crossed the bus twice
+    host = off.profile.host
+    assert host["bytes"] == host["by_kind"]["activations"]
+    assert host["by_kind"]["activations"] >= cats(base)["activations"] - cats(off)["activations"]
+    assert host["pcie_bytes_per_step"] >= 2 * host["by_kind"]["activations"]
+    assert base.profile.host is None
 
 
 def test_activation_offload_moves_nothing_on_the_cpu_engine(llama):
@@ -278,6 +285,7 @@ def test_activation_offload_moves_nothing_on_the_cpu_engine(llama):
     base = run(CpuEngine(), llama, StepSetup.of(wl), QUALITY)
     off = run(CpuEngine(), llama, setup_with(wl, ("activation_offload", {})), QUALITY)
     assert off.profile.peak_bytes == base.profile.peak_bytes  # host memory is the cpu's device memory
+    assert off.profile.host["by_kind"]["activations"] > 0  # and still reported
     assert off.loss_after == pytest.approx(base.loss_after, abs=1e-6)
 
 
