@@ -69,8 +69,8 @@ def make_optimizer(
 
     Args:
         name: ``adamw``, ``sgd`` (momentum 0.9), ``adafactor`` (transformers; fixed
-            learning rate, factored second moments), ``adamw8bit`` (bitsandbytes, else
-            torchao), ``paged_adamw8bit`` (bitsandbytes: 8-bit state in CUDA unified
+            learning rate, factored second moments), ``adamw8bit`` (bitsandbytes),
+            ``paged_adamw8bit`` (bitsandbytes: 8-bit state in CUDA unified
             memory) or ``none``.
         model: its trainable parameters are optimized (unless ``params`` is given).
         foreach: the multi-tensor implementation; ``None`` lets torch choose for
@@ -119,33 +119,30 @@ PAGED_MIN_NUMEL = 100_000
 
 
 def _adamw8bit(params: list[torch.nn.Parameter], *, paged: bool, simulate: bool) -> torch.optim.Optimizer:
-    """8-bit AdamW: bitsandbytes' (fused kernels, a CPU backend, fake kernels), else torchao's.
+    """bitsandbytes' 8-bit AdamW (fused kernels, a CPU backend, fake kernels): paged or not.
 
     bitsandbytes builds its quantization maps with ``.tolist()`` in the constructor:
     the optimizer is built outside fake mode, so the maps are real tensors (256
     floats each, shared by every parameter, on the device as on CUDA) and the step
-    traces. torchao's AdamW8bit compiles its step with ``torch.compile``, which does
-    not run under memprof's tracker (a dispatch mode): the fallback where bitsandbytes
-    is missing.
+    traces. torchao's AdamW8bit is not used: it compiles its step with
+    ``torch.compile(fullgraph=True)``, which refuses to run under memprof's tracker
+    (a dispatch mode) on every engine.
     """
     bnb = _optional("bitsandbytes")
-    if bnb is not None:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    if bnb is None:
+        name = "paged_adamw8bit" if paged else "adamw8bit"
+        raise EnvironmentProblem(
+            f"the {name} optimizer needs bitsandbytes: pip install bitsandbytes (torchao's AdamW8bit compiles "
+            "its step, which memprof's tracker cannot run under)"
+        )
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-        with unset_fake_temporarily():
-            if not paged:
-                return bnb.optim.AdamW8bit(params, lr=1e-5)
-            if params[0].device.type == "cuda":
-                return bnb.optim.PagedAdamW8bit(params, lr=1e-5)
-            return _paged_stand_in(bnb)(params, unified="meta" if simulate else None)
-    if paged:
-        raise EnvironmentProblem("the paged_adamw8bit optimizer needs bitsandbytes: pip install bitsandbytes")
-    torchao_optim = _optional("torchao.optim")
-    if torchao_optim is not None:
-        return torchao_optim.AdamW8bit(params, lr=1e-5)
-    raise EnvironmentProblem(
-        "the adamw8bit optimizer needs bitsandbytes or torchao: pip install bitsandbytes (or torchao)"
-    )
+    with unset_fake_temporarily():
+        if not paged:
+            return bnb.optim.AdamW8bit(params, lr=1e-5)
+        if params[0].device.type == "cuda":
+            return bnb.optim.PagedAdamW8bit(params, lr=1e-5)
+        return _paged_stand_in(bnb)(params, unified="meta" if simulate else None)
 
 
 def _optional(module: str) -> Any:

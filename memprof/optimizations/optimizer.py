@@ -67,11 +67,8 @@ class OptimizerChoice(Optimization):
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
         if setup.workload.optimizer == "none":
             return "the workload has no optimizer (--optimizer none)"
-        t = self.config.type
-        if t == "paged_adamw8bit" and not _installed("bitsandbytes"):
+        if self.config.type in EIGHT_BIT and not _installed("bitsandbytes"):
             return "bitsandbytes is not installed: pip install bitsandbytes"
-        if t == "adamw8bit" and not (_installed("bitsandbytes") or _installed("torchao")):
-            return "neither bitsandbytes nor torchao is installed: pip install bitsandbytes (or torchao)"
         return None
 
     def apply(self, setup: StepSetup) -> None:
