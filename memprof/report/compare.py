@@ -256,7 +256,7 @@ def render_compare(c: Comparison, console: Console) -> None:
     shown = None
     for s in ran:
         host = host_line(s.profile.host)  # type: ignore[union-attr]
-        if host and host != shown:  # stacked rows keep the host side of the rows above
+        if host and (host != shown or not c.cumulative):  # stacked rows keep the rows above' host side
             console.print(f"Host memory of {s.label}: {host} (not in its peak)")
             shown = host
     flat = no_saving(c)
