@@ -170,7 +170,7 @@ def _paged_stand_in(bnb: Any) -> type:
     back to non-paged buffers on the CPU).
     """
 
-    class PagedAdamW8bitStandIn(bnb.optim.AdamW8bit):  # type: ignore[misc,name-defined]
+    class PagedAdamW8bitStandIn(bnb.optim.AdamW8bit):
         def __init__(self, params: Any, unified: str | None) -> None:
             super().__init__(params, lr=1e-5)
             self.unified = unified
