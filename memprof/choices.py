@@ -30,7 +30,7 @@ class Optim(str, Enum):
 
 
 #: optimizers only the ``optimizer`` optimization selects (recipes), not ``--optimizer``
-MORE_OPTIMIZERS = ("adafactor", "adamw8bit")
+MORE_OPTIMIZERS = ("adafactor", "adamw8bit", "paged_adamw8bit")
 
 
 class Attn(str, Enum):

@@ -241,14 +241,6 @@ def compare(
             # the row says why, the other rows still run
             row.error = str(e)
             continue
-        except RuntimeError as e:
-            if not eng.simulated:
-                raise
-            # fake tensors cannot run data-dependent code (e.g. torchao's 8-bit optimizer
-            # builds its quantization map with .tolist()): say so in the row
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            row.error = f"the sim engine cannot trace this step ({type(e).__name__}: {first[:200]})"
-            continue
         row.profile, row.flops, row.seconds = r.profile, r.flops, r.seconds
         row.quality = quality_delta(base, r)
         if cumulative:

@@ -82,7 +82,11 @@ part of ``peak_bytes``), ``by_kind`` (``optimizer_state``, ``gradients``,
 ``parameters``, ``activations`` -> bytes), ``pcie_bytes_per_step`` (bytes
 crossing the bus each step, both directions) and ``paged_bytes`` (state in
 unified memory outside the caching allocator, which pages it to the GPU on
-demand).
+demand; not in ``bytes``: it lives on the host only under memory pressure).
+Each is measured from the tensors the step kept on the host side (their
+sizes). On the cpu engine device memory is host memory: those tensors are in
+the peak as well. ``allocator`` then has ``outside_allocator_bytes`` (the paged
+bytes, which neither allocated nor reserved memory counts).
 """
 
 from __future__ import annotations

@@ -419,6 +419,10 @@ class Engine:
                         tracker.trace = None  # can be long: drop it once used
                     result = tracker.result()
                     extra["timeline"] = tracker.timeline()
+                    extra["host"] = host = runner.host_memory()
+                    if host and host["paged_bytes"] and extra.get("allocator") is not None:
+                        # unified memory never passes through the caching allocator
+                        extra["allocator"]["outside_allocator_bytes"] = host["paged_bytes"]
                     if moe is not None:
                         extra["moe"] = moe.to_dict()
                         setup.notes.append(moe.note())
@@ -675,4 +679,5 @@ class Engine:
             timeline=extra.get("timeline"),
             budget=extra.get("budget"),
             moe=extra.get("moe"),
+            host=extra.get("host"),
         )

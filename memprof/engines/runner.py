@@ -63,18 +63,22 @@ def make_optimizer(
     foreach: bool | None,
     fused: bool | None = None,
     params: list[torch.nn.Parameter] | None = None,
+    simulate: bool = False,
 ) -> torch.optim.Optimizer | None:
     """The optimizer of a training step.
 
     Args:
         name: ``adamw``, ``sgd`` (momentum 0.9), ``adafactor`` (transformers; fixed
-            learning rate, factored second moments), ``adamw8bit`` (torchao or
-            bitsandbytes) or ``none``.
+            learning rate, factored second moments), ``adamw8bit`` (bitsandbytes),
+            ``paged_adamw8bit`` (bitsandbytes: 8-bit state in CUDA unified
+            memory) or ``none``.
         model: its trainable parameters are optimized (unless ``params`` is given).
         foreach: the multi-tensor implementation; ``None`` lets torch choose for
             the device (the sim engine passes ``True``, CUDA's default).
         fused: the fused kernel (AdamW, SGD).
         params: optimize these parameters only.
+        simulate: the sim engine (fake tensors standing for CUDA): unified memory
+            stands as the meta device, which the tracker never counts.
 
     Raises:
         InputError: unknown name, or an implementation this optimizer or build lacks.
@@ -104,29 +108,98 @@ def make_optimizer(
         # A fixed learning rate: relative steps and parameter scaling compare tensors
         # with Python numbers, which fake tensors cannot answer (and the memory is the same).
         return Adafactor(params, lr=1e-3, scale_parameter=False, relative_step=False, warmup_init=False)
-    if name == "adamw8bit":
-        return _adamw8bit(params)
+    if name in ("adamw8bit", "paged_adamw8bit"):
+        return _adamw8bit(params, paged=name == "paged_adamw8bit", simulate=simulate)
     raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
-def _adamw8bit(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+#: bitsandbytes pages a state buffer when it has at least this many elements
+#: (``Optimizer8bit.get_state_buffer``: "> 1 MB"); smaller ones are ordinary device tensors
+PAGED_MIN_NUMEL = 100_000
+
+
+def _adamw8bit(params: list[torch.nn.Parameter], *, paged: bool, simulate: bool) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW (fused kernels, a CPU backend, fake kernels): paged or not.
+
+    bitsandbytes builds its quantization maps with ``.tolist()`` in the constructor:
+    the optimizer is built outside fake mode, so the maps are real tensors (256
+    floats each, shared by every parameter, on the device as on CUDA) and the step
+    traces. torchao's AdamW8bit is not used: it compiles its step with
+    ``torch.compile(fullgraph=True)``, which refuses to run under memprof's tracker
+    (a dispatch mode) on every engine.
+    """
+    bnb = _optional("bitsandbytes")
+    if bnb is None:
+        name = "paged_adamw8bit" if paged else "adamw8bit"
+        raise EnvironmentProblem(
+            f"the {name} optimizer needs bitsandbytes: pip install bitsandbytes (torchao's AdamW8bit compiles "
+            "its step, which memprof's tracker cannot run under)"
+        )
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        if not paged:
+            return bnb.optim.AdamW8bit(params, lr=1e-5)
+        if params[0].device.type == "cuda":
+            return bnb.optim.PagedAdamW8bit(params, lr=1e-5)
+        return _paged_stand_in(bnb)(params, unified="meta" if simulate else None)
+
+
+def _optional(module: str) -> Any:
+    """An optional library's module, or None where it is not installed (or fails to import)."""
+    import importlib
+    import importlib.util
 
     try:
+        if importlib.util.find_spec(module.partition(".")[0]) is None:
+            return None
         with quiet_imports():
-            from torchao.optim import AdamW8bit
-
-        return AdamW8bit(params, lr=1e-5)
+            return importlib.import_module(module)
     except ImportError:
-        pass
-    try:
-        import bitsandbytes as bnb
+        return None
 
-        return bnb.optim.AdamW8bit(params, lr=1e-5)
-    except ImportError:
-        pass
-    raise EnvironmentProblem(
-        "the adamw8bit optimizer needs torchao or bitsandbytes: pip install torchao (or bitsandbytes on a GPU)"
-    )
+
+def _paged_stand_in(bnb: Any) -> type:
+    """bitsandbytes' PagedAdamW8bit where there is no CUDA unified memory (the cpu engine, the sim).
+
+    The same 8-bit AdamW, with the buffers bitsandbytes would page (``get_paged``:
+    at least :data:`PAGED_MIN_NUMEL` elements) marked ``is_paged`` as bitsandbytes
+    marks its own, and in the sim placed on ``unified`` (the meta device: memory the
+    tracker never counts, as the caching allocator never holds unified memory).
+    On the cpu engine they stay ordinary CPU tensors (bitsandbytes itself falls
+    back to non-paged buffers on the CPU).
+    """
+
+    class PagedAdamW8bitStandIn(bnb.optim.AdamW8bit):
+        def __init__(self, params: Any, unified: str | None) -> None:
+            super().__init__(params, lr=1e-5)
+            self.unified = unified
+
+        def get_state_buffer(self, p: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            if p.numel() < PAGED_MIN_NUMEL:
+                return torch.zeros_like(p, dtype=dtype, device=p.device)
+            buf = torch.zeros_like(p, dtype=dtype, device=self.unified or p.device)
+            buf.is_paged = True  # type: ignore[attr-defined]  # as bitsandbytes marks get_paged's buffers
+            return buf
+
+    return PagedAdamW8bitStandIn
+
+
+def paged_state_bytes(optimizers: list[Any]) -> int:
+    """Bytes of the optimizers' state held in unified memory (tensors marked ``is_paged``)."""
+    seen: set[int] = set()
+    total = 0
+    for opt in optimizers:
+        for state in getattr(opt, "state", {}).values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor) and getattr(v, "is_paged", False) and id(v) not in seen:
+                    seen.add(id(v))
+                    total += v.untyped_storage().nbytes()
+    return total
+
+
+#: what a step keeps in host memory, by kind (``Profile.host["by_kind"]``)
+HOST_KINDS = ("optimizer_state", "gradients", "parameters", "activations")
 
 
 class StepRunner:
@@ -179,7 +252,12 @@ class StepRunner:
 
             def make(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
                 return make_optimizer(
-                    wl.optimizer, model, foreach=settings["foreach"], fused=settings["fused"], params=ps
+                    wl.optimizer,
+                    model,
+                    foreach=settings["foreach"],
+                    fused=settings["fused"],
+                    params=ps,
+                    simulate=self.env.simulate_cuda,
                 )
 
             if not any(opt.build_optimizer(self, make, params) for opt in self.optimizations):
@@ -230,6 +308,29 @@ class StepRunner:
     def optimizers(self) -> list[torch.optim.Optimizer]:
         own = [o for opt in self.optimizations for o in opt.own_optimizers()]
         return own + ([self.optimizer] if self.optimizer is not None else [])
+
+    def host_memory(self) -> dict[str, Any] | None:
+        """What the optimizations kept in host memory in the last step (``Profile.host``), or None.
+
+        ``bytes`` is the host memory held at once (the kinds added up); ``paged_bytes``
+        (unified memory) is apart: where it lives depends on the GPU's memory pressure.
+        """
+        parts = [h for h in (opt.host_memory(self) for opt in self.optimizations) if h]
+        if not parts:
+            return None
+        kinds = dict.fromkeys(HOST_KINDS, 0)
+        pcie = paged = 0
+        for h in parts:
+            for k, v in (h.get("by_kind") or {}).items():
+                kinds[k] += int(v)
+            pcie += int(h.get("pcie_bytes_per_step", 0))
+            paged += int(h.get("paged_bytes", 0))
+        return {
+            "bytes": sum(kinds.values()),
+            "by_kind": kinds,
+            "pcie_bytes_per_step": pcie,
+            "paged_bytes": paged,
+        }
 
     def close(self) -> None:
         for opt in self.optimizations:

@@ -32,6 +32,7 @@ from memprof.optimizations import (  # noqa: F401  (imported to register them)
     mixed_precision,
     optimizer,
     optimizer_in_backward,
+    optimizer_offload,
     pruning,
     qlora,
     quantization,

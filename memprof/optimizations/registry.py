@@ -40,6 +40,8 @@ hook                       when the runner calls it
                            over local shards)
 ``grad_scaler``            a loss scaler for the step
 ``after_optimizer_step``   after the optimizer's step and zero_grad
+``host_memory``            after the measured step: the host memory it kept
+                           (the profile's ``host`` line)
 ``close``                  remove what the hooks installed
 ``setup_problems``         StepSetup.validate: conflicts with other settings
 ``environment_problem``    before any work: a missing optional library
@@ -223,6 +225,16 @@ class Optimization:
 
     def after_optimizer_step(self, runner: StepRunner, set_to_none: bool) -> None:
         """After the runner's optimizer step and ``zero_grad``."""
+
+    def host_memory(self, runner: StepRunner) -> dict[str, Any] | None:
+        """The host memory this optimization kept in the last step, or None.
+
+        Measured from the tensors it kept on the host side (their sizes), never from a
+        formula: ``by_kind`` (``optimizer_state``, ``gradients``, ``parameters``,
+        ``activations`` -> bytes), ``pcie_bytes_per_step`` and ``paged_bytes``, each
+        optional (the runner adds the optimizations' answers up).
+        """
+        return None
 
     def close(self) -> None:
         """Remove what the hooks installed (handles, files)."""

@@ -12,6 +12,7 @@ from rich.text import Text
 from memprof.compare import Comparison
 from memprof.profile import Profile
 from memprof.report.terminal import _CAT_STYLE
+from memprof.report.timeline import host_line
 from memprof.tracking import CATEGORIES
 from memprof.units import format_bytes
 
@@ -252,6 +253,12 @@ def render_compare(c: Comparison, console: Console) -> None:
             f"Lowest peak alone: [bold]{best.label}[/bold], {format_bytes(b.peak_bytes)} → "
             f"[bold]{format_bytes(low)}[/bold] ({b.peak_bytes / low if low else float('inf'):.2f}x less)"
         )
+    shown = None
+    for s in ran:
+        host = host_line(s.profile.host)  # type: ignore[union-attr]
+        if host and (host != shown or not c.cumulative):  # stacked rows keep the rows above' host side
+            console.print(f"Host memory of {s.label}: {host} (not in its peak)")
+            shown = host
     flat = no_saving(c)
     if flat:
         console.print(

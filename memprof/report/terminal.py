@@ -14,7 +14,7 @@ from memprof import optimizations
 from memprof.errors import MemprofError
 from memprof.profile import Profile
 from memprof.report.diagnosis import budget_panel
-from memprof.report.timeline import columns, fragmentation_line
+from memprof.report.timeline import columns, fragmentation_line, host_line, outside_allocator_line
 from memprof.tracking import CATEGORIES
 from memprof.units import format_bytes, format_count
 
@@ -122,6 +122,12 @@ def summary_table(p: Profile) -> Table:
         hint = (alloc.get("expandable_segments_hint") or {}).get("message")
         if hint:
             t.add_row("Allocator hint", f"[yellow]{hint}[/yellow]")
+        outside = outside_allocator_line(alloc)
+        if outside:
+            t.add_row("Outside allocator", outside)
+    host = host_line(p.host)
+    if host:
+        t.add_row("Host memory", host + "  [dim](not in the peak)[/dim]")
     ov = p.overheads or {}
     if ov.get("cublas_workspace_bytes") and not ov.get("included_in_peak", True):
         proj = p.peak_bytes + int(ov["cublas_workspace_bytes"])

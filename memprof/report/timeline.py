@@ -98,3 +98,49 @@ def fragmentation_line(allocator: dict[str, Any] | None) -> str | None:
     if at.get("segments") is not None:
         line += f"; {at['segments']} segments"
     return line
+
+
+#: how the host line names each kind of host memory
+_HOST_KINDS = {
+    "optimizer_state": "optimizer state",
+    "gradients": "gradients",
+    "parameters": "parameters",
+    "activations": "activations",
+}
+
+
+def host_line(host: dict[str, Any] | None) -> str | None:
+    """The profile's host memory in words (``Profile.host``), or None when the step keeps none.
+
+    ``Host memory`` is never part of the peak: ``48.2 GiB (optimizer state 44.9 GiB,
+    ...) · PCIe 30.0 GiB per step``, then the paged (unified-memory) bytes apart.
+    """
+    if not host:
+        return None
+    parts = []
+    kinds = [
+        f"{name} {format_bytes(host['by_kind'][k])}"
+        for k, name in _HOST_KINDS.items()
+        if host.get("by_kind", {}).get(k)
+    ]
+    if host.get("bytes"):
+        parts.append(format_bytes(host["bytes"], 1) + (f" ({', '.join(kinds)})" if kinds else ""))
+    if host.get("pcie_bytes_per_step"):
+        parts.append(f"PCIe {format_bytes(host['pcie_bytes_per_step'], 1)} per step")
+    if host.get("paged_bytes"):
+        parts.append(
+            f"paged optimizer state {format_bytes(host['paged_bytes'], 1)} in unified memory "
+            "(outside the caching allocator; on the host under memory pressure)"
+        )
+    return " · ".join(parts) if parts else None
+
+
+def outside_allocator_line(allocator: dict[str, Any] | None) -> str | None:
+    """Memory the step uses outside the caching allocator (paged optimizer state), in words."""
+    n = (allocator or {}).get("outside_allocator_bytes")
+    if not n:
+        return None
+    return (
+        f"{format_bytes(n, 1)} of paged optimizer state in CUDA unified memory (cudaMallocManaged) is outside "
+        "the caching allocator: neither allocated nor reserved counts it"
+    )

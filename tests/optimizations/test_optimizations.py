@@ -234,24 +234,21 @@ def test_set_to_none_false_keeps_gradients_through_forward(llama):
 
 
 def test_adamw8bit_without_its_library_says_how_to_install(llama, monkeypatch):
-    import builtins
+    import importlib.util
 
-    real_import = builtins.__import__
+    real = importlib.util.find_spec
 
-    def no_lowbit(name, *args, **kwargs):
-        if name.startswith(("torchao", "bitsandbytes")):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
+    def no_lowbit(name, *args):
+        return None if name.startswith(("torchao", "bitsandbytes")) else real(name, *args)
 
-    monkeypatch.setattr(builtins, "__import__", no_lowbit)
+    monkeypatch.setattr(importlib.util, "find_spec", no_lowbit)
     from memprof.errors import EnvironmentProblem
 
-    with pytest.raises(EnvironmentProblem, match="pip install torchao"):
-        run(
-            CpuEngine(),
-            llama,
-            setup_with(Workload(batch_size=1, seq_len=8), ("optimizer", {"type": "adamw8bit"})),
-        )
+    wl = Workload(batch_size=1, seq_len=8)
+    why = optimizations.make("optimizer", {"type": "adamw8bit"}).applies_to(None, StepSetup.of(wl))
+    assert "pip install bitsandbytes" in why
+    with pytest.raises(EnvironmentProblem, match="pip install bitsandbytes"):
+        run(CpuEngine(), llama, StepSetup.of(dataclasses.replace(wl, optimizer="adamw8bit")))
 
 
 # ------------------------------------------------------------------ attention
@@ -274,6 +271,13 @@ def test_activation_offload_moves_activations_off_the_gpu_in_sim(llama):
     off = run(SimEngine(), llama, setup_with(wl, ("activation_offload", {})))
     assert cats(off)["activations"] < 0.2 * cats(base)["activations"]
     assert off.profile.peak_bytes < base.profile.peak_bytes
+    # the host line: what left the device is on the host (save_on_cpu copies every saved
+    # tensor, weights too), and it crossed the bus twice
+    host = off.profile.host
+    assert host["bytes"] == host["by_kind"]["activations"]
+    assert host["by_kind"]["activations"] >= cats(base)["activations"] - cats(off)["activations"]
+    assert host["pcie_bytes_per_step"] >= 2 * host["by_kind"]["activations"]
+    assert base.profile.host is None
 
 
 def test_activation_offload_moves_nothing_on_the_cpu_engine(llama):
@@ -281,6 +285,7 @@ def test_activation_offload_moves_nothing_on_the_cpu_engine(llama):
     base = run(CpuEngine(), llama, StepSetup.of(wl), QUALITY)
     off = run(CpuEngine(), llama, setup_with(wl, ("activation_offload", {})), QUALITY)
     assert off.profile.peak_bytes == base.profile.peak_bytes  # host memory is the cpu's device memory
+    assert off.profile.host["by_kind"]["activations"] > 0  # and still reported
     assert off.loss_after == pytest.approx(base.loss_after, abs=1e-6)
 
 

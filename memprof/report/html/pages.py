@@ -16,7 +16,7 @@ from memprof.report.html.figures import (
     waterfall_figure,
 )
 from memprof.report.html.page import Page, esc, table
-from memprof.report.timeline import fragmentation_line
+from memprof.report.timeline import fragmentation_line, host_line, outside_allocator_line
 from memprof.tracking import CATEGORIES
 from memprof.units import format_bytes, format_count
 
@@ -68,6 +68,12 @@ def _summary(p: Profile) -> str:
     hint = (a.get("expandable_segments_hint") or {}).get("message")
     if hint:
         rows.append(("Allocator hint", esc(hint)))
+    outside = outside_allocator_line(a)
+    if outside:
+        rows.append(("Outside the allocator", esc(outside)))
+    host = host_line(p.host)
+    if host:
+        rows.append(("Host memory", esc(host + " (not in the peak)")))
     ov = p.overheads or {}
     if ov.get("cublas_workspace_bytes") and not ov.get("included_in_peak", True):
         rows.append(
