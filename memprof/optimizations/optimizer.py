@@ -64,12 +64,15 @@ class OptimizerChoice(Optimization):
                 return [f"{self.type} has one implementation; leave impl as auto"]
             return []
 
+    def environment_problem(self) -> str | None:
+        if self.config.type in EIGHT_BIT and not _installed("bitsandbytes"):
+            return f"{self.config.type} needs bitsandbytes, which is not installed: pip install bitsandbytes"
+        return None
+
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
         if setup.workload.optimizer == "none":
             return "the workload has no optimizer (--optimizer none)"
-        if self.config.type in EIGHT_BIT and not _installed("bitsandbytes"):
-            return "bitsandbytes is not installed: pip install bitsandbytes"
-        return None
+        return self.environment_problem()
 
     def apply(self, setup: StepSetup) -> None:
         c = self.config

@@ -30,7 +30,7 @@ SIDE_COSTS: dict[str, tuple[float, str]] = {
     "pure_bf16": (0.04, "numerics: no float32 master weights, updates below bf16 resolution are lost"),
     "adamw8bit": (0.02, "numerics: 8-bit optimizer moments (block-wise quantized)"),
     "paged": (
-        0.12,
+        0.05,
         "numerics: 8-bit moments; the state lives in unified memory outside the caching allocator, "
         "paged over PCIe while the GPU is full",
     ),
