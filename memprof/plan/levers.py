@@ -29,7 +29,7 @@ SIDE_COSTS: dict[str, tuple[float, str]] = {
     "autocast": (0.005, "bf16 matmuls under autocast (float32 master weights kept)"),
     "pure_bf16": (0.04, "numerics: no float32 master weights, updates below bf16 resolution are lost"),
     "adamw8bit": (0.02, "numerics: 8-bit optimizer moments (block-wise quantized)"),
-    "paged": (
+    "paged_adamw8bit": (
         0.05,
         "numerics: 8-bit moments; the state lives in unified memory outside the caching allocator, "
         "paged over PCIe while the GPU is full",
@@ -287,7 +287,7 @@ def build_levers(
                             [_opt("optimizer", type="paged_adamw8bit")],
                             prior={"params": 1, "state": 0.0, "acts": 1, "temps": 0.0},
                         ),
-                        "paged",
+                        "paged_adamw8bit",
                     ),
                 ],
             )

@@ -272,6 +272,8 @@ def _side_notes(c: Candidate) -> list[tuple[str, str]]:
     out = []
     for s in c.steps:
         label = s["name"]
+        if label == "optimizer" and s["options"].get("type"):
+            label = f"optimizer {s['options']['type']}"
         key = _side_key(s)
         if key:
             out.append((label, SIDE_COSTS[key][1]))
@@ -295,6 +297,9 @@ def _side_key(s: dict) -> str | None:
         "activation_offload": "offload",
         "optimizer_in_backward": "in_backward",
         "allocator": "expandable",
+        "optimizer_offload": "cpu_optimizer",
+        "lora": "lora",
+        "qlora": "qlora",
     }.get(n)
 
 
