@@ -51,6 +51,7 @@ NOT_SEARCHED: dict[str, str] = {
     "glu": "changes the model's function",
     "local_attention": "changes the model's function",
     "dynamic_padding": "changes the batches (it needs the data's lengths)",
+    "lora": "changes what is trained (adapters on a frozen model, not a full fine-tune)",
 }
 
 
