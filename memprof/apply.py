@@ -306,7 +306,8 @@ def _save_adapter(model: torch.nn.Module, lora: Any, folder: Path, final: Path) 
 
     base = copy.deepcopy(model)
     torch.manual_seed(0)  # lora_A's initialisation (lora_B is zero: the output is the base model's)
-    peft_model = get_peft_model(base, lora.peft_config(base))
+    upcast = lora.config.adapter_dtype == "float32"
+    peft_model = get_peft_model(base, lora.peft_config(base), autocast_adapter_dtype=upcast)
     # the base checkpoint written beside it (PEFT reads its config while saving); its final place in the file
     peft_model.peft_config["default"].base_model_name_or_path = str(folder.parent)
     peft_model.save_pretrained(str(folder), safe_serialization=True)

@@ -29,7 +29,9 @@ class Lora(Optimization):
     """Freeze the model and train rank-``rank`` adapters ``B @ A`` beside the targeted layers.
 
     PEFT builds the adapters (``peft.inject_adapter_in_model``, as
-    ``get_peft_model`` does, adapters of a bfloat16 model kept in float32). The
+    ``get_peft_model`` does, adapters of a bfloat16 model kept in float32 unless
+    ``adapter_dtype: model``; the float32 adapters then get a float32 copy of each
+    adapted layer's input, saved for backward: more activations, measured). The
     base weights stop needing gradients and optimizer state: those shrink to
     the adapters' size (a few MiB per billion parameters at rank 16). The
     activations stay: the frozen layers' inputs are still saved for the
@@ -55,6 +57,12 @@ class Lora(Optimization):
             "module names separated by commas (+ in a --step option)",
         )
         dora: bool = option(False, "DoRA: a trained magnitude vector per output feature besides B @ A")
+        adapter_dtype: str = option(
+            "float32",
+            "float32: a bfloat16/float16 model's adapters upcast, get_peft_model's default (each adapted "
+            "layer's input is cast to float32 for them); model: the model's dtype (autocast_adapter_dtype=False)",
+            choices=("float32", "model"),
+        )
 
         def problems(self) -> list[str]:
             problems = []
@@ -131,7 +139,9 @@ class Lora(Optimization):
             f"peft.get_peft_model(model, LoraConfig(r={c.rank}, lora_alpha={c.alpha:g}, "
             f"lora_dropout={c.dropout:g}, target_modules={targets}"
             + (", use_dora=True" if c.dora else "")
-            + "))"
+            + ")"
+            + (", autocast_adapter_dtype=False" if c.adapter_dtype == "model" else "")
+            + ")"
         )
 
     def peft_config(self, model: torch.nn.Module) -> Any:
@@ -156,7 +166,7 @@ class Lora(Optimization):
     def transform_model(self, model: torch.nn.Module, setup: StepSetup) -> str | None:
         from memprof.surgery.lora import attach_lora
 
-        attach_lora(model, self.spec)
+        attach_lora(model, self.spec, upcast=self.config.adapter_dtype == "float32")
         adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         total = sum(p.numel() for p in model.parameters())
         return (

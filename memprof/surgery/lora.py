@@ -107,11 +107,12 @@ def require_peft() -> None:
         raise EnvironmentProblem(INSTALL_HINT)
 
 
-def attach_lora(model: torch.nn.Module, spec: LoraSpec) -> Any:
+def attach_lora(model: torch.nn.Module, spec: LoraSpec, *, upcast: bool = True) -> Any:
     """Inject LoRA adapters into ``model`` in place (base weights frozen); PEFT's LoraConfig used.
 
-    As ``peft.get_peft_model`` (``autocast_adapter_dtype=True``): adapters of a
-    float16/bfloat16 model are kept in float32.
+    As ``peft.get_peft_model`` (``autocast_adapter_dtype=True``, its default): with
+    ``upcast``, adapters of a float16/bfloat16 model are kept in float32 (and PEFT
+    casts each adapted layer's input to float32 for them).
 
     Raises:
         EnvironmentProblem: PEFT is not installed.
@@ -123,7 +124,7 @@ def attach_lora(model: torch.nn.Module, spec: LoraSpec) -> Any:
 
     with fake_safe_module_apply():
         inject_adapter_in_model(config, model)
-        cast_adapter_dtype(model, adapter_name="default", autocast_adapter_dtype=True)
+        cast_adapter_dtype(model, adapter_name="default", autocast_adapter_dtype=upcast)
     return config
 
 

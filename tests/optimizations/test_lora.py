@@ -139,6 +139,18 @@ def test_bfloat16_model_keeps_float32_adapters_as_get_peft_model_does():
     assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
 
 
+def test_adapter_dtype_model_keeps_bfloat16_adapters_and_saves_no_float32_inputs(llama):
+    model = tiny_llama().to(torch.bfloat16)
+    optimizations.make("lora", {"adapter_dtype": "model"}).transform_model(model, StepSetup.of(Workload()))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    wl = Workload(batch_size=2, seq_len=64, dtype="bfloat16")
+    upcast = run(CpuEngine(), llama, setup_with(wl, ("lora", {}))).profile
+    same = run(CpuEngine(), llama, setup_with(wl, ("lora", {"adapter_dtype": "model"}))).profile
+    # float32 adapters: a float32 copy of each adapted layer's input is saved for lora_A's gradient
+    assert upcast.categories_at_peak["activations"] > 1.2 * same.categories_at_peak["activations"]
+    assert same.parameters["trainable_bytes"] * 2 == upcast.parameters["trainable_bytes"]
+
+
 # ------------------------------------------------------------------ the measurement
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cpu_and_sim_agree_on_a_lora_step(llama, dtype):
