@@ -134,7 +134,8 @@ class Lora(Optimization):
         """The PEFT call that builds this step's adapters, as code."""
         c = self.config
         listed: Any = c.targets if c.targets in TARGET_PRESETS else target_names(c.targets)
-        targets = "[the attention projections' names]" if listed == "attention" else repr(listed)
+        # no square brackets: the terminal report reads them as markup
+        targets = "<the attention projections' names>" if listed == "attention" else repr(listed)
         return (
             f"peft.get_peft_model(model, LoraConfig(r={c.rank}, lora_alpha={c.alpha:g}, "
             f"lora_dropout={c.dropout:g}, target_modules={targets}"
