@@ -132,6 +132,44 @@ GROUPS: dict[str, tuple[list[str], str]] = {
         ],
         "a small Mistral (random weights), training, sdpa",
     ),
+    "lora": (
+        [
+            LLAMA,
+            "-b",
+            "4",
+            "-s",
+            "256",
+            "-e",
+            "cpu",
+            "--separate",
+            "--timing-steps",
+            "3",
+            "--step",
+            "lora",
+            "--step",
+            "lora:targets=attention",
+        ],
+        "a small Llama (random weights), training with LoRA adapters",
+    ),
+    "lora-sim": (
+        [
+            "tinyllama-1.1b",
+            "-b",
+            "4",
+            "-s",
+            "1024",
+            "--dtype",
+            "bfloat16",
+            "-e",
+            "sim",
+            "--separate",
+            "--step",
+            "lora",
+            "--step",
+            "lora:adapter_dtype=model",
+        ],
+        "TinyLlama-1.1B shape, bfloat16 training with LoRA adapters, projected for a GPU",
+    ),
     "glu": (
         ["bert-base", "-b", "4", "-s", "512", "-e", "sim", "--separate", "--step", "glu"],
         "BERT-base shape built from its config, training, projected for a GPU",
@@ -224,6 +262,25 @@ ROWS: list[tuple[str, str, int, str]] = [
     ("independent chunks", "llama-infer", 1, "never silently: changes outputs"),
     ("sliding window 32 (sdpa)", "mistral", 0, "Mistral-style models; a mask with eager/sdpa"),
     ("sliding window 128 (sdpa)", "mistral", 1, "as above"),
+    (
+        "LoRA rank 16, all-linear",
+        "lora",
+        0,
+        "fine-tuning: adapters trained, base frozen (a different training)",
+    ),
+    ("LoRA rank 16, attention projections", "lora", 1, "as above, fewer adapters"),
+    (
+        "LoRA rank 16, all-linear, float32 adapters (TinyLlama-1.1B, bf16, sim)",
+        "lora-sim",
+        0,
+        "get_peft_model's default on a bf16 model: each adapted input also saved in float32",
+    ),
+    (
+        "LoRA rank 16, all-linear, bf16 adapters (TinyLlama-1.1B, bf16, sim)",
+        "lora-sim",
+        1,
+        "get_peft_model(..., autocast_adapter_dtype=False)",
+    ),
     ("GLU (GeGLU) MLP at equal parameters", "glu", 0, "models built from a config (new function)"),
     (
         "distillation teacher: no_grad",
@@ -268,6 +325,12 @@ READING = [
     "length. Outputs are unchanged (padding is masked).",
     "- A sliding window with eager or SDPA attention is a mask over the full scores: no memory saved (SDPA's "
     "explicit mask costs more), outputs changed. Only a kernel with native windows skips the masked scores.",
+    "- LoRA removes the gradients and optimizer state of the frozen weights (they shrink to the adapters'), "
+    "not the activations: the frozen layers' inputs are still saved, so at long sequences checkpointing is "
+    "what comes next (`configs/recipes/single-gpu-lora.yaml`). On a bfloat16 model, PEFT's default float32 "
+    "adapters get a float32 copy of each adapted layer's input, saved for backward: that eats most of the "
+    "saving (`adapter_dtype: model` keeps them in bf16). lora_B starts at zero: the first loss is the "
+    "baseline's; the adapters then train.",
     "- GLU at equal parameters has equal FLOPs and stores more activations than a plain MLP with a fused "
     "GELU (both projections and the gate are saved).",
     "- The distillation teacher is where the memory goes when it is used as loaded: no_grad removes its graph "

@@ -8,6 +8,9 @@ accumulation, optimizer, offload) goes into ``memprof.json`` as transformers
 ``TrainingArguments`` fields, and into the README of the output as a snippet;
 environment variables (the allocator's ``PYTORCH_CUDA_ALLOC_CONF``) go into
 ``memprof.json`` as ``environment`` and into the README as ``export`` lines.
+A LoRA step leaves the base weights as they are and writes its initialised adapter
+to ``adapter/`` as PEFT saves it (``PeftModel.from_pretrained`` loads it): beside
+the base files, ``from_pretrained`` would load it into the base model by itself.
 
 The write is atomic: everything goes to a temporary folder beside ``DIR``,
 which is renamed into place only when complete; ``--force`` swaps an existing
@@ -175,6 +178,7 @@ def apply(
     has_weights = bool(rm.has_weights)
     source: torch.nn.Module | None = None
     builder: Any = None
+    adapter: dict[str, Any] | None = None
     if has_weights:
         say("Loading the weights")
         saved_notes = list(rm.notes)
@@ -205,8 +209,9 @@ def apply(
                 # a changed copy: the source model stays as loaded, for the verification below
                 model = copy.deepcopy(source)
                 for o in rewrites:
-                    if checkpoint_quantization(o) is not None:
-                        continue  # below: transformers' own quantizer writes the reloadable format
+                    if checkpoint_quantization(o) is not None or o.name == "lora":
+                        # below: transformers' own quantizer writes the reloadable format; PEFT the adapters
+                        continue
                     note = o.transform_model(model, setup)
                     if note:
                         notes.append(note)
@@ -215,6 +220,9 @@ def apply(
                 notes.append(_save_quantized(model, quant[0], tmp, out.parent))
             else:
                 model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
+            lora = next((o for o in rewrites if o.name == "lora"), None)
+            if lora is not None:
+                adapter = _save_adapter(model, lora, tmp / ADAPTER_FOLDER, out / ADAPTER_FOLDER)
         else:
             rm.config.save_pretrained(tmp)
         _update_config(tmp / "config.json", setup, dtype)
@@ -227,6 +235,8 @@ def apply(
         if source is not None:
             say("Verifying: reload with from_pretrained and compare outputs")
             verification = _verify(rm, tmp, source, builder, workload)
+            if adapter is not None:
+                verification.update(_verify_adapter(rm, tmp, source, builder))
         meta = {
             "schema": SCHEMA,
             "memprof_version": __version__,
@@ -238,6 +248,7 @@ def apply(
             "storage_dtype": dtype,
             "config_updates": setup.config_updates,
             "training_args": setup.training_args,
+            "adapter": adapter,
             "environment": environment(setup),
             "notes": setup.notes + notes,
             "workload": workload.to_dict(),
@@ -247,9 +258,20 @@ def apply(
         }
         (tmp / "memprof.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(
-            readme(rm.name, recipe, setup, skipped, before, after, verification, notes)
+            readme(
+                rm.name,
+                recipe,
+                setup,
+                skipped,
+                before,
+                after,
+                verification,
+                notes,
+                adapter,
+                TASKS.get(rm.task),
+            )
         )
-        files = sorted(p.name for p in tmp.iterdir())
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         _normal_permissions(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
@@ -286,6 +308,56 @@ def checkpoint_quantization(opt: Any) -> dict[str, Any] | None:
             "compute_dtype": c.compute_dtype,
         }
     return None
+
+
+#: the subfolder of the initialised LoRA adapter (beside the base checkpoint, from_pretrained
+#: would load the adapter into the base model itself, and PeftModel.from_pretrained a second one)
+ADAPTER_FOLDER = "adapter"
+
+
+def _save_adapter(model: torch.nn.Module, lora: Any, folder: Path, final: Path) -> dict[str, Any]:
+    """Write the step's initialised LoRA adapter as PEFT saves it (``adapter_config.json``,
+    ``adapter_model.safetensors``); what memprof.json records of it."""
+    with quiet_imports():
+        from peft import get_peft_model
+
+    base = copy.deepcopy(model)
+    torch.manual_seed(0)  # lora_A's initialisation (lora_B is zero: the output is the base model's)
+    upcast = lora.config.adapter_dtype == "float32"
+    peft_model = get_peft_model(base, lora.peft_config(base), autocast_adapter_dtype=upcast)
+    # the base checkpoint written beside it (PEFT reads its config while saving); its final place in the file
+    peft_model.peft_config["default"].base_model_name_or_path = str(folder.parent)
+    peft_model.save_pretrained(str(folder), safe_serialization=True)
+    (folder / "README.md").unlink(missing_ok=True)  # PEFT's empty model card: the folder's README says it all
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(final.parent)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    return {
+        "folder": folder.name,
+        "method": "lora",
+        "trainable_parameters": int(trainable),
+        "total_parameters": int(total),
+        "peft_call": lora.peft_call(),
+        "adapter_config": config,
+    }
+
+
+def _verify_adapter(rm: Any, folder: Path, source: torch.nn.Module, builder: Any) -> dict[str, Any]:
+    """Load base + adapter with ``PeftModel.from_pretrained``: B is zero, so the output is the source's."""
+    import transformers
+
+    with quiet_imports():
+        from peft import PeftModel
+
+    auto = getattr(transformers, TASKS[rm.task]) if rm.task in TASKS else transformers.AutoModel
+    model = PeftModel.from_pretrained(auto.from_pretrained(str(folder)), str(folder / ADAPTER_FOLDER)).eval()
+    inputs = builder.build(2, 16, torch.device("cpu"), with_labels=False)
+    with torch.no_grad():
+        a, b = main_output(source.eval()(**inputs)), main_output(model(**inputs))
+    diff = output_difference(b, a)[0] if a is not None and b is not None else None
+    return {"adapter_loaded": True, "adapter_output_max_abs_diff": diff}
 
 
 def quantization_config(spec: dict[str, Any]) -> Any:
@@ -388,8 +460,8 @@ def _normal_permissions(folder: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(folder, 0o777 & ~umask)
-    for f in folder.iterdir():
-        os.chmod(f, 0o666 & ~umask)
+    for f in folder.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -436,6 +508,8 @@ def readme(
     after: Profile | None,
     verification: dict[str, Any] | None,
     notes: list[str],
+    adapter: dict[str, Any] | None = None,
+    auto_class: str | None = None,
 ) -> str:
 
     lines = [
@@ -468,6 +542,22 @@ def readme(
         'model = AutoModel.from_pretrained("THIS_FOLDER")  # or the AutoModelFor... class of your task',
         "```",
     ]
+    if adapter is not None:
+        auto = auto_class or "AutoModel"
+        lines += [
+            "",
+            f"The LoRA adapter, initialised (B = 0: the output is the base model's), is in `{adapter['folder']}/`; "
+            f"{adapter['trainable_parameters']:,} trainable parameters of {adapter['total_parameters']:,} "
+            f"(`{adapter['peft_call']}`). Load both to train it:",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            f"from transformers import {auto}",
+            "",
+            f'base = {auto}.from_pretrained("THIS_FOLDER")',
+            f'model = PeftModel.from_pretrained(base, "THIS_FOLDER/{adapter["folder"]}", is_trainable=True)',
+            "```",
+        ]
     if verification and verification.get("compared"):
         lines += [
             "",

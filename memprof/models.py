@@ -392,6 +392,40 @@ def parameter_count(model: torch.nn.Module) -> int:
     return total
 
 
+def _device_bytes(p: torch.Tensor) -> int:
+    """A parameter's bytes on this device: a sharded (DTensor) one's local shard, a packed 4-bit one's quantization state."""
+    local = getattr(p, "_local_tensor", p)
+    n = local.numel() * local.element_size()
+    state = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: absmax, code (nested for double quant)
+    while state is not None:
+        n += sum(t.numel() * t.element_size() for t in vars(state).values() if isinstance(t, torch.Tensor))
+        state = getattr(state, "state2", None)
+    return n
+
+
+def parameter_split(model: torch.nn.Module) -> dict[str, Any]:
+    """Trainable and frozen parameters (counts and device bytes, tied weights once) and the adapters' count.
+
+    The ``parameters`` field of a training profile (:mod:`memprof.profile`). Adapters
+    are PEFT's LoRA parameters (``lora_A``, ``lora_B``, DoRA's ``lora_magnitude_vector``);
+    ``adapters`` is None when the model has none.
+    """
+    seen: set[int] = set()
+    out: dict[str, Any] = {"trainable": 0, "frozen": 0, "trainable_bytes": 0, "frozen_bytes": 0}
+    adapters = 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        side = "trainable" if p.requires_grad else "frozen"
+        out[side] += p.numel()
+        out[side + "_bytes"] += _device_bytes(p)
+        if ".lora_" in name or name.startswith("lora_"):
+            adapters += p.numel()
+    out["adapters"] = adapters or None
+    return out
+
+
 def _dtype_kwarg() -> str:
     import transformers
 

@@ -340,3 +340,67 @@ def test_apply_head_pruning_bert_writes_zeroed_heads_that_reload(tmp_path):
     # the "after" profile measures the model as written: no smaller than before
     assert meta["profile_after"]["peak_bytes"] == meta["profile_before"]["peak_bytes"]
     assert meta["verification"]["output_max_abs_diff"] > 0
+
+
+def test_apply_lora_writes_the_base_and_an_adapter_peft_loads(tiny_lm_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    before = digest(tiny_lm_dir)
+    out = tmp_path / "lora"
+    res = apply_mod.apply(
+        str(tiny_lm_dir),
+        recipes.from_names(["lora:rank=8,alpha=16", "checkpointing"]),
+        out,
+        Workload(batch_size=2, seq_len=32),
+        engine="cpu",
+    )
+    assert digest(tiny_lm_dir) == before
+    assert {"model.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(
+        res.files
+    )
+    # the base checkpoint: the source's weights, unchanged, and no adapter for from_pretrained to pick up
+    src = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora_" in n for n, _ in base.named_parameters())
+    for (n, a), (_, b) in zip(src.state_dict().items(), base.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", 8, 16)
+    # PEFT loads base + adapter; lora_B is zero, so it computes what the source computes
+    model = peft.PeftModel.from_pretrained(base, str(out / "adapter"), is_trainable=True)
+    named = {n: p.detach() for n, p in model.named_parameters()}
+    assert all(float(p.abs().max()) == 0 for n, p in named.items() if "lora_B" in n)
+    assert all(float(p.abs().max()) > 0 for n, p in named.items() if "lora_A" in n)
+    trainable = model.get_nb_trainable_parameters()[0]
+    # rank 8 on q, k, v, o, gate, up, down of two layers: 8 x (in + out) each
+    assert trainable == 2 * 8 * (128 + 96 + 96 + 128 + 192 + 192 + 192) == res.after.parameters["adapters"]
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, src(ids).logits)
+    meta = json.loads((out / "memprof.json").read_text())
+    assert meta["adapter"]["adapter_config"]["r"] == 8 and meta["adapter"]["folder"] == "adapter"
+    assert meta["verification"]["adapter_output_max_abs_diff"] == 0
+    assert meta["training_args"]["gradient_checkpointing"] is True
+    readme = (out / "README.md").read_text()
+    assert 'PeftModel.from_pretrained(base, "THIS_FOLDER/adapter", is_trainable=True)' in readme
+    assert "LoraConfig(r=8, lora_alpha=16" in readme
+    assert (
+        res.after.categories_at_peak["optimizer_state"]
+        < 0.2 * res.before.categories_at_peak["optimizer_state"]
+    )
+
+
+def test_apply_lora_on_minilm_attention(minilm_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "minilm-lora"
+    res = apply_mod.apply(
+        str(minilm_dir),
+        recipes.from_names(["lora:targets=attention"]),
+        out,
+        Workload(batch_size=2, seq_len=32),
+        engine="cpu",
+        profile=False,
+    )
+    assert res.verification["adapter_output_max_abs_diff"] == 0
+    model = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(out), str(out / "adapter"))
+    adapted = {n.split(".lora_")[0].rpartition(".")[2] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {"query", "key", "value"}

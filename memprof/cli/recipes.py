@@ -10,7 +10,7 @@ from rich.table import Table
 
 from memprof import optimizations, recipes
 from memprof.cli.common import stdout_console
-from memprof.errors import InputError
+from memprof.errors import EnvironmentProblem, InputError
 
 app = typer.Typer(
     help="List the optimizations and the shipped recipes; validate a recipe.",
@@ -49,6 +49,8 @@ def recipes_list(
             r.add_row(path.stem, " → ".join(s.describe() for s in rec.steps), rec.description)
         except InputError as e:
             r.add_row(path.stem, "[red]invalid[/red]", str(e))
+        except EnvironmentProblem as e:  # a step whose library is not installed (lora without PEFT)
+            r.add_row(path.stem, "[yellow]needs a library[/yellow]", str(e))
     c.print(r)
     c.print(
         "[dim]Use one: memprof compare MODEL --recipe NAME   ·   check your own: memprof recipes validate FILE[/dim]"

@@ -26,7 +26,7 @@ from memprof.distill_loss import SIDES, resolve_teacher
 from memprof.engines.moe import router_counts
 from memprof.engines.runner import RunEnv, StepRunner
 from memprof.errors import InputError, InternalError, MemprofError, OutOfMemory
-from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count
+from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count, parameter_split
 from memprof.optimizations.registry import check_setup, config_overrides
 from memprof.profile import Profile, from_tracker
 from memprof.sharding import Launch, init_launched_group, largest_layer_params, zero3_estimate
@@ -328,6 +328,8 @@ class Engine:
                 runner = StepRunner(model, setup, env)
                 setup = runner.setup  # with what the runner measured (model transforms) in its notes
                 n_params = parameter_count(model)  # after any surgery
+                if train:
+                    extra["parameters"] = parameter_split(model)  # the student's, in distillation
                 sharding = self._sharding_info(model, setup, n_params) if setup.shard else None
                 teacher_info = None
                 if trm is not None:
@@ -680,4 +682,5 @@ class Engine:
             budget=extra.get("budget"),
             moe=extra.get("moe"),
             host=extra.get("host"),
+            parameters=extra.get("parameters"),
         )

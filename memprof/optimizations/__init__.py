@@ -29,6 +29,7 @@ from memprof.optimizations import (  # noqa: F401  (imported to register them)
     grad_accumulation,
     inference_mode,
     local_attention,
+    lora,
     mixed_precision,
     optimizer,
     optimizer_in_backward,

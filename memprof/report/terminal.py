@@ -69,6 +69,17 @@ def moe_line(moe: dict) -> str:
     return line
 
 
+def parameters_line(params: dict[str, Any] | None) -> str | None:
+    """Frozen and trainable parameters, when something is frozen (LoRA, QLoRA); else None."""
+    if not params or not params.get("frozen"):
+        return None
+    kind = "LoRA adapters, " if params.get("adapters") else ""
+    return (
+        f"{format_count(int(params['frozen']))} frozen ({format_bytes(int(params['frozen_bytes']), 2)}) · "
+        f"{format_count(int(params['trainable']))} trainable ({kind}{format_bytes(int(params['trainable_bytes']))})"
+    )
+
+
 def summary_table(p: Profile) -> Table:
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold")
@@ -91,6 +102,9 @@ def summary_table(p: Profile) -> Table:
         t.add_row("Step", step)
         if p.optimizations:
             t.add_row("Applied", optimizations_line(p.optimizations))
+        params = parameters_line(p.parameters)
+        if params:
+            t.add_row("Parameters", params)
         if p.moe:
             t.add_row("Experts", moe_line(p.moe))
         teacher = m.get("teacher")

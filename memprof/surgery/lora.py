@@ -63,9 +63,7 @@ class LoraSpec:
         if self.targets == "all-linear":
             return "all-linear"
         if self.targets == "attention":
-            present = {
-                name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            }
+            present = {name.rpartition(".")[2] for name, _ in adaptable_layers(model)}
             return [n for n in ATTENTION_NAMES if n in present]
         return [t.strip() for t in self.targets.split(",") if t.strip()]
 
@@ -84,6 +82,20 @@ class LoraSpec:
         )
 
 
+def adaptable_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The layers LoRA can adapt: Linear and transformers' Conv1D (GPT-2), but the output head."""
+    kinds: tuple[type, ...] = (torch.nn.Linear,)
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        kinds = (torch.nn.Linear, Conv1D)
+    except ImportError:  # a plain-torch model without transformers
+        pass
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds) and m is not head]
+
+
 def peft_installed() -> bool:
     """Whether PEFT can be imported (found without importing it)."""
     return importlib.util.find_spec("peft") is not None
@@ -95,8 +107,12 @@ def require_peft() -> None:
         raise EnvironmentProblem(INSTALL_HINT)
 
 
-def attach_lora(model: torch.nn.Module, spec: LoraSpec) -> Any:
+def attach_lora(model: torch.nn.Module, spec: LoraSpec, *, upcast: bool = True) -> Any:
     """Inject LoRA adapters into ``model`` in place (base weights frozen); PEFT's LoraConfig used.
+
+    As ``peft.get_peft_model`` (``autocast_adapter_dtype=True``, its default): with
+    ``upcast``, adapters of a float16/bfloat16 model are kept in float32 (and PEFT
+    casts each adapted layer's input to float32 for them).
 
     Raises:
         EnvironmentProblem: PEFT is not installed.
@@ -104,9 +120,11 @@ def attach_lora(model: torch.nn.Module, spec: LoraSpec) -> Any:
     """
     config = spec.peft_config(model)
     from peft import inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
 
     with fake_safe_module_apply():
         inject_adapter_in_model(config, model)
+        cast_adapter_dtype(model, adapter_name="default", autocast_adapter_dtype=upcast)
     return config
 
 
