@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -209,7 +209,7 @@ def apply(
                 # a changed copy: the source model stays as loaded, for the verification below
                 model = copy.deepcopy(source)
                 for o in rewrites:
-                    if checkpoint_quantization(o) is not None or o.name == "lora":
+                    if checkpoint_quantization(o) is not None or o.name in ("lora", "qlora"):
                         # below: transformers' own quantizer writes the reloadable format; PEFT the adapters
                         continue
                     note = o.transform_model(model, setup)
@@ -220,9 +220,12 @@ def apply(
                 notes.append(_save_quantized(model, quant[0], tmp, out.parent))
             else:
                 model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
-            lora = next((o for o in rewrites if o.name == "lora"), None)
+            lora = next((o for o in rewrites if o.name in ("lora", "qlora")), None)
             if lora is not None:
-                adapter = _save_adapter(model, lora, tmp / ADAPTER_FOLDER, out / ADAPTER_FOLDER)
+                # qlora: the same adapters over the 4-bit base (saved from the unquantized layers: same shapes)
+                adapters = cast(Any, lora).adapters() if lora.name == "qlora" else lora
+                adapter = _save_adapter(model, adapters, tmp / ADAPTER_FOLDER, out / ADAPTER_FOLDER)
+                adapter["method"] = lora.name
         else:
             rm.config.save_pretrained(tmp)
         _update_config(tmp / "config.json", setup, dtype)
@@ -235,7 +238,8 @@ def apply(
         if source is not None:
             say("Verifying: reload with from_pretrained and compare outputs")
             verification = _verify(rm, tmp, source, builder, workload)
-            if adapter is not None:
+            if adapter is not None and adapter["method"] == "lora":
+                # (qlora's base reloads in 4-bit: its output is the quantized model's, checked above)
                 verification.update(_verify_adapter(rm, tmp, source, builder))
         meta = {
             "schema": SCHEMA,

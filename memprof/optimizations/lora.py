@@ -8,9 +8,15 @@ from typing import Any
 
 import torch
 
-from memprof.errors import EnvironmentProblem
 from memprof.optimizations.registry import Optimization, for_setup, option, register
-from memprof.surgery.lora import INSTALL_HINT, TARGET_PRESETS, LoraSpec, adaptable_layers, peft_installed
+from memprof.surgery.lora import (
+    INSTALL_HINT,
+    TARGET_PRESETS,
+    LoraSpec,
+    adaptable_layers,
+    attach_lora,
+    peft_installed,
+)
 from memprof.workload import StepSetup
 
 #: a module name in ``targets``: PEFT matches it against the end of each module's dotted path
@@ -84,11 +90,9 @@ class Lora(Optimization):
                     )
             return problems
 
-    def __init__(self, config: Any) -> None:
-        # Fails where the step is named (a recipe, --step), before anything is built or measured.
-        if not peft_installed():
-            raise EnvironmentProblem(INSTALL_HINT)
-        super().__init__(config)
+    def environment_problem(self) -> str | None:
+        # checked where the step is named (a recipe, --step, plan --peft), before anything is built
+        return None if peft_installed() else INSTALL_HINT
 
     @property
     def spec(self) -> LoraSpec:
@@ -97,6 +101,9 @@ class Lora(Optimization):
         return LoraSpec(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=targets, dora=c.dora)
 
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
+        missing = self.environment_problem()
+        if missing:
+            return missing
         for name in ADAPTER_STEPS:
             if setup.has_step(name):
                 return f"the model already has adapters ({name}, an earlier step)"
@@ -165,8 +172,6 @@ class Lora(Optimization):
         return problems
 
     def transform_model(self, model: torch.nn.Module, setup: StepSetup) -> str | None:
-        from memprof.surgery.lora import attach_lora
-
         attach_lora(model, self.spec, upcast=self.config.adapter_dtype == "float32")
         adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         total = sum(p.numel() for p in model.parameters())

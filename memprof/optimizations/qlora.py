@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from memprof.errors import InputError
+from memprof.optimizations.lora import Lora
 from memprof.optimizations.registry import Optimization, option, register
 from memprof.surgery.common import linears
 from memprof.surgery.lora import LoraSpec, attach_lora
@@ -50,16 +52,9 @@ class QLora(Optimization):
     rewrites_model = True
 
     @dataclass
-    class Config:
-        rank: int = option(16, "LoRA rank (r)", min=1)
-        alpha: float = option(32.0, "LoRA scaling numerator (lora_alpha; the scale is alpha / rank)", min=0.0)
-        dropout: float = option(0.0, "dropout on the adapters' input", min=0.0, max=0.99)
-        targets: str = option(
-            "all-linear",
-            "all-linear (every Linear but the output head), attention (q/k/v/o projections), or a "
-            "comma-separated list of module names",
-        )
-        dora: bool = option(False, "DoRA: weight-decomposed adapters (a magnitude vector per layer)")
+    class Config(Lora.Config):
+        """LoRA's options (rank, alpha, dropout, targets, dora, adapter_dtype), then the 4-bit base's."""
+
         quant_type: str = option("nf4", "4-bit data type of the base weights", choices=QUANT_TYPES)
         double_quant: bool = option(True, "quantize the per-block scales too (bnb_4bit_use_double_quant)")
         compute_dtype: str = option(
@@ -68,18 +63,14 @@ class QLora(Optimization):
             choices=tuple(COMPUTE_DTYPES),
         )
 
-        def problems(self) -> list[str]:
-            if not self.targets.strip() or (
-                self.targets not in ("all-linear", "attention")
-                and not any(t.strip() for t in self.targets.split(","))
-            ):
-                return [f"option 'targets' names no module, got {self.targets!r}"]
-            return []
+    def adapters(self) -> Lora:
+        """The LoRA step of the same adapters (its PEFT config and call; what apply saves)."""
+        names = {f.name for f in dataclasses.fields(Lora.Config)}
+        return Lora(Lora.Config(**{k: v for k, v in self.options.items() if k in names}))
 
     @property
     def lora_spec(self) -> LoraSpec:
-        c = self.config
-        return LoraSpec(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=c.targets, dora=c.dora)
+        return self.adapters().spec
 
     @property
     def nf4_spec(self) -> NF4Spec:
@@ -109,7 +100,7 @@ class QLora(Optimization):
             model, self.nf4_spec
         )  # raises EnvironmentProblem first when a library is missing
         try:
-            attach_lora(model, self.lora_spec)
+            attach_lora(model, self.lora_spec, upcast=self.config.adapter_dtype == "float32")
         except ValueError as e:  # PEFT: no target module matched
             raise InputError(f"qlora: targets {self.config.targets!r}: {e}") from None
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

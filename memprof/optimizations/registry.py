@@ -405,12 +405,14 @@ def parse_options(config_cls: type, options: dict[str, Any]) -> tuple[Any, list[
         if tp is float and isinstance(v, int):
             v = float(v)
         values[name] = v
-    if problems:
-        return None, problems
+    # the config's own checks (relations between options) run on the valid options, the rest at
+    # their defaults, so that every problem is listed at once; those about an option already
+    # reported (at its default now) are left out
+    bad = [n for n in fields if n in options and n not in values]
     config = config_cls(**values)
     check: Callable[[], list[str]] | None = getattr(config, "problems", None)
     if check is not None:
-        problems.extend(check())
+        problems.extend(p for p in check() if not any(f"'{n}'" in p for n in bad))
     return (None if problems else config), problems
 
 

@@ -12,6 +12,7 @@ from memprof.cli import main
 from memprof.engines import CpuEngine, SimEngine
 from memprof.engines.base import Measure
 from memprof.engines.sim import cpu_semantics_sim
+from memprof.errors import ExitCode
 from memprof.models import resolve
 from memprof.workload import Workload
 from tests.conftest import setup_with, tiny
@@ -69,7 +70,9 @@ def test_the_cpu_engine_runs_paged_as_plain_8bit_and_reports_the_bytes(wide):
     assert paged.host["paged_bytes"] == 2 * 2 * 131072
 
 
-def test_without_bitsandbytes_paged_adamw8bit_is_a_row_with_the_install_hint(tmp_path, monkeypatch):
+def test_without_bitsandbytes_paged_adamw8bit_is_one_line_with_the_install_hint(
+    tmp_path, monkeypatch, capsys
+):
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a)
@@ -87,6 +90,8 @@ def test_without_bitsandbytes_paged_adamw8bit_is_a_row_with_the_install_hint(tmp
         "--step",
         "optimizer:type=paged_adamw8bit",
     ]
-    assert main([*argv, "--json", str(out)]) == 0
-    row = json.loads(out.read_text())["steps"][0]
-    assert row["skipped"] == "bitsandbytes is not installed: pip install bitsandbytes"
+    # refused where the step is named, before any run (nothing written)
+    assert main([*argv, "--json", str(out)]) == ExitCode.ENVIRONMENT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install bitsandbytes" in err
+    assert not out.exists()
