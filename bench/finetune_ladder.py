@@ -44,7 +44,7 @@ PUBLISHED = {
 }
 #: torchtune's LoRA for this model (recipes/configs/llama3_2/3B_lora_single_device.yaml): rank 64,
 #: alpha 128, q/v/output projections and the MLP, not the output head
-LORA = "rank=64,alpha=128,targets=q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+LORA = "rank=64,alpha=128,targets=q_proj+v_proj+o_proj+gate_proj+up_proj+down_proj"
 
 
 def main() -> int:

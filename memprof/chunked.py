@@ -49,7 +49,11 @@ def _base(model: Any) -> Any:
 
 
 def _chunk_ce(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()
+    # contiguous inside the checkpointed function (recomputed, not kept): a strided slice
+    # makes matmul choose between folding and a batched product by what requires grad, and
+    # with a frozen head (LoRA) and saved-tensor hooks around the step (activation offload)
+    # the recomputation took the other path than the forward (a CheckpointError on fake tensors)
+    logits = head(h.contiguous()).float()
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 

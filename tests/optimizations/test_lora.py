@@ -288,3 +288,19 @@ def test_missing_peft_is_one_line_with_the_install_hint(llama, capsys, monkeypat
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "pip install 'memprof[lora]'" in lines[0], err
     assert "Traceback" not in err
+
+
+def test_lora_with_chunked_loss_and_activation_offload_traces_in_sim():
+    # a frozen head under saved-tensor hooks: the chunk's recomputation must take the forward's path
+    from memprof.engines import SimEngine
+    from memprof.models import resolve
+
+    wl = Workload(batch_size=2, seq_len=64, dtype="bfloat16")
+    rm = resolve(tiny("llama"))
+    stacked = setup_with(wl, ("activation_offload", {}), ("lora", {}))
+    chunked = setup_with(
+        wl, ("chunking", {"form": "loss", "size": 16}), ("activation_offload", {}), ("lora", {})
+    )
+    plain = SimEngine().run(rm, stacked)
+    p = SimEngine().run(rm, chunked)
+    assert p.peak_bytes < plain.peak_bytes  # the full logits never exist at once
