@@ -117,6 +117,7 @@ def analyze(
     trust_remote_code: bool = False,
     progress: Callable[[str], None] | None = None,
     recipe: Recipe | None = None,
+    skip_inapplicable: bool = False,
 ) -> Profile:
     """Profile one step of a model, as ``memprof analyze`` does.
 
@@ -157,7 +158,9 @@ def analyze(
         trust_remote_code: permit models that ship their own code.
         progress: called with a short status line as the work advances.
         recipe: optimizations to apply to the step first (``--recipe``/``--step``); every
-            one must apply (one that does not is an InputError with the reason).
+            one must apply (one that does not is an InputError with the reason) unless
+            ``skip_inapplicable`` (a recipe: those are skipped, as ``compare`` does, and the
+            profile's notes say why).
 
     Returns:
         The profile of the measured step (rank 0's under torchrun, on every rank).
@@ -218,11 +221,14 @@ def analyze(
     )
     workload = workload.for_model(rm)
     setup.update_workload(attn=workload.attn)
+    skipped: list[str] = []
     if steps:
         assert recipe is not None
         setup, skipped = stack(recipe, workload, fake_model(rm, workload), pretrained=bool(rm.has_weights))
-        if skipped:
+        if skipped and not skip_inapplicable:
             raise InputError("not applied: " + "; ".join(skipped))
+        if not setup.steps:
+            raise InputError("no step of the recipe applies: " + "; ".join(skipped))
     measure = Measure()
     if budget is not None:
         measure.budget = check_budget(budget, context, eng.workspace_bytes())
@@ -253,6 +259,7 @@ def analyze(
             trust_remote_code=trust_remote_code,
             progress=progress,
         )
+    profile.notes.extend(f"skipped (does not apply): {why}" for why in skipped)
     if oom is not None:
         raise oom
     return profile

@@ -382,14 +382,27 @@ def _folder_name(path: Path) -> str:
 
 
 def parameter_count(model: torch.nn.Module) -> int:
-    """Unique parameters (tied weights counted once)."""
+    """Unique parameters (tied weights counted once; a packed 4-bit weight by the values it holds)."""
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
-            total += p.numel()
+            total += logical_numel(p)
     return total
+
+
+def logical_numel(p: torch.Tensor) -> int:
+    """The values a parameter holds: a bitsandbytes 4-bit weight packs two in each byte of its
+    storage; its quantization state keeps the original shape."""
+    state = getattr(p, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    if shape is not None:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        return n
+    return p.numel()
 
 
 def _device_bytes(p: torch.Tensor) -> int:
@@ -418,7 +431,7 @@ def parameter_split(model: torch.nn.Module) -> dict[str, Any]:
             continue
         seen.add(id(p))
         side = "trainable" if p.requires_grad else "frozen"
-        out[side] += p.numel()
+        out[side] += logical_numel(p)
         out[side + "_bytes"] += _device_bytes(p)
         if ".lora_" in name or name.startswith("lora_"):
             adapters += p.numel()

@@ -103,6 +103,8 @@ def analyze(
                 trust_remote_code=trust_remote_code,
                 progress=progress,
                 recipe=steps,
+                # a recipe's steps that do not apply are skipped, as compare does; --step items must apply
+                skip_inapplicable=recipe is not None,
             )
         except OutOfMemory as e:
             partial = e

@@ -278,3 +278,11 @@ def test_apply_writes_a_4bit_checkpoint_that_reloads_in_4bit(tmp_path):
         if hasattr(m, "lora_A") and isinstance(m.base_layer, bnb.nn.Linear4bit)
     ]
     assert len(adapted) == 2 * 7
+
+
+def test_frozen_count_is_the_base_model_s_values_not_its_packed_bytes(wide_llama):
+    base = run(SimEngine(), wide_llama, StepSetup.of(BF16)).profile
+    q = run(SimEngine(), wide_llama, setup_with(BF16, ("qlora", {}))).profile
+    # two 4-bit values per stored byte: the count is of the values, as before quantization
+    assert q.parameters["frozen"] == base.parameters["trainable"]
+    assert q.model["parameters"] == base.model["parameters"] + q.parameters["trainable"]
