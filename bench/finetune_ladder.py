@@ -78,10 +78,28 @@ def main() -> int:
     )
     peft = {}
     for kind in ("lora", "qlora"):
-        C.log(f"sim: {kind}")
-        peft[kind] = compare(
-            args.model, recipes.from_names([*common, f"{kind}:{LORA}"]), wl, engine="sim", progress=C.log
+        for dtype in ("float32", "model"):
+            C.log(f"sim: {kind}, adapter_dtype {dtype}")
+            peft[kind, dtype] = compare(
+                args.model,
+                recipes.from_names([*common, f"{kind}:{LORA},adapter_dtype={dtype}"]),
+                wl,
+                engine="sim",
+                progress=C.log,
+            )
+    # the checkpointing row again with a fused AdamW (no foreach intermediates in the optimizer step)
+    C.log("sim: checkpointing row with a fused AdamW")
+    fused = (
+        compare(
+            args.model,
+            recipes.from_names(["chunking:form=loss", "checkpointing", "optimizer:impl=fused"]),
+            wl,
+            engine="sim",
+            progress=C.log,
         )
+        .steps[-1]
+        .profile
+    )
 
     base = ladder.baseline
     rows = [
@@ -113,13 +131,14 @@ def main() -> int:
             ]
         )
         prev = p
-    for kind, c in peft.items():
+    for (kind, dtype), c in peft.items():
         last = c.steps[-1]
         p = last.profile
         rows.append(
             [
-                "LoRA" if kind == "lora" else "QLoRA",
-                f"`{' + '.join(common)} + {kind}({LORA})`",
+                ("LoRA" if kind == "lora" else "QLoRA")
+                + (" (float32 adapters: PEFT's default)" if dtype == "float32" else " (bf16 adapters)"),
+                f"`{' + '.join(common)} + {kind}:{LORA},adapter_dtype={dtype}`",
                 C.gib(p.peak_bytes) if p else (last.skipped or last.error or "failed"),
                 f"{PUBLISHED[kind]:.1f} GiB",
                 f"{p.peak_bytes / 2**30 - PUBLISHED[kind]:+.1f} GiB" if p else "",
@@ -160,9 +179,20 @@ def main() -> int:
             "- torchtune's rows after the packed dataset run under `torch.compile`, which fuses the "
             "elementwise ops of each block (norms, rotary embeddings, SiLU-gated MLP) so that fewer "
             "intermediates are saved for backward (60.0 -> 51.0 GiB before any other technique). memprof "
-            "measures eager PyTorch and does not model compile, so its rows before checkpointing are higher "
-            "by about that much; once blocks are checkpointed only the block inputs are saved and the gap "
-            "closes.",
+            "measures eager PyTorch and does not model compile: its chunked-loss row is higher by about "
+            "that much.",
+            "- With checkpointing the peak moves to the optimizer step, where torch's default (foreach) "
+            "AdamW holds intermediates the size of a group of parameters. Stepped with a fused AdamW "
+            f"(`optimizer:impl=fused`) the same row is {C.gib(fused.peak_bytes)} (peak in "
+            f"{fused.peak_phase}), {fused.peak_bytes / 2**30 - PUBLISHED['checkpointing']:+.1f} GiB from "
+            "torchtune's; its table does not say which AdamW implementation the row stepped.",
+            "- 8-bit AdamW: memprof counts bitsandbytes' `AdamW8bit` state as the optimizer holds it (two "
+            "1-byte moments and a float32 scale per 256 values: about 6 GiB for 3.2 B parameters, down from "
+            "12 GiB of bf16 moments); torchtune's row drops 4.2 GiB. The difference is not explained here.",
+            "- LoRA and QLoRA: PEFT keeps the adapters of a bf16 model in float32 (`get_peft_model`'s "
+            "`autocast_adapter_dtype=True`), and each adapted layer's input is then cast to float32 and saved "
+            "for backward; torchtune's LoRA layers run in the model's dtype, as `adapter_dtype: model` does "
+            "(the bf16 rows).",
             "- torchtune reports `Peak Memory Active` (the caching allocator's active bytes); memprof's figure "
             "is the allocated peak, the same quantity (the reserved memory, with fragmentation, is higher).",
             "- torchtune's chunked loss (`CEWithChunkedOutputLoss`, 8 chunks) upcasts each chunk of logits to "
