@@ -424,8 +424,10 @@ class Tolerance:
         Raises:
             InputError: neither, or a negative or non-finite one.
         """
+        # "--tolerance '2'", "tolerance='2'" (a marker's, a call's argument)
+        shown = f"{what}{'' if what.endswith('=') else ' '}{text!r}"
         if not isinstance(text, str) or not text.strip():
-            raise InputError(f"{what} {text!r}: give a percentage (2%) or a size (50MiB)")
+            raise InputError(f"{shown}: give a percentage (2%) or a size (50MiB)")
         t = text.strip()
         try:
             if t.endswith("%"):
@@ -439,7 +441,7 @@ class Tolerance:
             return cls(bytes=n)
         except InputError:
             raise InputError(
-                f"{what} {text!r}: give a percentage (2%) or a size (50MiB), not negative, finite"
+                f"{shown}: give a percentage (2%) or a size (50MiB), not negative, finite"
             ) from None
 
     def allowed(self, baseline_peak: int) -> int:

@@ -8,6 +8,8 @@ is silently accepted.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from memprof import gate
 from memprof.cli import main
 from memprof.errors import InputError
 from memprof.units import parse_percent, parse_size
+from tests.conftest import REPO
 
 MODEL = "tests.gate_model:build"
 
@@ -143,3 +146,136 @@ def test_parse_size_refuses_a_number_too_large_for_a_float():
     with pytest.raises(InputError, match="too large"):
         parse_size("9" * 400)
     assert parse_size("1.5GiB") == 3 * 2**29
+
+
+# --------------------------------------------------------------------------- the pytest marker
+def run_user_suite(folder: Path, source: str) -> tuple[int, dict[str, str], str]:
+    """Run a user's test file with the plugin (in a subprocess: see tests/test_pytest_plugin.py).
+
+    Returns the exit code, each test's short-summary line (by test name) and the whole output.
+    """
+    (folder / "test_user.py").write_text(source)
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "test_user.py"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        # wide: pytest cuts the short summary's lines to the terminal's width
+        env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "1000"},
+        check=False,
+    )
+    out = p.stdout + p.stderr
+    summary = {}
+    for line in out.splitlines():
+        for outcome in ("PASSED", "FAILED", "ERROR"):
+            if line.startswith(f"{outcome} test_user.py::"):
+                test, _, rest = line[len(outcome) + len(" test_user.py::") :].partition(" - ")
+                summary[test] = f"{outcome} {rest}".strip()
+    return p.returncode, summary, out
+
+
+BAD_MARKERS = {
+    "positional": (
+        '"1KiB"',
+        "takes keyword arguments only (max_peak=, baseline=, name=, tolerance=), "
+        "got the positional '1KiB'; write e.g. @pytest.mark.memprof(max_peak='1KiB')",
+    ),
+    "misspelled": (
+        'max_peek="1KiB"',
+        "unknown argument max_peek= (did you mean max_peak=?); "
+        "it takes max_peak=, baseline=, name=, tolerance=",
+    ),
+    "unknown": ("colour=1", "unknown argument colour=; it takes"),
+    "nothing": ("", "nothing to enforce; give max_peak= and/or baseline= with name="),
+    "negative": ("max_peak=-5", "max_peak=-5: the budget must be above 0 bytes"),
+    "zero": ('max_peak="0B"', "max_peak='0B': the budget must be above 0 bytes"),
+    "fraction": (
+        "max_peak=1.5",
+        "max_peak=1.5: give a positive whole number of bytes or a size such as '1.5GiB'",
+    ),
+    "boolean": ("max_peak=True", "max_peak=True: give a positive whole number of bytes"),
+    "not_a_size": ('max_peak="lots"', "max_peak='lots': not a size"),
+    "name_alone": ('max_peak="1GiB", name="net"', "name= applies to baseline= only, which is not given"),
+    "no_name": ('baseline="memprof-baseline.json"', "baseline= needs name="),
+    "nan_tolerance": (
+        'baseline="memprof-baseline.json", name="net", tolerance="nan%"',
+        "tolerance='nan%': give a percentage (2%) or a size (50MiB)",
+    ),
+    "number_tolerance": (
+        'baseline="memprof-baseline.json", name="net", tolerance=0.01',
+        "tolerance=0.01: give a percentage (2%) or a size (50MiB)",
+    ),
+    "no_file": ('baseline="nowhere.json", name="net"', "nowhere.json: no such baseline file"),
+    "bad_file": (
+        'baseline="broken.json", name="net"',
+        "broken.json: malformed baseline: 1 problem: "
+        "workloads[1].profile.peak_bytes: must be a whole number of bytes",
+    ),
+    "no_workload": (
+        'baseline="memprof-baseline.json", name="gpt2"',
+        "no workload 'gpt2' in memprof-baseline.json (it has: net)",
+    ),
+}
+
+
+def test_a_bad_marker_is_a_setup_error_and_the_test_never_runs(recorded, tmp_path):
+    write(tmp_path, recorded)
+    broken = json.loads(json.dumps(recorded))
+    broken["workloads"][0]["profile"]["peak_bytes"] = -56
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    source = "import pytest\n"
+    for test, (args, _) in BAD_MARKERS.items():
+        source += f"""
+@pytest.mark.memprof({args})
+def test_{test}(memprof):
+    open("ran-{test}", "w").close()
+"""
+    code, summary, out = run_user_suite(tmp_path, source)
+    assert code == 1, out
+    for test, (_, message) in BAD_MARKERS.items():
+        line = summary.get(f"test_{test}", "")
+        assert line.startswith(f"ERROR Failed: memprof marker: {message}"), (test, line, out)
+        assert not (tmp_path / f"ran-{test}").exists(), test
+    assert "Traceback" not in out and "pytest_plugin.py" not in out, out
+
+
+def test_good_markers_still_enforce_and_pass(recorded, tmp_path):
+    write(tmp_path, recorded)
+    code, summary, out = run_user_suite(
+        tmp_path,
+        f"""
+import pytest
+
+@pytest.mark.memprof(max_peak="1GiB")
+def test_size_string(memprof):
+    memprof.analyze({MODEL!r}, batch_size=4, seq_len=64)
+
+@pytest.mark.memprof(max_peak=2**30)
+def test_int_bytes(memprof):
+    memprof.analyze({MODEL!r}, batch_size=4, seq_len=64)
+
+@pytest.mark.memprof(max_peak=1024)
+def test_over_budget(memprof):
+    memprof.analyze({MODEL!r}, batch_size=4, seq_len=64)
+
+@pytest.mark.memprof(baseline="memprof-baseline.json", name="net", tolerance="0")
+def test_baseline(memprof):
+    memprof.analyze({MODEL!r}, batch_size=4, seq_len=64)
+""",
+    )
+    assert summary["test_size_string"] == "PASSED", out
+    assert summary["test_int_bytes"] == "PASSED", out
+    assert summary["test_baseline"] == "PASSED", out
+    assert summary["test_over_budget"].startswith("FAILED AssertionError: memprof: peak"), out
+
+
+def test_the_fixture_refuses_a_bad_budget_or_tolerance():
+    from memprof.pytest_plugin import MemprofFixture, budget_bytes
+
+    assert budget_bytes("1KiB") == 1024 and budget_bytes(5) == 5
+    fixture = MemprofFixture()
+    for bad in (-5, 0, 1.5, "1e400", None):
+        with pytest.raises(InputError, match="max_peak="):
+            fixture.assert_peak_below(bad)
+    with pytest.raises(InputError, match="tolerance='inf%'"):
+        fixture.assert_within_baseline("nowhere.json", "net", tolerance="inf%")
