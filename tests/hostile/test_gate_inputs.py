@@ -8,6 +8,7 @@ is silently accepted.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from memprof import gate
 from memprof.cli import main
 from memprof.errors import InputError
 from memprof.units import parse_percent, parse_size
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny
 
 MODEL = "tests.gate_model:build"
 
@@ -279,3 +280,61 @@ def test_the_fixture_refuses_a_bad_budget_or_tolerance():
             fixture.assert_peak_below(bad)
     with pytest.raises(InputError, match="tolerance='inf%'"):
         fixture.assert_within_baseline("nowhere.json", "net", tolerance="inf%")
+
+
+# --------------------------------------------------------------------------- --allow-pickle checkpoints
+class _Hostile:
+    """Unpickling it would run a command: weights-only loading must refuse it, as input."""
+
+    def __reduce__(self):
+        return (os.system, ("echo unpickled > pwned",))
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"not really a pickle")
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _hostile(path: Path) -> None:
+    import torch
+
+    torch.save({"w": _Hostile()}, path)
+
+
+def _cut_short(path: Path) -> None:
+    import torch
+
+    torch.save({"w": torch.zeros(4096)}, path)
+    path.write_bytes(path.read_bytes()[:2000])
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (_garbage, "UnpicklingError: Unsupported operand"),
+        (_empty, "EOFError: the file is empty or cut short"),
+        (_hostile, "UnpicklingError: Trying to load unsupported GLOBAL"),
+        (_cut_short, "RuntimeError: PytorchStreamReader failed reading zip archive"),
+    ],
+)
+def test_an_unloadable_pickle_checkpoint_is_one_line_naming_the_file(
+    tmp_path, capsys, monkeypatch, make, reason
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEMPROF_CRASH_DIR", str(tmp_path / "crash"))
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text(Path(tiny("gpt2")).read_text())
+    make(d / "pytorch_model.bin")
+    args = ["analyze", "pickled", "--engine", "cpu", "--allow-pickle", "-b", "1", "-s", "8"]
+    assert main(args) == 2
+    line = one_error(capsys)
+    assert line.startswith(
+        f"memprof: error: pickled/pytorch_model.bin: cannot load this pickle checkpoint ({reason}"
+    )
+    assert line.endswith("it is corrupt, cut short, or holds objects other than tensors")
+    assert "weights_only` set to `False`" not in line  # torch's advice, wrong for such a file
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "crash").exists()
