@@ -67,6 +67,10 @@ _WORKLOAD_KEYS = (
     "moe_routing",
     "experts",
 )
+#: workload keys whose value is a count (JSON 4, never 4.0, "4" or true)
+_WHOLE_KEYS = ("batch_size", "seq_len", "decode_tokens")
+#: workload keys a baseline may record as null (the model's own choice)
+_NULLABLE = ("task",)
 _ENTRY_KEYS = ("name", "model", "engine", "recipe", "steps", *_WORKLOAD_KEYS)
 #: the engines a workloads entry may name (sim, the deterministic one, first: the default)
 ENGINES = ("sim", *(e for e in values(EngineName) if e != "sim"))
@@ -376,7 +380,15 @@ def load_baseline(path: str | Path) -> Baseline:
         entry = {
             k: item.get(k) for k in ("name", "model", "engine", "recipe", "steps") if item.get(k) is not None
         }
-        entry.update({k: v for k, v in item["workload"].items() if k in _WORKLOAD_KEYS and v is not None})
+        for k, v in item["workload"].items():
+            if k not in _WORKLOAD_KEYS or (v is None and k in _NULLABLE):
+                continue
+            if v is None or (k in _WHOLE_KEYS and type(v) is not int):
+                # left out of the entry below: the problem is said once, here
+                want = "must be a whole number" if k in _WHOLE_KEYS else "must not be null"
+                problems.append(f"{where}.workload.{k}: {want}, got {_shown(v)}")
+            else:
+                entry[k] = v
         w = GateWorkload.from_entry(entry, where, problems)
         if w is not None:
             names.append(w.name)

@@ -116,6 +116,28 @@ def test_every_problem_of_a_baseline_is_listed_at_once(recorded, tmp_path, capsy
         gate.load_baseline(f)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("batch_size", 1.5, "workload.batch_size: must be a whole number, got 1.5"),
+        ("batch_size", "4", 'workload.batch_size: must be a whole number, got "4"'),
+        ("seq_len", True, "workload.seq_len: must be a whole number, got true"),
+        ("dtype", None, "workload.dtype: must not be null, got null"),  # was: float32, silently
+    ],
+)
+def test_a_bad_workload_field_of_a_baseline_is_refused(
+    recorded, tmp_path, capsys, no_run, key, value, message
+):
+    d = json.loads(json.dumps(recorded))
+    d["workloads"][0]["workload"][key] = value
+    assert main(["check", "--baseline", str(write(tmp_path, d))]) == 2
+    line = one_error(capsys)
+    assert (
+        line
+        == f"memprof: error: memprof-baseline.json: malformed baseline: 1 problem: workloads[1].{message}"
+    )
+
+
 def test_a_baseline_with_good_fields_still_loads(recorded, tmp_path):
     b = gate.load_baseline(write(tmp_path, recorded))
     assert [w.name for w in b.workloads] == ["net"] and b.profiles[0].peak_bytes > 0
