@@ -464,6 +464,8 @@ class Tolerance:
         return int(self.bytes or 0)
 
     def __str__(self) -> str:
+        if self.fraction is not None and self.fraction >= 10**4:  # 1e300%: not 300 digits
+            return f"{self.fraction * 100:.3g}%"
         return (
             f"{self.fraction:.2%}".replace(".00%", "%")
             if self.fraction is not None

@@ -156,6 +156,7 @@ def test_a_non_finite_or_negative_tolerance_is_refused_before_the_run(
 
 def test_a_huge_finite_tolerance_allows_any_growth():
     assert gate.Tolerance.parse("1e300%").allowed(10**12) == gate.MAX_BYTES
+    assert str(gate.Tolerance.parse("1e300%")) == "1e+300%" and str(gate.Tolerance.parse("2.5%")) == "2.50%"
     assert gate.Tolerance.parse("0%").allowed(10**12) == 0
 
 
