@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import re
 import tomllib
 from collections.abc import Callable
@@ -51,6 +52,8 @@ SCHEMA_NAME = "memprof.baseline"
 SCHEMA_VERSION = 1
 SCHEMA = f"{SCHEMA_NAME}/{SCHEMA_VERSION}"
 DEFAULT_TOLERANCE = "1%"
+#: the largest byte count a baseline may hold (an int64, as other tools read JSON integers)
+MAX_BYTES = 2**63 - 1
 
 _WORKLOAD_KEYS = (
     "mode",
@@ -64,6 +67,10 @@ _WORKLOAD_KEYS = (
     "moe_routing",
     "experts",
 )
+#: workload keys whose value is a count (JSON 4, never 4.0, "4" or true)
+_WHOLE_KEYS = ("batch_size", "seq_len", "decode_tokens")
+#: workload keys a baseline may record as null (the model's own choice)
+_NULLABLE = ("task",)
 _ENTRY_KEYS = ("name", "model", "engine", "recipe", "steps", *_WORKLOAD_KEYS)
 #: the engines a workloads entry may name (sim, the deterministic one, first: the default)
 ENGINES = ("sim", *(e for e in values(EngineName) if e != "sim"))
@@ -248,6 +255,87 @@ def record(workloads: list[GateWorkload], *, progress: Progress | None = None) -
     return Baseline(workloads=workloads, profiles=profiles, versions=versions(), created=created)
 
 
+def _is_bytes(v: Any) -> bool:
+    # JSON numbers: 1.0, 1e400 (inf) and NaN are floats; true is a bool, an int to Python
+    return type(v) is int and 0 <= v <= MAX_BYTES
+
+
+def _shown(v: Any) -> str:
+    """A value as the JSON file spells it (null, true, Infinity, "text")."""
+    try:
+        return json.dumps(v)[:80]
+    except (TypeError, ValueError):
+        return repr(v)[:80]
+
+
+def _bytes_problem(where: str, v: Any) -> str:
+    return f"{where}: must be a whole number of bytes, 0 to 2**63-1, got {_shown(v)}"
+
+
+def _profile_problems(prof: Any, where: str) -> list[str]:
+    """What is wrong with the fields of a baseline's profile that the check reads (types, ranges).
+
+    The rest (schema, categories) is :meth:`Profile.from_dict`'s to check.
+    """
+    if not isinstance(prof, dict):
+        return [f"{where}: must be a memprof profile (a mapping), got {type(prof).__name__}"]
+    out = []
+    if "peak_bytes" not in prof:
+        out.append(f"{where}.peak_bytes: missing")
+    elif not _is_bytes(prof["peak_bytes"]):
+        out.append(_bytes_problem(f"{where}.peak_bytes", prof["peak_bytes"]))
+    v = prof.get("peak_reserved_bytes")
+    if v is not None and not _is_bytes(v):
+        out.append(_bytes_problem(f"{where}.peak_reserved_bytes", v))
+    for k in ("engine", "device"):
+        if not isinstance(prof.get(k), str):
+            out.append(f"{where}.{k}: must be a string, got {_shown(prof.get(k))}")
+    if prof.get("peak_phase") is not None and not isinstance(prof["peak_phase"], str):
+        out.append(f"{where}.peak_phase: must be a phase name or null, got {_shown(prof['peak_phase'])}")
+    cats = prof.get("categories_at_peak")
+    if not isinstance(cats, dict):
+        out.append(f"{where}.categories_at_peak: must be a mapping of category to bytes, got {_shown(cats)}")
+    else:
+        out += [
+            _bytes_problem(f"{where}.categories_at_peak.{c}", v) for c, v in cats.items() if not _is_bytes(v)
+        ]
+    # list -> (its byte fields, the optional ones among them)
+    fields = {
+        "phases": (("peak_bytes",), ()),
+        "modules": (("peak_bytes", "activation_bytes", "bytes_at_peak"), ("bytes_at_peak",)),
+    }
+    for key, (byte_keys, optional) in fields.items():
+        rows = prof.get(key, [])
+        if not isinstance(rows, list):
+            out.append(f"{where}.{key}: must be a list, got {type(rows).__name__}")
+            continue
+        for j, row in enumerate(rows):
+            at = f"{where}.{key}[{j}]"
+            if not isinstance(row, dict):
+                out.append(f"{at}: must be a mapping, got {_shown(row)}")
+                continue
+            if not isinstance(row.get("name"), str):
+                out.append(f"{at}.name: must be a string, got {_shown(row.get('name'))}")
+            out += [
+                _bytes_problem(f"{at}.{k}", row.get(k))
+                for k in byte_keys
+                if (k in row or k not in optional) and not _is_bytes(row.get(k))
+            ]
+    return out
+
+
+def _header_problems(d: dict[str, Any]) -> list[str]:
+    """What is wrong with a baseline's own fields (beside its workloads)."""
+    out = []
+    for k in ("memprof_version", "created"):
+        if k in d and not isinstance(d[k], str):
+            out.append(f"{k}: must be a string, got {_shown(d[k])}")
+    v = d.get("versions", {})
+    if not isinstance(v, dict) or not all(isinstance(a, str) and isinstance(b, str) for a, b in v.items()):
+        out.append(f"versions: must map package names to version strings, got {_shown(v)}")
+    return out
+
+
 def load_baseline(path: str | Path) -> Baseline:
     """Read a baseline file. A corrupt one never passes: every problem is an error.
 
@@ -279,18 +367,35 @@ def load_baseline(path: str | Path) -> Baseline:
     entries = d.get("workloads")
     if not isinstance(entries, list) or not entries:
         raise InputError(f"{src}: malformed baseline: no workloads")
-    problems: list[str] = []
+    problems: list[str] = _header_problems(d)
     workloads, profiles = [], []
+    names: list[str] = []
     for i, item in enumerate(entries, 1):
         where = f"workloads[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get("workload"), dict) or "profile" not in item:
             problems.append(f"{where}: malformed (needs 'workload' and 'profile')")
             continue
+        if "name" in item and (not isinstance(item["name"], str) or not item["name"]):
+            problems.append(f"{where}.name: must be a non-empty string, got {_shown(item['name'])}")
         entry = {
             k: item.get(k) for k in ("name", "model", "engine", "recipe", "steps") if item.get(k) is not None
         }
-        entry.update({k: v for k, v in item["workload"].items() if k in _WORKLOAD_KEYS and v is not None})
+        for k, v in item["workload"].items():
+            if k not in _WORKLOAD_KEYS or (v is None and k in _NULLABLE):
+                continue
+            if v is None or (k in _WHOLE_KEYS and type(v) is not int):
+                # left out of the entry below: the problem is said once, here
+                want = "must be a whole number" if k in _WHOLE_KEYS else "must not be null"
+                problems.append(f"{where}.workload.{k}: {want}, got {_shown(v)}")
+            else:
+                entry[k] = v
         w = GateWorkload.from_entry(entry, where, problems)
+        if w is not None:
+            names.append(w.name)
+        found = _profile_problems(item["profile"], f"{where}.profile")
+        if found:
+            problems += found
+            continue
         try:
             prof = Profile.from_dict(item["profile"])
         except MemprofError as problem:
@@ -299,8 +404,10 @@ def load_baseline(path: str | Path) -> Baseline:
         if w is not None:
             workloads.append(w)
             profiles.append(prof)
+    for n in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"workload name {n!r} appears more than once")
     if problems:
-        raise GateError(src, [f"malformed baseline: {p}" for p in problems])
+        raise GateError(f"{src}: malformed baseline", problems)
     return Baseline(
         workloads=workloads,
         profiles=profiles,
@@ -319,12 +426,20 @@ class Tolerance:
     bytes: int | None = None
 
     @classmethod
-    def parse(cls, text: str) -> Tolerance:
-        """``2%`` or ``50MiB`` (or plain bytes).
+    def parse(cls, text: str, what: str = "--tolerance") -> Tolerance:
+        """``2%`` or ``50MiB`` (or plain bytes): finite and not negative.
+
+        Args:
+            text: the tolerance as given.
+            what: how the message names it (the option, or the marker's argument).
 
         Raises:
-            InputError: neither.
+            InputError: neither, or a negative or non-finite one.
         """
+        # "--tolerance '2'", "tolerance='2'" (a marker's, a call's argument)
+        shown = f"{what}{'' if what.endswith('=') else ' '}{text!r}"
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{shown}: give a percentage (2%) or a size (50MiB)")
         t = text.strip()
         try:
             if t.endswith("%"):
@@ -337,14 +452,20 @@ class Tolerance:
                 raise InputError("negative")
             return cls(bytes=n)
         except InputError:
-            raise InputError(f"--tolerance {text!r}: give a percentage (2%) or a size (50MiB)") from None
+            raise InputError(
+                f"{shown}: give a percentage (2%) or a size (50MiB), not negative, finite"
+            ) from None
 
     def allowed(self, baseline_peak: int) -> int:
         if self.fraction is not None:
-            return int(baseline_peak * self.fraction)
+            allowed = baseline_peak * self.fraction
+            # a huge percentage of a large peak overflows a float: it allows any growth
+            return int(allowed) if math.isfinite(allowed) else MAX_BYTES
         return int(self.bytes or 0)
 
     def __str__(self) -> str:
+        if self.fraction is not None and self.fraction >= 10**4:  # 1e300%: not 300 digits
+            return f"{self.fraction * 100:.3g}%"
         return (
             f"{self.fraction:.2%}".replace(".00%", "%")
             if self.fraction is not None

@@ -21,7 +21,9 @@ import contextlib
 import copy
 import importlib
 import os
+import pickle
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -511,9 +513,18 @@ def build_model(
                     f"{rm.spec}: only a pickle checkpoint (.bin) was found; pass --allow-pickle to load it "
                     "(unpickling can run arbitrary code), or convert it to safetensors"
                 )
-            model = auto.from_pretrained(
-                str(rm.weights_dir), use_safetensors=rm.weight_format == "safetensors", **kw
-            )
+            try:
+                with warnings.catch_warnings():
+                    # a foreign pickle: torch warns of its protocol, then refuses it (one line below)
+                    warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                    model = auto.from_pretrained(
+                        str(rm.weights_dir), use_safetensors=rm.weight_format == "safetensors", **kw
+                    )
+            except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as e:
+                why = _unloadable_pickle(rm, e)
+                if why is None:
+                    raise
+                raise InputError(why) from None
             rm.notes.append("weights: loaded from the checkpoint")
         else:
             with contextlib.nullcontext() if init_weights else _no_init_weights():
@@ -533,6 +544,41 @@ def build_model(
         raise InputError(f"{rm.spec}: cannot build the model ({msg})") from None
     model.train(False)
     return model, InputBuilder(rm, dtype=tdtype)
+
+
+def _unloadable_pickle(rm: ResolvedModel, e: BaseException) -> str | None:
+    """The one-line message for a pickle checkpoint torch.load refused (None: ``e`` is something else).
+
+    A garbage file, an empty or cut one, or one holding objects other than
+    tensors (``weights_only`` unpickling refuses them, and a malicious file
+    with them): the user's input, not a bug.
+    """
+    if rm.weight_format != "pickle" or rm.weights_dir is None:
+        return None
+    text = str(e)
+    if isinstance(e, RuntimeError) and not any(
+        s in text for s in ("PytorchStreamReader", "zip archive", "magic number")
+    ):
+        return None  # a size mismatch, a bug: not the file's format
+    if isinstance(e, OSError) and "checkpoint" not in text.lower():
+        return None
+    # torch's weights-only message wraps the reason in advice (load it with
+    # weights_only=False, file an issue, read the docs): wrong for a corrupt or hostile file
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [
+        ln.strip().removeprefix("WeightsUnpickler error:").strip()
+        for ln in text.splitlines()
+        if ln.strip() and not ln.strip().startswith(advice)
+    ]
+    lines = [ln for ln in lines if ln]
+    # the first sentence: torch's zip reader goes on about miniz and file issues
+    detail = lines[0].split(". ")[0][:200] if lines else "the file is empty or cut short"
+    bins = sorted(Path(rm.weights_dir).glob("*.bin"))
+    where = str(bins[0]) if len(bins) == 1 else f"{rm.weights_dir} (its .bin files)"
+    return (
+        f"{where}: cannot load this pickle checkpoint ({type(e).__name__}: {detail}); "
+        "it is corrupt, cut short, or holds objects other than tensors"
+    )
 
 
 def _no_init_weights() -> Any:

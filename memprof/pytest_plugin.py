@@ -15,6 +15,13 @@ on them itself or states a budget with the marker::
 A failure prints the memory at the peak by category and the modules that held
 the most (for a baseline: the categories and modules that grew).
 
+The marker takes keyword arguments only (``max_peak``, ``baseline``, ``name``,
+``tolerance``) and is checked before the test runs: a positional argument, an
+unknown or misspelled one, a budget that is not a positive whole number of
+bytes (or a size such as ``"1.5GiB"``), a negative or non-finite tolerance, or
+a baseline file that cannot be read is a setup error of the test, with one line
+saying what is wrong.
+
 Loading the plugin imports only pytest (``import memprof`` is lazy): torch,
 transformers and memprof's library load when a test records a step with the
 fixture, so a suite that never uses memprof pays nothing for it.
@@ -23,6 +30,7 @@ fixture, so a suite that never uses memprof pays nothing for it.
 from __future__ import annotations
 
 import contextlib
+import difflib
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,8 +43,93 @@ MARKER = (
 )
 
 
+#: the marker's arguments (keywords only)
+MARKER_ARGS = ("max_peak", "baseline", "name", "tolerance")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER)
+
+
+def budget_bytes(max_peak: Any, what: str = "max_peak") -> int:
+    """A budget as bytes: a positive int, or a size string (``"1.5GiB"``).
+
+    Raises:
+        InputError: anything else (a float, zero, a negative number, not a size).
+    """
+    from memprof.errors import InputError
+    from memprof.units import parse_size
+
+    hint = "give a positive whole number of bytes or a size such as '1.5GiB'"
+    if isinstance(max_peak, str):
+        try:
+            n = parse_size(max_peak)
+        except InputError as e:
+            raise InputError(f"{what}={max_peak!r}: {e}; {hint}") from None
+    elif type(max_peak) is int:  # not a bool, not a float: bytes are whole
+        n = max_peak
+    else:
+        raise InputError(f"{what}={max_peak!r}: {hint}")
+    if n <= 0:
+        raise InputError(f"{what}={max_peak!r}: the budget must be above 0 bytes; {hint}")
+    return n
+
+
+def _tolerance(tolerance: Any, what: str = "tolerance") -> Any:
+    """The gate's Tolerance of a marker's or a call's ``tolerance`` (``"1%"``, ``"50MiB"``)."""
+    from memprof import gate
+
+    return gate.Tolerance.parse(tolerance, what=f"{what}=")
+
+
+def marker_problem(marker: pytest.Mark) -> str | None:
+    """What is wrong with a ``memprof`` marker, as one line (None: nothing).
+
+    Checks everything that can be checked before the test runs, the baseline
+    file and its workload included.
+    """
+    from memprof.errors import MemprofError
+
+    known = ", ".join(f"{k}=" for k in MARKER_ARGS)
+    if marker.args:
+        given = ", ".join(repr(a) for a in marker.args)
+        return (
+            f"memprof marker: takes keyword arguments only ({known}), got the positional {given}; "
+            f"write e.g. @pytest.mark.memprof(max_peak={marker.args[0]!r})"
+        )
+    kw = marker.kwargs
+    for k in kw:
+        if k not in MARKER_ARGS:
+            close = difflib.get_close_matches(k, MARKER_ARGS, n=1)
+            hint = f" (did you mean {close[0]}=?)" if close else ""
+            return f"memprof marker: unknown argument {k}={hint}; it takes {known}"
+    if kw.get("max_peak") is None and kw.get("baseline") is None:
+        return "memprof marker: nothing to enforce; give max_peak= and/or baseline= with name="
+    for k in ("name", "tolerance"):
+        if k in kw and kw.get("baseline") is None:
+            return f"memprof marker: {k}= applies to baseline= only, which is not given"
+    try:
+        if kw.get("max_peak") is not None:
+            budget_bytes(kw["max_peak"])
+        if kw.get("baseline") is not None:
+            if not isinstance(kw.get("name"), str) or not kw["name"]:
+                return (
+                    f"memprof marker: baseline= needs name= (the workload in the baseline file), "
+                    f"got {kw.get('name')!r}"
+                )
+            _tolerance(kw.get("tolerance", "1%"))
+            from memprof import gate
+
+            b = gate.load_baseline(kw["baseline"])
+            names = [w.name for w in b.workloads]
+            if kw["name"] not in names:
+                return (
+                    f"memprof marker: no workload {kw['name']!r} in {kw['baseline']} "
+                    f"(it has: {', '.join(names)})"
+                )
+    except MemprofError as e:
+        return f"memprof marker: {e}"
+    return None
 
 
 class MemprofFixture:
@@ -73,10 +166,15 @@ class MemprofFixture:
         return max(self.profiles, key=lambda p: p.peak_bytes)
 
     def assert_peak_below(self, max_peak: str | int, profile: Any = None) -> None:
-        """Fail unless the peak is at most ``max_peak`` (bytes, or ``"1.5GiB"``)."""
-        from memprof.units import format_bytes, parse_size
+        """Fail unless the peak is at most ``max_peak`` (bytes, or ``"1.5GiB"``).
 
-        limit = max_peak if isinstance(max_peak, int) else parse_size(max_peak)
+        Raises:
+            AssertionError: the peak is above the budget.
+            InputError: ``max_peak`` is not a positive whole number of bytes or a size.
+        """
+        from memprof.units import format_bytes
+
+        limit = budget_bytes(max_peak)
         p = profile or self.profile
         if p.peak_bytes > limit:
             raise AssertionError(
@@ -91,13 +189,14 @@ class MemprofFixture:
         from memprof import gate
         from memprof.units import format_bytes
 
+        tol = _tolerance(tolerance)
         b = gate.load_baseline(path)
         names = [w.name for w in b.workloads]
         if name not in names:
             raise AssertionError(f"memprof: no workload {name!r} in {path} (it has: {', '.join(names)})")
         before = b.profiles[names.index(name)]
         p = profile or self.profile
-        allowed = gate.Tolerance.parse(tolerance).allowed(before.peak_bytes)
+        allowed = tol.allowed(before.peak_bytes)
         grew = p.peak_bytes - before.peak_bytes
         if grew > allowed:
             cats, mods = gate.diff(before, p)
@@ -125,6 +224,16 @@ def memprof() -> MemprofFixture:
     return MemprofFixture()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # before the test's fixtures and body: a marker that would enforce nothing
+    # (or something else than written) must not let the test pass
+    for marker in item.iter_markers("memprof"):
+        problem = marker_problem(marker)
+        if problem:
+            pytest.fail(problem, pytrace=False)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Any:
     result = yield
@@ -140,8 +249,6 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     kw = marker.kwargs
     if kw.get("max_peak") is not None:
         fixture.assert_peak_below(kw["max_peak"])
-    if kw.get("baseline"):
-        if not kw.get("name"):
-            raise AssertionError("memprof marker: baseline= needs name= (the workload in the baseline file)")
+    if kw.get("baseline") is not None:
         fixture.assert_within_baseline(kw["baseline"], kw["name"], kw.get("tolerance", "1%"))
     return result

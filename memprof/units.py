@@ -6,6 +6,7 @@ units (``GB`` = 10**9) because users type them, but nothing is printed in them.
 
 from __future__ import annotations
 
+import math
 import re
 
 from memprof.errors import InputError
@@ -39,6 +40,8 @@ def parse_size(text: str) -> int:
         factor = _BINARY[unit + "ib"]
     else:
         raise InputError(f"unknown size unit {m.group(2)!r} in {text!r} (use B, KiB, MiB, GiB, TiB)")
+    if not math.isfinite(value * factor):  # hundreds of digits: float() says inf
+        raise InputError(f"not a size: {text!r} is too large")
     return int(round(value * factor))
 
 
@@ -52,9 +55,13 @@ def parse_percent(text: str) -> float:
     if not t.endswith("%"):
         raise InputError(f"not a percentage: {text!r} (expected e.g. 2%)")
     try:
-        return float(t[:-1]) / 100.0
+        value = float(t[:-1])
     except ValueError:
         raise InputError(f"not a percentage: {text!r} (expected e.g. 2%)") from None
+    # float() takes "nan", "inf" and "1e400" (inf): none of them is a percentage
+    if not math.isfinite(value):
+        raise InputError(f"not a percentage: {text!r} (expected a finite number, e.g. 2%)")
+    return value / 100.0
 
 
 def format_bytes(n: int | float | None, precision: int = 1) -> str:
