@@ -11,7 +11,7 @@ import typer
 
 from memprof import gate
 from memprof.cli import options as O
-from memprof.cli.common import check_output, spinner, stdout_console, write_output
+from memprof.cli.common import check_output, check_outputs, spinner, stdout_console, write_output
 from memprof.cli.compare import RECIPE, STEP
 from memprof.errors import EnvironmentProblem, ExitCode, InputError
 from memprof.report import gate as render
@@ -30,7 +30,13 @@ def baseline(
     model: str | None = typer.Argument(
         None, help="MODEL spec of one workload (or use --workloads / --update)."
     ),
-    output: Path = typer.Option(..., "--output", "-o", help="Baseline file to write (JSON)."),
+    output: Path = typer.Option(
+        ...,
+        "--output",
+        "-o",
+        help="Baseline file to write (JSON); an existing one is refused unless --force (--update rewrites it: "
+        "that is what it is for).",
+    ),
     workloads: Path | None = typer.Option(
         None,
         "--workloads",
@@ -62,11 +68,14 @@ def baseline(
     decode_tokens: int = O.DECODE,
     moe_routing: O.MoeRouting = O.MOE_ROUTING,
     experts: O.Experts = O.EXPERTS,
+    force: bool = typer.Option(False, "--force", help="Replace an existing --output file."),
 ) -> int:
     """Profile workloads and record their memory as a baseline for `memprof check`."""
     given = sum(x for x in (model is not None, workloads is not None, update))
     if given != 1:
         raise InputError("give exactly one of: a MODEL, --workloads FILE, or --update (with --output)")
+    # --update rewrites the file it reads (atomically): overwriting is its purpose
+    check_output(output, "--output", force=force or update)
     if model is not None:
         wl = O.workload(
             mode,
@@ -123,6 +132,7 @@ def check(
         None, "--junit", help="Also write a JUnit XML report to this file (whatever --format says)."
     ),
     html_path: str | None = O.HTML,
+    force: bool = O.FORCE,
     strict_versions: bool = typer.Option(
         False,
         "--strict-versions",
@@ -131,7 +141,9 @@ def check(
 ) -> int:
     """Profile the baseline's workloads again; exit 5 when a peak grew beyond the tolerance."""
     tol = gate.Tolerance.parse(tolerance)
-    check_output(html_path, "--html")
+    check_outputs(
+        force, output=output if fmt in (Format.json, Format.junit) else None, junit=junit_path, html=html_path
+    )
     b = gate.load_baseline(baseline)
     with spinner() as progress:
         rep = gate.check(b, tol, baseline_path=str(baseline), progress=progress)
