@@ -221,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = internal_error(e, args)
     else:
         code = rv if isinstance(rv, int) else 0
+        if code == ExitCode.INTERRUPTED:
+            # typer turns a KeyboardInterrupt inside a command into a silent exit 130
+            code = interrupted()
     if argv is None:
         sys.exit(code)
     return code
