@@ -27,7 +27,8 @@ def apply(
         False,
         "--force",
         help="Replace an existing output folder (and --json file). The old folder stays whole at DIR "
-        "until the new one is complete, then both are exchanged in one step.",
+        "until the new one is complete, then both are exchanged in one step (Linux; elsewhere two renames, "
+        "repaired by the next apply if killed between them).",
     ),
     mode: O.Mode = O.MODE,
     batch_size: int = O.BATCH,

@@ -14,6 +14,7 @@ from memprof.cli import options as O
 from memprof.cli.common import check_output, check_outputs, spinner, stdout_console, write_output
 from memprof.cli.compare import RECIPE, STEP
 from memprof.errors import EnvironmentProblem, ExitCode, InputError
+from memprof.files import write_error
 from memprof.report import gate as render
 
 #: exit code of `memprof check` when a workload's peak grew beyond the tolerance
@@ -105,7 +106,10 @@ def baseline(
         ws = gate.load_baseline(output).workloads
     with spinner() as progress:
         b = gate.record(ws, progress=progress)
-    b.write(output)
+    try:
+        b.write(output)
+    except OSError as e:  # checked before the run; a full disk is still possible
+        raise write_error(output, e) from None
     c = stdout_console()
     for w, p in zip(b.workloads, b.profiles):
         c.print(f"{w.name:<32} peak {p.peak_bytes:>16,} B  ({p.engine} engine, peak in {p.peak_phase})")
