@@ -296,13 +296,13 @@ IMPORT_INTERRUPTED = textwrap.dedent(
     """
     import builtins, runpy, sys
     real = builtins.__import__
+    entry, heavy = sys.argv[1:3]
     def hook(name, *args, **kwargs):
-        if name == "torch" or name.startswith("torch."):
+        if name == heavy or name.startswith(heavy + "."):
             raise KeyboardInterrupt
         return real(name, *args, **kwargs)
     builtins.__import__ = hook
-    entry = sys.argv[1]
-    sys.argv = ["memprof", *sys.argv[2:]]
+    sys.argv = ["memprof", *sys.argv[3:]]
     if entry == "module":  # python -m memprof
         runpy.run_module("memprof", run_name="__main__", alter_sys=True)
     else:  # the console script: `from memprof.cli import main; sys.exit(main())`
@@ -312,11 +312,19 @@ IMPORT_INTERRUPTED = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("entry", ["module", "console-script"])
-def test_ctrl_c_while_torch_imports_is_one_line_and_130(entry):
+@pytest.mark.parametrize(
+    "entry, heavy",
+    [
+        ("module", "torch"),
+        ("console-script", "torch"),
+        # python -m memprof: even before memprof.cli runs (typer imports first)
+        ("module", "typer"),
+    ],
+)
+def test_ctrl_c_while_torch_imports_is_one_line_and_130(entry, heavy):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     p = subprocess.run(
-        [sys.executable, "-c", IMPORT_INTERRUPTED, entry, "analyze", LLAMA, "-e", "sim"],
+        [sys.executable, "-c", IMPORT_INTERRUPTED, entry, heavy, "analyze", LLAMA, "-e", "sim"],
         capture_output=True,
         text=True,
         env=env,
