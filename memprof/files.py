@@ -89,7 +89,7 @@ def check_output_file(path: str | Path | None, flag: str, *, force: bool = False
     p = Path(path).expanduser()
     what = f"{flag} {path}"
     if p.is_dir():
-        raise InputError(f"{what}: is a folder; give a file name")
+        raise InputError(f"{what}: is a directory; give a file name")
     if is_stream(p):
         if not os.access(p, os.W_OK):
             raise InputError(f"{what}: not writable")

@@ -58,7 +58,7 @@ def no_work(monkeypatch):
     "case, args, says",
     [
         ("json in /proc", ["analyze", LLAMA, *SIM, "--json", "/proc/x"], "cannot write in /proc"),
-        ("json a folder", ["analyze", LLAMA, *SIM, "--json", "{dir}"], "is a folder"),
+        ("json a folder", ["analyze", LLAMA, *SIM, "--json", "{dir}"], "is a directory"),
         ("html in /proc", ["analyze", LLAMA, *SIM, "--html", "/proc/x.html"], "cannot write in /proc"),
         ("snapshot under a file", ["analyze", LLAMA, *SIM, "--snapshot", "{file}/s.pickle"], "is a file"),
         (
@@ -71,8 +71,8 @@ def no_work(monkeypatch):
             ["plan", LLAMA, "--budget", "1GiB", "--write-recipe", "/proc/r.yaml"],
             "/proc",
         ),
-        ("baseline -o a folder", ["baseline", LLAMA, "-o", "{dir}"], "is a folder"),
-        ("check --junit a folder", ["check", "-b", "{file}", "--junit", "{dir}"], "is a folder"),
+        ("baseline -o a folder", ["baseline", LLAMA, "-o", "{dir}"], "is a directory"),
+        ("check --junit a folder", ["check", "-b", "{file}", "--junit", "{dir}"], "is a directory"),
         ("check -o in /proc", ["check", "-b", "{file}", "--format", "json", "-o", "/proc/x"], "/proc"),
         ("apply -o under a file", [*APPLY, "-o", "{file}/sub"], "is a file, not a folder"),
         ("apply -o a file", [*APPLY, "-o", "{file}"], "not a folder"),
