@@ -5,9 +5,10 @@ Every command lives in its own module; errors from the library are typed
 here, in one place. Anything else that escapes a command is a bug: one line
 too (exit 70), and the traceback in a file (:func:`crash_report`).
 
-Ctrl-C (and, in the console script, SIGTERM) at any moment is one line,
-``memprof: error: interrupted``, and exit 130: while a command runs, while
-this module imports the commands (torch, transformers: seconds), and before.
+Ctrl-C (and, in the console script, SIGTERM) is one line,
+``memprof: error: interrupted``, and exit 130: while a command runs and while
+this module imports the commands (torch, transformers: seconds); under
+``python -m memprof`` also while typer imports, before this module can catch it.
 """
 
 from __future__ import annotations
