@@ -12,9 +12,16 @@ A LoRA step leaves the base weights as they are and writes its initialised adapt
 to ``adapter/`` as PEFT saves it (``PeftModel.from_pretrained`` loads it): beside
 the base files, ``from_pretrained`` would load it into the base model by itself.
 
-The write is atomic: everything goes to a temporary folder beside ``DIR``,
-which is renamed into place only when complete; ``--force`` swaps an existing
-``DIR`` out and deletes it only after the new one is in place. The source is
+The write is atomic: everything goes to a temporary folder beside ``DIR``
+(``.DIR.memprof-PID-XXXX``), which is renamed into place only when complete.
+``--force`` replaces an existing ``DIR`` so that at every instant the path holds
+the complete old folder or the complete new one: on Linux both are exchanged in
+one ``renameat2(RENAME_EXCHANGE)``, then the old one is deleted. Where that call
+is missing (another system, a file system without it), the old folder is renamed
+aside to ``.DIR.memprof-PID-old`` first: a run killed between the two renames
+leaves ``DIR`` missing, and the next ``apply`` to ``DIR`` renames the old folder
+back before anything else (:func:`recover`). That next run also deletes the
+temporary folders of killed runs (those whose process is gone). The source is
 only read.
 """
 
@@ -22,10 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import datetime as _dt
+import errno
+import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +52,7 @@ from memprof.data import DataSpec
 from memprof.engines.base import Engine
 from memprof.engines.sim import SimEngine
 from memprof.errors import InputError
+from memprof.files import check_output_folder, write_atomic
 from memprof.models import DTYPES, TASKS, build_model
 from memprof.optimizations.registry import for_setup
 from memprof.prepare import fake_model, prepare, stack
@@ -113,8 +125,9 @@ def apply(
             training-loop settings (``group_by_length``, the collator) go into the README.
 
     Raises:
-        InputError: the output exists (without ``force``) or is inside the source;
-            a model that is not from transformers; invalid recipe for this model.
+        InputError: the output exists (without ``force``), is a file, cannot be
+            created, or is inside the source; a model that is not from
+            transformers; invalid recipe for this model.
     """
     say = progress or (lambda msg: None)
     workload.validate()
@@ -123,16 +136,18 @@ def apply(
             "memprof apply writes one model; profile a distillation step with analyze or compare"
         )
     out = Path(output).expanduser().resolve()
+    # before any work: what killed runs left beside DIR, then whether DIR can be written at all
+    recovered = recover(out)
+    try:
+        check_output_folder(out, "--output", force=force)
+    except InputError as e:
+        raise InputError("; ".join([str(e), *recovered])) from None
     rm, eng = prepare(spec, workload, engine, task=task, trust_remote_code=trust_remote_code, progress=say)
     workload = workload.for_model(rm)
     if rm.factory is not None:
         raise InputError(
             f"{spec}: memprof apply writes transformers checkpoints; a module:factory model has no config to save"
         )
-    if out.exists() and not force:
-        raise InputError(f"{out}: already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
     src_dir = rm.folder or rm.weights_dir
     if src_dir is not None:
         src = Path(src_dir).resolve()
@@ -197,7 +212,7 @@ def apply(
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.memprof-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     try:
         say("Writing the checkpoint")
         if source is not None:
@@ -217,7 +232,7 @@ def apply(
                         notes.append(note)
                 model = model.to(DTYPES[dtype])
             if quant:
-                notes.append(_save_quantized(model, quant[0], tmp, out.parent))
+                notes.append(_save_quantized(model, quant[0], tmp, out))
             else:
                 model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
             lora = next((o for o in rewrites if o.name in ("lora", "qlora")), None)
@@ -260,8 +275,9 @@ def apply(
             "profile_before": before.to_dict() if before else None,
             "profile_after": after.to_dict() if after else None,
         }
-        (tmp / "memprof.json").write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / "README.md").write_text(
+        write_atomic(tmp / "memprof.json", json.dumps(meta, indent=2) + "\n")
+        write_atomic(
+            tmp / "README.md",
             readme(
                 rm.name,
                 recipe,
@@ -273,10 +289,11 @@ def apply(
                 notes,
                 adapter,
                 TASKS.get(rm.task),
-            )
+            ),
         )
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         _normal_permissions(tmp)
+        _step("written")
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -289,7 +306,7 @@ def apply(
         before=before,
         after=after,
         verification=verification,
-        notes=notes,
+        notes=recovered + notes,
     )
 
 
@@ -388,7 +405,7 @@ def quantization_config(spec: dict[str, Any]) -> Any:
     raise InputError(f"{backend} quantization has no checkpoint format")
 
 
-def _save_quantized(model: Any, spec: dict[str, Any], tmp: Path, parent: Path) -> str:
+def _save_quantized(model: Any, spec: dict[str, Any], tmp: Path, out: Path) -> str:
     """Write ``model`` quantized, through transformers' own quantizer so that from_pretrained reloads it.
 
     transformers saves a quantized model only when it loaded it quantized: the
@@ -396,7 +413,7 @@ def _save_quantized(model: Any, spec: dict[str, Any], tmp: Path, parent: Path) -
     the quantization config, and that model is saved.
     """
     qconfig = quantization_config(spec)
-    stage = Path(tempfile.mkdtemp(prefix=".memprof-stage-", dir=parent))
+    stage = Path(tempfile.mkdtemp(prefix=_temp_prefix(out) + "stage-", dir=out.parent))
     try:
         model.save_pretrained(stage, safe_serialization=True)
         quantized = type(model).from_pretrained(str(stage), quantization_config=qconfig, dtype=model.dtype)
@@ -420,7 +437,7 @@ def _update_config(path: Path, setup: StepSetup, dtype: str) -> None:
         if k == "dtype":
             continue
         cfg[k] = v
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _verify(
@@ -468,23 +485,147 @@ def _normal_permissions(folder: Path) -> None:
         os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and restored on failure."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.memprof-old"
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
+#: renameat2's flags (linux/fs.h) and the "current folder" file descriptor (fcntl.h)
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def _temp_prefix(out: Path) -> str:
+    """The name prefix of this process's temporary folders beside ``out``: ``.NAME.memprof-PID-``."""
+    return f".{out.name}.memprof-{os.getpid()}-"
+
+
+def _step(name: str) -> None:
+    """A named point of the write (``written``, ``exchanged``, ``moved-aside``); a no-op.
+
+    Tests replace it to kill the process at that point and check what a killed
+    run leaves behind.
+    """
+
+
+@functools.cache
+def _libc_renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        tmp.rename(out)
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # an old C library
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``: True when done, False where the system or file system lacks it.
+
+    Raises:
+        OSError: the rename itself failed.
+    """
+    fn = _libc_renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Put the complete folder ``tmp`` at ``out``; an existing ``out`` is replaced, then deleted.
+
+    At every instant ``out`` is the complete old folder or the complete new one:
+    ``renameat2(RENAME_EXCHANGE)`` swaps the two in one step (``tmp`` then holds
+    the old folder, deleted last). Without it, the old folder is renamed aside to
+    ``.NAME.memprof-PID-old`` and the new one renamed in: a failure between the
+    two puts the old one back, and a kill there is repaired by :func:`recover`.
+    """
+    if not os.path.lexists(out):
+        if not _renameat2(tmp, out, _RENAME_NOREPLACE):
+            os.rename(tmp, out)
+        return
+    if _renameat2(tmp, out, _RENAME_EXCHANGE):
+        _step("exchanged")
+        shutil.rmtree(tmp, ignore_errors=True)  # the old folder now
+        return
+    old = out.parent / (_temp_prefix(out) + "old")
+    if os.path.lexists(old):
+        shutil.rmtree(old)
+    moved = False
+    try:
+        os.rename(out, old)
+        moved = True
+        _step("moved-aside")
+        os.rename(tmp, out)
     except BaseException:
-        if old is not None:
+        if moved and not os.path.lexists(out):
             with contextlib.suppress(OSError):
-                old.rename(out)
+                os.rename(old, out)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def leftovers(out: Path) -> list[Path]:
+    """The temporary folders of killed ``apply`` runs beside ``out`` (``.NAME.memprof-*``).
+
+    A folder whose process is still running (another ``apply`` to the same
+    ``out``) is not a leftover.
+    """
+    prefix = f".{out.name}.memprof-"
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return []
+    found = []
+    for name in sorted(names):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        found.append(out.parent / name)
+    return found
+
+
+def recover(out: Path) -> list[str]:
+    """Repair what killed runs left beside ``out``; say what was done (one line each).
+
+    A missing ``out`` with an old folder renamed aside (a kill between the two
+    renames of the fallback replace) gets the old folder back; every other
+    leftover temporary folder is deleted.
+    """
+    notes = []
+    left = leftovers(out)
+    olds = [p for p in left if p.name.endswith("-old") and p.is_dir()]
+    if olds and not os.path.lexists(out):
+        newest = max(olds, key=lambda p: p.stat().st_mtime)
+        os.rename(newest, out)
+        left.remove(newest)
+        notes.append(f"restored {out} from {newest.name} (an interrupted apply --force had moved it aside)")
+    removed = 0
+    for p in left:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        removed += not os.path.lexists(p)
+    if removed:
+        notes.append(f"removed {removed} temporary folder(s) of interrupted runs beside {out}")
+    return notes
 
 
 def environment(setup: StepSetup) -> dict[str, str]:

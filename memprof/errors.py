@@ -9,6 +9,7 @@ code  meaning (:class:`ExitCode`)
 1     not returned by memprof (Python's code for a crash before memprof's
       entry point runs, e.g. a broken install)
 2     usage or input error: bad flag value, missing path, malformed config;
+      an output path that cannot be written or (without ``--force``) exists;
       a model memprof knowingly does not support (:class:`NotSupported`)
 3     environment error: no GPU for ``--engine cuda``, model not cached
       while offline, optional dependency missing
@@ -18,7 +19,7 @@ code  meaning (:class:`ExitCode`)
       budget (the closest plans are reported)
 70    internal error (EX_SOFTWARE): a bug in memprof or in a library it
       drives; one line on stderr, the traceback in a file (please report it)
-130   interrupted (Ctrl-C)
+130   interrupted (Ctrl-C; SIGTERM in the console script)
 ====  =====================================================================
 """
 

@@ -92,13 +92,11 @@ bytes, which neither allocated nor reserved memory counts).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from memprof.errors import InputError
+from memprof.files import write_atomic  # noqa: F401  (re-exported: its old home)
 from memprof.tracking import CATEGORIES
 
 SCHEMA = "memprof.profile/1"
@@ -247,26 +245,3 @@ def from_tracker(
         peak_module=r.peak_module,
         **fields,
     )
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            if not text.endswith("\n"):
-                f.write("\n")
-        # mkstemp makes a private file: give it a normal file's permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

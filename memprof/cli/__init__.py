@@ -4,6 +4,11 @@ Every command lives in its own module; errors from the library are typed
 (:mod:`memprof.errors`) and turned into one line on stderr and an exit code
 here, in one place. Anything else that escapes a command is a bug: one line
 too (exit 70), and the traceback in a file (:func:`crash_report`).
+
+Ctrl-C (and, in the console script, SIGTERM) is one line,
+``memprof: error: interrupted``, and exit 130: while a command runs and while
+this module imports the commands (torch, transformers: seconds); under
+``python -m memprof`` also while typer imports, before this module can catch it.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import gc
 import os
 import platform
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,7 +56,13 @@ def _register() -> None:
     app.command("env")(env.env)
 
 
-_register()
+#: Ctrl-C came while the commands (and torch) were importing: main() reports it. The
+#: console script imports this module before it calls main(), so main() cannot catch it.
+_interrupted_at_import = False
+try:
+    _register()
+except KeyboardInterrupt:
+    _interrupted_at_import = True
 
 
 def error_line(message: str, prefix: str = "error: ") -> None:
@@ -134,21 +147,44 @@ def _other_rank() -> bool:
     return launch is not None and launch.rank != 0
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (a job scheduler, ``kill``, ``timeout``) ends a run as Ctrl-C does: cleaned up, exit 130."""
+    raise KeyboardInterrupt
+
+
+def interrupted() -> int:
+    """Report an interrupt: one line. Returns the exit code (130)."""
+    try:
+        error_line("interrupted")
+    except KeyboardInterrupt:  # a second Ctrl-C while reporting the first
+        sys.stderr.write("memprof: error: interrupted\n")
+    return ExitCode.INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``memprof`` console script. Returns the exit code."""
+    if argv is None and threading.current_thread() is threading.main_thread():
+        # the console script's own process (a library caller keeps its own handlers)
+        signal.signal(signal.SIGTERM, _terminate)
+    if _interrupted_at_import:
+        code: int = interrupted()
+        if argv is None:
+            sys.exit(code)
+        return code
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    command = typer.main.get_command(app)
     args = list(sys.argv[1:] if argv is None else argv)
-    if argv is None:
-        # The console script's own process: what exists now, and what survives each
-        # run (torch, transformers...), lives until exit; keep it out of the garbage
-        # collector's way (see memprof.engines.base.freeze_survivors)
-        from memprof.engines import base
-
-        base.freeze_survivors = True
-        gc.collect()
-        gc.freeze()
+    command = None
     try:
+        command = typer.main.get_command(app)
+        if argv is None:
+            # The console script's own process: what exists now, and what survives each
+            # run (torch, transformers...), lives until exit; keep it out of the garbage
+            # collector's way (see memprof.engines.base.freeze_survivors)
+            from memprof.engines import base
+
+            base.freeze_survivors = True
+            gc.collect()
+            gc.freeze()
         rv = command.main(args=args, prog_name="memprof", standalone_mode=False)
     except InternalError as e:
         code = internal_error(e, args)
@@ -166,8 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             error_line(str(e))
         code = e.exit_code
     except KeyboardInterrupt:
-        error_line("interrupted")
-        code = ExitCode.INTERRUPTED
+        code = interrupted()
     except Exception as e:
         # Typer vendors its own click in recent releases: match click's
         # exceptions by shape rather than by class.
@@ -177,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif name == "Abort":
             error_line("aborted")
             code = ExitCode.INTERRUPTED
-        elif name == "NoArgsIsHelpError":
+        elif name == "NoArgsIsHelpError" and command is not None:
             command.main(args=[*args, "--help"], prog_name="memprof", standalone_mode=False)
             code = ExitCode.INPUT
         elif hasattr(e, "format_message") and hasattr(e, "exit_code"):
@@ -187,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = internal_error(e, args)
     else:
         code = rv if isinstance(rv, int) else 0
+        if code == ExitCode.INTERRUPTED:
+            # typer turns a KeyboardInterrupt inside a command into a silent exit 130
+            code = interrupted()
     if argv is None:
         sys.exit(code)
     return code

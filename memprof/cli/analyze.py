@@ -6,7 +6,7 @@ import typer
 
 from memprof.api import analyze as run_analyze
 from memprof.cli import options as O
-from memprof.cli.common import check_output, spinner, stderr_console, stdout_console, write_output
+from memprof.cli.common import check_outputs, spinner, stderr_console, stdout_console, write_output
 from memprof.cli.compare import load_recipe
 from memprof.errors import OutOfMemory
 from memprof.report.terminal import render
@@ -61,13 +61,14 @@ def analyze(
         "512MiB", "--context-overhead", help="With --budget: the CUDA context assumed (no GPU to measure it)."
     ),
     fixes: int = typer.Option(3, "--fixes", help="With --budget: how many single optimizations to show."),
+    force: bool = O.FORCE,
     allow_pickle: bool = O.ALLOW_PICKLE,
     trust_remote_code: bool = O.TRUST_REMOTE_CODE,
 ) -> int:
     """Measure the peak memory of one training or inference step."""
     if top < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--top")
-    check_output(html_path, "--html")
+    check_outputs(force, json=json_path, html=html_path, snapshot=snapshot)
     budget_bytes = O.size(budget, "--budget", positive=True) if budget is not None else None
     context_bytes = O.size(context_overhead, "--context-overhead")
     steps = load_recipe(recipe, step) if (recipe or step) else None

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from memprof.apply import apply as run_apply
 from memprof.cli import options as O
-from memprof.cli.common import spinner, stdout_console, write_output
+from memprof.cli.common import check_outputs, spinner, stdout_console, write_output
 from memprof.cli.compare import RECIPE, STEP, load_recipe
 from memprof.errors import InputError
 from memprof.units import format_bytes
@@ -23,7 +23,13 @@ def apply(
     ),
     recipe: str | None = RECIPE,
     step: list[str] | None = STEP,
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace an existing output folder (and --json file). The old folder stays whole at DIR "
+        "until the new one is complete, then both are exchanged in one step (Linux; elsewhere two renames, "
+        "repaired by the next apply if killed between them).",
+    ),
     mode: O.Mode = O.MODE,
     batch_size: int = O.BATCH,
     seq_len: int = O.SEQ,
@@ -48,6 +54,8 @@ def apply(
         raise InputError(
             "memprof apply writes one model; profile a distillation step with analyze or compare"
         )
+    # every output before any work (the library checks --output first): one line, not a lost run
+    check_outputs(force, json=json_path)
     r = load_recipe(recipe, step)
     wl = O.workload(mode, batch_size, seq_len, dtype, optimizer, attn, task, world_size=world_size)
     with spinner() as progress:

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from memprof.errors import InputError
-from memprof.profile import write_atomic
+from memprof.files import check_output_file, is_stream, write_atomic, write_error
 
 
 def stdout_console() -> Console:
@@ -61,19 +61,46 @@ def quiet_libraries() -> None:
 
 
 def write_output(path: str, text: str) -> None:
-    """``-`` writes to stdout, anything else atomically to a file."""
+    """``-`` writes to stdout, anything else atomically to a file (see :func:`memprof.files.write_atomic`).
+
+    Raises:
+        InputError, EnvironmentProblem: the file cannot be written (one line, not a traceback).
+    """
     if path == "-":
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()
-    else:
-        write_atomic(Path(path), text)
+        return
+    try:
+        write_atomic(Path(path).expanduser(), text)
+    except OSError as e:
+        raise write_error(path, e) from None
 
 
-def check_output(path: str | None, flag: str) -> None:
+def check_output(path: str | Path | None, flag: str, *, force: bool = False) -> None:
     """Refuse an output path that cannot be written, before a long run rather than after it.
 
+    ``-`` (stdout) passes; a folder, a path under a file or in a folder where no
+    file can be created, and an existing file without ``force`` are refused.
+
     Raises:
-        InputError: the path is a directory.
+        InputError: the path cannot be written, or exists and ``force`` is not given.
     """
-    if path and path != "-" and os.path.isdir(path):
-        raise InputError(f"{flag} {path}: is a directory; give a file name")
+    check_output_file(path, flag, force=force)
+
+
+def check_outputs(force: bool, **paths: str | Path | None) -> None:
+    """:func:`check_output` for several options at once: ``check_outputs(force, json=..., html=...)``.
+
+    The keyword is the flag without its dashes (``write_recipe`` for ``--write-recipe``).
+    """
+    given = [(f"--{k.replace('_', '-')}", p) for k, p in paths.items() if p is not None and str(p) != "-"]
+    for flag, p in given:
+        check_output(p, flag, force=force)
+    seen: dict[str, str] = {}
+    for flag, p in given:
+        if is_stream(Path(p).expanduser()):
+            continue  # /dev/null twice is fine
+        real = os.path.realpath(Path(p).expanduser())
+        if real in seen:
+            raise InputError(f"{seen[real]} and {flag} name the same file {p}; give each its own")
+        seen[real] = flag

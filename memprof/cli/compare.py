@@ -9,7 +9,7 @@ import typer
 
 from memprof import recipes
 from memprof.cli import options as O
-from memprof.cli.common import check_output, spinner, stdout_console, write_output
+from memprof.cli.common import check_outputs, spinner, stdout_console, write_output
 from memprof.compare import compare as run_compare
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.report.compare import render_compare
@@ -74,13 +74,14 @@ def compare(
     samples: int = O.SAMPLES,
     json_path: str | None = O.JSON,
     html_path: str | None = O.HTML,
+    force: bool = O.FORCE,
     allow_pickle: bool = O.ALLOW_PICKLE,
     trust_remote_code: bool = O.TRUST_REMOTE_CODE,
 ) -> int:
     """Profile the baseline, then each optimization of a recipe stacked: memory, FLOPs, time, quality."""
     if timing_steps < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--timing-steps")
-    check_output(html_path, "--html")
+    check_outputs(force, json=json_path, html=html_path)
     r = load_recipe(recipe, step, allow_repeats=separate)
     wl = O.workload(
         mode,

@@ -11,9 +11,10 @@ import typer
 
 from memprof import gate
 from memprof.cli import options as O
-from memprof.cli.common import check_output, spinner, stdout_console, write_output
+from memprof.cli.common import check_output, check_outputs, spinner, stdout_console, write_output
 from memprof.cli.compare import RECIPE, STEP
 from memprof.errors import EnvironmentProblem, ExitCode, InputError
+from memprof.files import write_error
 from memprof.report import gate as render
 
 #: exit code of `memprof check` when a workload's peak grew beyond the tolerance
@@ -30,7 +31,13 @@ def baseline(
     model: str | None = typer.Argument(
         None, help="MODEL spec of one workload (or use --workloads / --update)."
     ),
-    output: Path = typer.Option(..., "--output", "-o", help="Baseline file to write (JSON)."),
+    output: Path = typer.Option(
+        ...,
+        "--output",
+        "-o",
+        help="Baseline file to write (JSON); an existing one is refused unless --force (--update rewrites it: "
+        "that is what it is for).",
+    ),
     workloads: Path | None = typer.Option(
         None,
         "--workloads",
@@ -62,11 +69,14 @@ def baseline(
     decode_tokens: int = O.DECODE,
     moe_routing: O.MoeRouting = O.MOE_ROUTING,
     experts: O.Experts = O.EXPERTS,
+    force: bool = typer.Option(False, "--force", help="Replace an existing --output file."),
 ) -> int:
     """Profile workloads and record their memory as a baseline for `memprof check`."""
     given = sum(x for x in (model is not None, workloads is not None, update))
     if given != 1:
         raise InputError("give exactly one of: a MODEL, --workloads FILE, or --update (with --output)")
+    # --update rewrites the file it reads (atomically): overwriting is its purpose
+    check_output(output, "--output", force=force or update)
     if model is not None:
         wl = O.workload(
             mode,
@@ -96,7 +106,10 @@ def baseline(
         ws = gate.load_baseline(output).workloads
     with spinner() as progress:
         b = gate.record(ws, progress=progress)
-    b.write(output)
+    try:
+        b.write(output)
+    except OSError as e:  # checked before the run; a full disk is still possible
+        raise write_error(output, e) from None
     c = stdout_console()
     for w, p in zip(b.workloads, b.profiles):
         c.print(f"{w.name:<32} peak {p.peak_bytes:>16,} B  ({p.engine} engine, peak in {p.peak_phase})")
@@ -123,6 +136,7 @@ def check(
         None, "--junit", help="Also write a JUnit XML report to this file (whatever --format says)."
     ),
     html_path: str | None = O.HTML,
+    force: bool = O.FORCE,
     strict_versions: bool = typer.Option(
         False,
         "--strict-versions",
@@ -131,7 +145,9 @@ def check(
 ) -> int:
     """Profile the baseline's workloads again; exit 5 when a peak grew beyond the tolerance."""
     tol = gate.Tolerance.parse(tolerance)
-    check_output(html_path, "--html")
+    check_outputs(
+        force, output=output if fmt in (Format.json, Format.junit) else None, junit=junit_path, html=html_path
+    )
     b = gate.load_baseline(baseline)
     with spinner() as progress:
         rep = gate.check(b, tol, baseline_path=str(baseline), progress=progress)

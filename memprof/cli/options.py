@@ -66,6 +66,12 @@ SHARD = typer.Option(
     help="fsdp: shard with FSDP2 over --world-size ranks (sim: projected; under torchrun: measured per rank).",
 )
 JSON = typer.Option(None, "--json", help="Write the result as JSON to PATH ('-' for stdout).")
+FORCE = typer.Option(
+    False,
+    "--force",
+    help="Replace existing output files (--json, --html...); without it an existing file is refused "
+    "before any work. Files are written atomically either way.",
+)
 HTML = typer.Option(
     None, "--html", help="Write a self-contained HTML report with charts to PATH (opens without a network)."
 )

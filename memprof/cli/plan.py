@@ -10,7 +10,7 @@ import typer
 
 from memprof.budget import DEFAULT_CONTEXT_BYTES
 from memprof.cli import options as O
-from memprof.cli.common import check_output, spinner, stdout_console, write_output
+from memprof.cli.common import check_outputs, spinner, stdout_console, write_output
 from memprof.errors import InputError, NoPlanFits
 from memprof.plan import PlanResult, recipe_text
 from memprof.plan import plan as run_plan
@@ -73,12 +73,13 @@ def plan(
     ),
     json_path: str | None = O.JSON,
     html_path: str | None = O.HTML,
+    force: bool = O.FORCE,
     allow_pickle: bool = O.ALLOW_PICKLE,
     trust_remote_code: bool = O.TRUST_REMOTE_CODE,
 ) -> int:
     """Find the least costly optimizations that make a step fit a GPU memory budget (sim engine)."""
     budget_bytes = O.size(budget, "--budget", positive=True)
-    check_output(html_path, "--html")
+    check_outputs(force, write_recipe=write_recipe, json=json_path, html=html_path)
     context_bytes = O.size(context_overhead, "--context-overhead")
     overhead = None
     if max_overhead is not None:

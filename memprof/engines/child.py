@@ -165,6 +165,10 @@ def run_in_child(
                 _raise_from_child(*payload)
             payload["profile"] = Profile.from_dict(payload["profile"])
             return dict(payload)
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the child too, SIGTERM only this process: stop it now, not after the wait below
+        proc.terminate()
+        raise
     finally:
         proc.join(timeout=60)
         if proc.is_alive():
