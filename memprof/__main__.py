@@ -1,11 +1,22 @@
-"""``python -m memprof``: the console script's ``main``; Ctrl-C while it imports is one line, exit 130."""
+"""The console script's entry (``memprof``) and ``python -m memprof``.
+
+:func:`run` imports the CLI (typer, rich, then torch when a command needs it) inside a
+guard, so that a Ctrl-C at any moment of start-up, before ``memprof.cli`` can catch
+it, is one line and exit 130.
+"""
 
 import sys
 
-try:
-    from memprof.cli import main
-except KeyboardInterrupt:  # before memprof.cli could catch it (typer, the package face)
-    sys.stderr.write("memprof: error: interrupted\n")
-    sys.exit(130)
 
-main()
+def run() -> None:
+    """Import and run the CLI; an interrupt during the imports is one line, exit 130."""
+    try:
+        from memprof.cli import main
+    except KeyboardInterrupt:  # before memprof.cli could catch it (typer, the package face)
+        sys.stderr.write("memprof: error: interrupted\n")
+        sys.exit(130)
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -305,9 +305,9 @@ IMPORT_INTERRUPTED = textwrap.dedent(
     sys.argv = ["memprof", *sys.argv[3:]]
     if entry == "module":  # python -m memprof
         runpy.run_module("memprof", run_name="__main__", alter_sys=True)
-    else:  # the console script: `from memprof.cli import main; sys.exit(main())`
-        from memprof.cli import main
-        sys.exit(main())
+    else:  # the console script (pyproject's [project.scripts]): `from memprof.__main__ import run; run()`
+        from memprof.__main__ import run
+        run()
     """
 )
 
@@ -317,8 +317,9 @@ IMPORT_INTERRUPTED = textwrap.dedent(
     [
         ("module", "torch"),
         ("console-script", "torch"),
-        # python -m memprof: even before memprof.cli runs (typer imports first)
+        # even before memprof.cli runs (typer imports first)
         ("module", "typer"),
+        ("console-script", "typer"),
     ],
 )
 def test_ctrl_c_while_torch_imports_is_one_line_and_130(entry, heavy):
@@ -372,3 +373,10 @@ def test_sigterm_to_a_running_analyze_is_one_line_and_130(tmp_path):
     assert proc.returncode == 130, err
     assert one_error_line(err) == "memprof: error: interrupted"
     assert list(tmp_path.iterdir()) == []  # no --json, not even half of one
+
+
+def test_the_console_script_is_the_guarded_entry():
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["memprof"] == "memprof.__main__:run"
