@@ -32,7 +32,7 @@ import torch
 from memprof.choices import DType, Task, values
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.inputs import InputBuilder
-from memprof.model_config import config_from_dict, load_config_file, read_json
+from memprof.model_config import config_from_dict, load_config_file, read_json, refuse_remote_code
 
 #: tasks memprof builds inputs for, with the transformers auto class of each
 TASKS: dict[str, str] = {
@@ -227,10 +227,7 @@ def _from_directory(spec: str, path: Path, task: str | None, trust_remote_code: 
     if not cfg_path.is_file():
         raise InputError(f"{spec}: directory has no config.json")
     data = read_json(cfg_path)
-    if data.get("auto_map") and not trust_remote_code:
-        raise InputError(
-            f"{spec}: the config asks to run code shipped with the model (auto_map); pass --trust-remote-code if you trust it"
-        )
+    refuse_remote_code(data, spec, trust_remote_code)
     cfg = config_from_dict(data, str(cfg_path))
     rm = ResolvedModel(spec, _folder_name(path), "directory", cfg, trust_remote_code=trust_remote_code)
     rm.folder = path.resolve()

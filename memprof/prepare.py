@@ -60,6 +60,26 @@ def estimate_state_bytes(rm: ResolvedModel, workload: Workload) -> int:
     return total
 
 
+def check_positions(rm: ResolvedModel, workload: Workload) -> None:
+    """Refuse a prefill plus decode longer than the model's positions, before anything is built.
+
+    Raises:
+        InputError: ``seq_len + decode_tokens`` past :meth:`ResolvedModel.position_limit`.
+    """
+    limit = rm.position_limit()
+    if limit is None or rm.task == "image-classification":
+        return
+    if workload.seq_len > limit:
+        raise InputError(
+            f"--seq-len {workload.seq_len} is past {rm.name}'s position limit of {limit}; use --seq-len {limit} or less"
+        )
+    if workload.decode_tokens and workload.seq_len + workload.decode_tokens > limit:
+        raise InputError(
+            f"--seq-len {workload.seq_len} + --decode-tokens {workload.decode_tokens} is past {rm.name}'s "
+            f"position limit of {limit}; decode at most {limit - workload.seq_len} tokens after this prefill"
+        )
+
+
 def prepare(
     spec: str,
     workload: Workload,
@@ -79,6 +99,7 @@ def prepare(
         InputError, EnvironmentProblem: see :mod:`memprof.errors`.
     """
     rm = resolve(spec, task=task, trust_remote_code=trust_remote_code)
+    check_positions(rm, workload)
     if workload.mode == "distill" and workload.teacher:
         resolve_teacher(rm, workload.teacher)  # a teacher that cannot teach fails here, before any build
     if isinstance(engine, Engine):
@@ -145,4 +166,4 @@ def stack(
     return setup, skipped
 
 
-__all__ = ["apply_step", "estimate_state_bytes", "fake_model", "prepare", "stack"]
+__all__ = ["apply_step", "check_positions", "estimate_state_bytes", "fake_model", "prepare", "stack"]
