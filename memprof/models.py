@@ -31,7 +31,7 @@ import torch
 
 from memprof.choices import DType, Task, values
 from memprof.errors import EnvironmentProblem, InputError
-from memprof.inputs import InputBuilder
+from memprof.inputs import InputBuilder, users_failure
 from memprof.model_config import config_from_dict, load_config_file, read_json, refuse_remote_code
 
 #: tasks memprof builds inputs for, with the transformers auto class of each
@@ -528,8 +528,17 @@ def _no_init_weights() -> Any:
 
 
 def _build_factory(rm: ResolvedModel, dtype: torch.dtype) -> tuple[torch.nn.Module, InputBuilder]:
-    assert rm.factory is not None
-    out = rm.factory()
+    if rm.factory is None:  # pragma: no cover - only factory models come here
+        raise InputError(f"{rm.spec}: not a module:factory model")
+    try:
+        out = rm.factory()
+    except Exception as e:  # the user's code: its failure is the input's, reported in one line
+        if not users_failure(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise InputError(
+            f"{rm.spec}: the factory raised {type(e).__name__}" + (f": {first}" if first else "")
+        ) from None
     builder_fn = None
     if isinstance(out, tuple) and len(out) == 2:
         model, builder_fn = out
