@@ -70,12 +70,12 @@ POSITIVE_INTS = (
 
 
 def cut(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """``text`` as one line of at most ``limit`` characters (``...`` and the count cut when longer)."""
+    """``text`` as one line of at most ``limit`` characters (cut ones end with ``...`` and the full length)."""
     line = " ".join(part.strip() for part in text.splitlines() if part.strip())
     if len(line) <= limit:
         return line
-    cut_chars = len(line) - limit
-    return f"{line[:limit]}... ({cut_chars} more characters)"
+    suffix = f"... ({len(line)} characters in all)"
+    return line[: max(0, limit - len(suffix))] + suffix
 
 
 def _int(v: Any) -> int | None:

@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from memprof._version import __version__
+from memprof.bounds import load_yaml
 from memprof.choices import EngineName, values
 from memprof.engines.base import versions
 from memprof.errors import InputError, MemprofError, ProblemsError
@@ -177,7 +178,9 @@ def read_workloads(path: str | Path) -> list[GateWorkload]:
                 if data is None:
                     raise GateError(src, ["no [tool.memprof] table"])
         else:
-            data = yaml.safe_load(text)
+            data = load_yaml(text, src)  # within the bounds: no anchors, at most 1 MiB
+    except InputError as e:
+        raise GateError(src, [str(e).removeprefix(f"{src}: ")]) from None
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
         raise GateError(
             src, [f"not valid {'TOML' if p.suffix.lower() == '.toml' else 'YAML'}: {e}"]
