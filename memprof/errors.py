@@ -8,7 +8,8 @@ code  meaning (:class:`ExitCode`)
 0     success
 1     not returned by memprof (Python's code for a crash before memprof's
       entry point runs, e.g. a broken install)
-2     usage or input error: bad flag value, missing path, malformed config;
+2     usage or input error: bad flag value, missing path, malformed config,
+      a size past a bound (:mod:`memprof.bounds`), a factory that raises;
       a model memprof knowingly does not support (:class:`NotSupported`)
 3     environment error: no GPU for ``--engine cuda``, model not cached
       while offline, optional dependency missing
