@@ -99,7 +99,6 @@ def prepare(
         InputError, EnvironmentProblem: see :mod:`memprof.errors`.
     """
     rm = resolve(spec, task=task, trust_remote_code=trust_remote_code)
-    check_positions(rm, workload)
     if workload.mode == "distill" and workload.teacher:
         resolve_teacher(rm, workload.teacher)  # a teacher that cannot teach fails here, before any build
     if isinstance(engine, Engine):
@@ -107,10 +106,13 @@ def prepare(
     else:
         estimate = None
         if engine == "auto":
+            check_positions(rm, workload)  # before the fake build that counts parameters
             if progress:
                 progress("Counting parameters")
             estimate = estimate_state_bytes(rm, workload)
         eng = get_engine(engine, estimate_bytes=estimate, snapshot=snapshot)
+    # after the engine's own check (no GPU for --engine cuda is the machine's problem first)
+    check_positions(rm, workload)
     if rm.source == "hub" and eng.load_weights and not rm.has_weights:
         try:
             fetch_hub_weights(rm)

@@ -243,3 +243,15 @@ def test_lower_bound_of_parameters_is_below_the_real_count():
                 "t5-small": 60.5e6,
             }[name]
         )
+
+
+def test_baseline_checks_every_workload_before_running_one(tmp_path, capsys):
+    workloads = tmp_path / "workloads.yaml"
+    bad = config(tmp_path, num_hidden_layers=100_000_000)
+    workloads.write_text(
+        f"workloads:\n  - name: fine\n    model: {tiny('llama')}\n    batch_size: 1\n    seq_len: 8\n"
+        f"  - name: deep\n    model: {bad}\n    batch_size: 1\n    seq_len: 8\n"
+    )
+    line = refused(capsys, "baseline", "--workloads", str(workloads), "-o", str(tmp_path / "b.json"))
+    assert "deep: " in line and "layers, more than memprof traces" in line
+    assert not (tmp_path / "b.json").exists()
