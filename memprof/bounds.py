@@ -120,13 +120,9 @@ def config_bound_problems(config: Any, name: str) -> list[str]:
     for attr in POSITIVE_INTS:
         if attr not in _own_keys(config):
             continue
-        v = getattr(config, attr, None)
-        if v is None:
-            continue
-        if _int(v) is None:
-            problems.append(f"{name} {attr} must be a whole number, got {v!r}")
-        elif v < 1:
-            problems.append(f"{name} {attr} must be at least 1, got {v}")
+        problem = size_problem(name, attr, getattr(config, attr, None))
+        if problem:
+            problems.append(problem)
     if problems:
         return problems
     n_layers = layers(config)
@@ -145,6 +141,19 @@ def config_bound_problems(config: Any, name: str) -> list[str]:
             "the layers"
         )
     return problems
+
+
+def size_problem(name: str, attr: str, value: Any) -> str | None:
+    """Why a size field's value is not a positive whole number (or a list of them, per stage: Swin's heads), or None."""
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    for v in items:
+        if _int(v) is None:
+            return f"{name} {attr} must be a whole number, got {str(value)[:40]!r}"
+        if v < 1:
+            return f"{name} {attr} must be at least 1, got {value}"
+    return None
 
 
 def _own_keys(config: Any) -> set[str]:
@@ -225,5 +234,6 @@ __all__ = [
     "cut",
     "load_yaml",
     "min_parameters",
+    "size_problem",
     "workload_bound_problems",
 ]

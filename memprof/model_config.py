@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from memprof.bounds import POSITIVE_INTS, config_bound_problems
+from memprof.bounds import POSITIVE_INTS, config_bound_problems, size_problem
 from memprof.errors import InputError
 
 try:
@@ -80,13 +80,9 @@ def _size_problems(data: Mapping[str, Any], name: str) -> list[str]:
     """Size fields of a config.json (and of its towers' dicts) that are not positive whole numbers."""
     problems = []
     for attr in POSITIVE_INTS:
-        v = data.get(attr)
-        if v is None:
-            continue
-        if not isinstance(v, int) or isinstance(v, bool):
-            problems.append(f"{name} {attr} must be a whole number, got {str(v)[:40]!r}")
-        elif v < 1:
-            problems.append(f"{name} {attr} must be at least 1, got {v}")
+        problem = size_problem(name, attr, data.get(attr))
+        if problem:
+            problems.append(problem)
     for sub in _SUB_CONFIGS:
         if isinstance(data.get(sub), Mapping):
             problems += _size_problems(data[sub], f"{name} {sub}")
