@@ -11,6 +11,7 @@ line that says how to proceed. The values and their reasons are listed in the RE
 * :data:`MAX_BATCH_TOKENS` and :data:`MAX_BATCH_SIZE`: what one step carries;
 * :data:`MAX_DECODE_TOKENS`: decode steps (each one is traced);
 * :data:`MAX_WORLD_SIZE`: ranks of a sharded step;
+* :data:`MAX_SAMPLES`: draws of a ``--lengths`` distribution;
 * :data:`MAX_YAML_BYTES` and no anchors or aliases: recipe and workloads files
   (:func:`load_yaml`);
 * :data:`MAX_MESSAGE_CHARS`: an error line (:func:`cut`).
@@ -40,6 +41,8 @@ MAX_DECODE_TOKENS = 2048
 #: ranks of a sharded (or data-parallel) step: the sim projects one rank over a fake
 #: process group, and its collectives' bookkeeping grows with the ranks
 MAX_WORLD_SIZE = 4096
+#: draws of a --lengths distribution (a million take about a second)
+MAX_SAMPLES = 10**6
 #: a recipe or workloads file (the shipped ones are under 4 KiB)
 MAX_YAML_BYTES = 1024 * 1024
 #: an error line on stderr (a problem of a list: each)
@@ -228,6 +231,7 @@ __all__ = [
     "MAX_LAYERS",
     "MAX_MESSAGE_CHARS",
     "MAX_PARAMETERS",
+    "MAX_SAMPLES",
     "MAX_WORLD_SIZE",
     "MAX_YAML_BYTES",
     "config_bound_problems",

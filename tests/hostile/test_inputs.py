@@ -255,3 +255,9 @@ def test_baseline_checks_every_workload_before_running_one(tmp_path, capsys):
     line = refused(capsys, "baseline", "--workloads", str(workloads), "-o", str(tmp_path / "b.json"))
     assert "deep: " in line and "layers, more than memprof traces" in line
     assert not (tmp_path / "b.json").exists()
+
+
+def test_bound_samples(capsys):
+    args = ["compare", tiny("llama"), *TRAIN, "--step", "dynamic_padding", "--lengths", "uniform(1,8)"]
+    line = refused(capsys, *args, "--samples", "1000000000000")
+    assert f"more than memprof draws ({bounds.MAX_SAMPLES})" in line
