@@ -69,6 +69,9 @@ POSITIVE_INTS = (
     "head_dim",
     "max_position_embeddings",
     "n_positions",
+    "num_local_experts",
+    "n_routed_experts",
+    "num_experts_per_tok",
 )
 
 

@@ -58,13 +58,18 @@ def config_from_dict(data: dict[str, Any], where: str) -> Any:
             f"{where}: unknown model_type {model_type!r} (this transformers knows "
             f"{len(CONFIG_MAPPING_NAMES)} types, e.g. llama, gpt2, bert, t5, vit, whisper)"
         )
+    archs = data.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise InputError(f'{where}: architectures must be a list of class names (e.g. ["LlamaForCausalLM"])')
     sizes = _size_problems(data, model_type)
     if sizes:  # before transformers builds it: some configs divide by them in __init__
         raise InputError(f"{where}: {sizes[0]}")
     kwargs = {k: v for k, v in data.items() if k != "model_type" and not k.startswith("_memprof")}
     try:
         config = AutoConfig.for_model(model_type, **kwargs)
-    except (TypeError, ValueError, ArithmeticError) as e:
+    except (TypeError, ValueError, ArithmeticError, KeyError, AttributeError) as e:
+        # transformers' own checks of the values given (a dtype it has no name for, a
+        # rope_parameters without its keys...): the config's problem, not memprof's
         raise InputError(f"{where}: invalid {model_type} config ({e})") from None
     except _StrictConfigError as e:
         # transformers >= 5 validates configs as huggingface_hub strict dataclasses,
@@ -172,6 +177,13 @@ def _config_problems(config: Any, data: Mapping[str, Any], name: str) -> list[st
             problems.append(
                 f"{name} num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
             )
+    experts = next((e for e in map(_int, (getattr(config, a, None) for a in _EXPERT_COUNTS)) if e), None)
+    top_k = _int(getattr(config, "num_experts_per_tok", None))
+    if experts and top_k and top_k > experts:
+        problems.append(
+            f"{name} num_experts_per_tok {top_k} is more than the {experts} experts; route each token to "
+            "at most as many experts as there are"
+        )
     for sub in _SUB_CONFIGS:
         sub_cfg = getattr(config, sub, None)
         if sub_cfg is not None and sub_cfg is not config and hasattr(sub_cfg, "to_dict"):
@@ -191,6 +203,7 @@ def _config_problems(config: Any, data: Mapping[str, Any], name: str) -> list[st
     return problems
 
 
+_EXPERT_COUNTS = ("num_local_experts", "n_routed_experts", "num_experts")
 _IMAGE_TOKENS = ("image_token_id", "vision_start_token_id", "vision_end_token_id")
 
 

@@ -67,6 +67,13 @@ def test_random_bytes(tmp_path, capsys):
         ),
         ({"vocab_size": 0}, "vocab_size must be at least 1"),
         ({"num_hidden_layers": 2.5}, "num_hidden_layers must be a whole number"),
+        ({"architectures": [5]}, "architectures must be a list of class names"),
+        ({"torch_dtype": "no-such-dtype"}, "invalid llama config"),
+        ({"rope_scaling": {"type": "linear"}}, "invalid llama config"),
+        (
+            {"model_type": "mixtral", "num_local_experts": 2, "num_experts_per_tok": 5},
+            "num_experts_per_tok 5 is more than the 2 experts",
+        ),
     ],
 )
 def test_bad_sizes(tmp_path, capsys, changes, says):
