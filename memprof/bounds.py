@@ -8,6 +8,7 @@ line that says how to proceed. The values and their reasons are listed in the RE
 * :data:`MAX_PARAMETERS`: parameters of a model, counted cheaply from its config
   (:func:`min_parameters`, a lower bound from the config's arithmetic);
 * :data:`MAX_LAYERS`: repeated blocks (each one is built and traced);
+* :data:`MAX_POSITIONS`: a model's positions;
 * :data:`MAX_BATCH_TOKENS` and :data:`MAX_BATCH_SIZE`: what one step carries;
 * :data:`MAX_DECODE_TOKENS`: decode steps (each one is traced);
 * :data:`MAX_WORLD_SIZE`: ranks of a sharded step;
@@ -32,6 +33,9 @@ MAX_PARAMETERS = 2 * 10**12
 #: repeated blocks of one model (or of one of its towers): 4x the deepest public LLM
 #: (126, Llama 3.1 405B); each block is built and traced, so the time grows with them
 MAX_LAYERS = 512
+#: a model's positions (max_position_embeddings): 25x the longest public context (10M,
+#: Llama 4 Scout); a learned position table of more is a parameter count past any GPU
+MAX_POSITIONS = 2**28
 #: sequences (or images) per step and rank
 MAX_BATCH_SIZE = 2**20
 #: batch x sequence tokens per step and rank (16M: 128 sequences of 128K tokens)
@@ -138,6 +142,14 @@ def config_bound_problems(config: Any, name: str) -> list[str]:
             "models have about 130): each layer is built and traced; lower num_hidden_layers, and scale "
             "the per-layer memory up yourself"
         )
+    for attr in ("max_position_embeddings", "n_positions"):
+        positions = _int(getattr(config, attr, None))
+        if positions is not None and positions > MAX_POSITIONS:
+            problems.append(
+                f"{name} {attr} {positions} is more than memprof models ({MAX_POSITIONS}: 25x the longest "
+                "public context); set it to the context the model is trained for"
+            )
+            break
     n = min_parameters(config)
     if n > MAX_PARAMETERS:
         problems.append(
@@ -234,6 +246,7 @@ __all__ = [
     "MAX_LAYERS",
     "MAX_MESSAGE_CHARS",
     "MAX_PARAMETERS",
+    "MAX_POSITIONS",
     "MAX_SAMPLES",
     "MAX_WORLD_SIZE",
     "MAX_YAML_BYTES",

@@ -174,6 +174,14 @@ def test_bound_parameters(tmp_path, capsys):
     assert "parameters, more than memprof projects" in line
 
 
+def test_bound_positions(tmp_path, capsys):
+    line = refused(capsys, "analyze", config(tmp_path, max_position_embeddings=10**15), *TRAIN)
+    assert (
+        f"max_position_embeddings 1000000000000000 is more than memprof models ({bounds.MAX_POSITIONS}"
+        in line
+    )
+
+
 def test_bound_layers(tmp_path, capsys):
     line = refused(capsys, "analyze", config(tmp_path, num_hidden_layers=100_000_000), *TRAIN)
     assert f"more than memprof traces ({bounds.MAX_LAYERS}" in line
