@@ -64,16 +64,15 @@ def check_positions(rm: ResolvedModel, workload: Workload) -> None:
     """Refuse a prefill plus decode longer than the model's positions, before anything is built.
 
     Raises:
-        InputError: ``seq_len + decode_tokens`` past :meth:`ResolvedModel.position_limit`.
+        InputError: ``seq_len + decode_tokens`` past :meth:`ResolvedModel.position_limit`
+            (``seq_len`` alone: :meth:`memprof.inputs.InputBuilder.validate`, once a step runs).
     """
+    if not workload.decode_tokens:  # --seq-len alone: the input builder checks it, where a step runs
+        return
     limit = rm.position_limit()
     if limit is None or rm.task == "image-classification":
         return
-    if workload.seq_len > limit:
-        raise InputError(
-            f"--seq-len {workload.seq_len} is past {rm.name}'s position limit of {limit}; use --seq-len {limit} or less"
-        )
-    if workload.decode_tokens and workload.seq_len + workload.decode_tokens > limit:
+    if workload.seq_len + workload.decode_tokens > limit:
         raise InputError(
             f"--seq-len {workload.seq_len} + --decode-tokens {workload.decode_tokens} is past {rm.name}'s "
             f"position limit of {limit}; decode at most {limit - workload.seq_len} tokens after this prefill"
