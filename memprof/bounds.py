@@ -27,8 +27,8 @@ import yaml
 
 from memprof.errors import InputError
 
-#: parameters of one model: 2x the largest open models (about 1T); beyond it AdamW's
-#: float32 state (16 bytes a parameter) outgrows the allocator model's 64 TiB address space
+#: parameters of one model: 2x the largest open models (about 1T); at 2T a float32 AdamW
+#: step (16 bytes a parameter) already fills half the allocator model's 64 TiB address space
 MAX_PARAMETERS = 2 * 10**12
 #: repeated blocks of one model (or of one of its towers): 4x the deepest public LLM
 #: (126, Llama 3.1 405B); each block is built and traced, so the time grows with them
@@ -154,9 +154,8 @@ def config_bound_problems(config: Any, name: str) -> list[str]:
     if n > MAX_PARAMETERS:
         problems.append(
             f"{name} has at least {n:.3g} parameters, more than memprof projects ({MAX_PARAMETERS:.0e}: "
-            "twice the largest public models; beyond it the step's memory outgrows any GPU's and the "
-            "allocator model's address space); check hidden_size, intermediate_size, vocab_size and "
-            "the layers"
+            "twice the largest public models; past it a step outgrows any GPU and the allocator model's "
+            "address space); check hidden_size, intermediate_size, vocab_size and the layers"
         )
     return problems
 
