@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memprof.bounds import MAX_SAMPLES
 from memprof.errors import InputError
 
 STRATEGIES = ("fixed", "longest", "grouped")
@@ -102,6 +103,21 @@ def from_file(path: str | Path, tokenizer: Any, field_name: str = "text") -> Sam
 _DIST = re.compile(r"^(uniform|normal|lognormal)\(([^,()]+),([^,()]+)\)$")
 
 
+def samples_problem(n: int) -> None:
+    """Refuse a count of draws below 1 or past :data:`memprof.bounds.MAX_SAMPLES`.
+
+    Raises:
+        InputError: what is wrong with ``n``.
+    """
+    if n < 1:
+        raise InputError(f"--samples must be at least 1, got {n}")
+    if n > MAX_SAMPLES:
+        raise InputError(
+            f"--samples {n} is more than memprof draws ({MAX_SAMPLES}): the padding of a distribution "
+            "settles long before; use fewer"
+        )
+
+
 def from_spec(spec: str, n: int = 1000, seed: int = 0) -> Samples:
     """Lengths from the command line: ``120,340,88`` (the samples themselves), or ``n`` draws of
     ``uniform(MIN,MAX)``, ``normal(MEAN,SD)`` or ``lognormal(MU,SIGMA)`` (seeded; at least 1 token).
@@ -118,8 +134,7 @@ def from_spec(spec: str, n: int = 1000, seed: int = 0) -> Samples:
             a, b = float(m.group(2)), float(m.group(3))
         except ValueError:
             raise InputError(f"--lengths {spec!r}: the parameters must be numbers") from None
-        if n < 1:
-            raise InputError(f"--samples must be at least 1, got {n}")
+        samples_problem(n)
         if kind == "uniform":
             if not 1 <= a <= b:
                 raise InputError(f"--lengths {spec!r}: uniform(MIN,MAX) needs 1 <= MIN <= MAX")
@@ -265,6 +280,7 @@ class DataSpec:
             raise InputError("give --data FILE or --lengths, not both")
         if not self.path and (self.tokenizer or self.text_field != "text"):
             raise InputError("--tokenizer and --text-field go with --data FILE")
+        samples_problem(self.samples)
 
     def load(self, model_folder: str | Path | None, model_name: str) -> Samples | None:
         """The samples (None when neither a file nor lengths were given).

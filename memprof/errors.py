@@ -10,6 +10,7 @@ code  meaning (:class:`ExitCode`)
       entry point runs, e.g. a broken install)
 2     usage or input error: bad flag value, missing path, malformed config;
       an output path that cannot be written or (without ``--force``) exists;
+      a size past a bound (:mod:`memprof.bounds`), a factory that raises;
       a model memprof knowingly does not support (:class:`NotSupported`)
 3     environment error: no GPU for ``--engine cuda``, model not cached
       while offline, optional dependency missing

@@ -38,10 +38,12 @@ from typing import Any
 import yaml
 
 from memprof._version import __version__
+from memprof.bounds import load_yaml
 from memprof.choices import EngineName, values
 from memprof.engines.base import versions
 from memprof.errors import InputError, MemprofError, ProblemsError
-from memprof.prepare import fake_model, prepare, stack
+from memprof.models import resolve
+from memprof.prepare import check_positions, fake_model, prepare, stack
 from memprof.profile import Profile, write_atomic
 from memprof.recipes import from_names, load
 from memprof.tracking import CATEGORIES
@@ -138,6 +140,19 @@ class GateWorkload:
         name = entry.get("name") or default_name(str(model), wl)
         return cls(name=str(name), model=str(model), workload=wl, engine=engine, recipe=recipe, steps=steps)
 
+    def problems(self) -> list[str]:
+        """What is wrong with this workload's model, shapes and optimizations, found without building anything."""
+        try:
+            rm = resolve(self.model, task=self.workload.task)
+            check_positions(rm, self.workload)
+            if self.recipe:
+                load(self.recipe)
+            if self.steps:
+                from_names(self.steps)
+        except InputError as e:
+            return [f"{self.name}: {e}"]
+        return []
+
     def run(self, *, progress: Progress | None = None) -> Profile:
         """Profile this workload (with its optimizations stacked, if any)."""
 
@@ -184,7 +199,9 @@ def read_workloads(path: str | Path) -> list[GateWorkload]:
                 if data is None:
                     raise GateError(src, ["no [tool.memprof] table"])
         else:
-            data = yaml.safe_load(text)
+            data = load_yaml(text, src)  # within the bounds: no anchors, at most 1 MiB
+    except InputError as e:
+        raise GateError(src, [str(e).removeprefix(f"{src}: ")]) from None
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
         raise GateError(
             src, [f"not valid {'TOML' if p.suffix.lower() == '.toml' else 'YAML'}: {e}"]
@@ -244,8 +261,20 @@ class Baseline:
         write_atomic(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
 
 
+def check_workloads(workloads: list[GateWorkload], source: str) -> None:
+    """Check every workload's model, shapes and optimizations before the first one runs.
+
+    Raises:
+        GateError: every problem found.
+    """
+    problems = [p for w in workloads for p in w.problems()]
+    if problems:
+        raise GateError(source, problems)
+
+
 def record(workloads: list[GateWorkload], *, progress: Progress | None = None) -> Baseline:
-    """Profile every workload: the baseline."""
+    """Profile every workload: the baseline (every workload checked first)."""
+    check_workloads(workloads, "workloads")
 
     say = progress or (lambda m: None)
     profiles = []
@@ -589,6 +618,7 @@ def check(
     progress: Progress | None = None,
 ) -> CheckReport:
     """Run every workload of ``baseline`` again and compare its peak with the recorded one."""
+    check_workloads(baseline.workloads, Path(baseline_path).name or "baseline")
 
     say = progress or (lambda m: None)
     now = versions()

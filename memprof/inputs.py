@@ -46,6 +46,40 @@ class InputBuilder:
         if self.custom is None and self.rm.task == "image-text-to-text":
             self.image_plan(seq_len)
 
+    def _custom_inputs(self, builder: Callable[..., Any], batch_size: int, seq_len: int) -> Any:
+        """What a factory's input builder returns, checked: a dict of tensors, a tensor, or a tuple of them.
+
+        Raises:
+            InputError: the builder raised, or returned something else.
+        """
+        spec = self.rm.spec
+        try:
+            raw = builder(batch_size, seq_len)
+        except Exception as e:  # the user's code: its failure is the input's
+            if not users_failure(e):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise InputError(
+                f"{spec}: the input builder raised {type(e).__name__}" + (f": {first}" if first else "")
+            ) from None
+        values = (
+            list(raw.values())
+            if isinstance(raw, Mapping)
+            else raw
+            if isinstance(raw, (tuple, list))
+            else [raw]
+        )
+        if isinstance(raw, Mapping) and not all(isinstance(k, str) for k in raw):
+            ok = False
+        else:
+            ok = bool(values) and any(isinstance(v, torch.Tensor) for v in values)
+        if not ok:
+            raise InputError(
+                f"{spec}: the input builder must return a dict of tensors (keyword inputs), a tensor or a "
+                f"tuple of tensors; builder({batch_size}, {seq_len}) returned {type(raw).__name__}"
+            )
+        return raw
+
     def image_plan(self, seq_len: int) -> ImagePlan:
         """The image each sequence of an image-text-to-text step holds, and its tokens.
 
@@ -60,8 +94,7 @@ class InputBuilder:
     ) -> dict[str, Any]:
         """The keyword inputs of one step, on ``device`` (call inside the engine's tensor mode)."""
         if self.custom is not None:
-            raw = self.custom(batch_size, seq_len)
-            return _to_device(raw, device, self.dtype)
+            return _to_device(self._custom_inputs(self.custom, batch_size, seq_len), device, self.dtype)
         c = self.rm.config
         task = self.rm.task
         g = torch.Generator().manual_seed(0)
@@ -317,6 +350,16 @@ def _mrope_positions(plan: ImagePlan, B: int, L: int, device: torch.device | str
     text = torch.arange(L - 1 - plan.tokens).expand(3, -1) + (1 + max(hh, ww))
     pos = torch.cat([first, image + 1, text], dim=1)
     return pos.unsqueeze(1).expand(3, B, L).to(device)
+
+
+def users_failure(e: Exception) -> bool:
+    """True for an exception of the user's code (a factory, an input builder), False for memprof's or torch's own.
+
+    Fake tensors' limits (torch's exception types) are the engine's to explain, and
+    memprof's typed errors already say what is wrong.
+    """
+    module = type(e).__module__ or ""
+    return not module.startswith(("torch", "memprof"))
 
 
 def _to_device(raw: Any, device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from memprof.bounds import POSITIVE_INTS, config_bound_problems, size_problem
 from memprof.errors import InputError
 
 try:
@@ -23,15 +24,22 @@ except ImportError:  # pragma: no cover - huggingface_hub before strict dataclas
 
 
 def load_config_file(path: Path, trust_remote_code: bool) -> Any:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object with a model_type")
+    data = read_json(path, "a JSON object with a model_type")
+    refuse_remote_code(data, str(path), trust_remote_code)
     return config_from_dict(data, str(path))
+
+
+def refuse_remote_code(data: Mapping[str, Any], where: str, trust_remote_code: bool) -> None:
+    """Refuse a config that asks to run code shipped with the model, unless trusted.
+
+    Raises:
+        InputError: ``auto_map`` is set and ``trust_remote_code`` is not.
+    """
+    if data.get("auto_map") and not trust_remote_code:
+        raise InputError(
+            f"{where}: the config asks to run code shipped with the model (auto_map); "
+            "pass --trust-remote-code if you trust it"
+        )
 
 
 def config_from_dict(data: dict[str, Any], where: str) -> Any:
@@ -41,15 +49,27 @@ def config_from_dict(data: dict[str, Any], where: str) -> Any:
     model_type = data.get("model_type")
     if not model_type:
         raise InputError(f"{where}: no model_type in the config")
+    if not isinstance(model_type, str):
+        raise InputError(
+            f'{where}: model_type must be a string (e.g. "llama"), got {type(model_type).__name__}'
+        )
     if model_type not in CONFIG_MAPPING_NAMES:
         raise InputError(
             f"{where}: unknown model_type {model_type!r} (this transformers knows "
             f"{len(CONFIG_MAPPING_NAMES)} types, e.g. llama, gpt2, bert, t5, vit, whisper)"
         )
+    archs = data.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise InputError(f'{where}: architectures must be a list of class names (e.g. ["LlamaForCausalLM"])')
+    sizes = _size_problems(data, model_type)
+    if sizes:  # before transformers builds it: some configs divide by them in __init__
+        raise InputError(f"{where}: {sizes[0]}")
     kwargs = {k: v for k, v in data.items() if k != "model_type" and not k.startswith("_memprof")}
     try:
         config = AutoConfig.for_model(model_type, **kwargs)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError, KeyError, AttributeError) as e:
+        # transformers' own checks of the values given (a dtype it has no name for, a
+        # rope_parameters without its keys...): the config's problem, not memprof's
         raise InputError(f"{where}: invalid {model_type} config ({e})") from None
     except _StrictConfigError as e:
         # transformers >= 5 validates configs as huggingface_hub strict dataclasses,
@@ -59,6 +79,19 @@ def config_from_dict(data: dict[str, Any], where: str) -> Any:
         raise InputError(f"{where}: invalid {model_type} config ({why})") from None
     check_config(config, data, where)
     return config
+
+
+def _size_problems(data: Mapping[str, Any], name: str) -> list[str]:
+    """Size fields of a config.json (and of its towers' dicts) that are not positive whole numbers."""
+    problems = []
+    for attr in POSITIVE_INTS:
+        problem = size_problem(name, attr, data.get(attr))
+        if problem:
+            problems.append(problem)
+    for sub in _SUB_CONFIGS:
+        if isinstance(data.get(sub), Mapping):
+            problems += _size_problems(data[sub], f"{name} {sub}")
+    return problems
 
 
 def check_config(config: Any, data: Mapping[str, Any], where: str) -> None:
@@ -76,12 +109,24 @@ def check_config(config: Any, data: Mapping[str, Any], where: str) -> None:
     Raises:
         InputError: the first relation that does not hold, in one line.
     """
-    problems = _config_problems(config, data, getattr(config, "model_type", "?"))
+    name = getattr(config, "model_type", "?")
+    # sizes first: the relations below divide by them
+    problems = _bound_problems(config, name) or _config_problems(config, data, name)
     if problems:
         raise InputError(f"{where}: {problems[0]}")
 
 
 _SUB_CONFIGS = ("text_config", "vision_config", "audio_config")
+
+
+def _bound_problems(config: Any, name: str) -> list[str]:
+    """Sizes that are not positive whole numbers, or past memprof's bounds, in the config and its towers."""
+    problems = config_bound_problems(config, name)
+    for sub in _SUB_CONFIGS:
+        sub_cfg = getattr(config, sub, None)
+        if sub_cfg is not None and sub_cfg is not config and hasattr(sub_cfg, "to_dict"):
+            problems += config_bound_problems(sub_cfg, f"{name} {sub}")
+    return problems
 
 
 def _int(v: Any) -> int | None:
@@ -132,6 +177,13 @@ def _config_problems(config: Any, data: Mapping[str, Any], name: str) -> list[st
             problems.append(
                 f"{name} num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
             )
+    experts = next((e for e in map(_int, (getattr(config, a, None) for a in _EXPERT_COUNTS)) if e), None)
+    top_k = _int(getattr(config, "num_experts_per_tok", None))
+    if experts and top_k and top_k > experts:
+        problems.append(
+            f"{name} num_experts_per_tok {top_k} is more than the {experts} experts; route each token to "
+            "at most as many experts as there are"
+        )
     for sub in _SUB_CONFIGS:
         sub_cfg = getattr(config, sub, None)
         if sub_cfg is not None and sub_cfg is not config and hasattr(sub_cfg, "to_dict"):
@@ -151,14 +203,34 @@ def _config_problems(config: Any, data: Mapping[str, Any], name: str) -> list[st
     return problems
 
 
+_EXPERT_COUNTS = ("num_local_experts", "n_routed_experts", "num_experts")
 _IMAGE_TOKENS = ("image_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
-def read_json(p: Path) -> dict[str, Any]:
+#: a config.json memprof reads (the largest public ones are a few hundred KiB)
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+def read_json(p: Path, expected: str = "a JSON object") -> dict[str, Any]:
+    """A JSON object from a file.
+
+    Raises:
+        InputError: unreadable, too large, not UTF-8 text, not JSON, or not an object.
+    """
     try:
-        data = json.loads(p.read_text())
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise InputError(
+                f"{p}: {p.stat().st_size} bytes, too large for a config ({MAX_CONFIG_BYTES} at most)"
+            )
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{p}: not a text file (not UTF-8); expected {expected}") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{p}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{p}: JSON nested too deeply") from None
+    except OSError as e:
+        raise InputError(f"{p}: cannot read ({e.strerror})") from None
     if not isinstance(data, dict):
-        raise InputError(f"{p}: expected a JSON object")
+        raise InputError(f"{p}: expected {expected}")
     return data

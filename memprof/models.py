@@ -33,8 +33,8 @@ import torch
 
 from memprof.choices import DType, Task, values
 from memprof.errors import EnvironmentProblem, InputError
-from memprof.inputs import InputBuilder
-from memprof.model_config import config_from_dict, load_config_file, read_json
+from memprof.inputs import InputBuilder, users_failure
+from memprof.model_config import config_from_dict, load_config_file, read_json, refuse_remote_code
 
 #: tasks memprof builds inputs for, with the transformers auto class of each
 TASKS: dict[str, str] = {
@@ -229,10 +229,7 @@ def _from_directory(spec: str, path: Path, task: str | None, trust_remote_code: 
     if not cfg_path.is_file():
         raise InputError(f"{spec}: directory has no config.json")
     data = read_json(cfg_path)
-    if data.get("auto_map") and not trust_remote_code:
-        raise InputError(
-            f"{spec}: the config asks to run code shipped with the model (auto_map); pass --trust-remote-code if you trust it"
-        )
+    refuse_remote_code(data, spec, trust_remote_code)
     cfg = config_from_dict(data, str(cfg_path))
     rm = ResolvedModel(spec, _folder_name(path), "directory", cfg, trust_remote_code=trust_remote_code)
     rm.folder = path.resolve()
@@ -590,8 +587,17 @@ def _no_init_weights() -> Any:
 
 
 def _build_factory(rm: ResolvedModel, dtype: torch.dtype) -> tuple[torch.nn.Module, InputBuilder]:
-    assert rm.factory is not None
-    out = rm.factory()
+    if rm.factory is None:  # pragma: no cover - only factory models come here
+        raise InputError(f"{rm.spec}: not a module:factory model")
+    try:
+        out = rm.factory()
+    except Exception as e:  # the user's code: its failure is the input's, reported in one line
+        if not users_failure(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise InputError(
+            f"{rm.spec}: the factory raised {type(e).__name__}" + (f": {first}" if first else "")
+        ) from None
     builder_fn = None
     if isinstance(out, tuple) and len(out) == 2:
         model, builder_fn = out

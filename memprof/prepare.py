@@ -60,6 +60,25 @@ def estimate_state_bytes(rm: ResolvedModel, workload: Workload) -> int:
     return total
 
 
+def check_positions(rm: ResolvedModel, workload: Workload) -> None:
+    """Refuse a prefill plus decode longer than the model's positions, before anything is built.
+
+    Raises:
+        InputError: ``seq_len + decode_tokens`` past :meth:`ResolvedModel.position_limit`
+            (``seq_len`` alone: :meth:`memprof.inputs.InputBuilder.validate`, once a step runs).
+    """
+    if not workload.decode_tokens:  # --seq-len alone: the input builder checks it, where a step runs
+        return
+    limit = rm.position_limit()
+    if limit is None or rm.task == "image-classification":
+        return
+    if workload.seq_len + workload.decode_tokens > limit:
+        raise InputError(
+            f"--seq-len {workload.seq_len} + --decode-tokens {workload.decode_tokens} is past {rm.name}'s "
+            f"position limit of {limit}; decode at most {limit - workload.seq_len} tokens after this prefill"
+        )
+
+
 def prepare(
     spec: str,
     workload: Workload,
@@ -86,10 +105,13 @@ def prepare(
     else:
         estimate = None
         if engine == "auto":
+            check_positions(rm, workload)  # before the fake build that counts parameters
             if progress:
                 progress("Counting parameters")
             estimate = estimate_state_bytes(rm, workload)
         eng = get_engine(engine, estimate_bytes=estimate, snapshot=snapshot)
+    # after the engine's own check (no GPU for --engine cuda is the machine's problem first)
+    check_positions(rm, workload)
     if rm.source == "hub" and eng.load_weights and not rm.has_weights:
         try:
             fetch_hub_weights(rm)
@@ -145,4 +167,4 @@ def stack(
     return setup, skipped
 
 
-__all__ = ["apply_step", "estimate_state_bytes", "fake_model", "prepare", "stack"]
+__all__ = ["apply_step", "check_positions", "estimate_state_bytes", "fake_model", "prepare", "stack"]

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from memprof import optimizations
+from memprof.bounds import is_key, load_yaml
 from memprof.errors import InputError, ProblemsError
 from memprof.optimizations.registry import Optimization, parse_options, unknown_name_message
 
@@ -110,7 +111,10 @@ def parse(text: str, source: str = "<recipe>", *, allow_repeats: bool = False) -
     """
     duplicates: list[str] = []
     try:
-        data = yaml.load(text, Loader=_loader(duplicates))  # a SafeLoader subclass: no code runs
+        # a SafeLoader subclass (no code runs), within the bounds: no anchors, at most 1 MiB
+        data = load_yaml(text, source, _loader(duplicates))
+    except InputError as e:
+        raise RecipeError(source, [str(e).removeprefix(f"{source}: ")]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -183,7 +187,14 @@ def _loader(duplicates: list[str]) -> type[yaml.SafeLoader]:
     def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = loader.construct_object(key_node)
+            key = loader.construct_object(key_node, deep=True)
+            if not is_key(key):  # "? [a, b]": a complex key, which no recipe field has
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"a key must be a name, got a {type(key).__name__}",
+                    key_node.start_mark,
+                )
             if key in seen:
                 duplicates.append(
                     f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one entry"
@@ -207,7 +218,13 @@ def from_names(items: list[str], *, allow_repeats: bool = False) -> Recipe:
         entry: dict[str, Any] = {"name": name.strip()}
         for kv in filter(None, (p.strip() for p in rest.split(","))):
             k, eq, v = kv.partition("=")
-            entry[k.strip()] = yaml.safe_load(v) if eq else True
+            try:
+                entry[k.strip()] = load_yaml(v, "--step") if eq else True
+            except (yaml.YAMLError, InputError) as e:
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise RecipeError(
+                    "--step", [f"{item}: {k.strip()}={v}: not a valid value ({problem})"]
+                ) from None
         entries.append(entry)
     return parse(
         yaml.safe_dump({"description": "from the command line", "optimizations": entries}),

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from memprof.allocator_model import AllocatorSettings
+from memprof.bounds import workload_bound_problems
 from memprof.choices import MORE_OPTIMIZERS, Attn, Experts, Mode, MoeRouting, Optim, values
 from memprof.errors import InputError
 from memprof.models import DTYPES, ResolvedModel
@@ -109,6 +110,10 @@ class Workload:
         if self.moe_routing not in MOE_ROUTINGS:
             problems.append(
                 f"--moe-routing must be one of {', '.join(MOE_ROUTINGS)}, got {self.moe_routing!r}"
+            )
+        if not problems:  # the bounds assume the values above are sane
+            problems += workload_bound_problems(
+                self.batch_size, self.seq_len, self.decode_tokens, self.world_size
             )
         if problems:
             raise InputError("; ".join(problems))

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "memprof.profile",
             "memprof.models",
             "memprof.model_config",
+            "memprof.bounds",
             "memprof.inputs",
             "memprof.data",
             "memprof.workload",

@@ -83,6 +83,13 @@ class CachingAllocatorModel:
     def malloc(self, nbytes: int) -> _Block:
         """Allocate ``nbytes`` (rounded up to 512); returns the block (pass it to :meth:`free`)."""
         size = round_size(nbytes)
+        if size > _EXPANDABLE_VA:
+            # no GPU has 64 TiB: a tensor this large is past memprof's bounds (memprof.bounds),
+            # refused here too for shapes the bounds could not see (an eager attention's scores)
+            raise InputError(
+                f"the step asks the allocator for one block of {size / 2**40:.0f} TiB, past the allocator "
+                "model's 64 TiB address space (no GPU holds it); lower --batch-size or --seq-len"
+            )
         pool = self._small if size <= SMALL_SIZE else self._large
         block = self._get_free_block(pool, size)
         if block is None:

@@ -28,8 +28,11 @@ from pathlib import Path
 
 import typer
 
+from memprof.bounds import MAX_MESSAGE_CHARS, cut
 from memprof.errors import ExitCode, InternalError, MemprofError, OutOfMemory
 
+#: problems of a file listed under its summary line (the rest are counted)
+MAX_PROBLEMS_SHOWN = 50
 #: where crash reports go (default: a ``memprof`` folder in the system's temporary folder)
 CRASH_DIR_VAR = "MEMPROF_CRASH_DIR"
 
@@ -69,8 +72,9 @@ def error_line(message: str, prefix: str = "error: ") -> None:
     """Print one error line on stderr (under torchrun, on rank 0 only: the ranks fail alike)."""
     if _other_rank():
         return
-    # one line: libraries' messages (the Hub client's) can span several
-    message = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    # one line (libraries' messages, the Hub client's, can span several), of a sane length:
+    # a message may quote the input, and the input may be huge
+    message = cut(message, limit=MAX_MESSAGE_CHARS - len(prefix))
     sys.stderr.write(f"memprof: {prefix}{message}\n")
     sys.stderr.flush()
 
@@ -135,7 +139,8 @@ def internal_error(e: BaseException, argv: Sequence[str]) -> int:
         where = f"traceback in {crash_report(e, argv)}"
     except Exception as w:  # a report that cannot be written must not hide the error itself
         where = f"the traceback could not be written ({type(w).__name__}: {w})"
-    error_line(f"{err}; {where}", prefix="")
+    # the file's path ends the line: the cut falls on the message, never on it
+    error_line(f"{cut(str(err), MAX_MESSAGE_CHARS - len(where) - 2)}; {where}", prefix="")
     return InternalError.exit_code
 
 
@@ -196,8 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problems and len(problems) > 1:
             # a recipe: the summary line, then every problem on its own line
             error_line(f"{getattr(e, 'source', 'recipe')}: {len(problems)} problems")
-            for p in problems if not _other_rank() else []:
-                sys.stderr.write(f"  - {p}\n")
+            shown = problems[:MAX_PROBLEMS_SHOWN] if not _other_rank() else []
+            for p in shown:
+                sys.stderr.write(f"  - {cut(p)}\n")
+            if shown and len(problems) > len(shown):
+                sys.stderr.write(f"  - ... and {len(problems) - len(shown)} more\n")
         else:
             error_line(str(e))
         code = e.exit_code
