@@ -733,9 +733,9 @@ class Engine:
             why = extra.get("warm_up", "")
             if "warm_up" in extra and why is None:
                 notes.append(
-                    "steady state: before the measured step the optimizer state (and the loss scaler's) was "
-                    "created as a step leaves it (zero gradients through the step's own optimizer phase, no "
-                    "forward), so it exists as in every step but the first"
+                    "steady state: the optimizer state was created before the measured step as one step leaves "
+                    "it (zero gradients through the step's own optimizer phase; no warm-up forward), so it "
+                    "exists as in every step but the first"
                 )
             else:
                 notes.append(

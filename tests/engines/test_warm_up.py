@@ -67,7 +67,7 @@ def steady(p: Profile) -> dict[str, Any]:
 
 
 def fast_note(p: Profile) -> bool:
-    return any("no forward" in n for n in p.notes)
+    return any("no warm-up forward" in n for n in p.notes)
 
 
 def pairs() -> list[Any]:
