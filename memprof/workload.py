@@ -10,9 +10,10 @@ optimizations from ``steps`` and calls their hooks
 model or the step lives in its own module.
 
 A training step is forward, loss, backward, optimizer step and zeroing of the
-gradients (``set_to_none``). It is measured in steady state: the engine runs one
-warm-up step first, so the optimizer state exists as in every step of a real run
-but the first. An inference step is a forward pass without autograd; for causal
+gradients (``set_to_none``). It is measured in steady state: the engine first
+creates the optimizer state as one step leaves it (or runs a whole warm-up step
+where more of a step persists), so it exists as in every step of a real run but
+the first. An inference step is a forward pass without autograd; for causal
 LMs, ``decode_tokens > 0`` adds N decode steps on the KV cache after the prefill.
 A distillation step is a training step of the student whose loss compares its
 logits with a teacher's (:mod:`memprof.distill_loss`): the teacher runs beside it,

@@ -64,6 +64,10 @@ class Measure:
     budget: int | None = None
     #: keep the memory timeline (``Profile.timeline``)
     timeline: bool = True
+    #: run a whole warm-up step even where creating its leftovers suffices (the
+    #: tests compare both ways; see :meth:`Engine.full_warm_up_reason`); a string
+    #: is the reason the profile's note gives
+    full_warm_up: bool | str = False
 
 
 @dataclass
@@ -170,6 +174,17 @@ def failure_site(
     return (op_name(op) if op is not None else None), raised, module
 
 
+@contextlib.contextmanager
+def _gradients_seen(params: list[torch.nn.Parameter], seen: set[int]) -> Iterator[None]:
+    """Add to ``seen`` the id of each of ``params`` whose gradient accumulates while inside."""
+    handles = [p.register_post_accumulate_grad_hook(lambda t: seen.add(id(t))) for p in params]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class Engine:
     """Base engine; subclasses set the class attributes and override the hooks."""
 
@@ -272,9 +287,13 @@ class Engine:
         """Measure one step, and optionally its FLOPs, its time and a quality probe.
 
         The step: build the model (seeded), apply the setup, probe its output
-        (real engines, ``measure.quality``), run a warm-up step (counting FLOPs
-        when asked), time untracked steps (real engines, ``measure.timing_steps``),
-        then the tracked step, then probe the loss again.
+        (real engines, ``measure.quality``), warm up (training: create the
+        optimizer state as a step leaves it, or run a whole warm-up step where
+        :meth:`full_warm_up_reason` says why; counting FLOPs when asked), time
+        untracked steps (real engines, ``measure.timing_steps``), then the tracked
+        step, then probe the loss again. A training step that leaves a trainable
+        parameter without a gradient after the fast warm-up is measured again
+        after a whole warm-up step (a whole step gives that parameter no state).
 
         Raises:
             InputError: the model or setup is invalid; ``NotSupported``: a step the
@@ -285,6 +304,7 @@ class Engine:
         """
         say = progress or _noop
         measure = measure or Measure()
+        given = workload  # a copy is measured: the setup gathers notes on the way
         setup = StepSetup.of(workload)
         if setup.workload.attn == "auto":  # commands resolve it first; library callers may not
             setup.update_workload(attn=setup.workload.for_model(rm).attn)
@@ -302,6 +322,7 @@ class Engine:
         )
         out = RunResult(profile=None)  # type: ignore[arg-type]
         model: torch.nn.Module | None = None
+        unreached = False
         # the tracker while its region runs: an exception there is placed by its op and module
         in_region: Tracker | None = None
         try:
@@ -344,7 +365,19 @@ class Engine:
                             say("Quality probe on the data's texts")
                             batch = {k: v.to(dev) for k, v in measure.texts.items()}
                             out.embeddings = runner.embed(batch)
-                    if train or self.gpu or measure.flops or measure.timing_steps:
+                    # An inference step on cpu or sim needs no warm-up: it leaves nothing
+                    # behind (no optimizer, no persistent buffer: the KV cache is the step's own).
+                    reached: set[int] | None = None  # the fast warm-up: what gets gradients
+                    fast = False
+                    if train:
+                        extra["warm_up"] = why_full = self.full_warm_up_reason(runner, measure, moe)
+                        fast = why_full is None
+                    if fast:
+                        say("Warm-up: optimizer state without a step")
+                        torch.manual_seed(measure.seed)
+                        runner.warm_up_state()
+                        reached = set()
+                    elif train or self.gpu or measure.flops or measure.timing_steps:
                         say("Warm-up step (creates optimizer state, initialises kernels)")
                         torch.manual_seed(measure.seed)
                         if measure.flops:
@@ -395,8 +428,9 @@ class Engine:
                     oom: dict[str, Any] | None = None
                     error: BaseException | None = None
                     in_region = tracker
+                    seen = _gradients_seen(runner.trainable(), reached) if reached is not None else None
                     try:
-                        with tracker:
+                        with tracker, seen or contextlib.nullcontext():
                             tracker.mark_inputs(v for v in inputs.values() if isinstance(v, torch.Tensor))
                             runner.step(
                                 inputs, tracker=tracker, on_phase=lambda p: say(f"Measured step: {p}")
@@ -415,6 +449,11 @@ class Engine:
                             "live_by_module": tracker.state()["modules"],
                         }
                     in_region = None
+                    if error is None and reached is not None and len(reached) < len(runner.trainable()):
+                        # a trainable parameter the step never reaches (an unused head) gets
+                        # no optimizer state from a whole step, but got it from warm_up_state:
+                        # measured again below (a step that ran out of memory keeps its profile)
+                        unreached = True
                     self.after_measure(extra)
                     if tracker.trace is not None:
                         self.replay_trace(tracker.trace, setup, extra)
@@ -447,6 +486,17 @@ class Engine:
         gc.collect()
         if freeze_survivors:
             gc.freeze()
+        if unreached:
+            say("Some trainable parameters get no gradient: measuring again after a whole warm-up step")
+            return Engine.run_detailed(  # the subclass's wrapper is already around this call
+                self,
+                rm,
+                given,
+                progress=progress,
+                allow_pickle=allow_pickle,
+                track_modules=track_modules,
+                measure=replace(measure, full_warm_up="a trainable parameter gets no gradient in the step"),
+            )
         if error is not None:
             raise OutOfMemory(
                 f"out of memory in the {oom['phase'] if oom else '?'} phase"
@@ -513,6 +563,38 @@ class Engine:
         del teacher  # with top-k the runner kept none: the teacher leaves memory here
         gc.collect()
         return info
+
+    def full_warm_up_reason(self, runner: StepRunner, measure: Measure, moe: Any) -> str | None:
+        """Why a training profile's warm-up must be a whole step, or None.
+
+        The warm-up exists so the measured step finds what every step but the first
+        finds: the optimizer state (moments, step counters, 8-bit and paged buffers,
+        per-parameter and host optimizers' state) and the loss scaler's. Where nothing
+        else of a step persists, :meth:`StepRunner.warm_up_state` creates exactly that
+        without a forward and backward (in the sim on Llama-3-8B b1 s2048 bf16 here:
+        0.9 s instead of a whole fake step's 2.0 s, of a ~10 s process; bench/speed.py). Where something else does, or the
+        step itself is what is wanted, the whole step runs; each reason below.
+        """
+        if measure.full_warm_up:
+            return measure.full_warm_up if isinstance(measure.full_warm_up, str) else "asked for"
+        if self.gpu:
+            # kernel initialisation, the cuBLAS workspace and the caching allocator's
+            # segments: the allocator's counters must see them before the measured step
+            return "the first step on a GPU initialises kernels and the cuBLAS workspace"
+        if measure.flops:
+            return "the FLOPs are counted on the warm-up step"
+        if measure.timing_steps or measure.quality:
+            # real updates: the quality probe's loss after the steps, and timed steps
+            # after one that initialised the CPU kernels
+            return "timed or quality-probed steps follow a real step"
+        if runner.pair is not None:
+            # the teacher's first forward runs under the student's step, and the
+            # baseline teacher's gradients (never zeroed) persist from it
+            return "distillation: the teacher's forward and its gradients persist"
+        if moe is not None:
+            # which experts get gradients (and so optimizer state) depends on the routing
+            return "mixture of experts: the routing decides which experts get optimizer state"
+        return runner.full_warm_up_reason()
 
     def recompute_context(self) -> Callable[[], Any] | None:
         """What checkpoint recomputation must run under (see :class:`RunEnv`)."""
@@ -648,9 +730,19 @@ class Engine:
         if sharding is not None:
             notes += self.sharding_notes()
         if workload.training:
-            notes.append(
-                "steady state: one warm-up step ran first, so optimizer state exists as in every step but the first"
-            )
+            why = extra.get("warm_up", "")
+            if "warm_up" in extra and why is None:
+                notes.append(
+                    "steady state: the optimizer state was created before the measured step as one step leaves "
+                    "it (zero gradients through the step's own optimizer phase; no warm-up forward), so it "
+                    "exists as in every step but the first"
+                )
+            else:
+                notes.append(
+                    "steady state: one warm-up step ran first"
+                    + (f" ({why})" if why else "")
+                    + ", so optimizer state exists as in every step but the first"
+                )
         return from_tracker(
             r,
             engine=self.name,

@@ -452,17 +452,61 @@ class StepRunner:
                 loss.backward()
                 del loss
         with enter("optimizer"):
-            if self.optimizer is not None:
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=self.set_to_none)
-                for opt in self.optimizations:
-                    opt.after_optimizer_step(self, self.set_to_none)
-            elif not any(opt.own_optimizers() for opt in self.optimizations):
-                self.model.zero_grad(set_to_none=self.set_to_none)
+            self._optimizer_step()
+
+    def _optimizer_step(self) -> None:
+        """The step's optimizer phase: step (through the scaler), zero the gradients, the hooks after."""
+        if self.optimizer is not None:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=self.set_to_none)
+            for opt in self.optimizations:
+                opt.after_optimizer_step(self, self.set_to_none)
+        elif not any(opt.own_optimizers() for opt in self.optimizations):
+            self.model.zero_grad(set_to_none=self.set_to_none)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The parameters a training step gives gradients (the student's, in distillation)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def full_warm_up_reason(self) -> str | None:
+        """Why this step's warm-up must run a whole step (an optimization's reason), or None.
+
+        None: :meth:`warm_up_state` leaves what a whole step leaves behind.
+        """
+        for opt in self.optimizations:
+            why = opt.full_warm_up_reason(self)
+            if why:
+                return f"{opt.name}: {why}"
+        return None
+
+    def warm_up_state(self) -> None:
+        """What a training step leaves behind, without its forward and backward.
+
+        Each trainable parameter gets a zero gradient of its own shape and dtype
+        through autograd (``torch.autograd.backward`` on the parameters themselves),
+        so the gradient hooks fire as in a backward: the per-parameter optimizers of
+        ``optimizer_in_backward`` step there, ``optimizer_offload`` copies to its host
+        side. The loss scaler scales a zero loss (it creates its scale then). Then the
+        step's own optimizer phase runs (:meth:`_optimizer_step`): the optimizer
+        creates its state (moments, step counters, 8-bit and paged buffers, the
+        offload's host state), the scaler unscales and updates, the gradients are
+        freed as ``zero_grad`` frees them. Nothing of the model's forward runs: the
+        driver keeps the whole warm-up step where that forward or backward leaves
+        something behind (:meth:`full_warm_up_reason`, the engine's own reasons).
+        """
+        if not self.train:
+            return
+        if self.scaler is not None:
+            dev = next(self.model.parameters()).device
+            self.scaler.scale(torch.zeros((), device=dev))
+        params = self.trainable()
+        if params:
+            torch.autograd.backward(params, [torch.zeros_like(p) for p in params])
+        self._optimizer_step()
 
     def probe(self, inputs: dict[str, Any]) -> tuple[float | None, torch.Tensor | None]:
         """Loss and main output of an eval-mode forward without autograd (quality check).

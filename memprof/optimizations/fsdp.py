@@ -89,6 +89,12 @@ class Fsdp(Optimization):
             self._shards.attach(runner.optimizer)
         return True
 
+    def full_warm_up_reason(self, runner: StepRunner) -> str | None:
+        # FSDP2 initialises lazily in the root's first forward (its shared state, the
+        # sharded parameters reset, the root kept unsharded for backward), and its
+        # gradients come from the reduce-scatter, not from the parameters' autograd
+        return "FSDP2 initialises lazily in the first forward"
+
     def after_optimizer_step(self, runner: StepRunner, set_to_none: bool) -> None:
         if self._shards is not None:
             runner.model.zero_grad(set_to_none=set_to_none)  # the DTensor gradients

@@ -40,6 +40,8 @@ hook                       when the runner calls it
                            over local shards)
 ``grad_scaler``            a loss scaler for the step
 ``after_optimizer_step``   after the optimizer's step and zero_grad
+``full_warm_up_reason``    before the warm-up: why it must run a whole step
+                           (the first forward leaves something behind)
 ``host_memory``            after the measured step: the host memory it kept
                            (the profile's ``host`` line)
 ``close``                  remove what the hooks installed
@@ -225,6 +227,16 @@ class Optimization:
 
     def after_optimizer_step(self, runner: StepRunner, set_to_none: bool) -> None:
         """After the runner's optimizer step and ``zero_grad``."""
+
+    def full_warm_up_reason(self, runner: StepRunner) -> str | None:
+        """Why the warm-up before the measured step must run a whole step, or None.
+
+        By default the driver creates what a step leaves behind (optimizer state,
+        the scaler's) without a forward and backward
+        (:meth:`~memprof.engines.runner.StepRunner.warm_up_state`). An optimization
+        whose first forward or backward creates something that persists answers why.
+        """
+        return None
 
     def host_memory(self, runner: StepRunner) -> dict[str, Any] | None:
         """The host memory this optimization kept in the last step, or None.

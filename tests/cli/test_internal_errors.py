@@ -15,6 +15,7 @@ import memprof.cli.analyze as analyze_cli
 import memprof.engines.runner as runner_mod
 from memprof.cli import main
 from memprof.engines import get_engine
+from memprof.engines.base import Engine
 from memprof.errors import InputError, InternalError, NotSupported
 from memprof.models import resolve
 from memprof.workload import Workload
@@ -95,12 +96,23 @@ def test_an_op_that_raises_is_named(tmp_path, monkeypatch, capsys, crash_dir):
 
 
 def test_a_bug_in_the_warm_up_step_names_the_module(tmp_path, monkeypatch, capsys, crash_dir):
-    # training runs an untracked warm-up step first: the traceback tells the module
+    # a whole warm-up step (untracked) where one is needed, e.g. on cuda: the traceback tells the module
+    monkeypatch.setattr(Engine, "full_warm_up_reason", lambda *a: "a whole warm-up step")
     spec = greedy_model(tmp_path, monkeypatch, "zdiv_train", "ZeroDivisionError('x')")
     assert main(["analyze", spec, "--engine", "cpu", "-b", "1", "-s", "8"]) == 70
     m, _ = crash_line(capsys)
     assert m["where"] == " while profiling make in cpu"
     assert m["what"] == "ZeroDivisionError: x (in module greedy)"
+
+
+def test_a_bug_in_the_first_forward_of_a_training_step_names_op_and_module(
+    tmp_path, monkeypatch, capsys, crash_dir
+):
+    # the cpu engine's warm-up runs no forward: the bug surfaces in the tracked step
+    spec = greedy_model(tmp_path, monkeypatch, "zdiv_first", "ZeroDivisionError('x')")
+    assert main(["analyze", spec, "--engine", "cpu", "-b", "1", "-s", "8"]) == 70
+    m, _ = crash_line(capsys)
+    assert m["what"] == "ZeroDivisionError: x (after op aten.addmm in module greedy)"
 
 
 def test_a_bug_in_memprof_step_code(monkeypatch, capsys, crash_dir):

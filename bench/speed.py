@@ -1,0 +1,179 @@
+"""Command speed: each command's whole-process time against a bare fake step.
+
+Whole processes, run side by side, interleaved repeat by repeat (the order
+rotates each repeat), after one untimed run of each:
+
+- the bare floor: ``python -c`` that imports torch and transformers, builds the
+  model under ``FakeTensorMode`` (memprof's model build: config, no weights) and
+  runs one untracked fake training step (AdamW, foreach), with the garbage
+  collector's survivors frozen after the imports as the console script does.
+  Any command that profiles the step pays at least this;
+- ``memprof analyze MODEL --engine sim -b B -s S --dtype DTYPE`` of this checkout;
+- with ``--before REV``, the same command with ``memprof/`` of this checkout at
+  ``REV`` (``git archive``), to show what a change saved.
+
+Every process runs with ``PYTHONPATH`` set to the code it times, so the memprof
+timed is the one meant whatever the virtualenv's editable install points at.
+Times are wall clock and the child's CPU time (user + system, from ``getrusage``).
+The ratio column is the median over repeats of each command's time divided by the
+bare floor's time in the same repeat.
+
+This first version times ``analyze``; other commands (``compare``, ``plan``) are
+for later rows.
+
+Usage::
+
+    .venv/bin/python bench/speed.py [--repeats 3] [--model llama-3-8b] [--batch-size 1]
+        [--seq-len 2048] [--dtype bfloat16] [--before REV] [--write]
+
+It prints the section; ``--write`` also puts it in ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C
+from startup import ChildTiming, environment, runner
+
+#: the bare floor: imports, the fake build, one untracked fake training step
+BARE = """\
+import sys
+import torch, transformers
+from torch._subclasses.fake_tensor import FakeTensorMode
+from memprof.engines.runner import make_optimizer, run_step
+from memprof.models import build_model, resolve
+from memprof.workload import Workload
+import gc
+
+gc.collect()
+gc.freeze()  # as the memprof console script does after its imports (memprof.cli)
+model_spec, b, s, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+wl = Workload(mode="train", batch_size=b, seq_len=s, dtype=dtype, optimizer="adamw", attn="sdpa")
+with FakeTensorMode(allow_non_fake_inputs=True):
+    model, builder = build_model(resolve(model_spec), dtype=dtype, attn="sdpa", load_weights=False, init_weights=False)
+    model.train(True)
+    inputs = builder.build(b, s, torch.device("cpu"), with_labels=True)
+    run_step(model, inputs, wl, make_optimizer("adamw", model, foreach=True))
+"""
+
+
+def export(rev: str, into: Path) -> str:
+    """``memprof/`` and ``configs/`` (the bundled models) at ``rev``, unpacked under ``into``; the short commit."""
+    import subprocess
+
+    short = subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=C.REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    archive = subprocess.run(
+        ["git", "archive", rev, "memprof", "configs"], cwd=C.REPO, capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return short
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each process (default 3)")
+    ap.add_argument("--model", default="llama-3-8b", help="MODEL spec (default: the bundled llama-3-8b)")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument(
+        "--before", help="also time the command with memprof/ of this checkout at this git revision"
+    )
+    ap.add_argument("--write", action="store_true", help="also write the section into docs/benchmarks.md")
+    args = ap.parse_args()
+
+    python = sys.executable
+    if Path(args.model).exists():  # the processes run elsewhere: a path must be absolute
+        args.model = str(Path(args.model).resolve())
+    shape = [str(args.batch_size), str(args.seq_len), args.dtype]
+    analyze = [
+        *("-m", "memprof", "analyze", args.model, "--engine", "sim"),
+        *("-b", shape[0], "-s", shape[1], "--dtype", args.dtype),
+    ]
+    shown = f"memprof analyze {args.model} --engine sim -b {shape[0]} -s {shape[1]} --dtype {args.dtype}"
+    with tempfile.TemporaryDirectory(prefix="memprof-speed-") as tmp:
+        variants = [
+            (
+                "bare: imports, fake build, one untracked fake step",
+                [python, "-c", BARE, args.model, *shape],
+                C.REPO,
+            ),
+            (f"`{shown}`", [python, *analyze], C.REPO),
+        ]
+        before = None
+        if args.before:
+            old = Path(tmp) / "before"
+            old.mkdir()
+            before = export(args.before, old)
+            variants.append((f"the same, memprof at {before}", [python, *analyze], old))
+        timings = [ChildTiming(name) for name, _, _ in variants]
+        fns = [runner(argv, Path(tmp), environment(where)) for _, argv, where in variants]
+        for t, fn in zip(timings, fns):
+            C.log(f"  untimed run: {t.name}")
+            fn()
+        C.interleave(list(zip(timings, fns)), args.repeats, C.log)
+
+    bare = timings[0]
+    rows = []
+    for t in timings:
+        w, c = C.pair_ratios(t, bare)
+        rows.append(
+            [
+                t.name,
+                f"{t.wall_median:.2f}",
+                f"{min(t.wall):.2f} - {max(t.wall):.2f}",
+                f"{t.cpu_median:.2f}",
+                f"{w:.2f}x / {c:.2f}x",
+            ]
+        )
+    table = C.md_table(
+        ["Process", "Wall median (s)", "Wall min - max (s)", "CPU median (s)", "vs bare (wall / CPU)"], rows
+    )
+    notes = []
+    if before is not None:
+        now, old_t = timings[1], timings[2]
+        w, c = C.pair_ratios(now, old_t)
+        notes.append(
+            f"- This checkout against memprof at {before}: {w:.2f}x wall, {c:.2f}x CPU (median of the "
+            f"per-repeat ratios; {statistics.median(old_t.wall) - statistics.median(now.wall):+.2f} s wall "
+            "saved at the medians)."
+        )
+    body = "\n".join(
+        [
+            C.header_lines(
+                [
+                    f"- Repeats: {args.repeats} timed per process, interleaved (order rotating), after one "
+                    "untimed run of each; wall clock and the child's CPU time (user + system).",
+                    "- Bare floor: `python -c` importing torch and transformers, building the model under "
+                    "`FakeTensorMode` (memprof's build: config only) and running one untracked fake training "
+                    "step (AdamW, foreach) with `memprof.engines.runner.run_step`, the garbage collector's survivors "
+                    "frozen after the imports as the console script does: what any profile of the step pays at "
+                    "least.",
+                ]
+            ),
+            "",
+            table,
+            "",
+            *notes,
+        ]
+    )
+    C.publish(
+        "speed",
+        f"Command speed: whole processes against a bare fake step ({args.model})",
+        body,
+        write=args.write,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
