@@ -9,8 +9,17 @@ import sys
 
 
 def run() -> None:
-    """Import and run the CLI; an interrupt during the imports is one line, exit 130."""
+    """Import and run the CLI; an interrupt during the imports is one line, exit 130.
+
+    ``memprof`` and ``memprof --help`` print the top-level page from stubs
+    (:mod:`memprof.clihelp`), without importing the commands and torch.
+    """
     try:
+        from memprof.clihelp import help_app, is_top_level_help
+
+        if is_top_level_help(sys.argv[1:]):
+            help_app()(prog_name="memprof")
+            return
         from memprof.cli import main
     except KeyboardInterrupt:  # before memprof.cli could catch it (typer, the package face)
         sys.stderr.write("memprof: error: interrupted\n")

@@ -55,7 +55,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("report", ("memprof.report",)),
-    ("cli", ("memprof.cli", "memprof.__main__")),
+    ("cli", ("memprof.cli", "memprof.clihelp", "memprof.__main__")),
 ]
 FACE = "memprof"
 

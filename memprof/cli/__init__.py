@@ -29,6 +29,7 @@ from pathlib import Path
 import typer
 
 from memprof.bounds import MAX_MESSAGE_CHARS, cut
+from memprof.clihelp import new_app
 from memprof.errors import ExitCode, InternalError, MemprofError, OutOfMemory
 
 #: problems of a file listed under its summary line (the rest are counted)
@@ -36,14 +37,7 @@ MAX_PROBLEMS_SHOWN = 50
 #: where crash reports go (default: a ``memprof`` folder in the system's temporary folder)
 CRASH_DIR_VAR = "MEMPROF_CRASH_DIR"
 
-app = typer.Typer(
-    name="memprof",
-    help="GPU-memory profiler and optimizer for PyTorch and Hugging Face models.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-)
+app = new_app()
 
 
 def _register() -> None:
