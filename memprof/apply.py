@@ -119,7 +119,8 @@ def apply(
         output: the folder to create.
         workload: the step the before/after profiles measure (and the training arguments describe).
         force: replace an existing ``output``.
-        engine: the engine of the before/after profiles.
+        engine: the engine of the before/after profiles (``auto``: sim, a projection of
+            the memory; the written checkpoint is verified on the real model either way).
         profile: measure the before/after profiles (False: write only).
         data: a data sample (``--data`` / ``--lengths``) for dynamic padding, whose
             training-loop settings (``group_by_length``, the collator) go into the README.
@@ -178,7 +179,12 @@ def apply(
     before = after = None
     if profile:
         prof_eng = eng
-        if setup.shard and not eng.simulated and Launch.from_env() is None:
+        if engine == "auto":
+            # memory only, so projected by default: the real reloaded model is still run for the
+            # output check below; --engine cpu/cuda measures the two profiles on real tensors
+            prof_eng = SimEngine()
+            prof_eng.reason = "apply: the before/after memory is projected in sim by default (--engine to measure)"
+        elif setup.shard and not eng.simulated and Launch.from_env() is None:
             # real ranks need torchrun: the sharded step (and its baseline) is projected
             prof_eng = SimEngine()
             prof_eng.reason = "apply: a sharded step is projected (real ranks run under torchrun)"
