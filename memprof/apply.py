@@ -183,7 +183,9 @@ def apply(
             # memory only, so projected by default: the real reloaded model is still run for the
             # output check below; --engine cpu/cuda measures the two profiles on real tensors
             prof_eng = SimEngine()
-            prof_eng.reason = "apply: the before/after memory is projected in sim by default (--engine to measure)"
+            prof_eng.reason = (
+                "apply: the before/after memory is projected in sim by default (--engine to measure)"
+            )
         elif setup.shard and not eng.simulated and Launch.from_env() is None:
             # real ranks need torchrun: the sharded step (and its baseline) is projected
             prof_eng = SimEngine()

@@ -11,7 +11,8 @@ from memprof import recipes
 from memprof.cli import options as O
 from memprof.cli.common import check_outputs, spinner, stdout_console, write_output
 from memprof.compare import compare as run_compare
-from memprof.errors import EnvironmentProblem, InputError
+from memprof.errors import InputError
+from memprof.optimizations.registry import require_environment
 from memprof.report.compare import render_compare
 
 RECIPE = typer.Option(
@@ -36,9 +37,7 @@ def load_recipe(
         r.steps += extra.steps
     out: recipes.Recipe = r or extra  # type: ignore[assignment]
     # a missing optional library (peft, bitsandbytes, torchao): one line, before any work
-    missing = [why for s in out.steps if (why := s.environment_problem())]
-    if missing:
-        raise EnvironmentProblem(missing[0])
+    require_environment(out.steps)
     return out
 
 

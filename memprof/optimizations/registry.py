@@ -59,7 +59,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from memprof.errors import InputError
+from memprof.errors import EnvironmentProblem, InputError
 
 if typing.TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -439,6 +439,31 @@ def option_help(config_cls: type) -> list[tuple[str, str, Any, str]]:
             extra = " (" + "|".join(map(str, meta["choices"])) + ")"
         out.append((f.name, _type_name(hints[f.name]) + extra, f.default, meta.get("help", "")))
     return out
+
+
+def describe_steps(steps: list[dict[str, Any]]) -> str:
+    """Steps (``{"name", "options"}``) as one label, options that differ from the defaults:
+    ``lora(rank=64) + checkpointing``. A step this version does not know (a profile written by
+    another) is shown with its options as recorded."""
+    out = []
+    for s in steps:
+        try:
+            out.append(make(s["name"], s.get("options") or {}).describe())
+        except InputError:
+            opts = ", ".join(f"{k}={v}" for k, v in (s.get("options") or {}).items())
+            out.append(f"{s['name']}({opts})" if opts else s["name"])
+    return " + ".join(out)
+
+
+def require_environment(steps: list[Optimization]) -> None:
+    """EnvironmentProblem with the first missing library's install hint, before any work.
+
+    Raises:
+        EnvironmentProblem: a step's optional library (peft, bitsandbytes) is not installed.
+    """
+    missing = [why for s in steps if (why := s.environment_problem())]
+    if missing:
+        raise EnvironmentProblem(missing[0])
 
 
 def for_setup(setup: StepSetup) -> list[Optimization]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from memprof import optimizations
+from memprof.optimizations.registry import describe_steps
 from memprof.plan.levers import SIDE_COSTS, Lever, apply_steps
 from memprof.workload import StepSetup, Workload
 
@@ -64,7 +64,7 @@ class Combinations:
         steps = self.steps_of(key)
         if not steps:
             return "as it is"
-        return " + ".join(optimizations.make(s["name"], s["options"]).describe() for s in steps)
+        return describe_steps(steps)
 
     def side_cost(self, key: Key) -> float:
         return sum(lv.levels[i].side_cost for lv, i in zip(self.levers, key))

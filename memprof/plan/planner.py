@@ -13,7 +13,8 @@ from memprof import budget, optimizations
 from memprof.budget import Budget
 from memprof.engines.base import Engine
 from memprof.engines.sim import SimEngine
-from memprof.errors import EnvironmentProblem, InputError, NoPlanFits
+from memprof.errors import InputError, NoPlanFits
+from memprof.optimizations.registry import require_environment
 from memprof.plan.levers import PEFT_CHOICES, build_levers
 from memprof.plan.maximize import MAXIMIZE
 from memprof.plan.maximize import maximize as maximize_with
@@ -158,8 +159,7 @@ def plan(
     kinds = PEFT_CHOICES[peft] if peft else ()
     if kinds and not workload.training:
         raise InputError(f"--peft trains adapters: it needs a training step, not --mode {workload.mode}")
-    for kind in kinds:
-        require_optional(kind)
+    require_environment([optimizations.make(kind) for kind in kinds])
     budget.check(budget_bytes, context_overhead)
     wl = replace(workload, world_size=world_size) if world_size != 1 else workload
 
@@ -221,15 +221,6 @@ def _peft_option(kind: str, r: PlanResult) -> dict[str, Any]:
         "source": best.source if best else None,
         "runs": len(r.runs),
     }
-
-
-def require_optional(name: str) -> None:
-    """EnvironmentProblem (one line, the install hint) when optimization ``name``'s library is missing."""
-    opt = optimizations.make(name, {})
-    problem = getattr(opt, "environment_problem", None)
-    why = problem() if callable(problem) else None
-    if why:
-        raise EnvironmentProblem(why)
 
 
 def single_fixes(

@@ -10,8 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from memprof import optimizations
-from memprof.errors import MemprofError
+from memprof.optimizations.registry import describe_steps
 from memprof.profile import Profile
 from memprof.report.diagnosis import budget_panel
 from memprof.report.timeline import columns, fragmentation_line, host_line, outside_allocator_line
@@ -37,18 +36,6 @@ def _bar(frac: float, width: int = 24, style: str = "white") -> Text:
 
 def _pct(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:5.1f}%" if whole else "  n/a"
-
-
-def optimizations_line(steps: list[dict[str, Any]]) -> str:
-    """The optimizations applied to the step, options that differ from the defaults: ``lora(rank=64) + checkpointing``."""
-    out = []
-    for s in steps:
-        try:
-            out.append(optimizations.make(s["name"], s.get("options") or {}).describe())
-        except MemprofError:  # a profile written by another version: its names and options as recorded
-            opts = ", ".join(f"{k}={v}" for k, v in (s.get("options") or {}).items())
-            out.append(f"{s['name']}({opts})" if opts else s["name"])
-    return " + ".join(out)
 
 
 def moe_line(moe: dict) -> str:
@@ -101,7 +88,7 @@ def summary_table(p: Profile) -> Table:
             step += f"; {w['world_size']} ranks (batch per rank)"
         t.add_row("Step", step)
         if p.optimizations:
-            t.add_row("Applied", optimizations_line(p.optimizations))
+            t.add_row("Applied", describe_steps(p.optimizations))
         params = parameters_line(p.parameters)
         if params:
             t.add_row("Parameters", params)

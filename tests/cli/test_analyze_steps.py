@@ -76,3 +76,18 @@ def test_steps_with_shard_or_budget_are_refused_before_work(capsys):
         code, out, err = run(capsys, "analyze", tiny("llama"), "-e", "sim", "--step", "checkpointing", *extra)
         assert code == 2, err
         assert err.count("\n") == 1
+
+
+def test_bad_steps_and_recipes_are_refused_before_work(capsys, tmp_path):
+    bad_recipe = tmp_path / "r.yaml"
+    bad_recipe.write_text("optimizations: [{name: checkpointing, every: 0}]\n")
+    for extra in (
+        ["--step", "pruning:amount=2"],
+        ["--step", "no_such_step"],
+        ["--recipe", str(tmp_path / "missing.yaml")],
+        ["--recipe", str(bad_recipe)],
+    ):
+        code, out, err = run(capsys, "analyze", tiny("llama"), "-e", "sim", *extra)
+        assert code == 2, (extra, err)
+        assert err.startswith("memprof: error: ") and "Traceback" not in err + out
+        assert out == ""
