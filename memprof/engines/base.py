@@ -114,6 +114,16 @@ def extra_flop_formulas() -> dict[Any, Any]:
     return out
 
 
+def flop_counter() -> Any:
+    """A ``FlopCounterMode`` (not entered) for the tracker to count with; None where this torch lacks
+    the dispatch mode it decomposes under (the FLOPs are then counted on a whole warm-up step)."""
+    from torch.utils import flop_counter as fc
+
+    if not hasattr(fc, "_FlopCounterMode"):  # pragma: no cover - torch >= 2.13 has it
+        return None
+    return fc.FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
+
+
 def is_oom(e: BaseException) -> bool:
     """True for an out-of-memory error from CUDA or the CPU allocator."""
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
@@ -289,9 +299,11 @@ class Engine:
         The step: build the model (seeded), apply the setup, probe its output
         (real engines, ``measure.quality``), warm up (training: create the
         optimizer state as a step leaves it, or run a whole warm-up step where
-        :meth:`full_warm_up_reason` says why; counting FLOPs when asked), time
+        :meth:`full_warm_up_reason` says why), time
         untracked steps (real engines, ``measure.timing_steps``), then the tracked
-        step, then probe the loss again. A training step that leaves a trainable
+        step, then probe the loss again. FLOPs (``measure.flops``) are counted on
+        the tracked step (the tracker applies ``FlopCounterMode``'s formulas), or on
+        the whole warm-up step where one runs anyway. A training step that leaves a trainable
         parameter without a gradient after the fast warm-up is measured again
         after a whole warm-up step (a whole step gives that parameter no state).
 
@@ -372,12 +384,19 @@ class Engine:
                     if train:
                         extra["warm_up"] = why_full = self.full_warm_up_reason(runner, measure, moe)
                         fast = why_full is None
+                    # FLOPs: counted by the tracker on the measured step, unless a whole
+                    # warm-up step runs anyway (it counts them, as it always has)
+                    flops_in_step = (
+                        measure.flops
+                        and (fast or not (train or self.gpu or measure.timing_steps))
+                        and flop_counter() is not None
+                    )
                     if fast:
                         say("Warm-up: optimizer state without a step")
                         torch.manual_seed(measure.seed)
                         runner.warm_up_state()
                         reached = set()
-                    elif train or self.gpu or measure.flops or measure.timing_steps:
+                    elif train or self.gpu or measure.timing_steps:
                         say("Warm-up step (creates optimizer state, initialises kernels)")
                         torch.manual_seed(measure.seed)
                         if measure.flops:
@@ -424,6 +443,7 @@ class Engine:
                         distributed=setup.shard is not None,
                         record_timeline=measure.timeline,
                         budget=measure.budget,
+                        flop_counter=flop_counter() if flops_in_step else None,
                     )
                     oom: dict[str, Any] | None = None
                     error: BaseException | None = None
@@ -454,6 +474,8 @@ class Engine:
                         # no optimizer state from a whole step, but got it from warm_up_state:
                         # measured again below (a step that ran out of memory keeps its profile)
                         unreached = True
+                    if flops_in_step and error is None:
+                        out.flops = tracker.flops
                     self.after_measure(extra)
                     if tracker.trace is not None:
                         self.replay_trace(tracker.trace, setup, extra)
@@ -581,8 +603,6 @@ class Engine:
             # kernel initialisation, the cuBLAS workspace and the caching allocator's
             # segments: the allocator's counters must see them before the measured step
             return "the first step on a GPU initialises kernels and the cuBLAS workspace"
-        if measure.flops:
-            return "the FLOPs are counted on the warm-up step"
         if measure.timing_steps or measure.quality:
             # real updates: the quality probe's loss after the steps, and timed steps
             # after one that initialised the CPU kernels

@@ -36,6 +36,51 @@ from memprof.tracking.results import (
 from memprof.tracking.tensors import _inner_tensors, _is_wrapper, _unpack
 from memprof.tracking.timeline import downsample
 
+#: op -> whether ``FlopCounterMode`` would decompose it (an op without a FLOP formula)
+_DECOMPOSABLE: dict[Any, bool] = {}
+
+
+#: ops ``FlopCounterMode.__torch_dispatch__`` passes through (``NotImplemented``) in torch 2.13
+_FLOP_COUNTER_SKIPS = (
+    "sym_is_contiguous.default",
+    "is_contiguous.default",
+    "is_contiguous.memory_format",
+    "is_strides_like_format.default",
+    "is_non_overlapping_and_dense.default",
+    "size.default",
+    "sym_size.default",
+    "stride.default",
+    "sym_stride.default",
+    "storage_offset.default",
+    "sym_storage_offset.default",
+    "numel.default",
+    "sym_numel.default",
+    "dim.default",
+    "layout.default",
+    "device.default",
+)
+
+
+def _decomposable(func: Any) -> bool:
+    """True for an op with a CompositeImplicitAutograd kernel (``OpOverload.decompose`` runs it)."""
+    known = _DECOMPOSABLE.get(func)
+    if known is None and not _DECOMPOSABLE:  # FlopCounterMode neither counts nor decomposes these
+        for skip in _FLOP_COUNTER_SKIPS:
+            packet, _, overload = skip.partition(".")
+            ns = torch.ops.prim if packet in ("layout", "device") else torch.ops.aten
+            op = getattr(getattr(ns, packet, None), overload, None)
+            if op is not None:
+                _DECOMPOSABLE[op] = False
+        known = _DECOMPOSABLE.get(func)
+    if known is None:
+        key = torch._C.DispatchKey.CompositeImplicitAutograd
+        name = getattr(func, "name", None)
+        known = _DECOMPOSABLE[func] = bool(
+            key in getattr(func, "py_kernels", {})
+            or (callable(name) and torch._C._dispatch_has_kernel_for_dispatch_key(name(), key))
+        )
+    return known
+
 
 class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
     """Track live tensor memory by category and module.
@@ -78,6 +123,12 @@ class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
         budget: bytes; the first time the live total rises above it, the state
             is kept (:attr:`crossing`: op, phase, module, live bytes by
             category and by module), for an out-of-memory diagnosis.
+        flop_counter: count the region's FLOPs (:attr:`flops`) as this
+            ``torch.utils.flop_counter.FlopCounterMode`` (not entered) would: its
+            formulas applied to the ops as they reach the tracker, and an op
+            without a formula decomposed under the counter's own dispatch mode,
+            as ``FlopCounterMode`` does, outside the tracked region (the step
+            runs the op itself). The count costs no step of its own.
     """
 
     def __init__(
@@ -93,8 +144,15 @@ class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
         distributed: bool = False,
         record_timeline: bool = False,
         budget: int | None = None,
+        flop_counter: Any = None,
     ) -> None:
         super().__init__()
+        self._flop_counter = flop_counter
+        self._flop_formulas: dict[Any, Any] | None = (
+            flop_counter.flop_registry if flop_counter is not None else None
+        )
+        #: the region's FLOPs (``flop_counter`` given), else None
+        self.flops: int | None = 0 if flop_counter is not None else None
         self.model = model
         if optimizer is None:
             self.optimizers: list[torch.optim.Optimizer] = []
@@ -451,6 +509,8 @@ class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
         self.ops += 1
         self.last_op = func
         out = func(*args, **(kwargs or {}))
+        if self._flop_formulas is not None:
+            self._count_flops(func, args, kwargs, out)
         if func is torch.ops.aten.resize_.default:
             self._on_resize(args[0])
             return out
@@ -465,6 +525,24 @@ class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
                         if isinstance(oo, torch.Tensor):
                             self._maybe_add(oo)
         return out
+
+    def _count_flops(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        """What ``FlopCounterMode`` counts for the op: its formula, or its decomposition's FLOPs."""
+        formulas = self._flop_formulas
+        assert formulas is not None and self.flops is not None
+        formula = formulas.get(getattr(func, "_overloadpacket", None))
+        if formula is not None:
+            self.flops += formula(*args, **(kwargs or {}), out_val=out)
+        elif _decomposable(func):
+            # FlopCounterMode decomposes it and counts the parts (silu_backward, ...): the
+            # same, below the tracker (its dispatch mode is off here), the result dropped
+            from torch.utils.flop_counter import _FlopCounterMode
+
+            counter = self._flop_counter
+            before = counter.get_total_flops()
+            with _FlopCounterMode(counter):
+                func.decompose(*args, **(kwargs or {}))
+            self.flops += counter.get_total_flops() - before
 
     def _maybe_add(self, t: torch.Tensor) -> None:
         if t.layout is not torch.strided:
