@@ -24,6 +24,7 @@ import torch
 
 from memprof.data import DataSpec, encode, padding_plan
 from memprof.engines.base import Engine, Measure, RunResult
+from memprof.engines.pool import Job, run_many
 from memprof.errors import EnvironmentProblem, InputError, OutOfMemory
 from memprof.prepare import apply_step, fake_model, prepare
 from memprof.profile import Profile
@@ -221,30 +222,58 @@ def compare(
         model_view = fake_model(rm, workload)
     except InputError:
         model_view = None
-    setup = base_setup
-    for i, step in enumerate(recipe.steps, 2):
-        row = StepResult(name=step.name, options=step.options, label=step.describe())
-        cmp.steps.append(row)
-        trial = setup.copy() if cumulative else base_setup.copy()
-        reason = apply_step(step, model_view, trial)
-        if reason:
-            row.skipped = reason
-            continue
-        try:
-            r = run(trial, row.label, i)
-        except OutOfMemory as e:
-            row.profile = e.profile if isinstance(e.profile, Profile) else None
-            row.error = f"out of memory: {e}"
-            continue
-        except (InputError, EnvironmentProblem) as e:
-            # this step cannot run here (a library, a kernel the engine cannot trace):
-            # the row says why, the other rows still run
-            row.error = str(e)
-            continue
-        row.profile, row.flops, row.seconds = r.profile, r.flops, r.seconds
-        row.quality = quality_delta(base, r)
-        if cumulative:
-            setup = trial
+    cmp.steps = [StepResult(name=st.name, options=st.options, label=st.describe()) for st in recipe.steps]
+    # The rows run side by side where they can (memprof.engines.pool). A stacked row
+    # builds on the rows above that ran; one that fails (out of memory, a library
+    # missing) leaves the rows below built on it to run again without it.
+    setup, start = base_setup, 0
+    while start < len(recipe.steps):
+        batch: list[tuple[int, StepSetup]] = []
+        stacked = setup
+        for i in range(start, len(recipe.steps)):
+            row = cmp.steps[i]
+            row.skipped = None
+            trial = stacked.copy() if cumulative else base_setup.copy()
+            reason = apply_step(recipe.steps[i], model_view, trial)
+            if reason:
+                row.skipped = reason
+                continue
+            batch.append((i, trial))
+            if cumulative:
+                stacked = trial
+        if not batch:
+            break
+        results = run_many(
+            eng,
+            rm,
+            [Job(trial, measure) for _, trial in batch],
+            allow_pickle=allow_pickle,
+            stop_at_error=cumulative,
+            progress=lambda k, m, batch=batch: say(  # type: ignore[misc]
+                f"[{batch[k][0] + 2}/{total}] {cmp.steps[batch[k][0]].label}: {m}"
+            ),
+        )
+        start = len(recipe.steps)
+        for (i, trial), r in zip(batch, results):
+            row = cmp.steps[i]
+            if isinstance(r, BaseException):
+                if isinstance(r, OutOfMemory):
+                    row.profile = r.profile if isinstance(r.profile, Profile) else None
+                    row.error = f"out of memory: {r}"
+                elif isinstance(r, (InputError, EnvironmentProblem)):
+                    # this step cannot run here (a library, a kernel the engine cannot trace):
+                    # the row says why, the other rows still run
+                    row.error = str(r)
+                else:
+                    raise r
+                if cumulative:  # the rows below were built on this one: again, without it
+                    start = i + 1
+                    break
+                continue
+            row.profile, row.flops, row.seconds = r.profile, r.flops, r.seconds
+            row.quality = quality_delta(base, r)
+            if cumulative:
+                setup = trial
     return cmp
 
 

@@ -1,0 +1,164 @@
+"""Several measured steps at once: worker processes forked from this one, one per core.
+
+A sim run is Python dispatching fake tensors: it keeps one core busy and no more.
+The rows of ``memprof compare`` (and the workloads of ``memprof check``) are
+independent runs once their setups are known, so on a machine with more than one
+core they can run side by side. Workers are forked from the command's process:
+they inherit its imports, the resolved model and the fake-tensor dispatch cache
+that the runs before warmed, so a worker starts in milliseconds, not seconds.
+
+Only the sim engine's runs are spread out. A real step computes: a forked CUDA
+context is unusable and a forked OpenMP pool can hang, and timed steps would
+compete for the cores they are timing.
+
+Each worker returns its :class:`RunResult` (a profile is plain data) or the error
+the run raised, rebuilt in this process as the same class with the same message
+and fields; an unexpected exception becomes an :class:`InternalError` carrying the
+worker's traceback (``detail``: the crash file keeps it).
+
+``MEMPROF_WORKERS=N`` caps the number of workers (1: every run in this process).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from memprof.errors import InputError, InternalError, MemprofError
+
+if TYPE_CHECKING:
+    from memprof.engines.base import Engine, Measure, RunResult
+    from memprof.models import ResolvedModel
+    from memprof.workload import StepSetup
+
+#: the environment variable that caps the workers
+WORKERS_ENV = "MEMPROF_WORKERS"
+
+
+def available_workers() -> int:
+    """The cores this process may run on, capped by ``MEMPROF_WORKERS``.
+
+    Raises:
+        InputError: ``MEMPROF_WORKERS`` is not a whole number of at least 1.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    raw = os.environ.get(WORKERS_ENV)
+    if raw is None or raw.strip() == "":
+        return max(1, cores)
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise InputError(f"{WORKERS_ENV} must be a whole number of at least 1, got {raw!r}")
+    return n
+
+
+@dataclass
+class Job:
+    """One measured step: the setup, and what to measure."""
+
+    setup: StepSetup
+    measure: Measure
+
+
+#: what the forked workers read (set before the fork, cleared after)
+_WORK: dict[str, Any] = {}
+
+
+def _run_one(i: int) -> tuple[int, str, Any]:
+    engine: Engine = _WORK["engine"]
+    job: Job = _WORK["jobs"][i]
+    try:
+        r = engine.run_detailed(
+            _WORK["rm"], job.setup, allow_pickle=_WORK["allow_pickle"], measure=job.measure
+        )
+    except MemprofError as e:
+        if isinstance(e, InternalError):
+            return i, "internal", (str(e), e.traceback_text())
+        state = {k: v for k, v in vars(e).items() if k != "__traceback__"}
+        return i, "error", (type(e), str(e), state)
+    except Exception as e:  # a bug: its traceback goes back with it
+        return i, "internal", (f"{type(e).__name__}: {e}", "".join(traceback.format_exception(e)))
+    return i, "ok", r
+
+
+def _rebuild(kind: str, payload: Any, model: str, engine: str) -> BaseException:
+    if kind == "error":
+        cls, message, state = payload
+        e = cls.__new__(cls)
+        Exception.__init__(e, message)
+        e.__dict__.update(state)
+        return e
+    message, detail = payload
+    return InternalError(message=message, model=model, engine=engine, detail=detail)
+
+
+def _child_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # a fake step computes nothing; the other workers need the cores
+
+
+def run_many(
+    engine: Engine,
+    rm: ResolvedModel,
+    jobs: Sequence[Job],
+    *,
+    allow_pickle: bool = False,
+    workers: int | None = None,
+    stop_at_error: bool = False,
+    progress: Callable[[int, str], None] | None = None,
+) -> list[RunResult | BaseException]:
+    """Measure each job; the results in the jobs' order (a :class:`MemprofError` a run raised in its place).
+
+    Runs in this process when there is one job, one worker, or an engine that is not
+    simulated; otherwise in up to ``workers`` (default :func:`available_workers`)
+    forked processes. ``progress(i, message)``: job ``i``'s status lines (in this
+    process, each of its steps; from workers, when it starts and when it ends).
+    ``stop_at_error``: in this process, no job runs after one that raised (the list
+    ends there); workers run every job.
+    """
+    say = progress or (lambda i, msg: None)
+    n = min(workers or available_workers(), len(jobs))
+    if n <= 1 or not engine.simulated or "fork" not in multiprocessing.get_all_start_methods():
+        out: list[RunResult | BaseException] = []
+        for i, job in enumerate(jobs):
+            try:
+                out.append(
+                    engine.run_detailed(
+                        rm,
+                        job.setup,
+                        allow_pickle=allow_pickle,
+                        measure=job.measure,
+                        progress=lambda msg, i=i: say(i, msg),  # type: ignore[misc]
+                    )
+                )
+            except MemprofError as e:
+                out.append(e)
+                if stop_at_error:
+                    break
+        return out
+    for i in range(len(jobs)):
+        say(i, f"queued for one of {n} worker processes")
+    results: list[RunResult | BaseException | None] = [None] * len(jobs)
+    _WORK.update(engine=engine, rm=rm, jobs=list(jobs), allow_pickle=allow_pickle)
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(n, initializer=_child_init, maxtasksperchild=None) as pool:
+            for i, kind, payload in pool.imap_unordered(_run_one, range(len(jobs))):
+                results[i] = payload if kind == "ok" else _rebuild(kind, payload, rm.name, engine.name)
+                say(i, "done")
+    finally:
+        _WORK.clear()
+    return [r for r in results if r is not None]
+
+
+__all__ = ["WORKERS_ENV", "Job", "available_workers", "run_many"]

@@ -1,0 +1,142 @@
+"""Sim runs side by side in forked workers (memprof.engines.pool): the same rows as one by one.
+
+``memprof compare`` hands its rows to :func:`run_many`; with more than one worker
+they run in forked processes. Each test runs the same thing with one worker (in
+this process) and with two, and the results must be the same, errors included.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import pytest
+
+from memprof import recipes
+from memprof.compare import compare
+from memprof.engines import SimEngine
+from memprof.engines.base import Measure
+from memprof.engines.pool import Job, available_workers, run_many
+from memprof.errors import InputError, InternalError, NotSupported, OutOfMemory
+from memprof.models import resolve
+from memprof.workload import Workload
+from tests.conftest import setup_with, tiny
+
+WL = Workload(batch_size=2, seq_len=16)
+
+
+@pytest.fixture(autouse=True)
+def _no_automatic_collections():
+    """A collection inside a measured step adds a metadata op to the timeline's op count
+    (see tests/engines/test_warm_up.py): paused here and in the forked workers."""
+    was = gc.isenabled()
+    gc.disable()
+    yield
+    if was:
+        gc.enable()
+
+
+def rows(cmp: Any) -> list[Any]:
+    out = []
+    for s in cmp.steps:
+        d = s.to_dict()
+        if d.get("profile"):
+            d["profile"].pop("notes")  # which warm-up ran and such: same; kept out of the diff noise
+        out.append(d)
+    return out
+
+
+def test_compare_rows_side_by_side_are_the_rows_one_by_one(monkeypatch):
+    # (not mixed precision: autocast frees its cache in an order that varies run to run,
+    # see tests/engines/test_flops_in_step.py)
+    recipe = recipes.from_names(["optimizer:type=adafactor", "checkpointing", "chunking:size=8"])
+    monkeypatch.setenv("MEMPROF_WORKERS", "1")
+    one = compare(tiny("llama"), recipe, WL, engine="sim")
+    monkeypatch.setenv("MEMPROF_WORKERS", "2")
+    two = compare(tiny("llama"), recipe, WL, engine="sim")
+    assert [s.profile is not None for s in two.steps] == [True, True, True]
+    assert [s.flops for s in two.steps] == [s.flops for s in one.steps]
+    assert rows(two) == rows(one)
+    # stacked: the last row carries all three
+    assert [o["name"] for o in two.steps[-1].profile.optimizations] == ["optimizer", "checkpointing", "chunking"]
+
+
+def test_a_row_that_fails_is_left_out_of_the_rows_below_it(monkeypatch):
+    """A worker's row runs out of memory: the rows below, built on it, run again without it."""
+    real = SimEngine.run_detailed
+
+    def oom_with_checkpointing(self, rm, setup, **kw):
+        if any(st["name"] == "checkpointing" for st in setup.steps):
+            raise OutOfMemory("out of memory in the backward phase: as a test says", None)
+        return real(self, rm, setup, **kw)
+
+    monkeypatch.setattr(SimEngine, "run_detailed", oom_with_checkpointing)
+    recipe = recipes.from_names(["mixed_precision", "checkpointing", "chunking:size=8"])
+    out = {}
+    for n in ("1", "2"):
+        monkeypatch.setenv("MEMPROF_WORKERS", n)
+        out[n] = compare(tiny("llama"), recipe, WL, engine="sim")
+    for cmp in out.values():
+        mp, ck, ch = cmp.steps
+        assert mp.profile is not None and mp.error is None
+        assert ck.error and ck.error.startswith("out of memory") and ck.profile is None
+        assert [o["name"] for o in ch.profile.optimizations] == ["mixed_precision", "chunking"]
+    assert rows(out["1"]) == rows(out["2"])
+
+
+def test_errors_come_back_as_the_class_the_worker_raised(monkeypatch):
+    real = SimEngine.run_detailed
+
+    def failing(self, rm, setup, **kw):
+        names = [st["name"] for st in setup.steps]
+        if "checkpointing" in names:
+            raise NotSupported("tiny", "the step reads tensor values; use --engine cpu", engine="sim")
+        if "chunking" in names:
+            raise RuntimeError("a bug in a worker")
+        return real(self, rm, setup, **kw)
+
+    monkeypatch.setattr(SimEngine, "run_detailed", failing)
+    jobs = [
+        Job(setup_with(WL), Measure()),
+        Job(setup_with(WL, ("checkpointing", {})), Measure()),
+        Job(setup_with(WL, ("chunking", {"size": 8})), Measure()),
+    ]
+    ok, unsupported, bug = run_many(SimEngine(), resolve(tiny("llama")), jobs, workers=2)
+    assert ok.profile.peak_bytes > 0
+    assert isinstance(unsupported, NotSupported)
+    assert str(unsupported) == "tiny: not supported in sim: the step reads tensor values; use --engine cpu"
+    assert isinstance(bug, InternalError)
+    assert "RuntimeError: a bug in a worker" in str(bug)
+    assert "Traceback" in bug.traceback_text() and "failing" in bug.traceback_text()  # the worker's
+
+
+def test_one_worker_or_one_job_runs_here(monkeypatch):
+    import os
+
+    pid = os.getpid()
+    seen = []
+    real = SimEngine.run_detailed
+
+    def where(self, rm, setup, **kw):
+        seen.append(os.getpid())
+        return real(self, rm, setup, **kw)
+
+    monkeypatch.setattr(SimEngine, "run_detailed", where)
+    jobs = [Job(setup_with(WL), Measure()), Job(setup_with(WL, ("checkpointing", {})), Measure())]
+    run_many(SimEngine(), resolve(tiny("llama")), jobs, workers=1)
+    run_many(SimEngine(), resolve(tiny("llama")), jobs[:1], workers=4)
+    assert seen == [pid, pid, pid]
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_a_bad_worker_count_is_an_input_error(monkeypatch, value):
+    monkeypatch.setenv("MEMPROF_WORKERS", value)
+    with pytest.raises(InputError, match="MEMPROF_WORKERS must be a whole number"):
+        available_workers()
+
+
+def test_the_worker_count_is_capped_by_the_environment(monkeypatch):
+    monkeypatch.setenv("MEMPROF_WORKERS", "3")
+    assert available_workers() == 3
+    monkeypatch.delenv("MEMPROF_WORKERS")
+    assert available_workers() >= 1
