@@ -75,10 +75,10 @@ class ChildTiming(C.Timing):
         return f"{1000 * min(self.wall):.0f} - {1000 * max(self.wall):.0f}"
 
 
-def runner(argv: Sequence[str], cwd: Path, env: dict[str, str]) -> Callable[[], None]:
+def runner(argv: Sequence[str], cwd: Path, env: dict[str, str], code: int = 0) -> Callable[[], None]:
     def fn() -> None:
         p = subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True, check=False)
-        if p.returncode != 0:
+        if p.returncode != code:
             raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}:\n{p.stdout}{p.stderr}")
 
     return fn
@@ -162,7 +162,9 @@ def export(rev: str, into: Path) -> str:
     short = subprocess.run(
         ["git", "rev-parse", "--short", rev], cwd=C.REPO, capture_output=True, text=True, check=True
     ).stdout.strip()
-    archive = subprocess.run(["git", "archive", rev, "memprof"], cwd=C.REPO, capture_output=True, check=True)
+    archive = subprocess.run(
+        ["git", "archive", rev, "memprof", "configs"], cwd=C.REPO, capture_output=True, check=True
+    )
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return short
 
@@ -174,11 +176,19 @@ def main() -> int:
         "--help-repeats", type=int, default=10, help="repeats of each interpreter run (default 10)"
     )
     ap.add_argument("--before", help="also time the pytest plugin of this checkout at this git revision")
+    ap.add_argument(
+        "--commands",
+        action="store_true",
+        help="only time the commands that answer before torch loads (recipes, validate, a bad "
+        "argument), here and at --before REV",
+    )
     ap.add_argument("--write", action="store_true", help="also write the section into docs/benchmarks.md")
     args = ap.parse_args()
 
     python = sys.executable
     env = environment(C.REPO)
+    if args.commands:
+        return commands(python, args)
     with tempfile.TemporaryDirectory(prefix="memprof-startup-") as tmp:
         project = Path(tmp) / "project"
         project.mkdir()
@@ -310,6 +320,52 @@ def main() -> int:
         "(`memprof analyze --help`) still imports its module, and torch with it."
     )
     C.publish("startup", "Startup: pytest with memprof installed, `memprof --help`", body, write=args.write)
+    return 0
+
+
+NOTE = "These commands import neither torch nor transformers now: the optimizations, recipes and command modules load the library only inside the functions that run a step, after the arguments are checked (tests/cli/test_answers_before_torch.py checks it). A bad MODEL (`memprof analyze no-such-model`) still loads torch before it is answered."
+
+#: commands that answer from their arguments alone: (label, arguments, exit code)
+COMMANDS = [
+    ("`memprof recipes`", ["recipes"], 0),
+    (
+        "`memprof recipes validate configs/recipes/low-memory-finetune.yaml`",
+        ["recipes", "validate", "configs/recipes/low-memory-finetune.yaml"],
+        0,
+    ),
+    ("`memprof analyze gpt2 --budget lots` (exit 2)", ["analyze", "gpt2", "--budget", "lots"], 2),
+]
+
+
+def commands(python: str, args: argparse.Namespace) -> int:
+    """Time the commands of COMMANDS at this checkout and, with ``--before``, at that revision."""
+    with tempfile.TemporaryDirectory(prefix="memprof-startup-") as tmp:
+        trees = [("this checkout", C.REPO)]
+        if args.before:
+            old = Path(tmp) / "before"
+            old.mkdir()
+            trees.append((f"at {export(args.before, old)}", old))
+        variants = []
+        for label, argv, code in COMMANDS:
+            for where, root in trees:
+                variants.append(
+                    (
+                        f"{label}, {where}",
+                        runner([python, "-m", "memprof", *argv], root, environment(root), code),
+                    )
+                )
+        C.log(f"commands: {len(variants)} variants x {args.help_repeats} repeats")
+        timings = measure(variants, args.help_repeats)
+    rows = [
+        [t.name, f"{1000 * t.wall_median:.0f}", t.spread(), f"{1000 * t.cpu_median:.0f}"] for t in timings
+    ]
+    table = C.md_table(["command", "wall ms (median)", "wall ms min - max", "CPU ms (median)"], rows, "lrrr")
+    extra = [
+        f"- Repeats: {args.help_repeats} of each, interleaved, after one untimed warm-up run each",
+        f"- Interpreter: `{python}` (`python -m memprof`), `PYTHONPATH` set to the code timed, run in the folder of the code timed (`python -m` puts it first on `sys.path`)",
+    ]
+    body = C.header_lines(extra) + "\n\n" + table + "\n\n" + NOTE
+    C.publish("startup-commands", "Startup: commands that answer before torch loads", body, write=args.write)
     return 0
 
 

@@ -82,6 +82,10 @@ class Task(str, Enum):
     image_text_to_text = "image-text-to-text"
 
 
+#: the gate's activation of a gated MLP (the ``glu`` optimization): the model's own, or one named
+GLU_ACTIVATIONS = ("model", "gelu", "silu")
+
+
 def values(choices: type[Enum]) -> tuple[str, ...]:
     """The values of a choice Enum, in order."""
     return tuple(str(c.value) for c in choices)

@@ -33,22 +33,21 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from memprof._version import __version__
 from memprof.bounds import load_yaml
 from memprof.choices import EngineName, values
-from memprof.engines.base import versions
 from memprof.errors import InputError, MemprofError, ProblemsError
-from memprof.models import resolve
-from memprof.prepare import check_positions, fake_model, prepare, stack
 from memprof.profile import Profile, write_atomic
 from memprof.recipes import from_names, load
-from memprof.tracking import CATEGORIES
 from memprof.units import format_bytes, parse_percent, parse_size
 from memprof.workload import Workload
+
+if TYPE_CHECKING:
+    pass
 
 SCHEMA_NAME = "memprof.baseline"
 SCHEMA_VERSION = 1
@@ -142,6 +141,9 @@ class GateWorkload:
 
     def problems(self) -> list[str]:
         """What is wrong with this workload's model, shapes and optimizations, found without building anything."""
+        from memprof.models import resolve
+        from memprof.prepare import check_positions
+
         try:
             rm = resolve(self.model, task=self.workload.task)
             check_positions(rm, self.workload)
@@ -155,6 +157,7 @@ class GateWorkload:
 
     def run(self, *, progress: Progress | None = None) -> Profile:
         """Profile this workload (with its optimizations stacked, if any)."""
+        from memprof.prepare import fake_model, prepare, stack
 
         rm, eng = prepare(self.model, self.workload, self.engine, task=self.workload.task, progress=progress)
         # recorded as it ran: a baseline says "sdpa" or "eager", never "auto"
@@ -274,6 +277,8 @@ def check_workloads(workloads: list[GateWorkload], source: str) -> None:
 
 def record(workloads: list[GateWorkload], *, progress: Progress | None = None) -> Baseline:
     """Profile every workload: the baseline (every workload checked first)."""
+    from memprof.engines.base import versions
+
     check_workloads(workloads, "workloads")
 
     say = progress or (lambda m: None)
@@ -576,6 +581,8 @@ def diff(
     (the innermost that grew), and repeated blocks are folded into one row
     (``h.*.mlp.c_fc (x12)``: the sums over the blocks).
     """
+    from memprof.tracking import CATEGORIES
+
     cats = [
         (c, before.categories_at_peak.get(c, 0), after.categories_at_peak.get(c, 0))
         for c in CATEGORIES
@@ -618,6 +625,8 @@ def check(
     progress: Progress | None = None,
 ) -> CheckReport:
     """Run every workload of ``baseline`` again and compare its peak with the recorded one."""
+    from memprof.engines.base import versions
+
     check_workloads(baseline.workloads, Path(baseline_path).name or "baseline")
 
     say = progress or (lambda m: None)

@@ -26,12 +26,13 @@ import datetime
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.workload import repeated_blocks
+
+if TYPE_CHECKING:
+    import torch
 
 #: DeepSpeed's ZeRO-3 estimate (``estimate_zero3_model_states_mem_needs``, no offload):
 #: bytes per parameter over all ranks (fp16 parameters and gradients, fp32 master
@@ -93,6 +94,7 @@ def init_launched_group(device_type: str, timeout_s: float = 600.0) -> Any:
     Raises:
         EnvironmentProblem: the backend is missing or the rendezvous fails.
     """
+    import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -144,6 +146,7 @@ def shard_model(
     Raises:
         InputError: the model has no repeated blocks.
     """
+    import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     blocks = blocks_to_shard(model)
@@ -205,6 +208,8 @@ class LocalShards:
     """
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        import torch
+
         self._pairs = []
         for p in params:
             local = getattr(p, "_local_tensor", p)

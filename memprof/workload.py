@@ -23,17 +23,21 @@ or its top-k logits are read back from disk.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from memprof.allocator_model import AllocatorSettings
 from memprof.bounds import workload_bound_problems
-from memprof.choices import MORE_OPTIMIZERS, Attn, Experts, Mode, MoeRouting, Optim, values
+from memprof.choices import MORE_OPTIMIZERS, Attn, DType, Experts, Mode, MoeRouting, Optim, values
 from memprof.errors import InputError
-from memprof.models import DTYPES, ResolvedModel
+
+if TYPE_CHECKING:
+    import torch
+
+    from memprof.models import ResolvedModel
 
 MODES = values(Mode)
+#: the parameter dtypes, by name (memprof.models.DTYPES maps them to torch's)
+DTYPE_NAMES = values(DType)
 #: modes whose step trains (backward, optimizer): the student, in distillation
 TRAINING_MODES = ("train", "distill")
 OPTIMIZERS = values(Optim)[:-1] + MORE_OPTIMIZERS + ("none",)
@@ -82,8 +86,8 @@ class Workload:
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.dtype not in DTYPES:
-            problems.append(f"unknown dtype {self.dtype!r}; use one of: {', '.join(DTYPES)}")
+        if self.dtype not in DTYPE_NAMES:
+            problems.append(f"unknown dtype {self.dtype!r}; use one of: {', '.join(DTYPE_NAMES)}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.attn not in ATTNS:
@@ -246,8 +250,10 @@ class StepSetup:
             problems.append(
                 f"batch size {self.workload.batch_size} does not split into {self.micro_batches} equal micro-batches"
             )
-        if self.teacher_dtype is not None and self.teacher_dtype not in DTYPES:
-            problems.append(f"unknown teacher dtype {self.teacher_dtype!r}; use one of: {', '.join(DTYPES)}")
+        if self.teacher_dtype is not None and self.teacher_dtype not in DTYPE_NAMES:
+            problems.append(
+                f"unknown teacher dtype {self.teacher_dtype!r}; use one of: {', '.join(DTYPE_NAMES)}"
+            )
         if self.teacher_topk < 0:
             problems.append(f"teacher top-k must be 0 or more, got {self.teacher_topk}")
         if self.workload.mode != "distill" and (
@@ -278,6 +284,8 @@ OPTIMIZER_IMPLS = ("auto", "foreach", "fused", "for-loop")
 
 def main_output(out: Any) -> torch.Tensor | None:
     """The tensor a quality check compares: logits, else the last hidden state, else the first tensor."""
+    import torch
+
     for key in ("logits", "last_hidden_state"):
         v = getattr(out, key, None)
         if isinstance(v, torch.Tensor):
@@ -298,6 +306,8 @@ def main_output(out: Any) -> torch.Tensor | None:
 
 def split_batch(inputs: dict[str, Any], k: int, batch_size: int) -> list[dict[str, Any]]:
     """``k`` equal micro-batches of ``inputs`` (views along the batch dimension)."""
+    import torch
+
     if k <= 1:
         return [inputs]
     size = batch_size // k
@@ -314,6 +324,8 @@ def split_batch(inputs: dict[str, Any], k: int, batch_size: int) -> list[dict[st
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The longest ModuleList/Sequential of two or more children of one type."""
+    import torch
+
     best: list[torch.nn.Module] = []
     for mod in model.modules():
         if isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential)):

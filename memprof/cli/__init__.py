@@ -14,7 +14,6 @@ this module imports the commands (torch, transformers: seconds); under
 from __future__ import annotations
 
 import datetime
-import gc
 import os
 import platform
 import shlex
@@ -29,6 +28,7 @@ from pathlib import Path
 import typer
 
 from memprof.bounds import MAX_MESSAGE_CHARS, cut
+from memprof.cli import common
 from memprof.clihelp import new_app
 from memprof.errors import ExitCode, InternalError, MemprofError, OutOfMemory
 
@@ -176,14 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         command = typer.main.get_command(app)
         if argv is None:
-            # The console script's own process: what exists now, and what survives each
-            # run (torch, transformers...), lives until exit; keep it out of the garbage
-            # collector's way (see memprof.engines.base.freeze_survivors)
-            from memprof.engines import base
-
-            base.freeze_survivors = True
-            gc.collect()
-            gc.freeze()
+            # the console script's own process: the library, once a command loads it, and
+            # what survives each run live until exit (see common.library_loaded)
+            common.console_script = True
         rv = command.main(args=args, prog_name="memprof", standalone_mode=False)
     except InternalError as e:
         code = internal_error(e, args)

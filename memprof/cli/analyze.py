@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from memprof.api import analyze as run_analyze
 from memprof.cli import options as O
 from memprof.cli.common import check_outputs, spinner, stderr_console, stdout_console, write_output
 from memprof.cli.compare import load_recipe
 from memprof.errors import OutOfMemory
-from memprof.report.terminal import render
 from memprof.sharding import Launch
 
 
@@ -76,6 +74,10 @@ def analyze(
     # under torchrun only rank 0 reports: it holds every rank's profile
     quiet = launch is not None and launch.rank != 0
     partial = None
+    # the library (torch, transformers) loads once the arguments are known to be good
+    from memprof.api import analyze as run_analyze
+    from memprof.report.terminal import render
+
     with spinner(enabled=not quiet) as progress:
         try:
             profile = run_analyze(

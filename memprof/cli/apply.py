@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from memprof.apply import apply as run_apply
 from memprof.cli import options as O
 from memprof.cli.common import check_outputs, spinner, stdout_console, write_output
 from memprof.cli.compare import RECIPE, STEP, load_recipe
@@ -58,6 +57,9 @@ def apply(
     check_outputs(force, json=json_path)
     r = load_recipe(recipe, step)
     wl = O.workload(mode, batch_size, seq_len, dtype, optimizer, attn, task, world_size=world_size)
+    # the library (torch, transformers) loads once the arguments are known to be good
+    from memprof.apply import apply as run_apply
+
     with spinner() as progress:
         res = run_apply(
             model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -14,6 +15,27 @@ from rich.console import Console
 
 from memprof.errors import InputError
 from memprof.files import check_output_file, is_stream, write_atomic, write_error
+
+#: set by :func:`memprof.cli.main` in the console script's own process (not for a library caller)
+console_script = False
+
+
+def library_loaded() -> None:
+    """After a command has imported the library (torch, transformers), before it runs a step.
+
+    In the console script's own process what exists now, and what survives each run,
+    lives until exit: keep it out of the garbage collector's way (see
+    :data:`memprof.engines.base.freeze_survivors`). The commands import the library
+    only once their arguments are checked, so that a bad argument is answered before
+    torch loads; this runs from :func:`spinner`, which every such command enters then.
+    """
+    if not console_script:
+        return
+    from memprof.engines import base
+
+    base.freeze_survivors = True
+    gc.collect()
+    gc.freeze()
 
 
 def stdout_console() -> Console:
@@ -27,8 +49,9 @@ def stderr_console() -> Console:
 
 @contextlib.contextmanager
 def spinner(enabled: bool = True) -> Iterator[Callable[[str], None]]:
-    """A spinner on stderr, updated with each progress message."""
+    """A spinner on stderr, updated with each progress message (the library is loaded: see :func:`library_loaded`)."""
     quiet_libraries()
+    library_loaded()
     console = stderr_console()
     if not enabled or not console.is_terminal:
         yield lambda msg: None

@@ -10,10 +10,8 @@ import typer
 from memprof import recipes
 from memprof.cli import options as O
 from memprof.cli.common import check_outputs, spinner, stdout_console, write_output
-from memprof.compare import compare as run_compare
 from memprof.errors import InputError
 from memprof.optimizations.registry import require_environment
-from memprof.report.compare import render_compare
 
 RECIPE = typer.Option(
     None, "--recipe", "-r", help="Recipe YAML file, or the name of a shipped recipe (see `memprof recipes`)."
@@ -99,6 +97,10 @@ def compare(
         experts,
     )
     data_spec = O.data_spec(data, text_field, tokenizer, lengths, samples)
+    # the library (torch, transformers) loads once the arguments are known to be good
+    from memprof.compare import compare as run_compare
+    from memprof.report.compare import render_compare
+
     with spinner() as progress:
         result = run_compare(
             model,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 
-import torch
 import typer
 from rich.table import Table
 
@@ -13,6 +12,7 @@ from memprof.units import format_bytes
 
 
 def collect() -> dict:
+    import torch
     import transformers
 
     from memprof._version import __version__

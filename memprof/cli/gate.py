@@ -15,7 +15,6 @@ from memprof.cli.common import check_output, check_outputs, spinner, stdout_cons
 from memprof.cli.compare import RECIPE, STEP
 from memprof.errors import EnvironmentProblem, ExitCode, InputError
 from memprof.files import write_error
-from memprof.report import gate as render
 
 #: exit code of `memprof check` when a workload's peak grew beyond the tolerance
 
@@ -148,6 +147,9 @@ def check(
     check_outputs(
         force, output=output if fmt in (Format.json, Format.junit) else None, junit=junit_path, html=html_path
     )
+    # the library (torch, transformers) loads once the arguments are known to be good
+    from memprof.report import gate as render
+
     b = gate.load_baseline(baseline)
     with spinner() as progress:
         rep = gate.check(b, tol, baseline_path=str(baseline), progress=progress)

@@ -12,9 +12,6 @@ from memprof.budget import DEFAULT_CONTEXT_BYTES
 from memprof.cli import options as O
 from memprof.cli.common import check_outputs, spinner, stdout_console, write_output
 from memprof.errors import InputError, NoPlanFits
-from memprof.plan import PlanResult, recipe_text
-from memprof.plan import plan as run_plan
-from memprof.report.plan import render_plan
 from memprof.units import format_bytes, parse_percent
 
 
@@ -108,6 +105,11 @@ def plan(
         experts,
     )
     failure: NoPlanFits | None = None
+    # the library (torch, transformers) loads once the arguments are known to be good
+    from memprof.plan import PlanResult, recipe_text
+    from memprof.plan import plan as run_plan
+    from memprof.report.plan import render_plan
+
     with spinner() as progress:
         try:
             result = run_plan(

@@ -6,12 +6,12 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from memprof.optimizations.registry import Optimization, register
 from memprof.workload import StepSetup
 
 if TYPE_CHECKING:
+    import torch
+
     from memprof.engines.runner import StepRunner
 
 
@@ -51,6 +51,8 @@ class ActivationOffload(Optimization):
         self._forwards = 0
 
     def forward_context(self, runner: StepRunner, kind: str) -> Any:
+        import torch
+
         if kind != "train":
             return None
         if self._forwards % runner.setup.micro_batches == 0:  # a new step

@@ -8,13 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from memprof.errors import InputError
 from memprof.optimizations.registry import Optimization, option, register
 from memprof.workload import StepSetup, repeated_blocks
 
 if TYPE_CHECKING:
+    import torch
+
     from memprof.engines.runner import StepRunner
 
 

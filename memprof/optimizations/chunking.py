@@ -5,14 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from memprof.chunked import chunked_forward, chunked_lm_loss, why_not_chunkable
-from memprof.models import TASKS
 from memprof.optimizations.registry import Optimization, option, register
 from memprof.workload import StepSetup
 
 if TYPE_CHECKING:
+    import torch
+
     from memprof.engines.runner import StepRunner
 
 
@@ -43,6 +41,9 @@ class Chunking(Optimization):
         size: int = option(256, "tokens per chunk", min=1, max=1_000_000)
 
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
+        from memprof.chunked import why_not_chunkable
+        from memprof.models import TASKS
+
         wl = setup.workload
         form, size = self.config.form, self.config.size
         if wl.mode == "distill":
@@ -87,11 +88,15 @@ class Chunking(Optimization):
         return self.config.form == "loss"
 
     def loss(self, runner: StepRunner, inputs: dict[str, Any]) -> torch.Tensor | None:
+        from memprof.chunked import chunked_lm_loss
+
         if self.config.form != "loss":
             return None
         return chunked_lm_loss(runner.model, runner.model_inputs(inputs), self.config.size)
 
     def forward(self, runner: StepRunner, inputs: dict[str, Any], *, keep_all_logits: bool) -> Any:
+        from memprof.chunked import chunked_forward
+
         if self.config.form == "loss":
             return None
         return chunked_forward(

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from memprof.distill_loss import TopkTeacher
 from memprof.optimizations.registry import Optimization, option, register
 from memprof.units import format_bytes
 from memprof.workload import StepSetup, split_batch
 
 if TYPE_CHECKING:
+    import torch
+
+    from memprof.distill_loss import TopkTeacher
     from memprof.engines.runner import StepRunner
 
 
@@ -102,6 +102,8 @@ class DistillTeacher(Optimization):
     def attach_teacher(
         self, runner: StepRunner, teacher: torch.nn.Module, inputs: dict[str, Any], task: str | None
     ) -> tuple[torch.nn.Module, str] | None:
+        from memprof.distill_loss import TopkTeacher
+
         s = runner.setup
         if not (s.teacher_no_grad or s.teacher_topk):
             return None  # only the dtype changed: the teacher runs as loaded
@@ -129,6 +131,8 @@ class DistillTeacher(Optimization):
         return self._topk(part) if self._topk is not None else None
 
     def forward_context(self, runner: StepRunner, kind: str) -> Any:
+        import torch
+
         return torch.no_grad() if kind == "teacher" and runner.setup.teacher_no_grad else None
 
     def close(self) -> None:

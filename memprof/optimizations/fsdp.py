@@ -5,15 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from memprof.errors import InputError
-from memprof.models import DTYPES
 from memprof.optimizations.registry import MakeOptimizer, Optimization, option, register
-from memprof.sharding import LocalShards, shard_model
 from memprof.workload import StepSetup, repeated_blocks
 
 if TYPE_CHECKING:
+    import torch
+
     from memprof.engines.runner import StepRunner
 
 
@@ -63,6 +61,9 @@ class Fsdp(Optimization):
         self._shards: Any = None
 
     def wrap_model(self, model: torch.nn.Module, runner: StepRunner) -> str | None:
+        from memprof.models import DTYPES
+        from memprof.sharding import shard_model
+
         if runner.env.mesh is None:
             raise InputError("a sharded step needs its ranks: the engine provides the device mesh")
 
@@ -80,6 +81,8 @@ class Fsdp(Optimization):
         )
 
     def build_optimizer(self, runner: StepRunner, make: MakeOptimizer, params: list[Any]) -> bool:
+        from memprof.sharding import LocalShards
+
         if not runner.env.simulate_cuda:
             return False  # real ranks: the optimizer steps the DTensor parameters
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from memprof.choices import GLU_ACTIVATIONS
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.surgery.glu import GLU_ACTIVATIONS, gated_mlp, glu_layout
 from memprof.workload import StepSetup
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register
@@ -52,6 +53,8 @@ class Glu(Optimization):
         )
 
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
+        from memprof.surgery.glu import glu_layout
+
         if setup.pretrained:
             return (
                 "the model runs on pretrained weights: a gated MLP replaces them with new random ones "
@@ -67,6 +70,8 @@ class Glu(Optimization):
         pass  # the model changes in transform_model
 
     def transform_model(self, model: torch.nn.Module, setup: StepSetup) -> str | None:
+        from memprof.surgery.glu import gated_mlp
+
         return gated_mlp(model, self.config.activation)
 
     def checkpoint_problem(self) -> str | None:

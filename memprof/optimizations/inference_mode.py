@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from memprof.optimizations.registry import Optimization, option, register
 from memprof.workload import StepSetup
 
@@ -44,6 +42,8 @@ class InferenceMode(Optimization):
             setup.config_updates["use_cache"] = self.config.use_cache
 
     def forward_context(self, runner: StepRunner, kind: str) -> Any:
+        import torch
+
         return torch.inference_mode() if kind == "infer" else None
 
     def model_kwargs(self, runner: StepRunner) -> dict[str, Any]:

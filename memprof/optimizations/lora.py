@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from memprof.optimizations.registry import Optimization, for_setup, option, register
 from memprof.surgery.lora import (
@@ -18,6 +16,9 @@ from memprof.surgery.lora import (
     peft_installed,
 )
 from memprof.workload import StepSetup
+
+if TYPE_CHECKING:
+    import torch
 
 #: a module name in ``targets``: PEFT matches it against the end of each module's dotted path
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")

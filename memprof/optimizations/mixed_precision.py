@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from memprof.models import DTYPES
 from memprof.optimizations.registry import Optimization, option, register
 from memprof.workload import StepSetup
 
 if TYPE_CHECKING:
+    import torch
+
     from memprof.engines.runner import StepRunner
 
 
@@ -72,11 +71,17 @@ class MixedPrecision(Optimization):
 
     def forward_context(self, runner: StepRunner, kind: str) -> Any:
         # the teacher's forward in a distillation step runs inside the step's own autocast
+        import torch
+
+        from memprof.models import DTYPES
+
         if self.config.pure or kind == "teacher":
             return None
         return torch.autocast(runner.env.device_type, dtype=DTYPES[self.config.dtype])
 
     def grad_scaler(self, runner: StepRunner) -> Any:
+        import torch
+
         if not runner.setup.grad_scaler:
             return None
         return _SimScaler() if runner.env.simulate_cuda else torch.amp.GradScaler(runner.env.device_type)
@@ -94,11 +99,15 @@ class _SimScaler:
         self._scale: torch.Tensor | None = None
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        import torch
+
         if self._scale is None:
             self._scale = torch.full((), 2.0**16, dtype=torch.float32, device=loss.device)
         return loss * self._scale
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
+        import torch
+
         assert self._scale is not None
         inv = self._scale.double().reciprocal().float()
         found_inf = torch.zeros((), dtype=torch.float32, device=self._scale.device)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from memprof.optimizations.registry import MakeOptimizer, Optimization, register
 from memprof.workload import StepSetup
 
 if TYPE_CHECKING:
+    import torch
+
     from memprof.engines.runner import StepRunner
 
 

@@ -8,14 +8,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.hooks import RemovableHandle
-
 from memprof.errors import EnvironmentProblem
 from memprof.optimizations.registry import MakeOptimizer, Optimization, option, register
 from memprof.workload import StepSetup
 
 if TYPE_CHECKING:
+    import torch
+    from torch.utils.hooks import RemovableHandle
+
     from memprof.engines.runner import StepRunner
 
 #: optimizer types whose state offloading refuses, and why
@@ -187,6 +187,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _state_bytes(states: list[dict[str, Any]]) -> int:
     """Bytes of the tensors in optimizer states, each storage once."""
+    import torch
+
     seen: set[int] = set()
     total = 0
     for st in states:
@@ -234,6 +236,8 @@ class HostOffloadOptimizer:
         minimal_size: int,
         host_device: str = "meta",
     ) -> None:
+        import torch
+
         self.offload_gradients = offload_gradients
         self.param_d2h_map: dict[torch.nn.Parameter, torch.Tensor] = {}
         self.optim_dict: dict[torch.nn.Parameter, Any] = {}
@@ -262,14 +266,16 @@ class HostOffloadOptimizer:
         if self.offload_gradients:
             p.grad = None  # the device gradient is freed once copied
 
-    @torch.no_grad()
     def step(self) -> None:
-        if self.d_opt is not None:
-            self.d_opt.step()
-        for p in self.queue:
-            self.optim_dict[p].step()
-            p.copy_(self.param_d2h_map[p])  # host to device, into the parameter's own memory
-        self.queue.clear()
+        import torch
+
+        with torch.no_grad():
+            if self.d_opt is not None:
+                self.d_opt.step()
+            for p in self.queue:
+                self.optim_dict[p].step()
+                p.copy_(self.param_d2h_map[p])  # host to device, into the parameter's own memory
+            self.queue.clear()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.param_d2h_map:
@@ -325,6 +331,8 @@ class OffloadedOptimizer:
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def register_step_post_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
+        from torch.utils.hooks import RemovableHandle
+
         handle = RemovableHandle(self._post_hooks)
         self._post_hooks[handle.id] = hook
         return handle

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.surgery.pruning import (
-    ffn_layout,
-    heads_layout,
-    prune_ffn,
-    prune_heads,
-    prune_unstructured,
-    sparsify_2to4,
-)
 from memprof.workload import StepSetup
+
+if TYPE_CHECKING:
+    import torch
+
 
 # "2to4", not "2:4": YAML 1.1 (PyYAML) reads an unquoted 2:4 as the base-60 number 124
 METHODS = ("structured", "heads", "unstructured", "2to4")
@@ -85,6 +79,8 @@ class Pruning(Optimization):
             return []
 
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
+        from memprof.surgery.pruning import ffn_layout, heads_layout
+
         if setup.has_step(self.name):
             return "the model is already pruned by an earlier step"
         if model is None:
@@ -103,6 +99,8 @@ class Pruning(Optimization):
             )
 
     def transform_model(self, model: torch.nn.Module, setup: StepSetup) -> str | None:
+        from memprof.surgery.pruning import prune_ffn, prune_heads, prune_unstructured, sparsify_2to4
+
         c = self.config
         if c.method == "unstructured":
             # a checkpoint holds the weights with the mask folded in

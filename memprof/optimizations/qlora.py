@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from memprof.errors import InputError
 from memprof.optimizations.lora import Lora
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.surgery.common import linears
 from memprof.surgery.lora import LoraSpec, attach_lora
 from memprof.surgery.nf4 import (
     COMPUTE_DTYPES,
@@ -22,6 +19,10 @@ from memprof.surgery.nf4 import (
     quantize_4bit,
 )
 from memprof.workload import StepSetup
+
+if TYPE_CHECKING:
+    import torch
+
 
 #: steps that, after qlora, would rewrite or re-quantize the layers it quantized
 _REWRITES_AFTER = ("pruning", "glu", "quantization", "lora")
@@ -82,6 +83,8 @@ class QLora(Optimization):
         return f"{INSTALL_HINT} ({', '.join(missing)} not installed)" if missing else None
 
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
+        from memprof.surgery.common import linears
+
         missing = self.environment_problem()
         if missing:
             return missing

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from memprof.optimizations.registry import Optimization, option, register
-from memprof.surgery.common import linears
-from memprof.surgery.quantization import quant_backend, quantization_problem, quantize
 from memprof.workload import StepSetup
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register
@@ -43,6 +42,9 @@ class Quantization(Optimization):
         )
 
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
+        from memprof.surgery.common import linears
+        from memprof.surgery.quantization import quant_backend, quantization_problem
+
         if setup.has_step(self.name):
             return "the model is already quantized by an earlier step"
         backend = quant_backend(self.config.backend, self.config.bits)
@@ -59,9 +61,13 @@ class Quantization(Optimization):
     @property
     def backend(self) -> str:
         """The backend ``auto`` resolves to here."""
+        from memprof.surgery.quantization import quant_backend
+
         return quant_backend(self.config.backend, self.config.bits)
 
     def transform_model(self, model: torch.nn.Module, setup: StepSetup) -> str | None:
+        from memprof.surgery.quantization import quantize
+
         return quantize(model, self.backend, self.config.bits)
 
     def checkpoint_problem(self) -> str | None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from memprof.choices import GLU_ACTIVATIONS
 from memprof.errors import InputError
 from memprof.surgery.common import set_module
 
@@ -74,9 +75,6 @@ def glu_layout(model: torch.nn.Module) -> str | None:
 def gated_inner(inner: int) -> int:
     """The gated hidden size with the parameters of a plain MLP of ``inner``: three matrices for two."""
     return max(1, int(round(inner * 2 / 3)))
-
-
-GLU_ACTIVATIONS = ("model", "gelu", "silu")
 
 
 def _gate_activation(activation: str, own: Any) -> Any:

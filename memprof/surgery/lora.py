@@ -13,12 +13,13 @@ import contextlib
 import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from memprof.errors import EnvironmentProblem
-from memprof.surgery.quantization import quiet_imports
+
+if TYPE_CHECKING:
+    import torch
+
 
 #: what ``targets`` may name besides a comma-separated list of module names
 TARGET_PRESETS = {
@@ -69,6 +70,8 @@ class LoraSpec:
 
     def peft_config(self, model: torch.nn.Module) -> Any:
         """The ``peft.LoraConfig`` of this spec for ``model``."""
+        from memprof.surgery.quantization import quiet_imports
+
         require_peft()
         with quiet_imports():  # PEFT imports bitsandbytes and torchao where installed
             from peft import LoraConfig
@@ -84,6 +87,8 @@ class LoraSpec:
 
 def adaptable_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The layers LoRA can adapt: Linear and transformers' Conv1D (GPT-2), but the output head."""
+    import torch
+
     kinds: tuple[type, ...] = (torch.nn.Linear,)
     try:
         from transformers.pytorch_utils import Conv1D
@@ -140,6 +145,8 @@ def fake_safe_module_apply() -> Iterator[None]:
 
     Modules without fake tensors take torch's own path.
     """
+    import torch
+
     original = torch.nn.Module._apply
 
     def _apply(self: torch.nn.Module, fn: Any, recurse: bool = True) -> torch.nn.Module:

@@ -25,18 +25,19 @@ import importlib.util
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from memprof.errors import EnvironmentProblem, InputError
-from memprof.surgery.common import linears, set_module
-from memprof.surgery.quantization import quiet_imports
 from memprof.units import format_bytes
+
+if TYPE_CHECKING:
+    import torch
+
 
 INSTALL_HINT = "QLoRA needs bitsandbytes and PEFT: pip install 'memprof[qlora]'"
 QUANT_TYPES = ("nf4", "fp4")
-COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: the compute dtypes, by name (torch's dtypes are looked up where used: the names need no torch)
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 #: bitsandbytes' block size for 4-bit weights (Params4bit's and transformers' default)
 BLOCKSIZE = 64
 
@@ -80,6 +81,9 @@ def quantize_4bit(model: torch.nn.Module, spec: NF4Spec) -> str:
         InputError: the model has no Linear layer to quantize, or a weight's dtype
             bitsandbytes cannot quantize.
     """
+    from memprof.surgery.common import linears, set_module
+    from memprof.surgery.quantization import quiet_imports
+
     require_bnb()
     with quiet_imports():
         import bitsandbytes as bnb
@@ -107,8 +111,10 @@ def quantize_4bit(model: torch.nn.Module, spec: NF4Spec) -> str:
 
 
 def _quantized_real(bnb: Any, lin: torch.nn.Linear, spec: NF4Spec) -> torch.nn.Module:
+    import torch
+
     w = lin.weight.detach()
-    if w.dtype not in COMPUTE_DTYPES.values():
+    if w.dtype not in [getattr(torch, n) for n in COMPUTE_DTYPES]:
         raise InputError(f"bitsandbytes quantizes 16/32-bit float weights, not {w.dtype}")
     new = _empty_linear4bit(bnb, lin, spec)
     # Params4bit quantizes when moved to a device (bitsandbytes' own path, as from_pretrained's)
@@ -140,8 +146,10 @@ def _prepare_fake(bnb: Any) -> None:
 
 
 def _quantized_fake(bnb: Any, lin: torch.nn.Linear, spec: NF4Spec) -> torch.nn.Module:
+    import torch
+
     w = lin.weight.detach()
-    if w.dtype not in COMPUTE_DTYPES.values():
+    if w.dtype not in [getattr(torch, n) for n in COMPUTE_DTYPES]:
         raise InputError(f"bitsandbytes quantizes 16/32-bit float weights, not {w.dtype}")
     with torch.no_grad():
         packed, state = bnb.functional.quantize_4bit(
@@ -179,6 +187,8 @@ def _fake_params4bit_class() -> type:
     DoRA's weight norm and by merging); bitsandbytes' own ``Params4bit`` cannot wrap a
     fake tensor. The subclass adds nothing: fake-tensor dispatch is unchanged.
     """
+    import torch
+
     global _FAKE_PARAMS4BIT
     if _FAKE_PARAMS4BIT is None:
         from torch._subclasses.fake_tensor import FakeTensor
@@ -201,6 +211,7 @@ def _fake_params4bit_class() -> type:
 
 def _empty_linear4bit(bnb: Any, lin: torch.nn.Linear, spec: NF4Spec) -> torch.nn.Module:
     """A Linear4bit of the layer's shape, its placeholder weight on the meta device (no memory)."""
+    import torch
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     # built outside any fake mode: Params4bit cannot wrap a fake tensor
@@ -209,7 +220,7 @@ def _empty_linear4bit(bnb: Any, lin: torch.nn.Linear, spec: NF4Spec) -> torch.nn
             lin.in_features,
             lin.out_features,
             bias=False,
-            compute_dtype=COMPUTE_DTYPES[spec.compute_dtype],
+            compute_dtype=getattr(torch, spec.compute_dtype),
             compress_statistics=spec.double_quant,
             quant_type=spec.quant_type,
             quant_storage=torch.uint8,
@@ -223,6 +234,8 @@ def _empty_linear4bit(bnb: Any, lin: torch.nn.Linear, spec: NF4Spec) -> torch.nn
 
 
 def _keep_bias(new: torch.nn.Module, lin: torch.nn.Linear) -> None:
+    import torch
+
     if lin.bias is not None:
         new.bias = torch.nn.Parameter(lin.bias.detach(), requires_grad=False)
 
@@ -234,6 +247,8 @@ def quant_state_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
     A table shared by several layers (the double quantization's code) is yielded
     by each; callers that count bytes count each storage once.
     """
+    import torch
+
     state = getattr(getattr(module, "weight", None), "quant_state", None)
     while state is not None:
         for attr in ("absmax", "code", "offset"):

@@ -51,6 +51,8 @@ Known limitations:
   the tensors it saves from the ``activations`` tag (they stay temporaries).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from memprof.tracking.results import (
     CATEGORIES,
     SHARD_ROLES,
@@ -59,6 +61,19 @@ from memprof.tracking.results import (
     TraceEvent,
     TrackerResult,
 )
-from memprof.tracking.tracker import Tracker
+
+if TYPE_CHECKING:
+    from memprof.tracking.tracker import Tracker
+
+
+def __getattr__(name: str) -> Any:
+    # the Tracker imports torch: it loads on first use, so that the plain data (CATEGORIES,
+    # the results) reads without torch (memprof.profile, the command line's checks)
+    if name == "Tracker":
+        from memprof.tracking.tracker import Tracker
+
+        return Tracker
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["CATEGORIES", "SHARD_ROLES", "Category", "ModuleStats", "TraceEvent", "Tracker", "TrackerResult"]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import memprof.cli.analyze as analyze_cli
 import memprof.engines.runner as runner_mod
+import memprof.report.terminal as terminal  # memprof analyze imports its renderer from here when it runs
 from memprof.cli import main
 from memprof.engines import get_engine
 from memprof.engines.base import Engine
@@ -148,7 +148,7 @@ def test_a_bug_outside_the_engine_has_no_model_context(monkeypatch, capsys, cras
     def boom(*a, **k):
         raise AttributeError("'NoneType' object has no attribute 'rows'")
 
-    monkeypatch.setattr(analyze_cli, "render", boom)
+    monkeypatch.setattr(terminal, "render", boom)
     assert main(["analyze", tiny("llama"), "--engine", "sim", "-b", "1", "-s", "8"]) == 70
     m, path = crash_line(capsys)
     assert m["where"] is None
@@ -175,7 +175,7 @@ def test_the_default_crash_folder_is_in_the_temp_folder(monkeypatch, tmp_path, c
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
-    monkeypatch.setattr(analyze_cli, "render", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(terminal, "render", lambda *a, **k: 1 / 0)
     assert main(["analyze", tiny("llama"), "--engine", "sim", "-b", "1", "-s", "8"]) == 70
     _, path = crash_line(capsys)
     assert path.parent == tmp_path / "memprof"
