@@ -39,6 +39,9 @@ class Run:
     error: str | None = None
     #: why it ran: "baseline", "most aggressive", "candidate", "effect of <lever>"
     purpose: str = "candidate"
+    #: set when the model was traced at three shallow depths and extrapolated (allocated figures only,
+    #: no reserved memory; memprof.engines.depth): how
+    depth: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         p = self.profile
@@ -50,6 +53,7 @@ class Run:
             "peak_bytes": p.peak_bytes if p else None,
             "reserved_bytes": self.reserved,
             "reserved_expandable_bytes": self.reserved_expandable,
+            "depth": self.depth,
             "peak_phase": p.peak_phase if p else None,
             "categories_at_peak": dict(p.categories_at_peak) if p else None,
             "flops": self.flops,

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from memprof.budget import Budget
-from memprof.engines.base import Engine, Measure
+from memprof.engines.base import Engine, Measure, RunResult
+from memprof.engines.depth import shallow_run
 from memprof.errors import EnvironmentProblem, InputError, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel
 from memprof.plan.combinations import Combinations, Key, enumerate_setups
@@ -38,7 +39,7 @@ from memprof.plan.levers import NOT_SEARCHED, Lever, optimizer_trace_problem
 from memprof.plan.result import Candidate, PlanResult, Run, SingleFix, pareto
 from memprof.plan.result import dominant as dominant_of
 from memprof.units import format_bytes
-from memprof.workload import Workload
+from memprof.workload import StepSetup, Workload
 
 #: a combination whose estimate exceeds the usable budget by more than this
 #: fraction is skipped without a run (and reported as estimated)
@@ -97,8 +98,11 @@ class Search:
         allow_pickle: bool,
         say: Progress,
         left_out: list[str] | None = None,
+        shallow: bool = True,
     ) -> None:
         self.rm, self.eng, self.wl, self.model = rm, eng, wl, model
+        #: settle what the allocated peak alone rules out from shallow traces (memprof.engines.depth)
+        self.shallow = shallow
         self.levers = levers
         self.budget = budget
         self.max_overhead = max_overhead
@@ -182,15 +186,19 @@ class Search:
         self.say(f"run {index}: {label} ({purpose})")
         t0 = time.perf_counter()
         run = Run(index=index, key=key, steps=self.combinations.steps_of(key), seconds=0.0, purpose=purpose)
+        shallow = self._shallow(setup, count, lambda m: self.say(f"run {index}: {label}: {m}"))
         try:
-            r = self.eng.run_detailed(
-                self.rm,
-                setup,
-                progress=lambda m: self.say(f"run {index}: {label}: {m}"),
-                allow_pickle=self.allow_pickle,
-                track_modules=False,
-                measure=Measure(flops=count, timeline=False),
-            )
+            if shallow is not None:
+                r, run.depth = shallow
+            else:
+                r = self.eng.run_detailed(
+                    self.rm,
+                    setup,
+                    progress=lambda m: self.say(f"run {index}: {label}: {m}"),
+                    allow_pickle=self.allow_pickle,
+                    track_modules=False,
+                    measure=Measure(flops=count, timeline=False),
+                )
         except OutOfMemory as e:
             run.error = f"out of memory: {e}"
         except (InputError, EnvironmentProblem) as e:
@@ -203,7 +211,7 @@ class Search:
             run.reserved = r.profile.peak_reserved_bytes
             # the sim engine replays every trace with expandable segments too (its hint)
             exp = getattr(self.eng, "expandable_estimate", None)
-            run.reserved_expandable = exp.peak_reserved_bytes if exp is not None else None
+            run.reserved_expandable = exp.peak_reserved_bytes if exp is not None and not run.depth else None
             if count:
                 run.flops = r.flops
             else:
@@ -219,6 +227,33 @@ class Search:
             self.state.notes += self.estimator.add(measured)
         self._resolve_run(run)
         return run
+
+    def _shallow(
+        self, setup: StepSetup, count: bool, say: Callable[[str], None]
+    ) -> tuple[RunResult, str] | None:
+        """The step traced at three shallow depths (:mod:`memprof.engines.depth`), when that settles it.
+
+        Its allocated peak is exact; the reserved memory is not extrapolated. So it
+        settles a combination whose allocated peak alone, with the overheads, is over
+        the budget (reserved memory is never less); otherwise (it may fit, the depth
+        cannot be extrapolated, a shallow step fails) None: the whole model is traced.
+        """
+        if not self.shallow:
+            return None
+        try:
+            r, how = shallow_run(
+                self.eng,
+                self.rm,
+                setup,
+                Measure(flops=count, timeline=False),
+                allow_pickle=self.allow_pickle,
+                progress=say,
+            )
+        except (OutOfMemory, InputError, EnvironmentProblem):
+            return None  # the whole model's run says so, in its own words
+        if r is None or self.need(r.profile.peak_bytes) <= self.budget.budget_bytes:
+            return None
+        return r, how
 
     def need(self, reserved: float) -> int:
         return self.budget.need(reserved)
@@ -243,6 +278,9 @@ class Search:
             c.source = "measured"
             c.peak_bytes, c.reserved_bytes = p.peak_bytes, int(reserved)
             c.need_bytes = self.need(reserved)
+            if run.depth:  # the allocated peak alone: reserved memory is no less
+                c.reserved_bytes = None
+                c.reason = f"allocated peak alone over the budget ({run.depth})"
             c.categories, c.peak_phase = dict(p.categories_at_peak), p.peak_phase
             ov, src = self.estimator.overhead(c.levels)
             c.flops = int(self.estimator.flops_of(c.levels)[0] or 0) or None

@@ -185,10 +185,16 @@ def render_plan(
             if room >= 0
             else f"[red]{format_bytes(-room)} over[/red]"
         )
-        console.print(
-            f"As it is: peak {format_bytes(base.peak_bytes)} allocated, {format_bytes(base.reserved_bytes)} "
-            f"reserved → needs {format_bytes(base.need_bytes)}: {verdict}"
-        )
+        if base.reserved_bytes is None:  # settled from shallow traces (memprof.engines.depth)
+            console.print(
+                f"As it is: peak {format_bytes(base.peak_bytes)} allocated ({base.reason}) → needs at least "
+                f"{format_bytes(base.need_bytes)}: {verdict}"
+            )
+        else:
+            console.print(
+                f"As it is: peak {format_bytes(base.peak_bytes)} allocated, {format_bytes(base.reserved_bytes)} "
+                f"reserved → needs {format_bytes(base.need_bytes)}: {verdict}"
+            )
     if r.plans:
         if r.plans[0].steps:
             console.print(plans_table(r, r.plans, "Plans that fit, cheapest first", fits=True))

@@ -1,0 +1,187 @@
+"""A deep stack of identical blocks measured from three shallow copies of the model.
+
+A decoder is an embedding, N identical blocks and a head. Its training step's
+allocations repeat block by block, so the allocated peak, the bytes of each
+category at that peak, each phase's peak, the parameter count and the FLOPs are
+affine in N once N is past the first few blocks. :func:`shallow_run` traces the
+step at three depths ``d``, ``d + p``, ``d + 2p`` (``p``: the period of what
+differs from block to block: ``checkpointing``'s ``every``, a pattern of layer
+types) and extrapolates to the model's depth only when every one of those
+figures moves by exactly the same bytes from the first depth to the second as
+from the second to the third, and the peak falls in the same phase; otherwise it
+says why and the caller traces the whole model. ``tests/engines/test_depth.py``
+checks the extrapolation against whole traces, byte for byte, on the bundled
+decoders and recipes.
+
+What is not affine is not extrapolated: the caching allocator's reserved memory
+depends on how blocks of different sizes pack into segments (a shallow replay
+does not say how the deep one packs), and the module breakdown and the timeline
+are per block. The result carries the allocated figures only; ``memprof plan``
+uses it to settle a combination whose allocated peak alone is over the budget,
+and traces the whole model for any combination that may fit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from memprof.profile import PhaseStat
+
+if TYPE_CHECKING:
+    from memprof.engines.base import Engine, Measure, RunResult
+    from memprof.models import ResolvedModel
+    from memprof.workload import StepSetup
+
+#: decoder-only families whose blocks are identical but for a periodic ``layer_types``
+#: pattern (sliding or full attention); mixtures of experts are not here (the routing
+#: assumption is per layer), nor encoders, encoder-decoders, vision or audio models
+STACKS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "olmo2", "granite"}
+#: the fewest periods traced at the first depth (the first blocks may differ)
+FIRST_PERIODS = 1
+
+
+@dataclass
+class Depths:
+    """The depths traced and the model's own."""
+
+    full: int
+    traced: tuple[int, int, int]
+    period: int
+
+    def describe(self) -> str:
+        a, b, c = self.traced
+        return f"traced at {a}, {b} and {c} of {self.full} blocks and extrapolated"
+
+
+def _period(types: list[Any]) -> int:
+    """The shortest period of a list (its length when it has none)."""
+    n = len(types)
+    for q in range(1, n + 1):
+        if all(types[i] == types[i % q] for i in range(n)):
+            return q
+    return n
+
+
+def depths(rm: ResolvedModel, setup: StepSetup) -> Depths | str:
+    """The three depths to trace, or why the model's depth cannot be extrapolated."""
+    cfg = rm.config
+    if cfg is None or rm.model_type not in STACKS:
+        return f"{rm.model_type}: not a stack of identical decoder blocks memprof extrapolates"
+    if setup.shard is not None:
+        return "a sharded step (FSDP groups the blocks)"
+    n = getattr(cfg, "num_hidden_layers", None)
+    if not isinstance(n, int) or n <= 0:
+        return "no num_hidden_layers in the config"
+    period = 1
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, (list, tuple)) and types:
+        if len(types) != n:
+            return "layer_types does not list every layer"
+        period = _period(list(types))
+    for st in setup.steps:
+        every = (st.get("options") or {}).get("every") if st.get("name") == "checkpointing" else None
+        if isinstance(every, int) and every > 1:
+            period = math.lcm(period, every)
+    first = FIRST_PERIODS * period + (n - FIRST_PERIODS * period) % period
+    traced = (first, first + period, first + 2 * period)
+    if traced[2] >= n:
+        return f"{n} blocks: too few to gain from tracing fewer"
+    return Depths(full=n, traced=traced, period=period)
+
+
+def _at_depth(rm: ResolvedModel, d: int) -> ResolvedModel:
+    cfg = copy.deepcopy(rm.config)
+    types = getattr(cfg, "layer_types", None)
+    cfg.num_hidden_layers = d
+    if isinstance(types, (list, tuple)) and types:
+        cfg.layer_types = list(types)[:d]
+    return replace(rm, config=cfg, notes=list(rm.notes))
+
+
+def _figures(r: RunResult) -> dict[str, Any]:
+    p = r.profile
+    out: dict[str, Any] = {"peak": p.peak_bytes, "parameters": p.model.get("parameters"), "flops": r.flops}
+    out.update({f"category {k}": v for k, v in p.categories_at_peak.items()})
+    out.update({f"phase {ph.name}": ph.peak_bytes for ph in p.phases})
+    return out
+
+
+def shallow_run(
+    engine: Engine,
+    rm: ResolvedModel,
+    setup: StepSetup,
+    measure: Measure,
+    *,
+    allow_pickle: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[RunResult | None, str]:
+    """The step's allocated figures at the model's depth, from three shallow traces.
+
+    Returns:
+        ``(result, how)``: the extrapolated result and :meth:`Depths.describe`, or
+        ``(None, why)`` when the depth cannot be extrapolated (the caller traces
+        the whole model). The result's profile has the allocated peak, the
+        categories and phases at it, the parameter count and the FLOPs at full
+        depth; no reserved memory, module breakdown or timeline.
+
+    Raises:
+        What :meth:`Engine.run_detailed` raises for a shallow copy (out of memory,
+        an input error, a step the engine cannot run): the whole model would raise it too.
+    """
+    plan = depths(rm, setup)
+    if isinstance(plan, str):
+        return None, plan
+    say = progress or (lambda msg: None)
+    runs = [
+        engine.run_detailed(
+            _at_depth(rm, d),
+            setup,
+            allow_pickle=allow_pickle,
+            track_modules=False,
+            measure=measure,
+            progress=lambda msg, d=d: say(f"{d} of {plan.full} blocks: {msg}"),  # type: ignore[misc]
+        )
+        for d in plan.traced
+    ]
+    figs = [_figures(r) for r in runs]
+    phases = {r.profile.peak_phase for r in runs}
+    if len(phases) != 1:
+        return None, f"the peak moves between phases ({', '.join(sorted(phases))}) as blocks are added"
+    if not (figs[0].keys() == figs[1].keys() == figs[2].keys()):
+        return None, "the shallow traces do not report the same figures"
+    steps = (plan.full - plan.traced[0]) // plan.period
+    full: dict[str, Any] = {}
+    for k, a in figs[0].items():
+        b, c = figs[1][k], figs[2][k]
+        if a is None or b is None or c is None:
+            if not (a is None and b is None and c is None):
+                return None, f"{k}: not measured at every depth"
+            full[k] = None
+            continue
+        if b - a != c - b:
+            return None, f"{k} is not affine in depth ({a}, {b}, {c} bytes at {plan.traced})"
+        full[k] = a + steps * (b - a)
+    base = runs[0].profile
+    profile = replace(
+        base,
+        model={**base.model, "parameters": full["parameters"]},
+        peak_bytes=full["peak"],
+        categories_at_peak={k: full[f"category {k}"] for k in base.categories_at_peak},
+        phases=[PhaseStat(ph.name, full[f"phase {ph.name}"]) for ph in base.phases],
+        peak_reserved_bytes=None,
+        allocator=None,
+        modules=[],
+        timeline=None,
+        parameters=None,
+        host=None,
+        notes=[*base.notes, f"depth: {plan.describe()} (allocated figures only)"],
+    )
+    out = replace(runs[0], profile=profile, flops=full["flops"])
+    return out, plan.describe()
+
+
+__all__ = ["STACKS", "Depths", "depths", "shallow_run"]
