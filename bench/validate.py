@@ -441,7 +441,10 @@ def projections(name: str) -> list[tuple[str, Callable[[], Any]]]:
         return [("sim", lambda: C.sim_engine(sm_major=sm))]
     return [
         ("sim", lambda: C.sim_engine()),
-        ("sim_cpu_semantics", lambda: C.sim_engine(exact_bytes=True, cpu_optimizer=True, cuda_sdpa=False)),
+        (
+            "sim_cpu_semantics",
+            lambda: C.sim_engine(exact_bytes=True, cpu_optimizer=True, cuda_sdpa=False, cuda_autocast=False),
+        ),
     ]
 
 

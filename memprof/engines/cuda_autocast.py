@@ -215,6 +215,13 @@ class CudaAutocastPolicy:
 
         if category == "fp32_set_opt_dtype":
             at = [a.name for a in func._schema.arguments].index("dtype")
+            # CUDA's softmax/log_softmax of a float16 input with dtype float32 run the fused
+            # half-to-float kernel, with no float32 copy of the input (``softmax`` in
+            # aten/src/ATen/native/SoftMax.cpp: ``input_.is_cuda()`` and Half); the CPU casts first
+            half_to_float = {
+                "softmax.int": torch.ops.aten._softmax.default,
+                "log_softmax.int": torch.ops.aten._log_softmax.default,
+            }.get(op)
 
             def set_opt_dtype(*args: Any, **kwargs: Any) -> Any:
                 with torch._C._ExcludeDispatchKeyGuard(exclude):
@@ -225,6 +232,10 @@ class CudaAutocastPolicy:
                                 args = (*args[:at], torch.float32, *args[at + 1 :])
                         elif kwargs.get("dtype") is None:
                             kwargs = {**kwargs, "dtype": torch.float32}
+                    if half_to_float is not None and args and args[0].dtype == torch.float16:
+                        dtype = args[at] if len(args) > at else kwargs.get("dtype")
+                        if dtype == torch.float32:
+                            return half_to_float(args[0], args[1], True)
                     return func(*args, **kwargs)
 
             return set_opt_dtype

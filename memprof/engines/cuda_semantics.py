@@ -120,8 +120,9 @@ class CudaSDPA(TorchFunctionMode):
         enable_gqa: bool = False,
     ) -> torch.Tensor:
         if torch.is_autocast_enabled("cpu"):
-            # The sim engine emulates CUDA autocast with CPU autocast; CUDA's autocast
-            # casts SDPA's floating inputs to the low-precision dtype (its fp16 list).
+            # This mode routes SDPA before the dispatcher's autocast kernel for it runs:
+            # apply that kernel's cast here (lower_precision_fp in CUDA's lists and the
+            # CPU's, see cuda_autocast), so the routed kernel sees what CUDA's sees.
             low = torch.get_autocast_dtype("cpu")
             query, key, value = (t.to(low) if t.is_floating_point() else t for t in (query, key, value))
             if attn_mask is not None and attn_mask.is_floating_point():
