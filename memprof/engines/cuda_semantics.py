@@ -14,6 +14,8 @@ so the simulation runs CPU fake tensors and applies CUDA semantics here:
   log-sum-exp, never the ``L x L`` scores). On Hopper with a recent cuDNN,
   PyTorch may prefer cuDNN attention; its saved tensors (output and softmax
   statistics) are the same size as flash's, so the projection uses flash.
+* **Autocast policy.** Under autocast the ops run in the dtypes CUDA's autocast
+  gives them, not the CPU's (:mod:`memprof.engines.cuda_autocast`).
 * **Allocator rounding.** The caching allocator rounds every block up to 512
   bytes (``kMinBlockSize``); the tracker is run with ``block_rounding=512``.
 * **Grouped matmul.** ``aten._grouped_mm`` (the experts of transformers' MoE

@@ -49,8 +49,19 @@ def _dtypes(out: Any) -> Any:
     return tuple(_dtypes(o) for o in out)
 
 
+#: ops whose output dtype is recorded between the casts (where the policy puts a cast matters:
+#: CUDA's cross_entropy runs log_softmax in the logits' dtype, then nll_loss casts its input)
+TRACED = {
+    torch.ops.aten._log_softmax.default,
+    torch.ops.aten._softmax.default,
+    torch.ops.aten.nll_loss_forward.default,
+    torch.ops.aten.native_layer_norm.default,
+    torch.ops.aten.mm.default,
+}
+
+
 class _Casts(TorchDispatchMode):
-    """The dtype casts (``_to_copy``) that reach the dispatcher below autocast: where the policy casts."""
+    """The dtype casts (``_to_copy``) that reach the dispatcher below autocast, and the dtypes of a few ops between."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,6 +71,8 @@ class _Casts(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten._to_copy.default and out.dtype != args[0].dtype:
             self.casts.append((args[0].dtype, out.dtype))
+        elif func in TRACED and isinstance(out, torch.Tensor):
+            self.casts.append((func.__name__, out.dtype))
         return out
 
 
