@@ -106,3 +106,13 @@ def test_cpu_semantics_sim_keeps_the_cpu_policy():
     assert "the CPU's autocast policy" in engine.cpu_semantics()
     _run(engine, tiny("gpt2"))
     assert _cpu_softmax_dtype() == torch.bfloat16
+
+
+def test_binary_cross_entropy_under_autocast_is_a_typed_error():
+    """CUDA's autocast refuses BCELoss; the sim says so as a NotSupported, never a traceback."""
+    from memprof.engines.cuda_autocast import AutocastBanned
+    from memprof.errors import NotSupported
+
+    err = SimEngine().translate_error(AutocastBanned("unsafe to autocast"), "m", "forward")
+    assert isinstance(err, NotSupported)
+    assert "binary_cross_entropy_with_logits" in str(err)
