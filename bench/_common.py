@@ -199,13 +199,22 @@ def pair_ratios(num: Timing, den: Timing) -> tuple[float, float]:
 
 
 def sim_engine(
-    *, exact_bytes: bool = False, cpu_optimizer: bool = False, cuda_sdpa: bool = True, sm_major: int = 9
+    *,
+    exact_bytes: bool = False,
+    cpu_optimizer: bool = False,
+    cuda_sdpa: bool = True,
+    cuda_autocast: bool = True,
+    sm_major: int = 9,
 ) -> Any:
     """The sim engine, optionally with some of its CUDA semantics switched off (``memprof.engines.sim.sim_engine``)."""
     from memprof.engines.sim import sim_engine
 
     return sim_engine(
-        exact_bytes=exact_bytes, cpu_optimizer=cpu_optimizer, cuda_sdpa=cuda_sdpa, sm_major=sm_major
+        exact_bytes=exact_bytes,
+        cpu_optimizer=cpu_optimizer,
+        cuda_sdpa=cuda_sdpa,
+        cuda_autocast=cuda_autocast,
+        sm_major=sm_major,
     )
 
 

@@ -14,6 +14,8 @@ so the simulation runs CPU fake tensors and applies CUDA semantics here:
   log-sum-exp, never the ``L x L`` scores). On Hopper with a recent cuDNN,
   PyTorch may prefer cuDNN attention; its saved tensors (output and softmax
   statistics) are the same size as flash's, so the projection uses flash.
+* **Autocast policy.** Under autocast the ops run in the dtypes CUDA's autocast
+  gives them, not the CPU's (:mod:`memprof.engines.cuda_autocast`).
 * **Allocator rounding.** The caching allocator rounds every block up to 512
   bytes (``kMinBlockSize``); the tracker is run with ``block_rounding=512``.
 * **Grouped matmul.** ``aten._grouped_mm`` (the experts of transformers' MoE
@@ -120,8 +122,9 @@ class CudaSDPA(TorchFunctionMode):
         enable_gqa: bool = False,
     ) -> torch.Tensor:
         if torch.is_autocast_enabled("cpu"):
-            # The sim engine emulates CUDA autocast with CPU autocast; CUDA's autocast
-            # casts SDPA's floating inputs to the low-precision dtype (its fp16 list).
+            # This mode routes SDPA before the dispatcher's autocast kernel for it runs:
+            # apply that kernel's cast here (lower_precision_fp in CUDA's lists and the
+            # CPU's, see cuda_autocast), so the routed kernel sees what CUDA's sees.
             low = torch.get_autocast_dtype("cpu")
             query, key, value = (t.to(low) if t.is_floating_point() else t for t in (query, key, value))
             if attn_mask is not None and attn_mask.is_floating_point():

@@ -5,7 +5,10 @@ profiled on a laptop. The step runs on CPU fake tensors (fake tensors on
 "cuda" crash in backward on CPU-only builds) and :mod:`cuda_semantics` applies
 what CUDA does differently: the SDPA kernel choice, the allocator's 512-byte
 blocks, the multi-tensor (foreach) optimizer that CUDA defaults to, and the
-cuBLAS workspace reported beside the peak. The peak reserved memory is an
+cuBLAS workspace reported beside the peak; under autocast the step gets CUDA's
+autocast policy (:mod:`cuda_autocast`: softmax, layer_norm, the losses, sums and
+several pointwise ops in float32, as PyTorch's AutocastCUDA kernels run them),
+not the CPU's. The peak reserved memory is an
 estimate: the measured step's allocations and frees, replayed through a model
 of the caching allocator (:mod:`memprof.allocator_model`) with the step's allocator
 settings. The same replay gives allocated and reserved over the step and the
@@ -25,6 +28,7 @@ import torch
 
 from memprof.allocator_model import AllocatorEstimate, AllocatorSettings, expandable_segments_hint, replay
 from memprof.engines.base import Engine, RunResult
+from memprof.engines.cuda_autocast import AutocastBanned, CudaAutocastPolicy
 from memprof.engines.cuda_semantics import (
     CUDA_BLOCK_ROUNDING,
     CudaGemm4bit,
@@ -63,6 +67,7 @@ class SimEngine(Engine):
         device_memory_bytes: int | None = None,
         snapshot_path: str | None = None,
         cuda_sdpa: bool = True,
+        cuda_autocast: bool = True,
     ) -> None:
         """
         Args:
@@ -74,10 +79,15 @@ class SimEngine(Engine):
                 step there (``torch.cuda.memory._dump_snapshot``'s format).
             cuda_sdpa: route ``scaled_dot_product_attention`` to the kernel CUDA
                 would pick; False leaves it to the CPU dispatcher (see :func:`sim_engine`).
+            cuda_autocast: autocast applies CUDA's policy (:mod:`cuda_autocast`);
+                False leaves the CPU's (see :func:`sim_engine`).
         """
         super().__init__()
         self.sm_major = sm_major
         self.cuda_sdpa = cuda_sdpa
+        self.cuda_autocast = cuda_autocast
+        #: CUDA's autocast policy while the step runs (None: the CPU's)
+        self._autocast: CudaAutocastPolicy | None = None
         self.device_memory_bytes = device_memory_bytes
         self.snapshot_path = snapshot_path
         self._sdpa: CudaSDPA | None = None
@@ -103,12 +113,14 @@ class SimEngine(Engine):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         self._sdpa = CudaSDPA(self.sm_major) if self.cuda_sdpa else None
+        self._autocast = CudaAutocastPolicy() if self.cuda_autocast else None
         # RealKernelLayouts inside the fake mode, below the tracker (entered later, on top)
         with (
             FakeTensorMode(allow_non_fake_inputs=True),
             RealKernelLayouts(),
             self._sdpa if self._sdpa is not None else contextlib.nullcontext(),
             self._gemm4,
+            self._autocast if self._autocast is not None else contextlib.nullcontext(),
             one_sequence_per_row(),
         ):
             yield
@@ -229,6 +241,13 @@ class SimEngine(Engine):
         )
 
         at = f" ({where})" if where else ""
+        if isinstance(e, AutocastBanned):
+            return NotSupported(
+                model,
+                f"CUDA's autocast refuses binary_cross_entropy (torch.nn.BCELoss){at}; use "
+                "binary_cross_entropy_with_logits (torch.nn.BCEWithLogitsLoss), as on a GPU",
+                engine="sim",
+            )
         if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
             why = f"the step reads tensor values{at}"
         elif isinstance(e, UnsupportedOperatorException):
@@ -246,7 +265,7 @@ class SimEngine(Engine):
         off = self.cpu_semantics()
         out = [
             "sim engine: fake tensors, no weights; CUDA semantics applied (512-byte allocator blocks, "
-            "CUDA's SDPA kernel choice, foreach optimizer)"
+            "CUDA's SDPA kernel choice, CUDA's autocast policy, foreach optimizer)"
             if not off
             else f"sim engine: fake tensors, no weights; CPU semantics instead of CUDA's for: {', '.join(off)}",
             f"not in the peak: the cuBLAS workspace ({ws:.1f} MiB per stream, allocated on the first matmul) "
@@ -271,6 +290,8 @@ class SimEngine(Engine):
             out.append(
                 "SDPA kernel calls projected: " + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
             )
+        if self._autocast is not None:
+            out.extend(self._autocast.notes)
         if self._gemm4.calls:
             out.append(
                 "bitsandbytes 4-bit matmuls projected as CUDA runs them: "
@@ -287,11 +308,18 @@ class SimEngine(Engine):
             off.append("the CPU's optimizer implementation")
         if not self.cuda_sdpa:
             off.append("SDPA as the CPU dispatches it")
+        if not self.cuda_autocast:
+            off.append("the CPU's autocast policy")
         return off
 
 
 def sim_engine(
-    *, exact_bytes: bool = False, cpu_optimizer: bool = False, cuda_sdpa: bool = True, sm_major: int = 9
+    *,
+    exact_bytes: bool = False,
+    cpu_optimizer: bool = False,
+    cuda_sdpa: bool = True,
+    cuda_autocast: bool = True,
+    sm_major: int = 9,
 ) -> SimEngine:
     """The sim engine, optionally with some of its CUDA semantics switched off.
 
@@ -308,9 +336,11 @@ def sim_engine(
             for the CPU (a per-parameter loop) instead of CUDA's multi-tensor one.
         cuda_sdpa: route ``scaled_dot_product_attention`` to the kernel CUDA would
             pick; False leaves it to the CPU dispatcher, as a CPU step runs it.
+        cuda_autocast: autocast applies CUDA's policy (which ops run in float32 or
+            the low-precision dtype); False leaves the CPU's, as a CPU step runs it.
         sm_major: the compute capability projected (CUDA's SDPA kernel choice).
     """
-    engine = SimEngine(sm_major=sm_major, cuda_sdpa=cuda_sdpa)
+    engine = SimEngine(sm_major=sm_major, cuda_sdpa=cuda_sdpa, cuda_autocast=cuda_autocast)
     if exact_bytes:
         engine.block_rounding = 1
     if cpu_optimizer:
@@ -320,7 +350,7 @@ def sim_engine(
 
 def cpu_semantics_sim() -> SimEngine:
     """The sim engine with every CUDA semantic switched off: the trace-fidelity check against the cpu engine."""
-    return sim_engine(exact_bytes=True, cpu_optimizer=True, cuda_sdpa=False)
+    return sim_engine(exact_bytes=True, cpu_optimizer=True, cuda_sdpa=False, cuda_autocast=False)
 
 
 #: model types whose selective-scan layers have fused CUDA kernels in mamba_ssm / causal_conv1d
