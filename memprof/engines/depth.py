@@ -1,24 +1,30 @@
-"""A deep stack of identical blocks measured from three shallow copies of the model.
+"""A deep stack of identical blocks measured from three shallow copies of the model: a lower bound.
 
-A decoder is an embedding, N identical blocks and a head. Its training step's
-allocations repeat block by block, so the allocated peak, the bytes of each
-category at that peak, each phase's peak, the parameter count and the FLOPs are
-affine in N once N is past the first few blocks. :func:`shallow_run` traces the
-step at three depths ``d``, ``d + p``, ``d + 2p`` (``p``: the period of what
-differs from block to block: ``checkpointing``'s ``every``, a pattern of layer
-types) and extrapolates to the model's depth only when every one of those
-figures moves by exactly the same bytes from the first depth to the second as
-from the second to the third, and the peak falls in the same phase; otherwise it
-says why and the caller traces the whole model. ``tests/engines/test_depth.py``
-checks the extrapolation against whole traces, byte for byte, on the bundled
-decoders and recipes.
+A decoder is an embedding, N identical blocks and a head. At any one moment of
+its step (an op in block j's forward, the loss, the optimizer's update of one
+tensor...) the live bytes are a sum of tensors whose number grows with N by the
+same bytes per block: affine in N. :func:`shallow_run` traces the step at three
+depths ``d``, ``d + p``, ``d + 2p`` (``p``: the period of what differs from block
+to block: ``checkpointing``'s ``every``, a pattern of layer types), takes the
+moment of the shallow traces' peak, and extrapolates its figures (the allocated
+bytes, each category and each phase's peak, the parameter count, the FLOPs) to the
+model's depth, when each moves by exactly the same bytes from the first depth to
+the second as from the second to the third and the peak stays in one phase;
+otherwise it says why and the caller traces the whole model.
 
-What is not affine is not extrapolated: the caching allocator's reserved memory
-depends on how blocks of different sizes pack into segments (a shallow replay
-does not say how the deep one packs), and the module breakdown and the timeline
-are per block. The result carries the allocated figures only; ``memprof plan``
-uses it to settle a combination whose allocated peak alone is over the budget,
-and traces the whole model for any combination that may fit.
+The parameter count and the FLOPs extrapolate exactly. The peak does not always:
+another moment, with more bytes per block, can overtake the shallow traces' peak
+at full depth (a moment in backward whose gradients pile up faster than the
+optimizer's state). So the extrapolated peak is a *lower bound* on the whole
+trace's peak: ``tests/engines/test_depth.py`` checks it against whole traces of
+every bundled decoder at its own depth, for every shipped recipe (equal in most
+cases, never above). ``memprof plan`` relies only on that: a combination whose
+extrapolated allocated peak alone, with the overheads, is over the budget does not
+fit; any other is traced whole.
+
+The caching allocator's reserved memory is not extrapolated (how blocks of
+different sizes pack into segments at depth N is not in a shallow replay), nor
+the module breakdown or the timeline.
 """
 
 from __future__ import annotations
@@ -119,14 +125,15 @@ def shallow_run(
     allow_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[RunResult | None, str]:
-    """The step's allocated figures at the model's depth, from three shallow traces.
+    """The step's allocated figures at the model's depth, from three shallow traces (see the module).
 
     Returns:
         ``(result, how)``: the extrapolated result and :meth:`Depths.describe`, or
         ``(None, why)`` when the depth cannot be extrapolated (the caller traces
-        the whole model). The result's profile has the allocated peak, the
-        categories and phases at it, the parameter count and the FLOPs at full
-        depth; no reserved memory, module breakdown or timeline.
+        the whole model). The result's profile has, at full depth, the parameter
+        count and the FLOPs (exact) and the allocated peak with its categories and
+        each phase's peak (lower bounds of the whole trace's); no reserved memory,
+        module breakdown or timeline.
 
     Raises:
         What :meth:`Engine.run_detailed` raises for a shallow copy (out of memory,
@@ -178,7 +185,7 @@ def shallow_run(
         timeline=None,
         parameters=None,
         host=None,
-        notes=[*base.notes, f"depth: {plan.describe()} (allocated figures only)"],
+        notes=[*base.notes, f"depth: {plan.describe()} (allocated figures, the peak a lower bound)"],
     )
     out = replace(runs[0], profile=profile, flops=full["flops"])
     return out, plan.describe()

@@ -1,0 +1,179 @@
+"""A stack of blocks measured from three shallow traces (memprof.engines.depth) against the whole trace.
+
+Every bundled decoder is checked at its own depth against the whole trace, for
+every shipped recipe (the steps that apply to a training step of it): the
+parameter count and the FLOPs must be equal, the allocated peak and each phase's
+peak never above the whole trace's (a lower bound: what ``memprof plan`` relies
+on), and equal where the bounds below say so. The widths are shrunk (hidden 64,
+vocab 256) so a whole trace of 80 blocks takes seconds; depth, layer types and
+every block's structure are the model's own. A refused extrapolation must give
+one of the documented reasons.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from memprof import recipes
+from memprof.engines import SimEngine
+from memprof.engines import depth as D
+from memprof.engines.base import Measure
+from memprof.models import bundled_configs_dir, bundled_models, resolve
+from memprof.prepare import fake_model, stack
+from memprof.workload import StepSetup, Workload
+from tests.conftest import setup_with, tiny
+
+WL = Workload(batch_size=1, seq_len=32)
+MEASURE = Measure(flops=True, timeline=False)
+RECIPES = sorted(p.name for p in (bundled_configs_dir().parent / "recipes").glob("*.yaml"))
+
+
+def narrow(name: str) -> Any:
+    """The bundled model with its widths shrunk: same depth, layer types and block structure."""
+    rm = resolve(name)
+    cfg = copy.deepcopy(rm.config)
+    heads = 4
+    kv = getattr(cfg, "num_key_value_heads", None)
+    cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size = 64, 128, 256
+    cfg.num_attention_heads = heads
+    if kv is not None:
+        cfg.num_key_value_heads = 1 if kv < getattr(rm.config, "num_attention_heads", kv) else heads
+    if getattr(cfg, "head_dim", None) is not None:
+        cfg.head_dim = 16
+    for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v >= 256:
+            setattr(cfg, attr, 0)
+        elif isinstance(v, list):
+            setattr(cfg, attr, [0])
+    return replace(rm, config=cfg, notes=[])
+
+
+DECODERS = [m for m in bundled_models() if resolve(m).model_type in D.STACKS]
+
+
+def figures(r: Any) -> dict[str, Any]:
+    p = r.profile
+    return {
+        "peak": p.peak_bytes,
+        "categories": dict(p.categories_at_peak),
+        "phases": {ph.name: ph.peak_bytes for ph in p.phases},
+        "peak_phase": p.peak_phase,
+        "parameters": p.model["parameters"],
+        "flops": r.flops,
+    }
+
+
+def recipe_setup(rm: Any, recipe: str) -> StepSetup:
+    wl = WL.for_model(rm)
+    setup, _ = stack(recipes.load(bundled_configs_dir().parent / "recipes" / recipe), wl, fake_model(rm, wl))
+    return setup
+
+
+def test_every_bundled_decoder_is_a_stack():
+    assert {"llama-3-8b", "llama-3-70b", "gemma-2-9b", "mistral-7b", "qwen2.5-0.5b", "tinyllama-1.1b"} <= set(
+        DECODERS
+    )
+
+
+#: the suite's share of the matrix (about 40 s); MEMPROF_DEPTH_MATRIX=1 runs every bundled decoder
+#: with every recipe (about 5 minutes on 2 cores)
+SUITE = {
+    ("llama-3-8b", "(baseline)"),
+    ("llama-3-8b", "fastest-fit.yaml"),
+    ("llama-3-8b", "minimal-memory.yaml"),
+    ("gemma-2-9b", "(baseline)"),
+    ("gemma-2-9b", "low-memory-finetune.yaml"),
+    ("qwen2.5-0.5b", "(baseline)"),
+    ("qwen2.5-0.5b", "single-gpu-lora.yaml"),
+    ("llama-3.2-1b", "(baseline)"),
+}
+MATRIX = [
+    (m, r)
+    for m in DECODERS
+    for r in ["(baseline)", *RECIPES]
+    if os.environ.get("MEMPROF_DEPTH_MATRIX") == "1" or (m, r) in SUITE
+]
+
+
+@pytest.mark.parametrize("model,recipe", MATRIX)
+def test_the_shallow_traces_give_the_whole_traces_figures(model, recipe):
+    rm = narrow(model)
+    setup = StepSetup.of(WL.for_model(rm)) if recipe == "(baseline)" else recipe_setup(rm, recipe)
+    plan = D.depths(rm, setup)
+    if isinstance(plan, str):
+        pytest.skip(f"not extrapolated: {plan}")  # a sharded recipe: documented, whole trace
+    shallow, how = D.shallow_run(SimEngine(), rm, setup, MEASURE)
+    if shallow is None:
+        assert "the peak moves between phases" in how or "not affine in depth" in how
+        return
+    whole = SimEngine().run_detailed(rm, setup, track_modules=False, measure=MEASURE)
+    a, b = figures(shallow), figures(whole)
+    assert a["parameters"] == b["parameters"] and a["flops"] == b["flops"]
+    assert a["peak"] <= b["peak"]
+    assert all(a["phases"][k] <= b["phases"][k] for k in b["phases"])
+    if (model, recipe) in EXACT:
+        assert a == b
+    assert shallow.profile.peak_reserved_bytes is None  # not extrapolated, not guessed
+    assert any("traced at" in n for n in shallow.profile.notes)
+
+
+#: where the extrapolation is the whole trace's, byte for byte (the peak's moment is the same)
+EXACT = {
+    (m, r)
+    for m in ("llama-3-8b", "llama-3-70b", "mistral-7b", "gemma-2-9b", "tinyllama-1.1b")
+    for r in ("(baseline)", "compact-encoder.yaml", "low-memory-finetune.yaml", "minimal-memory.yaml")
+}
+
+
+def test_the_depths_follow_the_period_of_what_differs_between_blocks():
+    rm = resolve("llama-3-8b")
+    wl = WL.for_model(rm)
+    assert D.depths(rm, StepSetup.of(wl)).traced == (1, 2, 3)
+    assert D.depths(rm, setup_with(wl, ("checkpointing", {"every": 4}))).traced == (4, 8, 12)
+    assert D.depths(rm, setup_with(wl, ("checkpointing", {"every": 3}))).traced == (5, 8, 11)  # 32 = 5 + 9*3
+    gemma = resolve("gemma-2-9b")  # sliding and full attention alternate
+    g = D.depths(gemma, StepSetup.of(WL.for_model(gemma)))
+    assert g.period == 2 and g.traced == (2, 4, 6) and g.full == 42
+
+
+@pytest.mark.parametrize(
+    "spec,why",
+    [
+        (tiny("gpt2"), "not a stack"),
+        ("mixtral-8x7b", "not a stack"),
+        (tiny("llama"), "too few"),
+    ],
+)
+def test_what_is_not_extrapolated_says_why(spec, why):
+    rm = resolve(spec)
+    out = D.depths(rm, StepSetup.of(WL.for_model(rm)))
+    assert isinstance(out, str) and why in out
+
+
+def test_a_sharded_step_is_traced_whole():
+    rm = resolve("llama-3-8b")
+    wl = Workload(batch_size=1, seq_len=32, world_size=2).for_model(rm)
+    assert "sharded" in D.depths(rm, setup_with(wl, ("fsdp", {})))
+
+
+def test_a_figure_that_is_not_affine_refuses_the_extrapolation(monkeypatch):
+    rm = narrow("llama-3.2-1b")
+    real = D._figures
+    calls = []
+
+    def bent(r: Any) -> dict[str, Any]:
+        out = real(r)
+        calls.append(1)
+        if len(calls) == 3:
+            out["category activations"] += 512  # the third depth off the line by one block
+        return out
+
+    monkeypatch.setattr(D, "_figures", bent)
+    out, why = D.shallow_run(SimEngine(), rm, StepSetup.of(WL.for_model(rm)), MEASURE)
+    assert out is None and "category activations is not affine in depth" in why
