@@ -44,13 +44,23 @@ def accounting(profile: Profile, budget_bytes: int, context_bytes: int) -> dict[
     ov = profile.overheads or {}
     ws = int(ov.get("cublas_workspace_bytes") or 0) if not ov.get("included_in_peak", True) else 0
     reserved = profile.peak_reserved_bytes if profile.peak_reserved_bytes is not None else profile.peak_bytes
-    b = Budget(budget_bytes, context_bytes, ws)
+    named = ov.get("non_tensor") or {}
+    world = int((profile.workload or {}).get("world_size") or 1)
+    b = Budget(
+        budget_bytes,
+        context_bytes,
+        ws,
+        world_size=world if named else 1,
+        cudnn_workspace_bytes=int(named.get("cudnn_workspace_bytes") or 0),
+    )
     need = b.need(reserved)
     return {
         "budget_bytes": budget_bytes,
         "context_bytes": context_bytes,
         "context_source": "assumed (--context-overhead)",
         "cublas_workspace_bytes": ws,
+        "cudnn_workspace_bytes": b.cudnn_workspace_bytes,
+        "nccl_buffers_bytes": b.nccl_buffers_bytes,
         "usable_bytes": b.usable_bytes,
         "peak_bytes": profile.peak_bytes,
         "reserved_bytes": int(reserved),
