@@ -269,6 +269,7 @@ def analyze(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
             progress=progress,
+            gpu=gpu,
         )
     profile.notes.extend(f"skipped (does not apply): {why}" for why in skipped)
     named = (profile.overheads or {}).get("non_tensor")

@@ -28,6 +28,7 @@ from typing import Any
 from memprof.budget import Budget
 from memprof.budget import check as check_budget
 from memprof.errors import EnvironmentProblem, InputError, InternalError, OutOfMemory
+from memprof.gpus import GpuPreset
 from memprof.plan import single_fixes
 from memprof.profile import Profile
 from memprof.units import format_bytes
@@ -103,6 +104,7 @@ def diagnose(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    gpu: GpuPreset | None = None,
 ) -> dict[str, Any]:
     """The budget diagnosis of a profiled step (``Profile.budget``).
 
@@ -116,6 +118,8 @@ def diagnose(
         fixes: how many single optimizations to show.
         max_runs: the most sim runs for the fixes and the plan together.
         progress: called with a short line per run.
+        gpu: the GPU preset the step was projected onto (``--gpu``): the fixes are
+            searched on it too.
 
     Returns:
         Plain data: the accounting (``fits``, ``need_bytes``...), ``crossing``
@@ -181,6 +185,7 @@ def diagnose(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
             progress=lambda m: say(f"fixes: {m}"),
+            gpu=gpu,
         )
         singles = sorted(found.singles, key=lambda s: (s.candidate.need_bytes, s.candidate.cost))
         base_need = found.baseline.need_bytes or out["need_bytes"]

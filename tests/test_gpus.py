@@ -280,3 +280,26 @@ def test_gpus_command_lists_the_table(capsys):
     for p in PRESETS:
         assert p.name in out
     assert "24564 MiB" in out and "nvidia.com" in out
+
+
+def test_html_report_names_the_non_tensor_bytes_and_the_fit():
+    from memprof.report.html import profile_html
+
+    page = profile_html(_infer("t4"))
+    assert "Not tensors" in page and "1 compute stream assumed" in page and "of T4" in page
+
+
+def test_budget_fit_agrees_with_the_budget_accounting():
+    p = api.analyze(
+        tiny("llama"),
+        batch_size=1,
+        seq_len=16,
+        dtype="bfloat16",
+        gpu=lookup("t4"),
+        budget=64 * MiB,
+        context_overhead=0,
+        fixes=1,
+    )
+    assert p.fit["against"].startswith("--budget") and p.fit["memory_bytes"] == 64 * MiB
+    assert p.fit["need_bytes"] == p.budget["need_bytes"]
+    assert p.fit["fits"] == p.budget["fits"]

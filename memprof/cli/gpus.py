@@ -23,9 +23,8 @@ def gpus(
         "usable",
         "bandwidth",
         "host link",
-        "also",
     ):
-        t.add_column(col, justify="right" if col not in ("name", "host link", "also") else "left")
+        t.add_column(col, justify="right" if col not in ("name", "host link") else "left")
     for p in PRESETS:
         t.add_row(
             p.name,
@@ -35,7 +34,6 @@ def gpus(
             format_bytes(p.usable_bytes),
             f"{p.memory_bandwidth_gbps:g} GB/s",
             f"{p.host_link} ({p.host_link_gbps:g} GB/s)",
-            ", ".join(p.aliases),
         )
     c = stdout_console()
     c.print(t)
@@ -43,6 +41,11 @@ def gpus(
         "[dim]memory: the total nvidia-smi reports; context: memprof's estimate of the CUDA context and libraries "
         "(not measured; --context-overhead overrides it, memprof analyze --engine cuda measures yours); "
         "host link: PCIe x16, theoretical per direction.[/dim]"
+    )
+    c.print(
+        "[dim]also accepted: "
+        + "; ".join(f"{p.name}: {', '.join(p.aliases)}" for p in PRESETS if p.aliases)
+        + "[/dim]"
     )
     if sources:
         for p in PRESETS:

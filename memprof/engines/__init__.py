@@ -66,9 +66,9 @@ def get_engine(
                 f"--gpu {gpu.name} projects the step onto that GPU in the sim engine; --engine {name} measures "
                 f"this machine's {'GPU' if name == 'cuda' else 'CPU'} instead: drop --gpu or use --engine sim"
             )
-        engine = SimEngine(snapshot_path=snapshot, gpu=gpu, context_bytes=context_bytes)
-        engine.reason = f"--gpu {gpu.name}: projected onto it"
-        return engine
+        projected = SimEngine(snapshot_path=snapshot, gpu=gpu, context_bytes=context_bytes)
+        projected.reason = f"--gpu {gpu.name}: projected onto it"
+        return projected
     if name == "auto":
         if torch.cuda.is_available():
             name, reason = "cuda", "auto: a CUDA GPU is available"

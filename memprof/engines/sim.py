@@ -86,7 +86,7 @@ class SimEngine(Engine):
                 preset's estimate, else :data:`memprof.budget.DEFAULT_CONTEXT_BYTES`.
         """
         super().__init__()
-        self.gpu = gpu
+        self.preset = gpu
         if context_bytes is not None:
             self.context_bytes, self.context_source = context_bytes, "given (--context-overhead)"
         elif gpu is not None:
@@ -128,8 +128,8 @@ class SimEngine(Engine):
         return cublas_workspace_bytes(self.sm_major)
 
     def device_name(self) -> str:
-        if self.gpu is not None:
-            return f"simulated {self.gpu.name} (sm {self.gpu.sm} semantics, CPU fake tensors)"
+        if self.preset is not None:
+            return f"simulated {self.preset.name} (sm {self.preset.sm} semantics, CPU fake tensors)"
         return f"simulated CUDA GPU (sm {self.sm_major}.x semantics, CPU fake tensors)"
 
     @contextlib.contextmanager
@@ -236,7 +236,7 @@ class SimEngine(Engine):
             "included_in_peak": False,
             "sdpa_kernels": dict(self._sdpa.kernels) if self._sdpa else {},
             "non_tensor": named,
-            "gpu": self.gpu.to_dict() if self.gpu is not None else None,
+            "gpu": self.preset.to_dict() if self.preset is not None else None,
         }
 
     def replay_trace(self, trace: list[TraceEvent], setup: StepSetup, extra: dict[str, Any]) -> None:

@@ -247,6 +247,7 @@ def single_fixes(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    gpu: GpuPreset | None = None,
 ) -> SingleFixes:
     """Each lever's strongest level alone on the step, then the search on to the cheapest stack that fits.
 
@@ -260,6 +261,7 @@ def single_fixes(
         budget_bytes: the GPU's memory.
         context_overhead: the CUDA context's bytes (assumed).
         max_runs: the most sim runs, the single levers and the search together.
+        gpu: a GPU preset (``--gpu``): the sim engine projects onto it.
         task: override the task picked from the config.
         allow_pickle: permit loading ``.bin`` checkpoints.
         trust_remote_code: permit models that ship their own code.
@@ -280,6 +282,7 @@ def single_fixes(
         budget_bytes,
         context_overhead=context_overhead,
         engine=None,
+        gpu=gpu,
         max_overhead=None,
         max_plans=1,
         max_runs=max_runs,

@@ -13,7 +13,13 @@ from rich.text import Text
 from memprof.optimizations.registry import describe_steps
 from memprof.profile import Profile
 from memprof.report.diagnosis import budget_panel
-from memprof.report.timeline import columns, fragmentation_line, host_line, outside_allocator_line
+from memprof.report.timeline import (
+    columns,
+    fragmentation_line,
+    host_line,
+    non_tensor_line,
+    outside_allocator_line,
+)
 from memprof.tracking import CATEGORIES
 from memprof.units import format_bytes, format_count
 
@@ -424,33 +430,6 @@ def render(p: Profile, console: Console, top: int = 15) -> None:
         console.print(f"[dim]• {n}[/dim]")
     if verdict is not None:  # last: the next step to take
         console.print(verdict)
-
-
-def non_tensor_line(named: dict[str, Any]) -> str:
-    """Every non-tensor byte beside the peak, each named with its assumption."""
-    parts = [
-        f"cuBLAS workspace {format_bytes(named['cublas_workspace_bytes'])} "
-        f"({named.get('cublas_streams', 1)} compute stream assumed)"
-    ]
-    if named.get("cudnn_workspace_bytes"):
-        parts.append(
-            f"cuDNN workspace {format_bytes(named['cudnn_workspace_bytes'])} "
-            f"(assumed: {named.get('convolutions', 0)} convolution module(s))"
-        )
-    if named.get("nccl_buffers_bytes"):
-        n = named.get("nccl") or {}
-        parts.append(
-            f"NCCL buffers {format_bytes(named['nccl_buffers_bytes'])} (assumed: NCCL defaults, "
-            f"{n.get('channels')} channels x {n.get('peers')} peer(s))"
-        )
-    source = str(named.get("cuda_context_source") or "")
-    kind = (
-        "estimate"
-        if source.startswith("estimate")
-        else ("given" if source.startswith("given") else "assumed")
-    )
-    parts.append(f"CUDA context {format_bytes(named['cuda_context_bytes'])} ({kind})")
-    return " + ".join(parts) + f" = {format_bytes(named['total_bytes'])}"
 
 
 def fit_line(f: dict[str, Any]) -> str:
