@@ -303,3 +303,14 @@ def test_budget_fit_agrees_with_the_budget_accounting():
     assert p.fit["against"].startswith("--budget") and p.fit["memory_bytes"] == 64 * MiB
     assert p.fit["need_bytes"] == p.budget["need_bytes"]
     assert p.fit["fits"] == p.budget["fits"]
+
+
+def test_baseline_records_the_gpu_and_check_reruns_on_it(capsys, tmp_path):
+    out = tmp_path / "b.json"
+    code, _, err = run(capsys, "baseline", tiny("gpt2"), "-b", "1", "-s", "16", "--gpu", "t4", "-o", str(out))
+    assert code == 0, err
+    d = json.loads(out.read_text())
+    w = d["workloads"][0]
+    assert w["gpu"] == "T4" and "T4" in w["profile"]["device"]
+    code, _, err = run(capsys, "check", "--baseline", str(out))
+    assert code == 0, err
