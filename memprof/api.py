@@ -9,12 +9,13 @@ from typing import Any
 import torch
 
 from memprof import optimizations
-from memprof.budget import DEFAULT_CONTEXT_BYTES
+from memprof.budget import DEFAULT_CONTEXT_BYTES, fit
 from memprof.budget import check as check_budget
 from memprof.diagnose import diagnose
 from memprof.engines import SimEngine
 from memprof.engines.base import Engine, Measure, versions
 from memprof.errors import InputError, MemprofError, OutOfMemory
+from memprof.gpus import GpuPreset
 from memprof.models import ResolvedModel, parameter_count
 from memprof.prepare import estimate_state_bytes, fake_model, prepare, stack
 from memprof.profile import Profile, from_tracker
@@ -118,6 +119,7 @@ def analyze(
     progress: Callable[[str], None] | None = None,
     recipe: Recipe | None = None,
     skip_inapplicable: bool = False,
+    gpu: GpuPreset | None = None,
 ) -> Profile:
     """Profile one step of a model, as ``memprof analyze`` does.
 
@@ -161,6 +163,10 @@ def analyze(
             one must apply (one that does not is an InputError with the reason) unless
             ``skip_inapplicable`` (a recipe: those are skipped, as ``compare`` does, and the
             profile's notes say why).
+        gpu: a GPU preset (:mod:`memprof.gpus`, ``--gpu``): the step is projected onto it
+            in the sim engine (its compute capability, memory, CUDA context estimate
+            unless ``context_overhead`` is given), and the profile's ``fit`` says whether
+            the reserved memory and every non-tensor byte fit its memory (or ``budget``).
 
     Returns:
         The profile of the measured step (rank 0's under torchrun, on every rank).
@@ -168,7 +174,10 @@ def analyze(
     Raises:
         InputError, EnvironmentProblem, OutOfMemory: see :mod:`memprof.errors`.
     """
-    context = DEFAULT_CONTEXT_BYTES if context_overhead is None else context_overhead
+    given_context = context_overhead
+    if context_overhead is None:
+        context_overhead = gpu.context_bytes if gpu is not None else DEFAULT_CONTEXT_BYTES
+    context = context_overhead
     if context < 0:
         raise InputError("--context-overhead must be 0 or more")
     if fixes < 0:
@@ -204,7 +213,7 @@ def analyze(
             "(which searches them) or memprof compare"
         )
     setup = sharded_setup(workload, shard)
-    if shard and engine == "auto":
+    if shard and engine == "auto" and gpu is None:
         if launch is None:
             engine = SimEngine()
             engine.reason = "auto: a sharded step outside torchrun is projected over a fake process group"
@@ -218,6 +227,8 @@ def analyze(
         snapshot=snapshot,
         trust_remote_code=trust_remote_code,
         progress=progress,
+        gpu=gpu,
+        context_bytes=given_context,
     )
     workload = workload.for_model(rm)
     setup.update_workload(attn=workload.attn)
@@ -258,8 +269,20 @@ def analyze(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
             progress=progress,
+            gpu=gpu,
         )
     profile.notes.extend(f"skipped (does not apply): {why}" for why in skipped)
+    named = (profile.overheads or {}).get("non_tensor")
+    if named and (gpu is not None or budget is not None):
+        reserved = (
+            profile.peak_reserved_bytes if profile.peak_reserved_bytes is not None else profile.peak_bytes
+        )
+        if budget is not None:
+            against, memory = f"--budget {format_bytes(budget)}", budget
+        else:
+            assert gpu is not None
+            against, memory = f"{gpu.name} ({format_bytes(gpu.memory_bytes)})", gpu.memory_bytes
+        profile.fit = fit(reserved, named, memory, against)
     if oom is not None:
         raise oom
     return profile

@@ -28,6 +28,10 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("baseline", "Profile workloads and record their memory as a baseline for `memprof check`."),
     ("check", "Profile the baseline's workloads again; exit 5 when a peak grew beyond the tolerance."),
     ("env", "Print torch, CUDA and driver versions, the GPUs and the engines available here."),
+    (
+        "gpus",
+        "List the GPU presets of --gpu: compute capability, memory, CUDA context estimate, bandwidth, host link.",
+    ),
 )
 #: command groups (sub-apps) after the commands, each with its help line
 GROUPS: tuple[tuple[str, str], ...] = (

@@ -26,6 +26,7 @@ from memprof.data import DataSpec, encode, padding_plan
 from memprof.engines.base import Engine, Measure, RunResult
 from memprof.engines.pool import Job, run_many
 from memprof.errors import EnvironmentProblem, InputError, OutOfMemory
+from memprof.gpus import GpuPreset
 from memprof.prepare import apply_step, fake_model, prepare
 from memprof.profile import Profile
 from memprof.recipes import Recipe
@@ -156,6 +157,7 @@ def compare(
     data: DataSpec | None = None,
     probe_texts: int = 128,
     progress: Callable[[str], None] | None = None,
+    gpu: GpuPreset | None = None,
 ) -> Comparison:
     """Profile the baseline, then each step of the recipe stacked on the ones before.
 
@@ -170,6 +172,7 @@ def compare(
             dynamic padding batches; a file's first ``probe_texts`` texts also feed the
             quality check on real engines (cosine of each text's pooled output to the baseline's).
         progress: called with short status lines.
+        gpu: a GPU preset (``--gpu``): every row projected onto it in the sim engine.
 
     Raises:
         InputError, EnvironmentProblem: see :mod:`memprof.errors` (OutOfMemory of a
@@ -177,7 +180,9 @@ def compare(
     """
     say = progress or (lambda msg: None)
     workload.validate()
-    rm, eng = prepare(spec, workload, engine, task=task, trust_remote_code=trust_remote_code, progress=say)
+    rm, eng = prepare(
+        spec, workload, engine, task=task, trust_remote_code=trust_remote_code, progress=say, gpu=gpu
+    )
     workload = workload.for_model(rm)
     real = not eng.simulated
     measure = Measure(flops=True, timing_steps=timing_steps if real else 0, quality=real)

@@ -28,6 +28,7 @@ from typing import Any
 from memprof.budget import Budget
 from memprof.budget import check as check_budget
 from memprof.errors import EnvironmentProblem, InputError, InternalError, OutOfMemory
+from memprof.gpus import GpuPreset
 from memprof.plan import single_fixes
 from memprof.profile import Profile
 from memprof.units import format_bytes
@@ -44,13 +45,23 @@ def accounting(profile: Profile, budget_bytes: int, context_bytes: int) -> dict[
     ov = profile.overheads or {}
     ws = int(ov.get("cublas_workspace_bytes") or 0) if not ov.get("included_in_peak", True) else 0
     reserved = profile.peak_reserved_bytes if profile.peak_reserved_bytes is not None else profile.peak_bytes
-    b = Budget(budget_bytes, context_bytes, ws)
+    named = ov.get("non_tensor") or {}
+    world = int((profile.workload or {}).get("world_size") or 1)
+    b = Budget(
+        budget_bytes,
+        context_bytes,
+        ws,
+        world_size=world if named else 1,
+        cudnn_workspace_bytes=int(named.get("cudnn_workspace_bytes") or 0),
+    )
     need = b.need(reserved)
     return {
         "budget_bytes": budget_bytes,
         "context_bytes": context_bytes,
         "context_source": "assumed (--context-overhead)",
         "cublas_workspace_bytes": ws,
+        "cudnn_workspace_bytes": b.cudnn_workspace_bytes,
+        "nccl_buffers_bytes": b.nccl_buffers_bytes,
         "usable_bytes": b.usable_bytes,
         "peak_bytes": profile.peak_bytes,
         "reserved_bytes": int(reserved),
@@ -93,6 +104,7 @@ def diagnose(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    gpu: GpuPreset | None = None,
 ) -> dict[str, Any]:
     """The budget diagnosis of a profiled step (``Profile.budget``).
 
@@ -106,6 +118,8 @@ def diagnose(
         fixes: how many single optimizations to show.
         max_runs: the most sim runs for the fixes and the plan together.
         progress: called with a short line per run.
+        gpu: the GPU preset the step was projected onto (``--gpu``): the fixes are
+            searched on it too.
 
     Returns:
         Plain data: the accounting (``fits``, ``need_bytes``...), ``crossing``
@@ -171,6 +185,7 @@ def diagnose(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
             progress=lambda m: say(f"fixes: {m}"),
+            gpu=gpu,
         )
         singles = sorted(found.singles, key=lambda s: (s.candidate.need_bytes, s.candidate.cost))
         base_need = found.baseline.need_bytes or out["need_bytes"]

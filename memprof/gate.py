@@ -41,6 +41,7 @@ from memprof._version import __version__
 from memprof.bounds import load_yaml
 from memprof.choices import EngineName, values
 from memprof.errors import InputError, MemprofError, ProblemsError
+from memprof.gpus import lookup
 from memprof.profile import Profile, write_atomic
 from memprof.recipes import from_names, load
 from memprof.units import format_bytes, parse_percent, parse_size
@@ -72,7 +73,7 @@ _WORKLOAD_KEYS = (
 _WHOLE_KEYS = ("batch_size", "seq_len", "decode_tokens")
 #: workload keys a baseline may record as null (the model's own choice)
 _NULLABLE = ("task",)
-_ENTRY_KEYS = ("name", "model", "engine", "recipe", "steps", *_WORKLOAD_KEYS)
+_ENTRY_KEYS = ("name", "model", "engine", "recipe", "steps", "gpu", *_WORKLOAD_KEYS)
 #: the engines a workloads entry may name (sim, the deterministic one, first: the default)
 ENGINES = ("sim", *(e for e in values(EngineName) if e != "sim"))
 
@@ -93,9 +94,11 @@ class GateWorkload:
     engine: str = "sim"
     recipe: str | None = None
     steps: list[str] = field(default_factory=list)
+    #: a GPU preset name (``--gpu``): the sim engine projects onto it; None: the default projection
+    gpu: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "name": self.name,
             "model": self.model,
             "engine": self.engine,
@@ -103,6 +106,9 @@ class GateWorkload:
             "steps": list(self.steps),
             "workload": self.workload.to_dict(),
         }
+        if self.gpu is not None:  # older baselines have no key: the default projection
+            d["gpu"] = self.gpu
+        return d
 
     @classmethod
     def from_entry(cls, entry: Any, where: str, problems: list[str]) -> GateWorkload | None:
@@ -123,6 +129,12 @@ class GateWorkload:
         recipe = entry.get("recipe")
         if recipe is not None and not isinstance(recipe, str):
             problems.append(f"{where}: 'recipe' must be a file or a shipped recipe name")
+        gpu = entry.get("gpu")
+        if gpu is not None:
+            try:
+                gpu = lookup(str(gpu)).name
+            except InputError as e:
+                problems.append(f"{where}: {e}")
         steps = entry.get("steps", [])
         if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
             problems.append(f"{where}: 'steps' must be a list of NAME[:key=value,...] strings")
@@ -137,7 +149,9 @@ class GateWorkload:
         if len(problems) > before:
             return None
         name = entry.get("name") or default_name(str(model), wl)
-        return cls(name=str(name), model=str(model), workload=wl, engine=engine, recipe=recipe, steps=steps)
+        return cls(
+            name=str(name), model=str(model), workload=wl, engine=engine, recipe=recipe, steps=steps, gpu=gpu
+        )
 
     def problems(self) -> list[str]:
         """What is wrong with this workload's model, shapes and optimizations, found without building anything."""
@@ -159,7 +173,14 @@ class GateWorkload:
         """Profile this workload (with its optimizations stacked, if any)."""
         from memprof.prepare import fake_model, prepare, stack
 
-        rm, eng = prepare(self.model, self.workload, self.engine, task=self.workload.task, progress=progress)
+        rm, eng = prepare(
+            self.model,
+            self.workload,
+            self.engine,
+            task=self.workload.task,
+            progress=progress,
+            gpu=lookup(self.gpu) if self.gpu is not None else None,
+        )
         # recorded as it ran: a baseline says "sdpa" or "eager", never "auto"
         self.workload = self.workload.for_model(rm)
         if self.recipe or self.steps:
@@ -412,7 +433,9 @@ def load_baseline(path: str | Path) -> Baseline:
         if "name" in item and (not isinstance(item["name"], str) or not item["name"]):
             problems.append(f"{where}.name: must be a non-empty string, got {_shown(item['name'])}")
         entry = {
-            k: item.get(k) for k in ("name", "model", "engine", "recipe", "steps") if item.get(k) is not None
+            k: item.get(k)
+            for k in ("name", "model", "engine", "recipe", "steps", "gpu")
+            if item.get(k) is not None
         }
         for k, v in item["workload"].items():
             if k not in _WORKLOAD_KEYS or (v is None and k in _NULLABLE):

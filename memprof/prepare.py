@@ -22,6 +22,7 @@ from memprof.engines import get_engine
 from memprof.engines.base import Engine
 from memprof.engines.fake_fidelity import host_constants
 from memprof.errors import EnvironmentProblem, InputError
+from memprof.gpus import GpuPreset
 from memprof.models import DTYPES, ResolvedModel, build_model, fetch_hub_weights, parameter_count, resolve
 from memprof.optimizations.registry import check_setup
 from memprof.workload import StepSetup, Workload
@@ -88,9 +89,13 @@ def prepare(
     snapshot: str | None = None,
     trust_remote_code: bool = False,
     progress: Callable[[str], None] | None = None,
+    gpu: GpuPreset | None = None,
+    context_bytes: int | None = None,
 ) -> tuple[ResolvedModel, Engine]:
     """Resolve a MODEL spec and pick the engine (``auto`` decides from the model's size).
 
+    ``gpu`` (a preset, ``--gpu``) projects the step onto that GPU: the sim engine
+    (:func:`memprof.engines.get_engine`); ``context_bytes`` is the CUDA context it reports.
     Callers resolve what depends on the model in their workload right after:
     ``workload = workload.for_model(rm)`` (``attn="auto"``).
 
@@ -104,12 +109,14 @@ def prepare(
         eng = engine
     else:
         estimate = None
-        if engine == "auto":
+        if engine == "auto" and gpu is None:
             check_positions(rm, workload)  # before the fake build that counts parameters
             if progress:
                 progress("Counting parameters")
             estimate = estimate_state_bytes(rm, workload)
-        eng = get_engine(engine, estimate_bytes=estimate, snapshot=snapshot)
+        eng = get_engine(
+            engine, estimate_bytes=estimate, snapshot=snapshot, gpu=gpu, context_bytes=context_bytes
+        )
     # after the engine's own check (no GPU for --engine cuda is the machine's problem first)
     check_positions(rm, workload)
     if rm.source == "hub" and eng.load_weights and not rm.has_weights:

@@ -87,6 +87,23 @@ Each is measured from the tensors the step kept on the host side (their
 sizes). On the cpu engine device memory is host memory: those tensors are in
 the peak as well. ``allocator`` then has ``outside_allocator_bytes`` (the paged
 bytes, which neither allocated nor reserved memory counts).
+
+Added within version 1, in ``overheads`` (sim engine): ``cuda_context_bytes``
+(an int: the ``--gpu`` preset's estimate, ``--context-overhead``, or the 512 MiB
+default; None in profiles written before it), ``gpu`` (the ``--gpu`` preset as
+plain data: ``name``, ``sm``, ``memory_bytes``, ``context_bytes``,
+``memory_bandwidth_gbps``, ``host_link``, ``host_link_gbps``, ``source``...; None
+without one) and ``non_tensor``: every byte beyond the allocator's reserved
+memory, named (:func:`memprof.budget.non_tensor`): ``cublas_workspace_bytes``
+(per stream x ``cublas_streams``, 1), ``cudnn_workspace_bytes`` (0 unless the
+step runs ``convolutions``), ``nccl_buffers_bytes`` (0 unless the world size is
+above 1; ``nccl`` has the channels and peers assumed), ``cuda_context_bytes``,
+``cuda_context_source``, ``total_bytes`` and ``assumptions`` (one sentence each).
+
+Added within version 1: ``fit`` (None unless ``--gpu`` or ``--budget`` on the sim
+engine): ``against`` (the GPU or the budget), ``memory_bytes``,
+``reserved_bytes``, ``non_tensor_bytes``, ``need_bytes`` (their sum),
+``headroom_bytes`` and ``fits``.
 """
 
 from __future__ import annotations
@@ -159,6 +176,8 @@ class Profile:
     parameters: dict[str, Any] | None = None
     #: host memory the step keeps off the device (see the module docstring)
     host: dict[str, Any] | None = None
+    #: will it fit: reserved + every non-tensor byte against a GPU preset or a budget (see the module docstring)
+    fit: dict[str, Any] | None = None
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:

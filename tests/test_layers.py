@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "data",
         (
             "memprof.allocator_model",
+            "memprof.gpus",
             "memprof.budget",
             "memprof.profile",
             "memprof.models",

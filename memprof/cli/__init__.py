@@ -41,7 +41,7 @@ app = new_app()
 
 
 def _register() -> None:
-    from memprof.cli import analyze, apply, compare, env, gate, plan, recipes
+    from memprof.cli import analyze, apply, compare, env, gate, gpus, plan, recipes
 
     app.command("analyze")(analyze.analyze)
     app.command("compare")(compare.compare)
@@ -51,6 +51,7 @@ def _register() -> None:
     app.command("baseline")(gate.baseline)
     app.command("check")(gate.check)
     app.command("env")(env.env)
+    app.command("gpus")(gpus.gpus)
 
 
 #: Ctrl-C came while the commands (and torch) were importing: main() reports it. The

@@ -29,6 +29,7 @@ def analyze(
     shard: O.Shard | None = O.SHARD,
     moe_routing: O.MoeRouting = O.MOE_ROUTING,
     experts: O.Experts = O.EXPERTS,
+    gpu: str | None = O.GPU,
     recipe: str | None = typer.Option(
         None,
         "--recipe",
@@ -55,8 +56,11 @@ def analyze(
         help="GPU memory to check the step against (e.g. 8GiB): where it is crossed, what was live, "
         "the optimizations that would cut that peak most (exit 4 when it does not fit).",
     ),
-    context_overhead: str = typer.Option(
-        "512MiB", "--context-overhead", help="With --budget: the CUDA context assumed (no GPU to measure it)."
+    context_overhead: str | None = typer.Option(
+        None,
+        "--context-overhead",
+        help="The CUDA context assumed (sim; no GPU to measure it): default the --gpu preset's estimate, "
+        "else 512MiB.",
     ),
     fixes: int = typer.Option(3, "--fixes", help="With --budget: how many single optimizations to show."),
     force: bool = O.FORCE,
@@ -64,11 +68,12 @@ def analyze(
     trust_remote_code: bool = O.TRUST_REMOTE_CODE,
 ) -> int:
     """Measure the peak memory of one training or inference step."""
+    preset = O.gpu(gpu)
     if top < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--top")
     check_outputs(force, json=json_path, html=html_path, snapshot=snapshot)
     budget_bytes = O.size(budget, "--budget", positive=True) if budget is not None else None
-    context_bytes = O.size(context_overhead, "--context-overhead")
+    context_bytes = O.size(context_overhead, "--context-overhead") if context_overhead is not None else None
     steps = load_recipe(recipe, step) if (recipe or step) else None
     launch = Launch.from_env() if shard else None
     # under torchrun only rank 0 reports: it holds every rank's profile
@@ -108,6 +113,7 @@ def analyze(
                 recipe=steps,
                 # a recipe's steps that do not apply are skipped, as compare does; --step items must apply
                 skip_inapplicable=recipe is not None,
+                gpu=preset,
             )
         except OutOfMemory as e:
             partial = e

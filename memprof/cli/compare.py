@@ -58,6 +58,7 @@ def compare(
     world_size: int = O.WORLD_SIZE,
     moe_routing: O.MoeRouting = O.MOE_ROUTING,
     experts: O.Experts = O.EXPERTS,
+    gpu: str | None = O.GPU,
     timing_steps: int = typer.Option(
         2, "--timing-steps", help="Real engines: untracked steps timed per row."
     ),
@@ -76,6 +77,7 @@ def compare(
     trust_remote_code: bool = O.TRUST_REMOTE_CODE,
 ) -> int:
     """Profile the baseline, then each optimization of a recipe stacked: memory, FLOPs, time, quality."""
+    preset = O.gpu(gpu)
     if timing_steps < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--timing-steps")
     check_outputs(force, json=json_path, html=html_path)
@@ -114,6 +116,7 @@ def compare(
             cumulative=not separate,
             data=data_spec,
             progress=progress,
+            gpu=preset,
         )
     if json_path:
         write_output(json_path, json.dumps(result.to_dict(), indent=2))

@@ -68,9 +68,11 @@ def baseline(
     decode_tokens: int = O.DECODE,
     moe_routing: O.MoeRouting = O.MOE_ROUTING,
     experts: O.Experts = O.EXPERTS,
+    gpu: str | None = O.GPU,
     force: bool = typer.Option(False, "--force", help="Replace an existing --output file."),
 ) -> int:
     """Profile workloads and record their memory as a baseline for `memprof check`."""
+    preset = O.gpu(gpu)
     given = sum(x for x in (model is not None, workloads is not None, update))
     if given != 1:
         raise InputError("give exactly one of: a MODEL, --workloads FILE, or --update (with --output)")
@@ -97,8 +99,13 @@ def baseline(
                 engine=engine.value,
                 recipe=recipe,
                 steps=list(step or []),
+                gpu=preset.name if preset is not None else None,
             )
         ]
+    elif preset is not None:
+        raise InputError(
+            "--gpu applies to the one MODEL workload; in a --workloads file give each entry a 'gpu' key"
+        )
     elif workloads is not None:
         ws = gate.read_workloads(workloads)
     else:

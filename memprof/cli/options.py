@@ -9,6 +9,7 @@ import typer
 from memprof.choices import Attn, DType, EngineName, Experts, Mode, MoeRouting, Optim, Shard, Task
 from memprof.data import DataSpec
 from memprof.errors import InputError
+from memprof.gpus import GpuPreset, lookup
 from memprof.units import parse_size
 from memprof.workload import Workload
 
@@ -94,6 +95,21 @@ LENGTHS = typer.Option(
     "lognormal(MU,SIGMA).",
 )
 SAMPLES = typer.Option(1000, "--samples", help="Draws of a --lengths distribution.")
+GPU = typer.Option(
+    None,
+    "--gpu",
+    help="Project the step onto this GPU (sim engine): its compute capability, memory and CUDA context "
+    "estimate, e.g. t4, a100-80gb, h100, rtx4090 (memprof gpus lists them).",
+)
+
+
+def gpu(name: str | None) -> GpuPreset | None:
+    """The preset of ``--gpu`` (None when not given).
+
+    Raises:
+        InputError: an unknown name (one line listing the known ones).
+    """
+    return lookup(name) if name is not None else None
 
 
 def data_spec(

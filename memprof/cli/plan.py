@@ -28,7 +28,11 @@ class Peft(str, Enum):
 
 def plan(
     model: str = O.MODEL,
-    budget: str = typer.Option(..., "--budget", help="GPU memory per rank: 24GiB, 80GB, 16384MiB."),
+    budget: str | None = typer.Option(
+        None,
+        "--budget",
+        help="GPU memory per rank: 24GiB, 80GB, 16384MiB (default: the --gpu preset's memory).",
+    ),
     mode: O.Mode = O.MODE,
     batch_size: int = O.BATCH,
     seq_len: int = O.SEQ,
@@ -43,6 +47,7 @@ def plan(
     world_size: int = O.WORLD_SIZE,
     moe_routing: O.MoeRouting = O.MOE_ROUTING,
     experts: O.Experts = O.EXPERTS,
+    gpu: str | None = O.GPU,
     max_overhead: str | None = typer.Option(
         None, "--max-overhead", help="The most FLOP overhead a plan may add, e.g. 40% (default: no limit)."
     ),
@@ -55,10 +60,11 @@ def plan(
         help="Also search stacks that train adapters: lora, qlora (4-bit base) or any. They change what is "
         "trained, so never by default; the full fine-tune's plan stays the answer when one fits.",
     ),
-    context_overhead: str = typer.Option(
-        format_bytes(DEFAULT_CONTEXT_BYTES, 0).replace(" ", ""),
+    context_overhead: str | None = typer.Option(
+        None,
         "--context-overhead",
-        help="CUDA context per process (assumed: no GPU to measure it; memprof analyze --engine cuda does).",
+        help="CUDA context per process (assumed: no GPU to measure it; memprof analyze --engine cuda does); "
+        f"default the --gpu preset's estimate, else {format_bytes(DEFAULT_CONTEXT_BYTES, 0).replace(' ', '')}.",
     ),
     max_runs: int = typer.Option(12, "--max-runs", help="The most sim runs of the search."),
     plans: int = typer.Option(3, "--plans", help="Stop once this many cheapest plans that fit are known."),
@@ -75,9 +81,19 @@ def plan(
     trust_remote_code: bool = O.TRUST_REMOTE_CODE,
 ) -> int:
     """Find the least costly optimizations that make a step fit a GPU memory budget (sim engine)."""
-    budget_bytes = O.size(budget, "--budget", positive=True)
+    preset = O.gpu(gpu)
+    if budget is None and preset is None:
+        raise InputError("give --budget SIZE or --gpu NAME (its memory is the budget)")
+    if budget is not None:
+        budget_bytes = O.size(budget, "--budget", positive=True)
+    else:
+        assert preset is not None
+        budget_bytes = preset.memory_bytes
     check_outputs(force, write_recipe=write_recipe, json=json_path, html=html_path)
-    context_bytes = O.size(context_overhead, "--context-overhead")
+    if context_overhead is not None:
+        context_bytes = O.size(context_overhead, "--context-overhead")
+    else:
+        context_bytes = preset.context_bytes if preset is not None else DEFAULT_CONTEXT_BYTES
     overhead = None
     if max_overhead is not None:
         try:
@@ -128,6 +144,7 @@ def plan(
                 trust_remote_code=trust_remote_code,
                 recipe_path=str(write_recipe) if write_recipe else "plan.yaml",
                 peft=peft.value if peft else None,
+                gpu=preset,
             )
         except NoPlanFits as e:
             failure = e

@@ -11,6 +11,7 @@ from memprof.engines.base import Engine
 from memprof.engines.cpu import CpuEngine
 from memprof.engines.sim import SimEngine
 from memprof.errors import InputError
+from memprof.gpus import GpuPreset
 
 ENGINES = values(EngineName)
 
@@ -30,7 +31,14 @@ def available_ram_bytes() -> int | None:
         return None
 
 
-def get_engine(name: str, *, estimate_bytes: int | None = None, snapshot: str | None = None) -> Engine:
+def get_engine(
+    name: str,
+    *,
+    estimate_bytes: int | None = None,
+    snapshot: str | None = None,
+    gpu: GpuPreset | None = None,
+    context_bytes: int | None = None,
+) -> Engine:
     """The engine called ``name``; ``auto`` picks one and records why in ``engine.reason``.
 
     Args:
@@ -39,13 +47,28 @@ def get_engine(name: str, *, estimate_bytes: int | None = None, snapshot: str | 
             optimizer state), used by ``auto`` to decide whether a CPU run fits in RAM.
         snapshot: path of a CUDA allocator snapshot to write: the caching
             allocator's (cuda engine) or the allocator model's (sim engine).
+        gpu: a GPU preset (``--gpu``): the step is projected onto it, so the engine is
+            sim (``auto`` picks it; ``cuda`` and ``cpu`` are refused: they measure the
+            machine's own device).
+        context_bytes: the CUDA context the sim engine reports (None: the preset's
+            estimate, or the default assumption).
 
     Raises:
-        InputError: unknown engine name, or ``--snapshot`` with the cpu engine.
+        InputError: unknown engine name, ``--snapshot`` with the cpu engine, ``--gpu``
+            with the cuda or cpu engine.
         EnvironmentProblem: ``cuda`` asked for without a GPU.
     """
     if name not in ENGINES:
         raise InputError(f"unknown engine {name!r}; use one of: {', '.join(ENGINES)}")
+    if gpu is not None:
+        if name in ("cuda", "cpu"):
+            raise InputError(
+                f"--gpu {gpu.name} projects the step onto that GPU in the sim engine; --engine {name} measures "
+                f"this machine's {'GPU' if name == 'cuda' else 'CPU'} instead: drop --gpu or use --engine sim"
+            )
+        projected = SimEngine(snapshot_path=snapshot, gpu=gpu, context_bytes=context_bytes)
+        projected.reason = f"--gpu {gpu.name}: projected onto it"
+        return projected
     if name == "auto":
         if torch.cuda.is_available():
             name, reason = "cuda", "auto: a CUDA GPU is available"
@@ -75,7 +98,7 @@ def get_engine(name: str, *, estimate_bytes: int | None = None, snapshot: str | 
 
         engine = CudaEngine(snapshot_path=snapshot)
     elif name == "sim":
-        engine = SimEngine(snapshot_path=snapshot)
+        engine = SimEngine(snapshot_path=snapshot, context_bytes=context_bytes)
     else:
         engine = CpuEngine()
     engine.reason = reason

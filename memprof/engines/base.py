@@ -341,6 +341,7 @@ class Engine:
             with self.ranks(setup) as mesh, self.context(), contextlib.ExitStack() as model_stack:
                 say(f"Building {rm.name} ({self.name} engine)")
                 model, builder = self._build(rm, setup, allow_pickle, measure.seed)
+                self.saw_model(model, setup)
                 builder.validate(workload.batch_size, workload.seq_len)
                 moe = model_stack.enter_context(self.experts_context(model, setup))
                 if dev.type != "cpu":
@@ -615,6 +616,9 @@ class Engine:
             # which experts get gradients (and so optimizer state) depends on the routing
             return "mixture of experts: the routing decides which experts get optimizer state"
         return runner.full_warm_up_reason()
+
+    def saw_model(self, model: torch.nn.Module, setup: StepSetup) -> None:
+        """The model built for the step, before it runs (the sim engine counts its convolutions)."""
 
     def recompute_context(self) -> Callable[[], Any] | None:
         """What checkpoint recomputation must run under (see :class:`RunEnv`)."""

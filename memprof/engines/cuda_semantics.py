@@ -6,7 +6,8 @@ so the simulation runs CPU fake tensors and applies CUDA semantics here:
 * **SDPA kernel choice.** ``F.scaled_dot_product_attention`` is routed to the
   aten op the CUDA dispatcher would pick (torch's ``sdp_utils.cpp``, order
   flash -> memory-efficient -> math): flash for float16/bfloat16 with no
-  explicit mask and head dim <= 256 (multiple of 8); memory-efficient for
+  explicit mask and head dim <= 256 (multiple of 8), on sm 8.0 and newer;
+  memory-efficient (bfloat16 from sm 8.0) for
   float32/float16/bfloat16 with or without a mask (boolean masks become an
   additive mask of the query dtype, padded to a multiple of 16 as CUDA does);
   math otherwise. The aten ops run their meta kernels and their real autograd
@@ -77,7 +78,9 @@ def choose_sdpa_kernel(
         and dense4
         and hd <= 256
         and hd % 8 == 0
-        and (sm_major >= 8 or q.dtype == torch.float16)
+        # FlashAttention-2, in PyTorch since 2.2, runs on sm 8.0 and newer only (sdp_utils.cpp:
+        # check_flash_attention_hardware_support); a T4 (sm 7.5) falls to memory-efficient
+        and sm_major >= 8
     ):
         return "flash"
     eff_dtypes = (torch.float16, torch.float32) + ((torch.bfloat16,) if sm_major >= 8 else ())

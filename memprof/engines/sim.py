@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memprof.allocator_model import AllocatorEstimate, AllocatorSettings, expandable_segments_hint, replay
+from memprof.budget import DEFAULT_CONTEXT_BYTES, non_tensor
 from memprof.engines.base import Engine, RunResult
 from memprof.engines.cuda_autocast import AutocastBanned, CudaAutocastPolicy
 from memprof.engines.cuda_semantics import (
@@ -39,6 +40,7 @@ from memprof.engines.cuda_semantics import (
 from memprof.engines.fake_fidelity import RealKernelLayouts, host_constants
 from memprof.engines.moe import assumed_routing, experts_modules
 from memprof.errors import MemprofError, NotSupported
+from memprof.gpus import GpuPreset
 from memprof.inputs import IMAGE_TEXT_TASKS
 from memprof.sharding import fake_group
 from memprof.snapshot import model_snapshot, write_snapshot
@@ -68,6 +70,8 @@ class SimEngine(Engine):
         snapshot_path: str | None = None,
         cuda_sdpa: bool = True,
         cuda_autocast: bool = True,
+        gpu: GpuPreset | None = None,
+        context_bytes: int | None = None,
     ) -> None:
         """
         Args:
@@ -81,8 +85,29 @@ class SimEngine(Engine):
                 would pick; False leaves it to the CPU dispatcher (see :func:`sim_engine`).
             cuda_autocast: autocast applies CUDA's policy (:mod:`cuda_autocast`);
                 False leaves the CPU's (see :func:`sim_engine`).
+            gpu: the GPU preset projected (``--gpu``): its compute capability and
+                memory replace ``sm_major`` and ``device_memory_bytes`` (the allocator
+                model may reserve its memory less the context and the workspace), and
+                its CUDA context estimate is reported.
+            context_bytes: the CUDA context reported (``--context-overhead``); None: the
+                preset's estimate, else :data:`memprof.budget.DEFAULT_CONTEXT_BYTES`.
         """
         super().__init__()
+        self.preset = gpu
+        if context_bytes is not None:
+            self.context_bytes, self.context_source = context_bytes, "given (--context-overhead)"
+        elif gpu is not None:
+            self.context_bytes = gpu.context_bytes
+            self.context_source = (
+                f"estimate for the {gpu.name} (memprof's, not measured; --context-overhead sets it)"
+            )
+        else:
+            self.context_bytes = DEFAULT_CONTEXT_BYTES
+            self.context_source = "assumed (memprof's default; measure it with --engine cuda)"
+        if gpu is not None:
+            sm_major = gpu.sm_major
+            if device_memory_bytes is None:
+                device_memory_bytes = gpu.memory_bytes - self.context_bytes - cublas_workspace_bytes(sm_major)
         self.sm_major = sm_major
         self.cuda_sdpa = cuda_sdpa
         self.cuda_autocast = cuda_autocast
@@ -100,12 +125,21 @@ class SimEngine(Engine):
         #: replay, or the step's own when its settings already have them (None: no step yet)
         self.expandable_estimate: AllocatorEstimate | None = None
         self._hint: dict[str, Any] | None = None
+        #: convolution modules of the model being run (a cuDNN workspace when above 0)
+        self._convolutions = 0
+        self._world_size = 1
+
+    def saw_model(self, model: torch.nn.Module, setup: StepSetup) -> None:
+        self._convolutions = sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+        self._world_size = setup.workload.world_size
 
     def workspace_bytes(self) -> int:
         """The cuBLAS workspace projected beside the peak (not in it)."""
         return cublas_workspace_bytes(self.sm_major)
 
     def device_name(self) -> str:
+        if self.preset is not None:
+            return f"simulated {self.preset.name} (sm {self.preset.sm} semantics, CPU fake tensors)"
         return f"simulated CUDA GPU (sm {self.sm_major}.x semantics, CPU fake tensors)"
 
     @contextlib.contextmanager
@@ -200,11 +234,21 @@ class SimEngine(Engine):
         self._gemm4.calls.clear()
 
     def after_measure(self, extra: dict[str, Any]) -> None:
+        ws = cublas_workspace_bytes(self.sm_major)
+        named = non_tensor(
+            cublas_workspace_bytes=ws,
+            convolutions=self._convolutions,
+            world_size=self._world_size,
+            context_bytes=self.context_bytes,
+            context_source=self.context_source,
+        )
         extra["overheads"] = {
-            "cublas_workspace_bytes": cublas_workspace_bytes(self.sm_major),
-            "cuda_context_bytes": None,
+            "cublas_workspace_bytes": ws,
+            "cuda_context_bytes": self.context_bytes,
             "included_in_peak": False,
             "sdpa_kernels": dict(self._sdpa.kernels) if self._sdpa else {},
+            "non_tensor": named,
+            "gpu": self.preset.to_dict() if self.preset is not None else None,
         }
 
     def replay_trace(self, trace: list[TraceEvent], setup: StepSetup, extra: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from memprof.budget import Budget
 from memprof.engines.base import Engine
 from memprof.engines.sim import SimEngine
 from memprof.errors import InputError, NoPlanFits
+from memprof.gpus import GpuPreset
 from memprof.optimizations.registry import require_environment
 from memprof.plan.levers import PEFT_CHOICES, build_levers
 from memprof.plan.maximize import MAXIMIZE
@@ -47,6 +48,7 @@ def new_search(
     trust_remote_code: bool,
     say: Progress,
     peft: str | None = None,
+    gpu: GpuPreset | None = None,
 ) -> Search:
     """The search over ``wl``'s levers, nothing measured yet (``left_out``: the levels left out, and why).
 
@@ -57,7 +59,9 @@ def new_search(
         InputError: a bad workload, or an engine other than sim.
     """
     wl.validate()
-    eng = engine if engine is not None else SimEngine()
+    default_context = gpu.context_bytes if gpu is not None else DEFAULT_CONTEXT_BYTES
+    given = None if context_overhead == default_context else context_overhead
+    eng = engine if engine is not None else SimEngine(gpu=gpu, context_bytes=given)
     if eng.name != "sim":
         raise InputError(f"memprof plan searches in the sim engine, not {eng.name}")
     rm, eng = prepare(spec, wl, eng, task=task, trust_remote_code=trust_remote_code, progress=say)
@@ -65,7 +69,11 @@ def new_search(
     say("Building the model on fake tensors (its structure, for the levers)")
     model = fake_model(rm, wl)
     levers, left_out = build_levers(model, wl, derived_allocator=isinstance(eng, SimEngine), peft=peft)
-    budget = Budget(budget_bytes, context_overhead, 0, wl.world_size)
+    budget = Budget(
+        budget_bytes, context_overhead, 0, wl.world_size, gpu=gpu.name if gpu is not None else None
+    )
+    if gpu is not None and context_overhead == gpu.context_bytes:
+        budget.context_source = getattr(eng, "context_source", budget.context_source)
     return Search(
         rm,
         eng,
@@ -100,6 +108,7 @@ def plan(
     trust_remote_code: bool = False,
     recipe_path: str = "plan.yaml",
     peft: str | None = None,
+    gpu: GpuPreset | None = None,
 ) -> PlanResult:
     """Find the least costly optimizations that make a step fit a GPU memory budget.
 
@@ -130,6 +139,9 @@ def plan(
             (one search each; they change what is trained, so never by default). The full
             fine-tune's plan stays the answer when one fits; otherwise the first adapter
             kind that fits (LoRA before QLoRA). ``result.peft`` lists each kind's plan.
+        gpu: a GPU preset (``--gpu``): the sim engine projects onto it (compute capability,
+            memory for the allocator model); the caller passes its memory as ``budget_bytes``
+            and its context estimate as ``context_overhead`` unless the user gave them.
 
     Returns:
         The search: budget accounting, every combination resolved, the plans that fit
@@ -178,6 +190,7 @@ def plan(
             trust_remote_code=trust_remote_code,
             say=say if kind is None else (lambda msg: say(f"{kind}: {msg}")),
             peft=kind,
+            gpu=gpu,
         )
         s.run()
         return s, s.result()
@@ -234,6 +247,7 @@ def single_fixes(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    gpu: GpuPreset | None = None,
 ) -> SingleFixes:
     """Each lever's strongest level alone on the step, then the search on to the cheapest stack that fits.
 
@@ -247,6 +261,7 @@ def single_fixes(
         budget_bytes: the GPU's memory.
         context_overhead: the CUDA context's bytes (assumed).
         max_runs: the most sim runs, the single levers and the search together.
+        gpu: a GPU preset (``--gpu``): the sim engine projects onto it.
         task: override the task picked from the config.
         allow_pickle: permit loading ``.bin`` checkpoints.
         trust_remote_code: permit models that ship their own code.
@@ -267,6 +282,7 @@ def single_fixes(
         budget_bytes,
         context_overhead=context_overhead,
         engine=None,
+        gpu=gpu,
         max_overhead=None,
         max_plans=1,
         max_runs=max_runs,

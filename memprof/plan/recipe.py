@@ -60,8 +60,10 @@ def recipe_text(result: PlanResult, spec: str, path: str) -> str:
         + (f", per rank of {wl.world_size}" if wl.world_size > 1 else "")
         + f", budget {format_bytes(b.budget_bytes)}",
         f"sim run {c.run}: peak {format_bytes(c.peak_bytes)} allocated, {format_bytes(c.reserved_bytes)} reserved "
-        f"(+ CUDA context {format_bytes(b.context_bytes)} assumed + cuBLAS {format_bytes(b.cublas_workspace_bytes)} "
-        f"= {format_bytes(c.need_bytes)}); {over}",
+        f"(+ CUDA context {format_bytes(b.context_bytes)} assumed + cuBLAS {format_bytes(b.cublas_workspace_bytes)}"
+        + (f" + cuDNN {format_bytes(b.cudnn_workspace_bytes)}" if b.cudnn_workspace_bytes else "")
+        + (f" + NCCL {format_bytes(b.nccl_buffers_bytes)}" if b.nccl_buffers_bytes else "")
+        + f" = {format_bytes(c.need_bytes)}); {over}",
         f"confirm: {compare_command(spec, wl, path)}",
     ]
     body = yaml.safe_dump(

@@ -219,6 +219,9 @@ class Search:
             ws = r.profile.overheads.get("cublas_workspace_bytes")
             if isinstance(ws, int) and not self.runs:
                 self.budget.cublas_workspace_bytes = ws
+                # a model with convolutions needs a cuDNN workspace in every combination
+                cudnn = (r.profile.overheads.get("non_tensor") or {}).get("cudnn_workspace_bytes")
+                self.budget.cudnn_workspace_bytes = int(cudnn or 0)
         run.seconds = time.perf_counter() - t0
         self.runs.append(run)
         self.state.by_key[key] = run

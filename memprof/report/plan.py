@@ -8,6 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from memprof import optimizations
+from memprof.budget import nccl_buffers
 from memprof.plan import ESTIMATE_MARGIN, SIDE_COSTS, Candidate, PlanResult, compare_command
 from memprof.units import format_bytes
 from memprof.workload import Workload
@@ -39,13 +40,28 @@ def budget_table(r: PlanResult) -> Table:
     t.add_column(justify="right")
     t.add_column(style="dim")
     per = " per rank" if b.world_size > 1 else ""
-    t.add_row(f"budget{per}", format_bytes(b.budget_bytes), "")
+    t.add_row(f"budget{per}", format_bytes(b.budget_bytes), f"the {b.gpu}'s memory (--gpu)" if b.gpu else "")
     t.add_row(
         "− CUDA context",
         format_bytes(b.context_bytes),
-        "assumed (--context-overhead): no GPU here; measure yours with memprof analyze --engine cuda",
+        b.context_source
+        if b.context_source.startswith("estimate")
+        else "assumed (--context-overhead): no GPU here; measure yours with memprof analyze --engine cuda",
     )
-    t.add_row("− cuBLAS workspace", format_bytes(b.cublas_workspace_bytes), "from the sim profile")
+    t.add_row(
+        "− cuBLAS workspace",
+        format_bytes(b.cublas_workspace_bytes),
+        "from the sim profile (1 compute stream)",
+    )
+    if b.cudnn_workspace_bytes:
+        t.add_row(
+            "− cuDNN workspace",
+            format_bytes(b.cudnn_workspace_bytes),
+            "assumed: the model runs convolutions (memprof.budget.CUDNN_WORKSPACE_BYTES)",
+        )
+    if b.nccl_buffers_bytes:
+        n = nccl_buffers(b.world_size)
+        t.add_row("− NCCL buffers", format_bytes(b.nccl_buffers_bytes), f"assumed: {n['assumption']}")
     t.add_row(
         Text("= usable", style="bold"),
         Text(format_bytes(b.usable_bytes), style="bold"),

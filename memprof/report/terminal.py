@@ -13,7 +13,13 @@ from rich.text import Text
 from memprof.optimizations.registry import describe_steps
 from memprof.profile import Profile
 from memprof.report.diagnosis import budget_panel
-from memprof.report.timeline import columns, fragmentation_line, host_line, outside_allocator_line
+from memprof.report.timeline import (
+    columns,
+    fragmentation_line,
+    host_line,
+    non_tensor_line,
+    outside_allocator_line,
+)
 from memprof.tracking import CATEGORIES
 from memprof.units import format_bytes, format_count
 
@@ -132,11 +138,17 @@ def summary_table(p: Profile) -> Table:
     ov = p.overheads or {}
     if ov.get("cublas_workspace_bytes") and not ov.get("included_in_peak", True):
         proj = p.peak_bytes + int(ov["cublas_workspace_bytes"])
+        named = ov.get("non_tensor")
         t.add_row(
             "Projected GPU",
             f"{format_bytes(proj, 2)} max_memory_allocated with the cuBLAS workspace "
-            f"({format_bytes(ov['cublas_workspace_bytes'])}); plus the CUDA context, not projected",
+            f"({format_bytes(ov['cublas_workspace_bytes'])})"
+            + ("" if named else "; plus the CUDA context, not projected"),
         )
+        if named:
+            t.add_row("Not tensors", non_tensor_line(named))
+    if p.fit:
+        t.add_row("Fits?", fit_line(p.fit))
     if p.nvml:
         nv = p.nvml
         line = f"{nv.get('device_name')}: {format_bytes(nv.get('device_used_bytes'))} used of {format_bytes(nv.get('device_total_bytes'))}"
@@ -418,3 +430,14 @@ def render(p: Profile, console: Console, top: int = 15) -> None:
         console.print(f"[dim]• {n}[/dim]")
     if verdict is not None:  # last: the next step to take
         console.print(verdict)
+
+
+def fit_line(f: dict[str, Any]) -> str:
+    """Reserved + the non-tensor bytes against a GPU's memory (or a budget): fits or not, by how much."""
+    sums = (
+        f"reserved {format_bytes(f['reserved_bytes'])} + not tensors {format_bytes(f['non_tensor_bytes'])} "
+        f"= {format_bytes(f['need_bytes'])} of {f['against']}"
+    )
+    if f["fits"]:
+        return f"[green]fits[/green]: {sums}; {format_bytes(f['headroom_bytes'])} left"
+    return f"[red]does not fit[/red]: {sums}; {format_bytes(-f['headroom_bytes'])} short"

@@ -144,3 +144,30 @@ def outside_allocator_line(allocator: dict[str, Any] | None) -> str | None:
         f"{format_bytes(n, 1)} of paged optimizer state in CUDA unified memory (cudaMallocManaged) is outside "
         "the caching allocator: neither allocated nor reserved counts it"
     )
+
+
+def non_tensor_line(named: dict[str, Any]) -> str:
+    """Every non-tensor byte beside the peak, each named with its assumption."""
+    parts = [
+        f"cuBLAS workspace {format_bytes(named['cublas_workspace_bytes'])} "
+        f"({named.get('cublas_streams', 1)} compute stream assumed)"
+    ]
+    if named.get("cudnn_workspace_bytes"):
+        parts.append(
+            f"cuDNN workspace {format_bytes(named['cudnn_workspace_bytes'])} "
+            f"(assumed: {named.get('convolutions', 0)} convolution module(s))"
+        )
+    if named.get("nccl_buffers_bytes"):
+        n = named.get("nccl") or {}
+        parts.append(
+            f"NCCL buffers {format_bytes(named['nccl_buffers_bytes'])} (assumed: NCCL defaults, "
+            f"{n.get('channels')} channels x {n.get('peers')} peer(s))"
+        )
+    source = str(named.get("cuda_context_source") or "")
+    kind = (
+        "estimate"
+        if source.startswith("estimate")
+        else ("given" if source.startswith("given") else "assumed")
+    )
+    parts.append(f"CUDA context {format_bytes(named['cuda_context_bytes'])} ({kind})")
+    return " + ".join(parts) + f" = {format_bytes(named['total_bytes'])}"

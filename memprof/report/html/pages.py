@@ -16,7 +16,7 @@ from memprof.report.html.figures import (
     waterfall_figure,
 )
 from memprof.report.html.page import Page, esc, table
-from memprof.report.timeline import fragmentation_line, host_line, outside_allocator_line
+from memprof.report.timeline import fragmentation_line, host_line, non_tensor_line, outside_allocator_line
 from memprof.tracking import CATEGORIES
 from memprof.units import format_bytes, format_count
 
@@ -75,11 +75,27 @@ def _summary(p: Profile) -> str:
     if host:
         rows.append(("Host memory", esc(host + " (not in the peak)")))
     ov = p.overheads or {}
-    if ov.get("cublas_workspace_bytes") and not ov.get("included_in_peak", True):
+    if ov.get("non_tensor"):
+        rows.append(("Not tensors", esc(non_tensor_line(ov["non_tensor"]))))
+    elif ov.get("cublas_workspace_bytes") and not ov.get("included_in_peak", True):
         rows.append(
             (
                 "Not in the peak",
                 esc(f"cuBLAS workspace {format_bytes(ov['cublas_workspace_bytes'])}; the CUDA context"),
+            )
+        )
+    if p.fit:
+        f = p.fit
+        verdict = "fits" if f["fits"] else "does not fit"
+        left = f"{format_bytes(abs(f['headroom_bytes']))} {'left' if f['fits'] else 'short'}"
+        rows.append(
+            (
+                "Fits?",
+                esc(
+                    f"{verdict}: reserved {format_bytes(f['reserved_bytes'])} + not tensors "
+                    f"{format_bytes(f['non_tensor_bytes'])} = {format_bytes(f['need_bytes'])} of "
+                    f"{f['against']}; {left}"
+                ),
             )
         )
     return table([(f"<b>{k}</b>", v) for k, v in rows])
