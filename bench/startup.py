@@ -180,7 +180,7 @@ def main() -> int:
         "--commands",
         action="store_true",
         help="only time the commands that answer before torch loads (recipes, validate, a bad "
-        "argument), here and at --before REV",
+        "argument, a MODEL that names nothing), here and at --before REV",
     )
     ap.add_argument("--write", action="store_true", help="also write the section into docs/benchmarks.md")
     args = ap.parse_args()
@@ -323,7 +323,7 @@ def main() -> int:
     return 0
 
 
-NOTE = "These commands import neither torch nor transformers now: the optimizations, recipes and command modules load the library only inside the functions that run a step, after the arguments are checked (tests/cli/test_answers_before_torch.py checks it). A bad MODEL (`memprof analyze no-such-model`) still loads torch before it is answered."
+NOTE = "These commands import neither torch nor transformers now: the optimizations, recipes and command modules load the library only inside the functions that run a step, after the arguments are checked (tests/cli/test_answers_before_torch.py checks it). Nor does a MODEL that names nothing (`memprof analyze no-such-model`) or a config.json that is not one; a Hub id, a config whose model_type transformers must judge, and a line whose first error needs the library (`--shard`, `--step` with `--budget`) still load it."
 
 #: commands that answer from their arguments alone: (label, arguments, exit code)
 COMMANDS = [
@@ -334,6 +334,7 @@ COMMANDS = [
         0,
     ),
     ("`memprof analyze gpt2 --budget lots` (exit 2)", ["analyze", "gpt2", "--budget", "lots"], 2),
+    ("`memprof analyze no-such-model` (exit 2)", ["analyze", "no-such-model"], 2),
 ]
 
 

@@ -52,7 +52,7 @@ from memprof.data import DataSpec
 from memprof.engines.base import Engine
 from memprof.engines.sim import SimEngine
 from memprof.errors import InputError
-from memprof.files import check_output_folder, write_atomic
+from memprof.files import check_output_folder, leftovers, write_atomic
 from memprof.models import DTYPES, TASKS, build_model
 from memprof.optimizations.registry import for_setup
 from memprof.prepare import fake_model, prepare, stack
@@ -574,38 +574,6 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
                 os.rename(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def leftovers(out: Path) -> list[Path]:
-    """The temporary folders of killed ``apply`` runs beside ``out`` (``.NAME.memprof-*``).
-
-    A folder whose process is still running (another ``apply`` to the same
-    ``out``) is not a leftover.
-    """
-    prefix = f".{out.name}.memprof-"
-    try:
-        names = os.listdir(out.parent)
-    except OSError:
-        return []
-    found = []
-    for name in sorted(names):
-        if not name.startswith(prefix):
-            continue
-        pid = name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-            continue
-        found.append(out.parent / name)
-    return found
 
 
 def recover(out: Path) -> list[str]:

@@ -152,3 +152,39 @@ def write_atomic(path: str | Path, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def leftovers(out: Path) -> list[Path]:
+    """The temporary folders of killed ``apply`` runs beside ``out`` (``.NAME.memprof-*``).
+
+    :func:`memprof.apply.recover` repairs them; the command line looks for them
+    first (here, without torch) to know whether the library's check of ``out``
+    can be made before it loads.
+
+    A folder whose process is still running (another ``apply`` to the same
+    ``out``) is not a leftover.
+    """
+    prefix = f".{out.name}.memprof-"
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return []
+    found = []
+    for name in sorted(names):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        found.append(out.parent / name)
+    return found

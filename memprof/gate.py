@@ -39,9 +39,10 @@ import yaml
 
 from memprof._version import __version__
 from memprof.bounds import load_yaml
-from memprof.choices import EngineName, values
+from memprof.choices import EngineName, Task, values
 from memprof.errors import InputError, MemprofError, ProblemsError
 from memprof.gpus import lookup
+from memprof.model_config import check_spec
 from memprof.profile import Profile, write_atomic
 from memprof.recipes import from_names, load
 from memprof.units import format_bytes, parse_percent, parse_size
@@ -292,6 +293,31 @@ def check_workloads(workloads: list[GateWorkload], source: str) -> None:
         GateError: every problem found.
     """
     problems = [p for w in workloads for p in w.problems()]
+    if problems:
+        raise GateError(source, problems)
+
+
+def check_models(workloads: list[GateWorkload], source: str) -> None:
+    """:func:`check_workloads` where every workload's MODEL names nothing, found without torch.
+
+    A workload's first problem is its MODEL (see :meth:`GateWorkload.problems`), and
+    the only one then; where every workload has one, they are every problem
+    :func:`check_workloads` would report. Otherwise nothing is raised here: the
+    others' problems need the model built.
+
+    Raises:
+        GateError: every workload's MODEL names nothing usable.
+    """
+    problems = []
+    for w in workloads:
+        if w.workload.task is not None and w.workload.task not in values(Task):
+            return  # resolve refuses the task first
+        try:
+            check_spec(w.model)
+        except InputError as e:
+            problems.append(f"{w.name}: {e}")
+        else:
+            return
     if problems:
         raise GateError(source, problems)
 

@@ -1,13 +1,18 @@
-"""Read a model's config.json into a transformers config, and check that its sizes fit together.
+"""What a MODEL spec names; a model's config.json read into a transformers config, its sizes checked.
 
-Part of resolving a MODEL spec (:mod:`memprof.models`): a config that transformers
-accepts can still fail later, deep inside a layer's forward; :func:`check_config`
-refuses it here, in one line that names the attribute to change.
+Part of resolving a MODEL spec (:mod:`memprof.models`). :func:`spec_kind` and
+:func:`check_spec` need neither torch nor transformers, so that the command line
+answers a spec that names nothing (or a config.json that is not one) before they
+load. A config that transformers accepts can still fail later, deep inside a
+layer's forward; :func:`check_config` refuses it here, in one line that names the
+attribute to change.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,17 +20,141 @@ from typing import Any
 from memprof.bounds import POSITIVE_INTS, config_bound_problems, size_problem
 from memprof.errors import InputError
 
-try:
-    from huggingface_hub.errors import StrictDataclassError as _StrictConfigError
-except ImportError:  # pragma: no cover - huggingface_hub before strict dataclasses
+#: a Hub id: ``org/name``
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
-    class _StrictConfigError(Exception):  # type: ignore[no-redef]
-        """Never raised: this huggingface_hub has no strict dataclasses."""
+#: what ``memprof analyze FILE`` expects a config file to hold
+CONFIG_FILE_EXPECTED = "a JSON object with a model_type"
+
+
+def bundled_configs_dir() -> Path:
+    """The folder of bundled model configs (``configs/models`` in the repository)."""
+    env = os.environ.get("MEMPROF_CONFIGS")
+    if env:
+        return Path(env) / "models"
+    return Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+def bundled_models() -> list[str]:
+    """Names of the bundled configs, for ``memprof analyze NAME``."""
+    d = bundled_configs_dir()
+    return sorted(p.stem for p in d.glob("*.json")) if d.is_dir() else []
+
+
+def looks_like_factory(spec: str) -> bool:
+    """``package.module:factory``."""
+    if ":" not in spec:
+        return False
+    mod, _, attr = spec.partition(":")
+    return bool(re.match(r"^[A-Za-z_][\w.]*$", mod)) and bool(re.match(r"^[A-Za-z_]\w*$", attr))
+
+
+def spec_kind(spec: str) -> str:
+    """What a MODEL spec names, found without torch or transformers (nothing is read).
+
+    Args:
+        spec: the MODEL argument.
+
+    Returns:
+        ``directory`` (a model folder), ``config`` (a config.json file), ``factory``
+        (``package.module:factory``), ``bundled`` (a config in ``configs/models``) or
+        ``hub`` (an ``org/name`` id, not looked up here).
+
+    Raises:
+        InputError: a file that is not JSON, or nothing by that name.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "directory"
+    if path.is_file():
+        if path.suffix != ".json":
+            raise InputError(
+                f"{spec}: expected a model directory or a config.json, got a {path.suffix or 'plain'} file"
+            )
+        return "config"
+    if looks_like_factory(spec):
+        return "factory"
+    if (bundled_configs_dir() / f"{spec}.json").is_file():
+        return "bundled"
+    names = ", ".join(bundled_models()) or "none"
+    if path.suffix == ".json" or spec.startswith(("./", "../", "/", "~")):
+        # a path (a Hub id never ends in .json): say the file is missing, do not ask the Hub
+        raise InputError(f"{spec}: no such file or directory (bundled configs: {names})")
+    if HUB_ID.match(spec):
+        return "hub"
+    raise InputError(f"{spec}: no such file or directory, bundled config or Hub id (bundled: {names})")
+
+
+def check_spec(spec: str, trust_remote_code: bool = False) -> str:
+    """:func:`spec_kind`, and for a folder or a config file, what can be checked of its config without transformers.
+
+    The checks :func:`memprof.models.resolve` makes first, with its messages: a
+    folder has a config.json, which is a JSON object, asks to run no shipped code
+    unless trusted, and has a model_type string. Whether transformers knows that
+    type, and the rest, is left to ``resolve``. A bundled config is shipped (and
+    tested); a factory and a Hub id are not looked up.
+
+    Returns:
+        The kind of spec (see :func:`spec_kind`).
+
+    Raises:
+        InputError: as ``resolve`` would for these.
+    """
+    kind = spec_kind(spec)
+    path = Path(spec).expanduser()
+    if kind == "directory":
+        directory_config(spec, path, trust_remote_code)
+    elif kind == "config":
+        config_data(path, str(path), trust_remote_code, CONFIG_FILE_EXPECTED)
+    return kind
+
+
+def directory_config(spec: str, folder: Path, trust_remote_code: bool) -> tuple[Path, dict[str, Any]]:
+    """The config.json of a model folder and its data (see :func:`config_data`).
+
+    Raises:
+        InputError: no config.json, or one :func:`config_data` refuses.
+    """
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise InputError(f"{spec}: directory has no config.json")
+    return cfg_path, config_data(cfg_path, spec, trust_remote_code)
+
+
+def config_data(
+    path: Path, where: str, trust_remote_code: bool, expected: str = "a JSON object"
+) -> dict[str, Any]:
+    """A config.json's data: a JSON object, no shipped code unless trusted, a model_type string.
+
+    Args:
+        where: names the model in the message about shipped code.
+
+    Raises:
+        InputError: see :func:`read_json`, :func:`refuse_remote_code`, :func:`check_model_type`.
+    """
+    data = read_json(path, expected)
+    refuse_remote_code(data, where, trust_remote_code)
+    check_model_type(data, str(path))
+    return data
+
+
+def check_model_type(data: Mapping[str, Any], where: str) -> None:
+    """The config names its model type, as a string (whether transformers knows it is its own check).
+
+    Raises:
+        InputError: no model_type, or not a string.
+    """
+    model_type = data.get("model_type")
+    if not model_type:
+        raise InputError(f"{where}: no model_type in the config")
+    if not isinstance(model_type, str):
+        raise InputError(
+            f'{where}: model_type must be a string (e.g. "llama"), got {type(model_type).__name__}'
+        )
 
 
 def load_config_file(path: Path, trust_remote_code: bool) -> Any:
-    data = read_json(path, "a JSON object with a model_type")
-    refuse_remote_code(data, str(path), trust_remote_code)
+    data = config_data(path, str(path), trust_remote_code, CONFIG_FILE_EXPECTED)
     return config_from_dict(data, str(path))
 
 
@@ -46,13 +175,9 @@ def config_from_dict(data: dict[str, Any], where: str) -> Any:
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    model_type = data.get("model_type")
-    if not model_type:
-        raise InputError(f"{where}: no model_type in the config")
-    if not isinstance(model_type, str):
-        raise InputError(
-            f'{where}: model_type must be a string (e.g. "llama"), got {type(model_type).__name__}'
-        )
+    strict_config_error = _strict_config_error()
+    check_model_type(data, where)
+    model_type = data["model_type"]
     if model_type not in CONFIG_MAPPING_NAMES:
         raise InputError(
             f"{where}: unknown model_type {model_type!r} (this transformers knows "
@@ -71,7 +196,7 @@ def config_from_dict(data: dict[str, Any], where: str) -> Any:
         # transformers' own checks of the values given (a dtype it has no name for, a
         # rope_parameters without its keys...): the config's problem, not memprof's
         raise InputError(f"{where}: invalid {model_type} config ({e})") from None
-    except _StrictConfigError as e:
+    except strict_config_error as e:
         # transformers >= 5 validates configs as huggingface_hub strict dataclasses,
         # whose errors are no ValueError: "Class validation error for validator 'x':\n<why>"
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -79,6 +204,19 @@ def config_from_dict(data: dict[str, Any], where: str) -> Any:
         raise InputError(f"{where}: invalid {model_type} config ({why})") from None
     check_config(config, data, where)
     return config
+
+
+class _NeverRaised(Exception):
+    """Never raised: a huggingface_hub without strict dataclasses."""
+
+
+def _strict_config_error() -> type[Exception]:
+    """huggingface_hub's StrictDataclassError (imported with transformers: it takes 0.2 s alone)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - huggingface_hub before strict dataclasses
+        return _NeverRaised
+    return StrictDataclassError
 
 
 def _size_problems(data: Mapping[str, Any], name: str) -> list[str]:

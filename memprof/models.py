@@ -22,7 +22,6 @@ import copy
 import importlib
 import os
 import pickle
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +33,11 @@ import torch
 from memprof.choices import DType, Task, values
 from memprof.errors import EnvironmentProblem, InputError
 from memprof.inputs import InputBuilder, users_failure
-from memprof.model_config import config_from_dict, load_config_file, read_json, refuse_remote_code
+
+# what a MODEL spec names is found without torch, in model_config (bundled configs still named from here)
+from memprof.model_config import bundled_configs_dir as bundled_configs_dir
+from memprof.model_config import bundled_models as bundled_models
+from memprof.model_config import config_from_dict, directory_config, load_config_file, spec_kind
 
 #: tasks memprof builds inputs for, with the transformers auto class of each
 TASKS: dict[str, str] = {
@@ -58,21 +61,6 @@ DTYPES: dict[str, torch.dtype] = {d.value: getattr(torch, d.value) for d in DTyp
 
 _SPEECH_TYPES = {"whisper", "speech_to_text", "speech_encoder_decoder"}
 _VISION_TYPES = {"vit", "deit", "beit", "swin", "convnext", "dinov2", "vit_mae", "resnet", "mobilevit"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-def bundled_configs_dir() -> Path:
-    """The folder of bundled model configs (``configs/models`` in the repository)."""
-    env = os.environ.get("MEMPROF_CONFIGS")
-    if env:
-        return Path(env) / "models"
-    return Path(__file__).resolve().parent.parent / "configs" / "models"
-
-
-def bundled_models() -> list[str]:
-    """Names of the bundled configs, for ``memprof analyze NAME``."""
-    d = bundled_configs_dir()
-    return sorted(p.stem for p in d.glob("*.json")) if d.is_dir() else []
 
 
 @dataclass
@@ -177,39 +165,23 @@ def resolve(
     """
     if task is not None and task not in TASKS:
         raise InputError(f"unknown task {task!r}; supported: {', '.join(TASKS)}")
+    kind = spec_kind(spec)  # a spec that names nothing is refused here
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if kind == "directory":
         return _from_directory(spec, path, task, trust_remote_code)
-    if path.is_file():
-        if path.suffix != ".json":
-            raise InputError(
-                f"{spec}: expected a model directory or a config.json, got a {path.suffix or 'plain'} file"
-            )
+    if kind == "config":
         cfg = load_config_file(path, trust_remote_code)
         name = path.parent.name if path.name == "config.json" else path.stem
         rm = ResolvedModel(spec, name, "config", cfg, trust_remote_code=trust_remote_code)
         rm.folder = path.parent.resolve()
         return _finish(rm, task)
-    if _looks_like_factory(spec):
+    if kind == "factory":
         return _from_factory(spec)
-    bundled = bundled_configs_dir() / f"{spec}.json"
-    if bundled.is_file():
+    if kind == "bundled":
+        bundled = bundled_configs_dir() / f"{spec}.json"
         cfg = load_config_file(bundled, False)
         return _finish(ResolvedModel(spec, spec, "bundled", cfg, folder=bundled.parent.resolve()), task)
-    names = ", ".join(bundled_models()) or "none"
-    if path.suffix == ".json" or spec.startswith(("./", "../", "/", "~")):
-        # a path (a Hub id never ends in .json): say the file is missing, do not ask the Hub
-        raise InputError(f"{spec}: no such file or directory (bundled configs: {names})")
-    if _HUB_ID.match(spec):
-        return _from_hub(spec, task, trust_remote_code)
-    raise InputError(f"{spec}: no such file or directory, bundled config or Hub id (bundled: {names})")
-
-
-def _looks_like_factory(spec: str) -> bool:
-    if ":" not in spec:
-        return False
-    mod, _, attr = spec.partition(":")
-    return bool(re.match(r"^[A-Za-z_][\w.]*$", mod)) and bool(re.match(r"^[A-Za-z_]\w*$", attr))
+    return _from_hub(spec, task, trust_remote_code)
 
 
 def _from_factory(spec: str) -> ResolvedModel:
@@ -225,11 +197,7 @@ def _from_factory(spec: str) -> ResolvedModel:
 
 
 def _from_directory(spec: str, path: Path, task: str | None, trust_remote_code: bool) -> ResolvedModel:
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise InputError(f"{spec}: directory has no config.json")
-    data = read_json(cfg_path)
-    refuse_remote_code(data, spec, trust_remote_code)
+    cfg_path, data = directory_config(spec, path, trust_remote_code)
     cfg = config_from_dict(data, str(cfg_path))
     rm = ResolvedModel(spec, _folder_name(path), "directory", cfg, trust_remote_code=trust_remote_code)
     rm.folder = path.resolve()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from memprof.errors import EnvironmentProblem, InputError
+from memprof.model_config import check_spec, spec_kind
 from memprof.models import TASKS, build_model, bundled_models, resolve
 from tests.conftest import tiny
 
@@ -81,6 +82,45 @@ def test_errors_for_bad_paths_and_configs(tmp_path):
     txt.write_text("x")
     with pytest.raises(InputError, match="expected a model directory or a config.json"):
         resolve(str(txt))
+
+
+def test_spec_kind_names_what_a_spec_points_to(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    config = tmp_path / "model.json"
+    config.write_text(Path(tiny("llama")).read_text())
+    assert spec_kind(str(folder)) == "directory"  # its config.json is check_spec's to look for
+    assert spec_kind(str(config)) == "config"
+    assert spec_kind("mypackage.models:build") == "factory"  # not imported here
+    assert spec_kind("gpt2") == "bundled"
+    assert spec_kind("some-org/some-model") == "hub"  # not looked up
+    for spec in ("no-such-model", "./no/such/dir", "no-such.json", "no:such:thing"):
+        with pytest.raises(InputError, match="no such file or directory"):
+            spec_kind(spec)
+    with pytest.raises(InputError, match="no config.json"):
+        check_spec(str(folder))
+    assert check_spec(str(config)) == "config"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "{not json",
+        "[1]",
+        json.dumps({"n_layer": 2}),
+        json.dumps({"model_type": 3}),
+        json.dumps({"model_type": "llama", "auto_map": {"AutoConfig": "x.Y"}}),
+    ],
+)
+def test_check_spec_refuses_what_resolve_refuses_with_its_message(tmp_path, data):
+    path = tmp_path / "config.json"
+    path.write_text(data)
+    for spec in (str(path), str(tmp_path)):
+        with pytest.raises(InputError) as before_torch:
+            check_spec(spec)
+        with pytest.raises(InputError) as resolved:
+            resolve(spec)
+        assert str(before_torch.value) == str(resolved.value)
 
 
 def test_remote_code_needs_consent(tmp_path):

@@ -7,7 +7,8 @@ import typer
 from memprof.cli import options as O
 from memprof.cli.common import check_outputs, spinner, stderr_console, stdout_console, write_output
 from memprof.cli.compare import load_recipe
-from memprof.errors import OutOfMemory
+from memprof.errors import InputError, OutOfMemory
+from memprof.model_config import check_spec
 from memprof.sharding import Launch
 
 
@@ -76,6 +77,30 @@ def analyze(
     context_bytes = O.size(context_overhead, "--context-overhead") if context_overhead is not None else None
     steps = load_recipe(recipe, step) if (recipe or step) else None
     launch = Launch.from_env() if shard else None
+    # what the library checks before it resolves MODEL, in its order (a line with two
+    # errors gets the message it got when the library answered both)
+    if fixes < 0:
+        raise InputError(f"--fixes must be 0 or more, got {fixes}")
+    O.workload(
+        mode,
+        batch_size,
+        seq_len,
+        dtype,
+        optimizer,
+        attn,
+        task,
+        decode_tokens,
+        teacher,
+        temperature,
+        ce_weight,
+        launch.world_size if launch is not None and world_size == 1 else world_size,
+        moe_routing,
+        experts,
+    )
+    if shard is None and not (steps is not None and steps.steps and budget_bytes is not None):
+        # --shard and --step with --budget are checked by the library first, with the
+        # step machinery; the MODEL spec is then checked there too
+        check_spec(model, trust_remote_code)
     # under torchrun only rank 0 reports: it holds every rank's profile
     quiet = launch is not None and launch.rank != 0
     partial = None

@@ -12,6 +12,8 @@ from memprof.cli import options as O
 from memprof.cli.common import check_outputs, spinner, stdout_console, write_output
 from memprof.cli.compare import RECIPE, STEP, load_recipe
 from memprof.errors import InputError
+from memprof.files import check_output_folder, leftovers
+from memprof.model_config import check_spec
 from memprof.units import format_bytes
 
 
@@ -57,6 +59,12 @@ def apply(
     check_outputs(force, json=json_path)
     r = load_recipe(recipe, step)
     wl = O.workload(mode, batch_size, seq_len, dtype, optimizer, attn, task, world_size=world_size)
+    # the library checks --output, then MODEL; it answers a bad --output itself (with what it
+    # repaired of killed runs beside it, which the command line does not touch)
+    out = Path(output).expanduser().resolve()
+    if not leftovers(out):
+        check_output_folder(out, "--output", force=force)
+        check_spec(model, trust_remote_code)
     # the library (torch, transformers) loads once the arguments are known to be good
     from memprof.apply import apply as run_apply
 

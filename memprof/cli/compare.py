@@ -11,6 +11,7 @@ from memprof import recipes
 from memprof.cli import options as O
 from memprof.cli.common import check_outputs, spinner, stdout_console, write_output
 from memprof.errors import InputError
+from memprof.model_config import check_spec
 from memprof.optimizations.registry import require_environment
 
 RECIPE = typer.Option(
@@ -99,6 +100,8 @@ def compare(
         experts,
     )
     data_spec = O.data_spec(data, text_field, tokenizer, lengths, samples)
+    # the library's first check after the workload (a folder, a config, a bundled name...)
+    check_spec(model, trust_remote_code)
     # the library (torch, transformers) loads once the arguments are known to be good
     from memprof.compare import compare as run_compare
     from memprof.report.compare import render_compare

@@ -110,6 +110,7 @@ def baseline(
         ws = gate.read_workloads(workloads)
     else:
         ws = gate.load_baseline(output).workloads
+    gate.check_models(ws, "workloads")  # before the library loads, where every MODEL names nothing
     with spinner() as progress:
         b = gate.record(ws, progress=progress)
     try:

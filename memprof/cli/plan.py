@@ -9,9 +9,11 @@ from pathlib import Path
 import typer
 
 from memprof.budget import DEFAULT_CONTEXT_BYTES
+from memprof.budget import check as check_budget
 from memprof.cli import options as O
 from memprof.cli.common import check_outputs, spinner, stdout_console, write_output
 from memprof.errors import InputError, NoPlanFits
+from memprof.model_config import check_spec
 from memprof.units import format_bytes, parse_percent
 
 
@@ -120,6 +122,11 @@ def plan(
         moe_routing,
         experts,
     )
+    if peft is None and (overhead is None or overhead >= 0):
+        # the library's checks before it resolves MODEL, then MODEL (its --peft and a
+        # negative --max-overhead come first: left to it, so that the message is the same)
+        check_budget(budget_bytes, context_bytes)
+        check_spec(model, trust_remote_code)
     failure: NoPlanFits | None = None
     # the library (torch, transformers) loads once the arguments are known to be good
     from memprof.plan import PlanResult, recipe_text

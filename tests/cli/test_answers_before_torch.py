@@ -3,6 +3,9 @@
 Each case runs the console script's entry (``memprof.__main__.run``) in a fresh
 interpreter and reports which of torch and transformers it imported; the exit
 code and the message are those the commands gave when they imported torch first.
+A MODEL spec that names nothing (or a config.json that is not one) is answered so
+too, after the checks the library made before it (a line with two errors gets the
+message of before, loading torch where the first check needs it).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from memprof import optimizations
+from memprof.model_config import bundled_models
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,6 +57,11 @@ def memprof(*args: str) -> tuple[int, str, str, str]:
     )
     err, _, loaded = p.stderr.rpartition("\nloaded: ")
     return p.returncode, p.stdout, err, loaded.strip()
+
+
+#: the list of bundled configs that ends the messages about a MODEL that names nothing
+NAMES = ", ".join(bundled_models())
+NO_SUCH_MODEL = f"no-such-model: no such file or directory, bundled config or Hub id (bundled: {NAMES})"
 
 
 @pytest.fixture
@@ -122,6 +131,37 @@ def test_validate_a_bad_recipe_without_torch(bad_recipe: Path):
             ["check", "--baseline", "no-such.json", "--tolerance", "garbage"],
             "--tolerance 'garbage': give a percentage (2%) or a size (50MiB), not negative, finite",
         ),
+        (["analyze", "gpt2", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["analyze", "gpt2", "--mode", "distill"], "--mode distill needs --teacher MODEL"),
+        # the library's order: --fixes, the workload, then MODEL
+        (
+            ["analyze", "no-such-model", "--fixes", "-1", "--batch-size", "0"],
+            "--fixes must be 0 or more, got -1",
+        ),
+        (["analyze", "no-such-model", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["analyze", "no-such-model"], NO_SUCH_MODEL),
+        (["analyze", "no-such-model", "--mode", "distill", "--teacher", "no-such-teacher"], NO_SUCH_MODEL),
+        (
+            ["analyze", "./no/such/dir"],
+            f"./no/such/dir: no such file or directory (bundled configs: {NAMES})",
+        ),
+        (["analyze", "no-such.json"], f"no-such.json: no such file or directory (bundled configs: {NAMES})"),
+        (["analyze", "README.md"], "README.md: expected a model directory or a config.json, got a .md file"),
+        (["analyze", "configs"], "configs: directory has no config.json"),
+        (["compare", "no-such-model", "--step", "checkpointing"], NO_SUCH_MODEL),
+        (["compare", "no-such-model", "--step", "checkpointing", "--lengths", "garbage"], NO_SUCH_MODEL),
+        (
+            ["plan", "no-such.json", "--budget", "8GiB"],
+            f"no-such.json: no such file or directory (bundled configs: {NAMES})",
+        ),
+        (
+            ["plan", "no-such-model", "--budget", "8GiB", "--context-overhead", "9GiB"],
+            "--budget 8.0 GiB leaves nothing after the CUDA context (9.0 GiB, --context-overhead)",
+        ),
+        (
+            ["baseline", "no-such-model", "--output", "no-such-folder/b.json"],
+            f"workloads: 1 problem: no-such-model-train-b8-s512: {NO_SUCH_MODEL}",
+        ),
     ],
 )
 def test_bad_arguments_answer_without_torch(args: list[str], message: str):
@@ -129,3 +169,85 @@ def test_bad_arguments_answer_without_torch(args: list[str], message: str):
     assert (code, loaded) == (2, ""), err
     assert err.startswith("memprof: error: " + message), err
     assert len(err.splitlines()) == 1 and out == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{bad", "not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+        ("[1]", "expected a JSON object with a model_type"),
+        ('{"n_layer": 2}', "no model_type in the config"),
+        ('{"model_type": 3}', 'model_type must be a string (e.g. "llama"), got int'),
+        (
+            '{"model_type": "gpt2", "auto_map": {"AutoConfig": "x.Y"}}',
+            "the config asks to run code shipped with the model (auto_map); pass --trust-remote-code if you trust it",
+        ),
+    ],
+)
+def test_a_config_file_that_is_none_answers_without_torch(tmp_path: Path, text: str, message: str):
+    path = tmp_path / "model.json"
+    path.write_text(text)
+    code, out, err, loaded = memprof("analyze", str(path))
+    assert (code, loaded, out) == (2, "", ""), err
+    assert err.splitlines() == [f"memprof: error: {path}: {message}"]
+
+
+def test_a_folder_whose_config_asks_for_remote_code_answers_without_torch(tmp_path: Path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "auto_map": {"AutoConfig": "x.Y"}}')
+    code, out, err, loaded = memprof("compare", str(tmp_path), "--step", "checkpointing")
+    assert (code, loaded, out) == (2, "", ""), err
+    assert err.splitlines() == [
+        f"memprof: error: {tmp_path}: the config asks to run code shipped with the model (auto_map); "
+        "pass --trust-remote-code if you trust it"
+    ]
+
+
+def test_apply_answers_output_then_model_without_torch(tmp_path: Path):
+    under_a_file = tmp_path / "notes.txt"
+    under_a_file.write_text("hi")
+    args = ["--recipe", "low-memory-finetune", "--output"]
+    code, out, err, loaded = memprof("apply", "no-such-model", *args, str(under_a_file / "x"))
+    assert (code, loaded, out) == (2, "", ""), err
+    assert err.splitlines() == [
+        f"memprof: error: --output {under_a_file / 'x'}: {under_a_file} is a file, not a folder"
+    ]
+    code, out, err, loaded = memprof("apply", "no-such-model", *args, str(tmp_path / "new"))
+    assert (code, loaded, out) == (2, "", ""), err
+    assert err.splitlines() == [f"memprof: error: {NO_SUCH_MODEL}"]
+
+
+def test_baseline_of_workloads_that_all_name_nothing_answers_without_torch(tmp_path: Path):
+    path = tmp_path / "workloads.yaml"
+    path.write_text(
+        "workloads:\n  - name: a\n    model: no-such-model\n  - name: b\n    model: ./no/such/dir\n"
+    )
+    code, out, err, loaded = memprof(
+        "baseline", "--workloads", str(path), "--output", str(tmp_path / "b.json")
+    )
+    assert (code, loaded, out) == (2, "", ""), err
+    assert err.splitlines()[0] == "memprof: error: workloads: 2 problems"
+    assert err.splitlines()[1:] == [
+        f"  - a: {NO_SUCH_MODEL}",
+        f"  - b: ./no/such/dir: no such file or directory (bundled configs: {NAMES})",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # checked by the library before MODEL, with what needs torch: the message of before
+        (
+            ["analyze", "no-such-model", "--budget", "8GiB", "--step", "checkpointing"],
+            "--budget diagnoses the step as given; for a step with optimizations use memprof plan "
+            "(which searches them) or memprof compare",
+        ),
+        (
+            ["plan", "no-such-model", "--budget", "8GiB", "--peft", "lora", "--mode", "infer"],
+            "--peft trains adapters: it needs a training step, not --mode infer",
+        ),
+    ],
+)
+def test_two_errors_where_the_first_needs_the_library(args: list[str], message: str):
+    code, out, err, _ = memprof(*args)
+    assert (code, out) == (2, ""), err
+    assert err.splitlines() == [f"memprof: error: {message}"]
