@@ -145,3 +145,22 @@ def _unused_head_model(tmp_path: Path, monkeypatch: Any) -> str:
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     return "unused_head:make"
+
+
+def test_adamw_state_is_created_without_its_update(monkeypatch):
+    """torch's AdamW: the warm-up creates its state as its first step does, without running the step."""
+    import torch
+
+    steps = []
+    real = torch.optim.AdamW.step
+
+    def counted(self, *a, **k):
+        steps.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    setup = setup_with(WL)
+    fast = measured(SimEngine(), tiny("llama"), setup, full=False)
+    assert len(steps) == 1  # the measured step's only
+    full = measured(SimEngine(), tiny("llama"), setup, full=True)
+    assert steady(fast) == steady(full)
