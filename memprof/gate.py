@@ -32,6 +32,7 @@ import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -195,6 +196,39 @@ class GateWorkload:
         return eng.run(rm, self.workload, progress=progress)
 
 
+def run_workloads(workloads: list[GateWorkload], say: Progress) -> list[Profile]:
+    """Profile each workload, side by side in forked workers when all run in the sim engine.
+
+    (:mod:`memprof.engines.pool`; ``MEMPROF_WORKERS=1`` runs them one by one.) Each
+    workload's resolved shapes (``attn``) come back with its profile.
+
+    Raises:
+        The first error a workload raised, in the workloads' order.
+    """
+    from memprof.engines import pool
+
+    n = len(workloads)
+
+    def one(i: int, w: GateWorkload) -> tuple[Profile, Workload]:
+        # a worker's status lines stay in it: the terminal is this process's
+        quiet = pool.in_worker()
+        return w.run(progress=None if quiet else _prefixed(say, f"[{i}/{n}] {w.name}: ")), w.workload
+
+    out = pool.run_calls(
+        [partial(one, i, w) for i, w in enumerate(workloads, 1)],
+        parallel=all(w.engine == "sim" for w in workloads),
+        stop_at_error=True,
+        progress=lambda i, m: say(f"[{i + 1}/{n}] {workloads[i].name}: {m}"),
+    )
+    profiles = []
+    for w, r in zip(workloads, out):
+        if isinstance(r, BaseException):
+            raise r
+        profiles.append(r[0])
+        w.workload = r[1]
+    return profiles
+
+
 def _prefixed(say: Progress, prefix: str) -> Progress:
     return lambda msg: say(prefix + msg)
 
@@ -329,9 +363,7 @@ def record(workloads: list[GateWorkload], *, progress: Progress | None = None) -
     check_workloads(workloads, "workloads")
 
     say = progress or (lambda m: None)
-    profiles = []
-    for i, w in enumerate(workloads, 1):
-        profiles.append(w.run(progress=_prefixed(say, f"[{i}/{len(workloads)}] {w.name}: ")))
+    profiles = run_workloads(workloads, say)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return Baseline(workloads=workloads, profiles=profiles, versions=versions(), created=created)
 
@@ -686,9 +718,8 @@ def check(
         if k in ("torch", "transformers", "memprof") and baseline.versions.get(k) != v
     }
     results = []
-    n = len(baseline.workloads)
-    for i, (w, before) in enumerate(zip(baseline.workloads, baseline.profiles), 1):
-        after = w.run(progress=_prefixed(say, f"[{i}/{n}] {w.name}: "))
+    afters = run_workloads(baseline.workloads, say)
+    for w, before, after in zip(baseline.workloads, baseline.profiles, afters):
         allowed = tolerance.allowed(before.peak_bytes)
         d = after.peak_bytes - before.peak_bytes
         status = "regression" if d > allowed else ("improvement" if -d > allowed else "ok")

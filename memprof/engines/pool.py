@@ -26,7 +26,8 @@ import os
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from memprof.errors import InputError, InternalError, MemprofError
 
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from memprof.engines.base import Engine, Measure, RunResult
     from memprof.models import ResolvedModel
     from memprof.workload import StepSetup
+
+T = TypeVar("T")
 
 #: the environment variable that caps the workers
 WORKERS_ENV = "MEMPROF_WORKERS"
@@ -74,12 +77,8 @@ _WORK: dict[str, Any] = {}
 
 
 def _run_one(i: int) -> tuple[int, str, Any]:
-    engine: Engine = _WORK["engine"]
-    job: Job = _WORK["jobs"][i]
     try:
-        r = engine.run_detailed(
-            _WORK["rm"], job.setup, allow_pickle=_WORK["allow_pickle"], measure=job.measure
-        )
+        out = _WORK["calls"][i]()
     except MemprofError as e:
         if isinstance(e, InternalError):
             return i, "internal", (str(e), e.traceback_text())
@@ -87,10 +86,10 @@ def _run_one(i: int) -> tuple[int, str, Any]:
         return i, "error", (type(e), str(e), state)
     except Exception as e:  # a bug: its traceback goes back with it
         return i, "internal", (f"{type(e).__name__}: {e}", "".join(traceback.format_exception(e)))
-    return i, "ok", r
+    return i, "ok", out
 
 
-def _rebuild(kind: str, payload: Any, model: str, engine: str) -> BaseException:
+def _rebuild(kind: str, payload: Any, where: dict[str, str | None]) -> BaseException:
     if kind == "error":
         cls, message, state = payload
         e = cls.__new__(cls)
@@ -98,13 +97,70 @@ def _rebuild(kind: str, payload: Any, model: str, engine: str) -> BaseException:
         e.__dict__.update(state)
         return e
     message, detail = payload
-    return InternalError(message=message, model=model, engine=engine, detail=detail)
+    return InternalError(message=message, detail=detail, **where)  # type: ignore[arg-type]
+
+
+#: True in a forked worker: its status lines stay there (the terminal is this process's)
+_in_worker = False
+
+
+def in_worker() -> bool:
+    """True in a forked worker (status lines printed there would garble this process's terminal)."""
+    return _in_worker
 
 
 def _child_init() -> None:
+    global _in_worker
     import torch
 
+    _in_worker = True
+
     torch.set_num_threads(1)  # a fake step computes nothing; the other workers need the cores
+
+
+def run_calls(
+    calls: Sequence[Callable[[], T]],
+    *,
+    parallel: bool,
+    workers: int | None = None,
+    stop_at_error: bool = False,
+    progress: Callable[[int, str], None] | None = None,
+    where: dict[str, str | None] | None = None,
+) -> list[T | BaseException]:
+    """Call each; the results in order (a :class:`MemprofError` a call raised in its place).
+
+    ``parallel``: the calls may run in forked workers (sim runs only: see the module);
+    they then do when there is more than one call and more than one worker (default
+    :func:`available_workers`). A call's result must pickle. ``progress(i, message)``:
+    from workers, when call ``i`` is queued and when it ends. ``stop_at_error``: in
+    this process, no call runs after one that raised (the list ends there); workers
+    run every call. ``where``: the model and engine an unexpected error names.
+    """
+    say = progress or (lambda i, msg: None)
+    n = min(workers or available_workers(), len(calls)) if parallel else 1
+    if n <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        out: list[T | BaseException] = []
+        for call in calls:
+            try:
+                out.append(call())
+            except MemprofError as e:
+                out.append(e)
+                if stop_at_error:
+                    break
+        return out
+    for i in range(len(calls)):
+        say(i, f"queued for one of {n} worker processes")
+    results: list[Any] = [None] * len(calls)
+    _WORK["calls"] = list(calls)
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(n, initializer=_child_init) as pool:
+            for i, kind, payload in pool.imap_unordered(_run_one, range(len(calls))):
+                results[i] = payload if kind == "ok" else _rebuild(kind, payload, where or {})
+                say(i, "done")
+    finally:
+        _WORK.clear()
+    return results
 
 
 def run_many(
@@ -117,48 +173,34 @@ def run_many(
     stop_at_error: bool = False,
     progress: Callable[[int, str], None] | None = None,
 ) -> list[RunResult | BaseException]:
-    """Measure each job; the results in the jobs' order (a :class:`MemprofError` a run raised in its place).
+    """Measure each job on ``engine``: :func:`run_calls`, in workers where the engine is simulated.
 
-    Runs in this process when there is one job, one worker, or an engine that is not
-    simulated; otherwise in up to ``workers`` (default :func:`available_workers`)
-    forked processes. ``progress(i, message)``: job ``i``'s status lines (in this
-    process, each of its steps; from workers, when it starts and when it ends).
-    ``stop_at_error``: in this process, no job runs after one that raised (the list
-    ends there); workers run every job.
+    In this process each job's own status lines go to ``progress(i, message)``.
     """
-    say = progress or (lambda i, msg: None)
-    n = min(workers or available_workers(), len(jobs))
-    if n <= 1 or not engine.simulated or "fork" not in multiprocessing.get_all_start_methods():
-        out: list[RunResult | BaseException] = []
-        for i, job in enumerate(jobs):
-            try:
-                out.append(
-                    engine.run_detailed(
-                        rm,
-                        job.setup,
-                        allow_pickle=allow_pickle,
-                        measure=job.measure,
-                        progress=lambda msg, i=i: say(i, msg),  # type: ignore[misc]
-                    )
-                )
-            except MemprofError as e:
-                out.append(e)
-                if stop_at_error:
-                    break
-        return out
-    for i in range(len(jobs)):
-        say(i, f"queued for one of {n} worker processes")
-    results: list[RunResult | BaseException | None] = [None] * len(jobs)
-    _WORK.update(engine=engine, rm=rm, jobs=list(jobs), allow_pickle=allow_pickle)
-    try:
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(n, initializer=_child_init, maxtasksperchild=None) as pool:
-            for i, kind, payload in pool.imap_unordered(_run_one, range(len(jobs))):
-                results[i] = payload if kind == "ok" else _rebuild(kind, payload, rm.name, engine.name)
-                say(i, "done")
-    finally:
-        _WORK.clear()
-    return [r for r in results if r is not None]
+
+    def say(i: int, msg: str) -> None:
+        if progress is not None and not _in_worker:
+            progress(i, msg)
+
+    calls = [
+        partial(
+            engine.run_detailed,
+            rm,
+            job.setup,
+            allow_pickle=allow_pickle,
+            measure=job.measure,
+            progress=partial(say, i),
+        )
+        for i, job in enumerate(jobs)
+    ]
+    return run_calls(
+        calls,
+        parallel=engine.simulated,
+        workers=workers,
+        stop_at_error=stop_at_error,
+        progress=progress,
+        where={"model": rm.name, "engine": engine.name},
+    )
 
 
-__all__ = ["WORKERS_ENV", "Job", "available_workers", "run_many"]
+__all__ = ["WORKERS_ENV", "Job", "available_workers", "in_worker", "run_calls", "run_many"]

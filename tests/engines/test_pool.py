@@ -140,3 +140,45 @@ def test_the_worker_count_is_capped_by_the_environment(monkeypatch):
     assert available_workers() == 3
     monkeypatch.delenv("MEMPROF_WORKERS")
     assert available_workers() >= 1
+
+
+def test_a_baseline_recorded_side_by_side_is_the_one_recorded_one_by_one(tmp_path, monkeypatch):
+    """memprof baseline / check: sim workloads run in forked workers, each with its own model."""
+    import json
+
+    from memprof.cli import main
+
+    y = tmp_path / "w.yaml"
+    y.write_text(
+        f"workloads:\n  - model: {tiny('llama')}\n    batch_size: 2\n    seq_len: 32\n"
+        f"  - model: {tiny('gpt2')}\n    batch_size: 2\n    seq_len: 16\n"
+        f"  - model: {tiny('llama')}\n    name: infer\n    mode: infer\n    batch_size: 2\n    seq_len: 32\n"
+    )
+    out = {}
+    for n in ("1", "2"):
+        monkeypatch.setenv("MEMPROF_WORKERS", n)
+        f = tmp_path / f"b{n}.json"
+        assert main(["baseline", "--workloads", str(y), "-o", str(f)]) == 0
+        d = json.loads(f.read_text())
+        d.pop("created")
+        out[n] = d
+        assert main(["check", "--baseline", str(f), "--tolerance", "0"]) == 0
+    assert out["1"] == out["2"]
+    assert [w["workload"]["attn"] for w in out["2"]["workloads"]] == ["sdpa", "sdpa", "sdpa"]  # resolved
+
+
+def test_a_workload_that_fails_in_a_worker_fails_the_record(monkeypatch):
+    from memprof import gate
+
+    real = gate.GateWorkload.run
+
+    def second_fails(self, *, progress=None):
+        if self.name == "b":
+            raise InputError("b: no such thing, as a test says")
+        return real(self, progress=progress)
+
+    monkeypatch.setattr(gate.GateWorkload, "run", second_fails)
+    monkeypatch.setenv("MEMPROF_WORKERS", "2")
+    ws = [gate.GateWorkload(name=n, model=tiny("llama"), workload=WL) for n in ("a", "b", "c")]
+    with pytest.raises(InputError, match="b: no such thing, as a test says"):
+        gate.record(ws)
