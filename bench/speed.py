@@ -162,6 +162,8 @@ def commands_section(args: argparse.Namespace) -> int:
         ]
         for label, argv, ref in COMMANDS:
             for suffix, where in trees:
+                if suffix and "--gpu" in argv:
+                    continue  # --gpu is this round's (issue 19): the earlier code has no such option
                 full = [a.format(tmp=tmp, minilm=minilm) for a in argv]
                 full = [str(where / a) if a.startswith("configs/") else a for a in full]
                 variants.append(
