@@ -25,13 +25,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from memprof.budget import Budget
 from memprof.engines.base import Engine, Measure, RunResult
 from memprof.engines.depth import shallow_run
-from memprof.errors import EnvironmentProblem, InputError, OutOfMemory
+from memprof.errors import EnvironmentProblem, InputError, MemprofError, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel
 from memprof.plan.combinations import Combinations, Key, enumerate_setups
 from memprof.plan.estimator import Estimator, Measured
@@ -103,6 +104,8 @@ class Search:
         self.rm, self.eng, self.wl, self.model = rm, eng, wl, model
         #: settle what the allocated peak alone rules out from shallow traces (memprof.engines.depth)
         self.shallow = shallow
+        #: results of runs made side by side ahead of :meth:`measure` (:meth:`prefetch`)
+        self._prefetched: dict[Key, tuple[RunResult | BaseException, str | None, int | None, float]] = {}
         self.levers = levers
         self.budget = budget
         self.max_overhead = max_overhead
@@ -179,39 +182,32 @@ class Search:
         key = self.combinations.run_key(key)
         if not self._probe_optimizer(key):
             return None
-        setup = self.setups[key]
         count = self.estimator.counts_flops(key)
         index = len(self.runs) + 1
         label = self.combinations.label(key)
         self.say(f"run {index}: {label} ({purpose})")
-        t0 = time.perf_counter()
         run = Run(index=index, key=key, steps=self.combinations.steps_of(key), seconds=0.0, purpose=purpose)
-        shallow = self._shallow(setup, count, lambda m: self.say(f"run {index}: {label}: {m}"))
-        try:
-            if shallow is not None:
-                r, run.depth = shallow
-            else:
-                r = self.eng.run_detailed(
-                    self.rm,
-                    setup,
-                    progress=lambda m: self.say(f"run {index}: {label}: {m}"),
-                    allow_pickle=self.allow_pickle,
-                    track_modules=False,
-                    measure=Measure(flops=count, timeline=False),
-                )
-        except OutOfMemory as e:
-            run.error = f"out of memory: {e}"
-        except (InputError, EnvironmentProblem) as e:
+        done = self._prefetched.pop(key, None)
+        if done is None:
+            t0 = time.perf_counter()
+            try:
+                done = self._execute(key, count, lambda m: self.say(f"run {index}: {label}: {m}"))
+            except MemprofError as e:
+                done = (e, None, None, time.perf_counter() - t0)
+        r, run.depth, exp_reserved, run.seconds = done
+        if isinstance(r, OutOfMemory):
+            run.error = f"out of memory: {r}"
+        elif isinstance(r, (InputError, EnvironmentProblem)):
             # a step the sim engine knowingly cannot run (NotSupported), a level that does not
             # apply on top of the others, a package a level needs. Anything else is a bug: it
             # propagates (the command line reports an internal error, exit 70)
-            run.error = str(e)
+            run.error = str(r)
+        elif isinstance(r, BaseException):
+            raise r
         else:
             run.profile = r.profile
             run.reserved = r.profile.peak_reserved_bytes
-            # the sim engine replays every trace with expandable segments too (its hint)
-            exp = getattr(self.eng, "expandable_estimate", None)
-            run.reserved_expandable = exp.peak_reserved_bytes if exp is not None and not run.depth else None
+            run.reserved_expandable = exp_reserved
             if count:
                 run.flops = r.flops
             else:
@@ -222,7 +218,6 @@ class Search:
                 # a model with convolutions needs a cuDNN workspace in every combination
                 cudnn = (r.profile.overheads.get("non_tensor") or {}).get("cudnn_workspace_bytes")
                 self.budget.cudnn_workspace_bytes = int(cudnn or 0)
-        run.seconds = time.perf_counter() - t0
         self.runs.append(run)
         self.state.by_key[key] = run
         if run.profile is not None:
@@ -230,6 +225,63 @@ class Search:
             self.state.notes += self.estimator.add(measured)
         self._resolve_run(run)
         return run
+
+    def _execute(
+        self, key: Key, count: bool, say: Callable[[str], None]
+    ) -> tuple[RunResult, str | None, int | None, float]:
+        """Run ``key``'s step: the result, how its depth was traced (None: whole), the reserved
+        memory with expandable segments, and the seconds it took.
+
+        Pure of the search's state, so :meth:`prefetch` can run several side by side.
+
+        Raises:
+            What :meth:`Engine.run_detailed` raises.
+        """
+        t0 = time.perf_counter()
+        setup = self.setups[key]
+        shallow = self._shallow(setup, count, say)
+        if shallow is not None:
+            return shallow[0], shallow[1], None, time.perf_counter() - t0
+        r = self.eng.run_detailed(
+            self.rm,
+            setup,
+            progress=say,
+            allow_pickle=self.allow_pickle,
+            track_modules=False,
+            measure=Measure(flops=count, timeline=False),
+        )
+        # the sim engine replays every trace with expandable segments too (its hint)
+        exp = getattr(self.eng, "expandable_estimate", None)
+        return r, None, exp.peak_reserved_bytes if exp is not None else None, time.perf_counter() - t0
+
+    def prefetch(self, keys: list[Key]) -> None:
+        """Run these combinations side by side (memprof.engines.pool); :meth:`measure` takes their results.
+
+        Only combinations the search is sure to measure next, whatever the others show
+        (the most aggressive ones): the search stays the one a run at a time makes.
+        """
+        keys = [
+            k for k in dict.fromkeys(self.combinations.run_key(k) for k in keys) if k not in self.state.by_key
+        ]
+        keys = [k for k in keys if self._probe_optimizer(k)]
+        from memprof.engines.pool import available_workers, run_calls
+
+        if len(keys) < 2 or available_workers() < 2 or not self.eng.simulated:
+            return  # measure() runs them one at a time
+
+        counts = {k: self.estimator.counts_flops(k) for k in keys}
+        self.say(f"{len(keys)} runs side by side")
+        t0 = time.perf_counter()
+        out = run_calls(
+            [partial(self._execute, k, counts[k], lambda m: None) for k in keys],
+            parallel=self.eng.simulated,
+            where={"model": self.rm.name, "engine": self.eng.name},
+        )
+        for k, r in zip(keys, out):
+            # an error comes back as the class raised: measure() settles it as a run of its own would
+            self._prefetched[k] = (
+                (r, None, None, time.perf_counter() - t0) if isinstance(r, BaseException) else r
+            )
 
     def _shallow(
         self, setup: StepSetup, count: bool, say: Callable[[str], None]
@@ -330,6 +382,7 @@ class Search:
             self.state.settle("not needed", "not needed", "the step fits as it is")
             return
         for _ in range(3):  # again when a probe dropped an optimizer the sim cannot trace
+            self.prefetch([k for k in self.maximal() if k not in by_key][: self.max_runs - len(self.runs)])
             for key in self.maximal():
                 if len(self.runs) >= self.max_runs:
                     break

@@ -1,0 +1,59 @@
+"""plan's two ends run side by side (Search.prefetch): the same search as one run at a time."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from memprof.engines import SimEngine
+from memprof.errors import InternalError
+from memprof.plan import planner
+from tests.conftest import tiny
+from tests.plan.helpers import TINY_WL, MiB
+
+
+def search(budget: int):
+    return planner.plan(tiny("llama"), TINY_WL, budget_bytes=budget, context_overhead=0)
+
+
+def comparable(result) -> dict:
+    d = result.to_dict()
+    d.pop("seconds", None)
+    for r in d["runs"]:
+        r.pop("seconds")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _no_automatic_collections():
+    was = gc.isenabled()
+    gc.disable()
+    yield
+    if was:
+        gc.enable()
+
+
+def test_the_most_aggressive_runs_side_by_side_give_the_search_one_at_a_time_gives(monkeypatch):
+    budget = (
+        34 * MiB
+    )  # between the baseline (36 MiB) and the most aggressive plan (tests/plan/test_search.py)
+    one = search(budget)
+    monkeypatch.setenv("MEMPROF_WORKERS", "2")
+    two = search(budget)
+    assert sum(r.purpose == "most aggressive" for r in two.runs) >= 2  # the case is exercised
+    assert comparable(two) == comparable(one)
+
+
+def test_a_bug_in_a_run_side_by_side_is_an_internal_error(monkeypatch):
+    real = SimEngine.run_detailed
+
+    def aggressive_raises(self, rm, setup, **kw):
+        if len(setup.steps) > 3:
+            raise KeyError("a bug, as a test says")
+        return real(self, rm, setup, **kw)
+
+    monkeypatch.setattr(SimEngine, "run_detailed", aggressive_raises)
+    monkeypatch.setenv("MEMPROF_WORKERS", "2")
+    with pytest.raises(InternalError, match="KeyError"):
+        search(34 * MiB)
