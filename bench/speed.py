@@ -184,7 +184,8 @@ def commands_section(args: argparse.Namespace) -> int:
         shown = (
             "python -c BARE"
             if argv[1] == "-c"
-            else "memprof " + " ".join(argv[3:]).replace(minilm, "MINILM").replace(tmp, "TMP")
+            else "memprof "
+            + " ".join(argv[3:]).replace(minilm, "MINILM").replace(tmp, "TMP").replace(str(C.REPO) + "/", "")
         )
         rows.append(
             [
