@@ -109,6 +109,23 @@ def setup_with(wl: Any, *steps: tuple[str, dict]) -> Any:
     return setup
 
 
+@pytest.fixture
+def no_automatic_collections():
+    """Python's automatic garbage collections paused for the test (forked workers inherit it).
+
+    A collection runs where the process's history puts it: one inside a measured step adds a
+    metadata op (``prim.device``, no memory) to the timeline's op count, so two runs of one
+    step compare on the whole profile only with collections paused.
+    """
+    import gc
+
+    was = gc.isenabled()
+    gc.disable()
+    yield
+    if was:
+        gc.enable()
+
+
 def tiny(name: str) -> str:
     return str(TINY / f"{name}.json")
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, setup_with, tiny
 
 from memprof.cli import main
 from memprof.engines import SimEngine
 from memprof.prepare import prepare
 from memprof.workload import Workload
+from tests.conftest import REPO, setup_with, tiny
 
 LLAMA = tiny("llama")
 

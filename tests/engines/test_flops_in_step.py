@@ -44,15 +44,7 @@ CASES: list[Any] = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _no_automatic_collections():
-    import gc
-
-    was = gc.isenabled()
-    gc.disable()
-    yield
-    if was:
-        gc.enable()
+pytestmark = pytest.mark.usefixtures("no_automatic_collections")
 
 
 @pytest.mark.parametrize("model,wl,steps", CASES)

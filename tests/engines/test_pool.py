@@ -7,7 +7,6 @@ this process) and with two, and the results must be the same, errors included.
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 import pytest
@@ -25,15 +24,7 @@ from tests.conftest import setup_with, tiny
 WL = Workload(batch_size=2, seq_len=16)
 
 
-@pytest.fixture(autouse=True)
-def _no_automatic_collections():
-    """A collection inside a measured step adds a metadata op to the timeline's op count
-    (see tests/engines/test_warm_up.py): paused here and in the forked workers."""
-    was = gc.isenabled()
-    gc.disable()
-    yield
-    if was:
-        gc.enable()
+pytestmark = pytest.mark.usefixtures("no_automatic_collections")
 
 
 def rows(cmp: Any) -> list[Any]:
@@ -58,7 +49,11 @@ def test_compare_rows_side_by_side_are_the_rows_one_by_one(monkeypatch):
     assert [s.flops for s in two.steps] == [s.flops for s in one.steps]
     assert rows(two) == rows(one)
     # stacked: the last row carries all three
-    assert [o["name"] for o in two.steps[-1].profile.optimizations] == ["optimizer", "checkpointing", "chunking"]
+    assert [o["name"] for o in two.steps[-1].profile.optimizations] == [
+        "optimizer",
+        "checkpointing",
+        "chunking",
+    ]
 
 
 def test_a_row_that_fails_is_left_out_of_the_rows_below_it(monkeypatch):

@@ -52,18 +52,7 @@ CASES: list[Any] = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _no_automatic_collections():
-    """Python's automatic garbage collections run where the process's history puts them:
-    one inside a measured step adds a metadata op (``prim.device``, no memory) to the
-    timeline's op count. Paused, so the two warm-ups compare on the whole profile."""
-    import gc
-
-    was = gc.isenabled()
-    gc.disable()
-    yield
-    if was:
-        gc.enable()
+pytestmark = pytest.mark.usefixtures("no_automatic_collections")
 
 
 def engine(name: str) -> Engine:

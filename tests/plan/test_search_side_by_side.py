@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 
 from memprof.engines import SimEngine
@@ -25,13 +23,7 @@ def comparable(result) -> dict:
     return d
 
 
-@pytest.fixture(autouse=True)
-def _no_automatic_collections():
-    was = gc.isenabled()
-    gc.disable()
-    yield
-    if was:
-        gc.enable()
+pytestmark = pytest.mark.usefixtures("no_automatic_collections")
 
 
 def test_the_most_aggressive_runs_side_by_side_give_the_search_one_at_a_time_gives(monkeypatch):
