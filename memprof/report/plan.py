@@ -88,12 +88,14 @@ def plans_table(r: PlanResult, cands: list[Candidate], title: str, *, fits: bool
     budget = r.budget.budget_bytes
     for i, c in enumerate(cands, 1):
         room = budget - (c.need_bytes or 0)
+        shallow = c.source == "measured" and c.reserved_bytes is None and c.peak_bytes is not None
         t.add_row(
             str(i),
             _steps(c),
-            format_bytes(c.peak_bytes),
-            format_bytes(c.reserved_bytes),
-            format_bytes(c.need_bytes),
+            # settled from shallow traces (memprof.engines.depth): the allocated peak is a lower bound
+            ("≥ " if shallow else "") + format_bytes(c.peak_bytes),
+            "not traced" if shallow else format_bytes(c.reserved_bytes),
+            ("≥ " if shallow else "") + format_bytes(c.need_bytes),
             Text(format_bytes(room) if fits else format_bytes(-room), style="green" if fits else "red"),
             _pct(c.flop_overhead),
             f"{c.side_cost:.2f}" if c.side_cost else "-",
@@ -250,6 +252,11 @@ def render_plan(
     console.print(
         "[dim]* reserved: the caching-allocator model's estimate (sim engine), not a measurement[/dim]"
     )
+    if any(run.depth for run in r.runs):
+        console.print(
+            "[dim]≥: traced at three shallow depths and extrapolated (memprof/engines/depth.py): the "
+            "allocated peak is a lower bound, enough to rule the combination out; reserved not traced[/dim]"
+        )
     for line in search_lines(r):
         console.print(f"[dim]{line}[/dim]")
     console.print("[dim]Not searched: " + "; ".join(r.not_searched) + "[/dim]")
