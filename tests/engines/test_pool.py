@@ -16,6 +16,7 @@ from memprof.compare import compare
 from memprof.engines import SimEngine
 from memprof.engines.base import Measure
 from memprof.engines.pool import Job, available_workers, run_many
+from memprof.engines.pool import run_calls as run_calls_of
 from memprof.errors import InputError, InternalError, NotSupported, OutOfMemory
 from memprof.models import resolve
 from memprof.workload import Workload
@@ -177,3 +178,41 @@ def test_a_workload_that_fails_in_a_worker_fails_the_record(monkeypatch):
     ws = [gate.GateWorkload(name=n, model=tiny("llama"), workload=WL) for n in ("a", "b", "c")]
     with pytest.raises(InputError, match="b: no such thing, as a test says"):
         gate.record(ws)
+
+
+def test_a_worker_that_dies_is_an_internal_error_not_a_hang():
+    import os
+
+    def dies():
+        os._exit(9)  # as a worker the kernel kills for memory would: no result, no exception
+
+    out = run_calls_of([lambda: 1, dies], parallel=True, workers=2)
+    assert out[0] == 1 or isinstance(out[0], InternalError)  # the other call may die with the pool
+    assert isinstance(out[1], InternalError) and "a worker process died" in str(out[1])
+
+
+def test_the_console_script_runs_its_rows_side_by_side_and_exits(tmp_path):
+    """The command's own process (SIGTERM handler, spinner thread) forks its workers: it ends, every time."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MEMPROF_WORKERS": "2", "NO_COLOR": "1"}
+    args = [
+        sys.executable,
+        "-m",
+        "memprof",
+        "compare",
+        tiny("llama"),
+        "--engine",
+        "sim",
+        "-b",
+        "2",
+        "-s",
+        "16",
+    ]
+    args += ["--step", "checkpointing", "--step", "chunking:size=8", "--step", "optimizer:type=sgd"]
+    for _ in range(3):
+        p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        assert "chunking" in p.stdout
