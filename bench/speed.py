@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
-from startup import ChildTiming, environment, runner
+from startup import environment, measure, runner
 
 #: the bare floor: imports, the fake build, one untracked fake training step
 BARE = """\
@@ -165,11 +165,7 @@ def workers_section(args: argparse.Namespace) -> int:
             env = environment(C.REPO)
             env["MEMPROF_WORKERS"] = n
             variants.append((f"MEMPROF_WORKERS={n}", runner([python, *argv], Path(tmp), env)))
-        timings = [ChildTiming(name) for name, _ in variants]
-        for t, (_, fn) in zip(timings, variants):
-            C.log(f"  untimed run: {t.name}")
-            fn()
-        C.interleave([(t, fn) for t, (_, fn) in zip(timings, variants)], args.repeats, C.log)
+        timings = measure(variants, args.repeats)  # an untimed run of each, then interleaved
     one = timings[0]
     rows = []
     for t in timings:
@@ -235,12 +231,10 @@ def commands_section(args: argparse.Namespace) -> int:
                 variants.append(
                     (label + suffix, [python, "-m", "memprof", *full], where, ref + suffix if ref else None)
                 )
-        timings = [ChildTiming(name) for name, _, _, _ in variants]
-        fns = [runner(argv, Path(tmp), environment(where)) for _, argv, where, _ in variants]
-        for t, fn in zip(timings, fns):
-            C.log(f"  untimed run: {t.name}")
-            fn()
-        C.interleave(list(zip(timings, fns)), args.repeats, C.log)
+        timings = measure(
+            [(name, runner(argv, Path(tmp), environment(where))) for name, argv, where, _ in variants],
+            args.repeats,
+        )
     by_name = {t.name: t for t in timings}
     bare = timings[0]
     rows = []
@@ -340,12 +334,10 @@ def main() -> int:
             old.mkdir()
             before = export(args.before, old)
             variants.append((f"the same, memprof at {before}", [python, *analyze], old))
-        timings = [ChildTiming(name) for name, _, _ in variants]
-        fns = [runner(argv, Path(tmp), environment(where)) for _, argv, where in variants]
-        for t, fn in zip(timings, fns):
-            C.log(f"  untimed run: {t.name}")
-            fn()
-        C.interleave(list(zip(timings, fns)), args.repeats, C.log)
+        timings = measure(
+            [(name, runner(argv, Path(tmp), environment(where))) for name, argv, where in variants],
+            args.repeats,
+        )
 
     bare = timings[0]
     rows = []
