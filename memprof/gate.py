@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
@@ -48,9 +48,6 @@ from memprof.profile import Profile, write_atomic
 from memprof.recipes import from_names, load
 from memprof.units import format_bytes, parse_percent, parse_size
 from memprof.workload import Workload
-
-if TYPE_CHECKING:
-    pass
 
 SCHEMA_NAME = "memprof.baseline"
 SCHEMA_VERSION = 1

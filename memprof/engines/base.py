@@ -387,10 +387,10 @@ class Engine:
                         fast = why_full is None
                     # FLOPs: counted by the tracker on the measured step, unless a whole
                     # warm-up step runs anyway (it counts them, as it always has)
-                    flops_in_step = (
-                        measure.flops
-                        and (fast or not (train or self.gpu or measure.timing_steps))
-                        and flop_counter() is not None
+                    counter = (
+                        flop_counter()
+                        if measure.flops and (fast or not (train or self.gpu or measure.timing_steps))
+                        else None
                     )
                     if fast:
                         say("Warm-up: optimizer state without a step")
@@ -444,7 +444,7 @@ class Engine:
                         distributed=setup.shard is not None,
                         record_timeline=measure.timeline,
                         budget=measure.budget,
-                        flop_counter=flop_counter() if flops_in_step else None,
+                        flop_counter=counter,
                     )
                     oom: dict[str, Any] | None = None
                     error: BaseException | None = None
@@ -475,7 +475,7 @@ class Engine:
                         # no optimizer state from a whole step, but got it from warm_up_state:
                         # measured again below (a step that ran out of memory keeps its profile)
                         unreached = True
-                    if flops_in_step and error is None:
+                    if counter is not None and error is None:
                         out.flops = tracker.flops
                     self.after_measure(extra)
                     if tracker.trace is not None:

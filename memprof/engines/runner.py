@@ -454,10 +454,16 @@ class StepRunner:
         with enter("optimizer"):
             self._optimizer_step()
 
-    def _optimizer_step(self) -> None:
-        """The step's optimizer phase: step (through the scaler), zero the gradients, the hooks after."""
+    def _optimizer_step(self, *, state_only: bool = False) -> None:
+        """The step's optimizer phase: step (through the scaler), zero the gradients, the hooks after.
+
+        ``state_only`` (the warm-up): torch's Adam/AdamW creates the state its step would,
+        without the update's math (a step's worth of fake ops: ~1 s of Llama-3-8B's sim run).
+        """
         if self.optimizer is not None:
-            if self.scaler is not None:
+            if state_only and self.scaler is None and _create_adam_state(self.optimizer):
+                pass  # the state is there; the update is not the warm-up's
+            elif self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
@@ -506,14 +512,7 @@ class StepRunner:
         params = self.trainable()
         if params:
             torch.autograd.backward(params, [torch.zeros_like(p) for p in params])
-        if self.scaler is None and _creates_adam_state(self.optimizer):
-            # torch's Adam/AdamW: the state its step creates, without the update's math
-            # (a step's worth of fake ops: ~1 s of Llama-3-8B's sim run); the rest of the phase as it is
-            self.optimizer.zero_grad(set_to_none=self.set_to_none)
-            for opt in self.optimizations:
-                opt.after_optimizer_step(self, self.set_to_none)
-            return
-        self._optimizer_step()
+        self._optimizer_step(state_only=True)
 
     def probe(self, inputs: dict[str, Any]) -> tuple[float | None, torch.Tensor | None]:
         """Loss and main output of an eval-mode forward without autograd (quality check).
@@ -563,7 +562,7 @@ class StepRunner:
         return (main.float() * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def _creates_adam_state(optimizer: torch.optim.Optimizer | None) -> bool:
+def _create_adam_state(optimizer: torch.optim.Optimizer | None) -> bool:
     """Create the state torch's Adam or AdamW creates on its first step, as that step does; False: not one.
 
     Exactly those classes (a subclass may step differently), with no step hooks (a step

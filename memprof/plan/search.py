@@ -99,11 +99,8 @@ class Search:
         allow_pickle: bool,
         say: Progress,
         left_out: list[str] | None = None,
-        shallow: bool = True,
     ) -> None:
         self.rm, self.eng, self.wl, self.model = rm, eng, wl, model
-        #: settle what the allocated peak alone rules out from shallow traces (memprof.engines.depth)
-        self.shallow = shallow
         #: results of runs made side by side ahead of :meth:`measure` (:meth:`prefetch`)
         self._prefetched: dict[Key, tuple[RunResult | BaseException, str | None, int | None, float]] = {}
         self.levers = levers
@@ -263,18 +260,20 @@ class Search:
         keys = [
             k for k in dict.fromkeys(self.combinations.run_key(k) for k in keys) if k not in self.state.by_key
         ]
-        keys = [k for k in keys if self._probe_optimizer(k)]
         from memprof.engines.pool import available_workers, run_calls
 
         if len(keys) < 2 or available_workers() < 2 or not self.eng.simulated:
             return  # measure() runs them one at a time
+        keys = [k for k in keys if self._probe_optimizer(k)]
+        if len(keys) < 2:
+            return
 
         counts = {k: self.estimator.counts_flops(k) for k in keys}
         self.say(f"{len(keys)} runs side by side")
         t0 = time.perf_counter()
         out = run_calls(
             [partial(self._execute, k, counts[k], lambda m: None) for k in keys],
-            parallel=self.eng.simulated,
+            parallel=True,
             where={"model": self.rm.name, "engine": self.eng.name},
         )
         for k, r in zip(keys, out):
@@ -288,13 +287,12 @@ class Search:
     ) -> tuple[RunResult, str] | None:
         """The step traced at three shallow depths (:mod:`memprof.engines.depth`), when that settles it.
 
-        Its allocated peak is exact; the reserved memory is not extrapolated. So it
-        settles a combination whose allocated peak alone, with the overheads, is over
-        the budget (reserved memory is never less); otherwise (it may fit, the depth
-        cannot be extrapolated, a shallow step fails) None: the whole model is traced.
+        Its allocated peak is a lower bound of the whole trace's, and the reserved memory
+        is not extrapolated. So it settles a combination whose extrapolated allocated peak
+        alone, with the overheads, is over the budget (the whole peak and the reserved
+        memory are no less); otherwise (it may fit, the depth cannot be extrapolated, a
+        shallow step fails) None: the whole model is traced.
         """
-        if not self.shallow:
-            return None
         try:
             r, how = shallow_run(
                 self.eng,
