@@ -24,7 +24,7 @@ import torch
 
 from memprof.data import DataSpec, encode, padding_plan
 from memprof.engines.base import Engine, Measure, RunResult
-from memprof.engines.pool import Job, run_many
+from memprof.engines.pool import Job, available_workers, run_many
 from memprof.errors import EnvironmentProblem, InputError, OutOfMemory
 from memprof.gpus import GpuPreset
 from memprof.prepare import apply_step, fake_model, prepare
@@ -180,6 +180,7 @@ def compare(
     """
     say = progress or (lambda msg: None)
     workload.validate()
+    available_workers()  # a bad MEMPROF_WORKERS is refused before any work
     rm, eng = prepare(
         spec, workload, engine, task=task, trust_remote_code=trust_remote_code, progress=say, gpu=gpu
     )

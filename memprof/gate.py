@@ -193,6 +193,13 @@ class GateWorkload:
         return eng.run(rm, self.workload, progress=progress)
 
 
+def check_workers() -> None:
+    """A bad ``MEMPROF_WORKERS`` is refused before any workload runs (:func:`memprof.engines.pool.available_workers`)."""
+    from memprof.engines.pool import available_workers
+
+    available_workers()
+
+
 def run_workloads(workloads: list[GateWorkload], say: Progress) -> list[Profile]:
     """Profile each workload, side by side in forked workers when all run in the sim engine.
 
@@ -358,6 +365,7 @@ def record(workloads: list[GateWorkload], *, progress: Progress | None = None) -
     from memprof.engines.base import versions
 
     check_workloads(workloads, "workloads")
+    check_workers()
 
     say = progress or (lambda m: None)
     profiles = run_workloads(workloads, say)
@@ -706,6 +714,7 @@ def check(
     from memprof.engines.base import versions
 
     check_workloads(baseline.workloads, Path(baseline_path).name or "baseline")
+    check_workers()
 
     say = progress or (lambda m: None)
     now = versions()

@@ -12,6 +12,7 @@ from typing import Any
 from memprof import budget, optimizations
 from memprof.budget import Budget
 from memprof.engines.base import Engine
+from memprof.engines.pool import available_workers
 from memprof.engines.sim import SimEngine
 from memprof.errors import InputError, NoPlanFits
 from memprof.gpus import GpuPreset
@@ -59,6 +60,7 @@ def new_search(
         InputError: a bad workload, or an engine other than sim.
     """
     wl.validate()
+    available_workers()  # a bad MEMPROF_WORKERS is refused before any work
     default_context = gpu.context_bytes if gpu is not None else DEFAULT_CONTEXT_BYTES
     given = None if context_overhead == default_context else context_overhead
     eng = engine if engine is not None else SimEngine(gpu=gpu, context_bytes=given)

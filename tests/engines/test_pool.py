@@ -216,3 +216,24 @@ def test_the_console_script_runs_its_rows_side_by_side_and_exits(tmp_path):
         p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
         assert p.returncode == 0, p.stderr
         assert "chunking" in p.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compare", tiny("llama"), "--engine", "sim", "--step", "checkpointing"],
+        ["plan", tiny("llama"), "--budget", "34MiB", "-b", "2", "-s", "64", "--context-overhead", "0"],
+        ["baseline", tiny("llama"), "-b", "2", "-s", "16", "-o", "{tmp}/b.json"],
+    ],
+)
+def test_a_bad_worker_count_is_refused_before_any_run(monkeypatch, capsys, tmp_path, args):
+    from memprof.cli import main
+
+    runs = []
+    monkeypatch.setattr(SimEngine, "run_detailed", lambda *a, **k: runs.append(1))
+    monkeypatch.setenv("MEMPROF_WORKERS", "zero")
+    code = main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not runs
+    assert len(err) == 1 and "MEMPROF_WORKERS must be a whole number of at least 1, got 'zero'" in err[0]
+    assert not (tmp_path / "b.json").exists()
