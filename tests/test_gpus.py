@@ -211,7 +211,19 @@ def test_gate_workload_records_the_gpu():
 def test_plan_gpu_without_budget_uses_the_presets_memory_and_context(capsys):
     preset = lookup("rtx4090")
     code, out, err = run(
-        capsys, "plan", tiny("llama"), "--gpu", "rtx4090", "-b", "1", "-s", "32", "--max-runs", "2", "--json", "-"
+        capsys,
+        "plan",
+        tiny("llama"),
+        "--gpu",
+        "rtx4090",
+        "-b",
+        "1",
+        "-s",
+        "32",
+        "--max-runs",
+        "2",
+        "--json",
+        "-",
     )
     assert code == 0, err
     b = json.loads(out)["budget"]
@@ -269,9 +281,10 @@ def test_plan_world_size_counts_nccl_in_the_fit(capsys):
     d = json.loads(out)
     b = d["budget"]
     assert b["nccl_buffers_bytes"] == nccl_buffers(4)["bytes"]
-    assert b["usable_bytes"] == b["budget_bytes"] - b["context_bytes"] - b["cublas_workspace_bytes"] - b[
-        "nccl_buffers_bytes"
-    ]
+    assert (
+        b["usable_bytes"]
+        == b["budget_bytes"] - b["context_bytes"] - b["cublas_workspace_bytes"] - b["nccl_buffers_bytes"]
+    )
 
 
 def test_gpus_command_lists_the_table(capsys):

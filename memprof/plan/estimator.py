@@ -214,13 +214,27 @@ class Estimator:
             return 1.0
         return None
 
+    def _own_dtype(self, key: Key, comp: str) -> bool:
+        """``key`` keeps ``comp`` in a dtype of its own (8-bit moments): no ``dtype`` lever scales it."""
+        return any(lvl and comp in self.levers[i].levels[lvl].own_dtype for i, lvl in enumerate(key))
+
+    def _ratio_in(self, i: int, level: int, comp: str, key: Key) -> float | None:
+        """:meth:`ratio`, in the combination ``key`` (a ``dtype`` lever leaves an own-dtype component)."""
+        if self.levers[i].dtype and self._own_dtype(key, comp):
+            return 1.0
+        return self.ratio(i, level, comp)
+
     def _factor(self, comp: str, a: Key, key: Key, skip: int | None = None) -> float:
         """The product of the lever ratios from ``a`` to ``key`` (NaN: one is unknown)."""
         factor = 1.0
         for i, (x, y) in enumerate(zip(a, key)):
-            if i == skip or x == y or self.levers[i].derived:
+            if i == skip or self.levers[i].derived:
                 continue
-            rx, ry = self.ratio(i, x, comp), self.ratio(i, y, comp)
+            if x == y and not self.levers[i].dtype:
+                continue
+            rx, ry = self._ratio_in(i, x, comp, a), self._ratio_in(i, y, comp, key)
+            if x == y and rx == ry:
+                continue
             if rx is None or ry is None or rx == 0:
                 return math.nan
             factor *= ry / rx
@@ -248,7 +262,14 @@ class Estimator:
             value = getattr(self.footprints[key], comp)
             if value is None:
                 continue
-            levels = [(i, lvl) for i, lvl in enumerate(key) if lvl and not self.levers[i].derived]
+            levels = [
+                (i, lvl)
+                for i, lvl in enumerate(key)
+                if lvl
+                and not self.levers[i].derived
+                # the run does not show a dtype lever's effect on what it does not scale
+                and not (self.levers[i].dtype and self._own_dtype(key, comp))
+            ]
             unlearned = [(i, lvl) for i, lvl in levels if (i, lvl, comp) not in self.ratios]
             if len(unlearned) != 1:
                 unlearned = [(i, lvl) for i, lvl in levels if self._known(i, lvl, comp) is None]

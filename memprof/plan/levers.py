@@ -91,6 +91,9 @@ class Level:
     flops_prior: float | None = 0.0
     #: checkpointing: blocks checkpointed; micro-batches: their number (interpolation)
     amount: float = 0.0
+    #: components this level keeps in a dtype of its own whatever the parameters' (8-bit
+    #: moments): a lever with ``dtype`` set does not scale them
+    own_dtype: tuple[str, ...] = ()
 
 
 @dataclass
@@ -105,6 +108,8 @@ class Lever:
     interpolate: bool = False
     #: from the same trace, no run of its own (the allocator setting)
     derived: bool = False
+    #: the lever changes the parameters' dtype, and with it what is kept in that dtype
+    dtype: bool = False
 
 
 def apply_steps(steps: list[dict[str, Any]], model: torch.nn.Module, setup: StepSetup) -> str | None:
@@ -252,6 +257,7 @@ def build_levers(
                         "pure_bf16",
                     ),
                 ],
+                dtype=True,
             )
         )
     if train and wl.optimizer == "adamw":
@@ -269,6 +275,7 @@ def build_levers(
                             "adamw8bit",
                             [_opt("optimizer", type="adamw8bit")],
                             prior={"params": 1, "state": r8, "acts": 1, "temps": 0.0},
+                            own_dtype=("state",),
                         ),
                         "adamw8bit",
                     ),
@@ -286,6 +293,7 @@ def build_levers(
                             "paged adamw8bit",
                             [_opt("optimizer", type="paged_adamw8bit")],
                             prior={"params": 1, "state": 0.0, "acts": 1, "temps": 0.0},
+                            own_dtype=("state",),
                         ),
                         "paged_adamw8bit",
                     ),

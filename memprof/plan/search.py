@@ -58,6 +58,9 @@ class SearchState:
     runs: list[Run] = field(default_factory=list)
     #: the run of each run key measured
     by_key: dict[Key, Run] = field(default_factory=dict)
+    #: run keys traced only at shallow depths whose allocated peak's lower bound fits: not
+    #: settled (a whole trace decides, if the search gets to them), only a bound for the estimator
+    bounds: dict[Key, Run] = field(default_factory=dict)
     #: lever levels dropped (the sim engine could not run them), and why: (lever, level) -> reason
     dropped: dict[tuple[int, int], str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -165,8 +168,13 @@ class Search:
         self.state.settle("not measurable", "not measurable", reason, (i, key[i]))
         return False
 
-    def measure(self, key: Key, purpose: str) -> Run | None:
+    def measure(self, key: Key, purpose: str, *, whole: bool = True) -> Run | None:
         """Run ``key``'s step in the sim engine and resolve the candidates it measures.
+
+        ``whole=False``: shallow traces (:meth:`_shallow`) are enough, whatever they show.
+        A combination whose extrapolated allocated peak may fit is then not settled: the
+        run is kept in ``state.bounds`` (the estimator learns from it) and the whole
+        model is traced if the search measures it again.
 
         Returns:
             The run (``error`` set when the step failed the way a step may fail), or None
@@ -188,7 +196,9 @@ class Search:
         if done is None:
             t0 = time.perf_counter()
             try:
-                done = self._execute(key, count, lambda m: self.say(f"run {index}: {label}: {m}"))
+                done = self._execute(
+                    key, count, lambda m: self.say(f"run {index}: {label}: {m}"), whole=whole
+                )
             except MemprofError as e:
                 done = (e, None, None, time.perf_counter() - t0)
         r, run.depth, exp_reserved, run.seconds = done
@@ -216,28 +226,45 @@ class Search:
                 cudnn = (r.profile.overheads.get("non_tensor") or {}).get("cudnn_workspace_bytes")
                 self.budget.cudnn_workspace_bytes = int(cudnn or 0)
         self.runs.append(run)
-        self.state.by_key[key] = run
+        bound = (
+            run.depth is not None
+            and run.profile is not None
+            and self.need(run.profile.peak_bytes) <= self.budget.budget_bytes
+        )
+        if bound:
+            self.state.bounds[key] = run
+        else:
+            self.state.bounds.pop(key, None)
+            self.state.by_key[key] = run
         if run.profile is not None:
             measured = Measured.of(key, index, run.profile, run.flops if count else None)
             self.state.notes += self.estimator.add(measured)
-        self._resolve_run(run)
+        if not bound:
+            self._resolve_run(run)
         return run
 
     def _execute(
-        self, key: Key, count: bool, say: Callable[[str], None]
+        self, key: Key, count: bool, say: Callable[[str], None], *, whole: bool = True
     ) -> tuple[RunResult, str | None, int | None, float]:
         """Run ``key``'s step: the result, how its depth was traced (None: whole), the reserved
         memory with expandable segments, and the seconds it took.
 
-        Pure of the search's state, so :meth:`prefetch` can run several side by side.
+        Shallow traces first (:meth:`_shallow`, unless they were made before): their result
+        when they settle the combination (its allocated peak alone is over the budget) or
+        when ``whole`` is False; otherwise the whole model is traced.
+
+        Reads the search's state only to know which shallow traces were made, so
+        :meth:`prefetch` can run several side by side.
 
         Raises:
             What :meth:`Engine.run_detailed` raises.
         """
         t0 = time.perf_counter()
         setup = self.setups[key]
-        shallow = self._shallow(setup, count, say)
-        if shallow is not None:
+        shallow = None if key in self.state.bounds else self._shallow(setup, count, say)
+        if shallow is not None and (
+            not whole or self.need(shallow[0].profile.peak_bytes) > self.budget.budget_bytes
+        ):
             return shallow[0], shallow[1], None, time.perf_counter() - t0
         r = self.eng.run_detailed(
             self.rm,
@@ -251,11 +278,12 @@ class Search:
         exp = getattr(self.eng, "expandable_estimate", None)
         return r, None, exp.peak_reserved_bytes if exp is not None else None, time.perf_counter() - t0
 
-    def prefetch(self, keys: list[Key]) -> None:
+    def prefetch(self, keys: list[Key], *, whole: bool = True) -> None:
         """Run these combinations side by side (memprof.engines.pool); :meth:`measure` takes their results.
 
-        Only combinations the search is sure to measure next, whatever the others show
-        (the most aggressive ones): the search stays the one a run at a time makes.
+        Only combinations the search measures next (the most aggressive ones, with
+        ``whole`` as :meth:`measure` will be called), or may measure (:meth:`_speculate`):
+        the search stays the one a run at a time makes.
         """
         keys = [
             k for k in dict.fromkeys(self.combinations.run_key(k) for k in keys) if k not in self.state.by_key
@@ -272,7 +300,7 @@ class Search:
         self.say(f"{len(keys)} runs side by side")
         t0 = time.perf_counter()
         out = run_calls(
-            [partial(self._execute, k, counts[k], lambda m: None) for k in keys],
+            [partial(self._execute, k, counts[k], lambda m: None, whole=whole) for k in keys],
             parallel=True,
             where={"model": self.rm.name, "engine": self.eng.name},
         )
@@ -285,13 +313,13 @@ class Search:
     def _shallow(
         self, setup: StepSetup, count: bool, say: Callable[[str], None]
     ) -> tuple[RunResult, str] | None:
-        """The step traced at three shallow depths (:mod:`memprof.engines.depth`), when that settles it.
+        """The step traced at three shallow depths (:mod:`memprof.engines.depth`), or None.
 
         Its allocated peak is a lower bound of the whole trace's, and the reserved memory
         is not extrapolated. So it settles a combination whose extrapolated allocated peak
         alone, with the overheads, is over the budget (the whole peak and the reserved
-        memory are no less); otherwise (it may fit, the depth cannot be extrapolated, a
-        shallow step fails) None: the whole model is traced.
+        memory are no less). None when the depth cannot be extrapolated or a shallow step
+        fails: the whole model is traced (and says why in its own words).
         """
         try:
             r, how = shallow_run(
@@ -304,9 +332,7 @@ class Search:
             )
         except (OutOfMemory, InputError, EnvironmentProblem):
             return None  # the whole model's run says so, in its own words
-        if r is None or self.need(r.profile.peak_bytes) <= self.budget.budget_bytes:
-            return None
-        return r, how
+        return None if r is None else (r, how)
 
     def need(self, reserved: float) -> int:
         return self.budget.need(reserved)
@@ -379,14 +405,19 @@ class Search:
         if base.status == "fits":
             self.state.settle("not needed", "not needed", "the step fits as it is")
             return
+        # The most aggressive ends are traced shallow: enough to rule everything out when even
+        # their allocated peak does not fit; one that may fit is traced whole only if the
+        # search gets to it (the cheaper plans usually come first).
+        bounds = self.state.bounds
         for _ in range(3):  # again when a probe dropped an optimizer the sim cannot trace
-            self.prefetch([k for k in self.maximal() if k not in by_key][: self.max_runs - len(self.runs)])
+            todo = [k for k in self.maximal() if k not in by_key and k not in bounds]
+            self.prefetch(todo[: self.max_runs - len(self.runs)], whole=False)
             for key in self.maximal():
                 if len(self.runs) >= self.max_runs:
                     break
-                if key not in by_key:
-                    self.measure(key, "most aggressive")
-            if all(k in by_key for k in self.maximal()):
+                if key not in by_key and key not in bounds:
+                    self.measure(key, "most aggressive", whole=False)
+            if all(k in by_key or k in bounds for k in self.maximal()):
                 break
         measured_max = [by_key[k] for k in self.maximal() if k in by_key]
         if (
@@ -460,7 +491,7 @@ class Search:
             pending.sort(key=lambda k: (costs[k], sum(1 for x in k if x), k))
             plans = self.plans()
             ran = False
-            for key in pending:
+            for at, key in enumerate(pending):
                 c = cands[key]
                 if len(plans) >= self.max_plans and costs[key] > plans[self.max_plans - 1].cost:
                     reason = f"costlier than the {self.max_plans} plans found"
@@ -488,13 +519,50 @@ class Search:
                         f"usable {format_bytes(usable)}"
                     )
                     continue
-                self.measure(
-                    self._what_to_run(key), f"candidate (estimated {format_bytes(reserved)} reserved)"
-                )
+                chosen = self._what_to_run(key)
+                self._speculate(chosen, pending[at + 1 :], costs, plans)
+                self.measure(chosen, f"candidate (estimated {format_bytes(reserved)} reserved)")
                 ran = True
                 break
             if not ran:
                 return
+
+    def _speculate(
+        self, first: Key, rest: list[Key], costs: dict[Key, float], plans: list[Candidate]
+    ) -> None:
+        """Run ``first`` side by side with the run :meth:`best_first` would make after it.
+
+        The second is the one chosen if ``first``'s result changes nothing the choice
+        reads; when it does change it, the second result waits in :meth:`prefetch`'s
+        store (the search measures it later, or never: a core's time lost, not a
+        different search). The runs, their order and every figure are those of the
+        search one run at a time.
+        """
+        if first in self._prefetched or len(self.runs) + 2 > self.max_runs or not self.eng.simulated:
+            return
+        by_key, cands = self.state.by_key, self.state.candidates
+        usable = self.budget.usable_bytes
+        for key in rest:
+            if len(plans) >= self.max_plans and costs[key] > plans[self.max_plans - 1].cost:
+                return  # the search stops before it
+            rk = self.combinations.run_key(key)
+            if cands[key].status != "unresolved" or rk in by_key or rk == first:
+                continue
+            if self._prune(key, apply=False):
+                continue
+            if self.estimator.estimate(key)[1] > usable * (1 + ESTIMATE_MARGIN):
+                continue
+            second = self._what_to_run(key)
+            if second != first and second not in by_key and self._optimizer_known(second):
+                self.prefetch([first, second])
+            return
+
+    def _optimizer_known(self, key: Key) -> bool:
+        """``key``'s optimizer level was run before: :meth:`measure` will not probe it (no side effect)."""
+        i = self.combinations.lever("optimizer")
+        if i is None or not key[i]:
+            return True
+        return any(r.profile is not None and r.key[i] == key[i] for r in self.runs)
 
     def _what_to_run(self, key: Key) -> Key:
         """The candidate itself, or the same with an interpolated lever at its strongest level.
@@ -512,7 +580,12 @@ class Search:
                 trial = list(rk)
                 trial[i] = top
                 t = tuple(trial)
-                if t in self.setups and t not in self.state.by_key and not self._below_misfit(t):
+                if (
+                    t in self.setups
+                    and t not in self.state.by_key
+                    and not self._below_misfit(t)
+                    and not self._above_plan(t)
+                ):
                     rk = trial
         return tuple(rk)
 
@@ -539,23 +612,37 @@ class Search:
                 return c
         return None
 
-    def _prune(self, key: Key) -> bool:
+    def _above_plan(self, key: Key) -> Candidate | None:
+        """A measured plan that fits below ``key``: ``key`` would only add steps to it."""
+        for p in self._measured():
+            if p.status in ("fits", "over max overhead") and self.estimator.le(p.levels, key):
+                return p
+        return None
+
+    def _prune(self, key: Key, *, apply: bool = True) -> bool:
+        """Whether ``key`` is skipped without a run (see the module); ``apply``: settle it so."""
         c = self.state.candidates[key]
         usable = self.budget.usable_bytes
         m = self._below_misfit(key)
         if m is not None:
+            if not apply:
+                return True
             c.status, c.skip = "pruned", "misfit"
             c.reason = (
                 f"less aggressive than run {m.run} ({m.label}), whose allocated peak alone does not fit"
             )
             return True
-        for p in self._measured():
-            if p.status in ("fits", "over max overhead") and self.estimator.le(p.levels, key):
-                c.status, c.skip = "pruned", "plan"
-                c.reason = f"more aggressive than run {p.run} ({p.label}), which fits"
+        p = self._above_plan(key)
+        if p is not None:
+            if not apply:
                 return True
+            c.status, c.skip = "pruned", "plan"
+            c.reason = f"more aggressive than run {p.run} ({p.label}), which fits"
+            return True
         floor = self.estimator.floor(key)
         if floor is not None and floor > usable:
+            if not apply:
+                return True
             c.status, c.source, c.skip = "pruned", "estimated", "state"
             c.peak_bytes = int(floor)
             c.reason = (
@@ -566,6 +653,8 @@ class Search:
         if self.max_overhead is not None:
             ov, src = self.estimator.overhead(key)
             if ov is not None and ov > self.max_overhead + (0 if src.startswith("counted") else 0.02):
+                if not apply:
+                    return True
                 c.status, c.flop_overhead, c.flops_source = "over max overhead", ov, src
                 c.skip = "overhead"
                 c.reason = f"FLOPs {ov:+.0%} ({src}), above --max-overhead {self.max_overhead:.0%}"

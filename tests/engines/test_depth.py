@@ -207,6 +207,9 @@ def test_plan_settles_misfits_from_shallow_traces_and_finds_the_plan_whole_trace
     shallow = planner.plan(deep_narrow_llama, wl, budget_bytes=budget, context_overhead=0, max_plans=1)
     settled = [r for r in shallow.runs if r.depth]
     assert settled and all(r.depth.startswith("traced at ") and "of 32 blocks" in r.depth for r in settled)
+    whole_runs = {r.index for r in shallow.runs if not r.depth}
+    fits = [c for c in shallow.candidates if c.status == "fits"]
+    assert fits and all(c.run in whole_runs for c in fits)  # a plan is traced whole, never a bound
     monkeypatch.setattr(search, "shallow_run", lambda *a, **k: (None, "off"))
     whole = planner.plan(deep_narrow_llama, wl, budget_bytes=budget, context_overhead=0, max_plans=1)
     assert not any(r.depth for r in whole.runs)

@@ -144,3 +144,40 @@ def test_flops_are_counted_once_per_signature_and_estimated_for_the_others(est):
     assert est.flops_of((1, 0, 0)) == (1150.0, "estimated")
     assert est.overhead((1, 0, 0)) == (pytest.approx(0.15), "estimated")
     assert est.overhead((2, 1, 0)) == (pytest.approx(0.3), "estimated")
+
+
+def precision_and_optimizer() -> list[Lever]:
+    """Pure bf16 halves what is kept in the parameters' dtype; 8-bit moments are 1/4 of AdamW's float32 ones."""
+    half = {"params": 0.5, "state": 0.5, "temps": 0.5}
+    return [
+        Lever("precision", [Level("float32"), Level("pure bf16", prior=half)], dtype=True),
+        Lever(
+            "optimizer",
+            [
+                Level("adamw"),
+                Level("adamw8bit", prior={"params": 1, "state": 0.25, "acts": 1}, own_dtype=("state",)),
+            ],
+        ),
+    ]
+
+
+def test_a_state_kept_in_its_own_dtype_is_not_scaled_by_the_parameters_dtype():
+    e = Estimator(Combinations(precision_and_optimizer()), training=True)
+    e.add(measured((0, 0), 1, acts=1000))
+    # pure bf16 + 8-bit moments: 50 of parameters, 200 x 1/4 of state (not halved again), 10 of inputs,
+    # 50 of gradients
+    assert e.floor((1, 1)) == (50 + 50 + 10 + 50) * MiB
+    assert e.floor((1, 0)) == (50 + 100 + 10 + 50) * MiB  # bf16 AdamW moments: halved
+    # composed from a measured pure bf16 AdamW run, whose state is halved: the same 8-bit state
+    run = measured((1, 0), 2, acts=1000)
+    run.categories = {**BASE, "parameters": 50 * MiB, "optimizer_state": 100 * MiB}
+    e.add(run)
+    assert e.compose("state", (1, 1), [(1, 0)]) == 50 * MiB
+    assert e.learned(0, 1, "state") == 0.5
+    # a run of pure bf16 with 8-bit moments teaches the 8-bit state against float32 AdamW's, and
+    # says nothing of what pure bf16 does to a state
+    run = measured((1, 1), 3, acts=1000)
+    run.categories = {**BASE, "parameters": 50 * MiB, "optimizer_state": 60 * MiB}
+    e.add(run)
+    assert e.learned(1, 1, "state") == pytest.approx(0.3)
+    assert e.learned(0, 1, "state") == 0.5

@@ -227,3 +227,28 @@ def test_single_fixes_measures_each_lever_alone_then_searches_on_reusing_the_run
     assert any(s.candidate.fits for s in found.singles)
     assert "most aggressive" not in purposes  # a single lever fits: only cheaper stacks are looked for
     assert r.chosen is not None and r.chosen.fits and len(r.runs) <= 16
+
+
+def test_the_most_aggressive_ends_are_only_a_bound_until_the_search_traces_them_whole(monkeypatch):
+    """Shallow traces that may fit settle nothing: a plan is always a whole trace.
+
+    The tiny Llama is too shallow to extrapolate, so its shallow result here is the whole
+    trace's, marked as shallow: the plans must be those of whole traces, from whole runs.
+    """
+    from memprof.plan import planner, search
+
+    budget = 34 * MiB
+    whole = planner.plan(tiny("llama"), TINY_WL, budget_bytes=budget, context_overhead=0)
+
+    def shallow_run(engine, rm, setup, measure, **kw):
+        kw.pop("progress", None)
+        return engine.run_detailed(rm, setup, measure=measure, **kw), "traced at 1, 2 and 3 of 2 blocks"
+
+    monkeypatch.setattr(search, "shallow_run", shallow_run)
+    bound = planner.plan(tiny("llama"), TINY_WL, budget_bytes=budget, context_overhead=0)
+    ends = [r for r in bound.runs if r.purpose == "most aggressive"]
+    assert len(ends) >= 2 and all(r.depth for r in ends)
+    traced_whole = {r.index for r in bound.runs if not r.depth}
+    assert bound.plans and all(p.run in traced_whole for p in bound.plans)
+    key = lambda c: (c.label, c.peak_bytes, c.reserved_bytes, c.need_bytes)  # noqa: E731
+    assert [key(p) for p in bound.plans] == [key(p) for p in whole.plans]

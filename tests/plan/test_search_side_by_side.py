@@ -49,3 +49,23 @@ def test_a_bug_in_a_run_side_by_side_is_an_internal_error(monkeypatch):
     monkeypatch.setenv("MEMPROF_WORKERS", "2")
     with pytest.raises(InternalError, match="KeyError"):
         search(34 * MiB)
+
+
+def test_the_next_candidate_runs_beside_the_current_one_and_the_search_is_the_same(monkeypatch):
+    from memprof.plan.search import Search
+
+    budget = 34 * MiB
+    one = search(budget)
+    speculated: list[int] = []
+    real_speculate = Search._speculate
+
+    def speculate(self, first, *args):
+        n = len(self._prefetched)
+        real_speculate(self, first, *args)
+        speculated.append(len(self._prefetched) - n)
+
+    monkeypatch.setattr(Search, "_speculate", speculate)
+    monkeypatch.setenv("MEMPROF_WORKERS", "2")
+    two = search(budget)
+    assert max(speculated) == 2  # the case is exercised: two candidates ran side by side
+    assert comparable(two) == comparable(one)
