@@ -1,8 +1,9 @@
 """What a MODEL spec names; a model's config.json read into a transformers config, its sizes checked.
 
 Part of resolving a MODEL spec (:mod:`memprof.models`). :func:`spec_kind` and
-:func:`check_spec` need neither torch nor transformers, so that the command line
-answers a spec that names nothing (or a config.json that is not one) before they
+:func:`check_spec` need neither torch nor transformers (a Hub id's config.json is
+fetched with huggingface_hub alone), so that the command line answers a spec that
+names nothing, a config.json that is not one, or a Hub id it cannot fetch before they
 load. A config that transformers accepts can still fail later, deep inside a
 layer's forward; :func:`check_config` refuses it here, in one line that names the
 attribute to change.
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from memprof.bounds import POSITIVE_INTS, config_bound_problems, size_problem
-from memprof.errors import InputError
+from memprof.errors import EnvironmentProblem, InputError
 
 #: a Hub id: ``org/name``
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -90,15 +91,17 @@ def check_spec(spec: str, trust_remote_code: bool = False) -> str:
 
     The checks :func:`memprof.models.resolve` makes first, with its messages: a
     folder has a config.json, which is a JSON object, asks to run no shipped code
-    unless trusted, and has a model_type string. Whether transformers knows that
-    type, and the rest, is left to ``resolve``. A bundled config is shipped (and
-    tested); a factory and a Hub id are not looked up.
+    unless trusted, and has a model_type string; a Hub id's config.json is found in
+    the cache or downloaded (:func:`hub_config_dir`) and checked so. Whether
+    transformers knows that type, and the rest, is left to ``resolve``. A bundled
+    config is shipped (and tested); a factory is not imported here.
 
     Returns:
         The kind of spec (see :func:`spec_kind`).
 
     Raises:
         InputError: as ``resolve`` would for these.
+        EnvironmentProblem: a Hub id not cached while offline, or whose download failed.
     """
     kind = spec_kind(spec)
     path = Path(spec).expanduser()
@@ -106,7 +109,39 @@ def check_spec(spec: str, trust_remote_code: bool = False) -> str:
         directory_config(spec, path, trust_remote_code)
     elif kind == "config":
         config_data(path, str(path), trust_remote_code, CONFIG_FILE_EXPECTED)
+    elif kind == "hub":
+        directory_config(spec, hub_config_dir(spec), trust_remote_code)
     return kind
+
+
+def hub_config_dir(spec: str) -> Path:
+    """The local folder of a Hub model's config.json: from the cache, else downloaded (huggingface_hub only).
+
+    Raises:
+        EnvironmentProblem: not cached while offline (``HF_HUB_OFFLINE``), or the download
+            failed (network, authentication, no such repository).
+    """
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - transformers depends on it
+        raise EnvironmentProblem("huggingface_hub is not installed: pip install huggingface_hub") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    try:
+        return Path(snapshot_download(spec, allow_patterns=["config.json"], local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    if offline:
+        raise EnvironmentProblem(
+            f"{spec}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1, so no download was attempted "
+            "(download it on a connected machine, or pass a local directory)"
+        )
+    try:
+        return Path(snapshot_download(spec, allow_patterns=["config.json"]))
+    except Exception as e:  # network, auth, missing repo: one line for the user
+        raise EnvironmentProblem(
+            f"{spec}: could not fetch config.json from the Hub ({type(e).__name__}: {e})"
+        ) from None
 
 
 def directory_config(spec: str, folder: Path, trust_remote_code: bool) -> tuple[Path, dict[str, Any]]:

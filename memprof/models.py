@@ -37,7 +37,13 @@ from memprof.inputs import InputBuilder, users_failure
 # what a MODEL spec names is found without torch, in model_config (bundled configs still named from here)
 from memprof.model_config import bundled_configs_dir as bundled_configs_dir
 from memprof.model_config import bundled_models as bundled_models
-from memprof.model_config import config_from_dict, directory_config, load_config_file, spec_kind
+from memprof.model_config import (
+    config_from_dict,
+    directory_config,
+    hub_config_dir,
+    load_config_file,
+    spec_kind,
+)
 
 #: tasks memprof builds inputs for, with the transformers auto class of each
 TASKS: dict[str, str] = {
@@ -213,28 +219,7 @@ def _locate_weights(rm: ResolvedModel, path: Path) -> None:
 
 
 def _from_hub(spec: str, task: str | None, trust_remote_code: bool) -> ResolvedModel:
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-    except ImportError:  # pragma: no cover - transformers depends on it
-        raise EnvironmentProblem("huggingface_hub is not installed: pip install huggingface_hub") from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
-    try:
-        local = snapshot_download(spec, allow_patterns=["config.json"], local_files_only=True)
-    except (LocalEntryNotFoundError, OSError, ValueError):
-        local = None
-    if local is None:
-        if offline:
-            raise EnvironmentProblem(
-                f"{spec}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1, so no download was attempted "
-                "(download it on a connected machine, or pass a local directory)"
-            )
-        try:
-            local = snapshot_download(spec, allow_patterns=["config.json"])
-        except Exception as e:  # network, auth, missing repo: one line for the user
-            raise EnvironmentProblem(
-                f"{spec}: could not fetch config.json from the Hub ({type(e).__name__}: {e})"
-            ) from None
+    local = hub_config_dir(spec)
     rm = _from_directory(spec, Path(local), task, trust_remote_code)
     rm.source = "hub"
     rm.name = spec

@@ -251,3 +251,21 @@ def test_two_errors_where_the_first_needs_the_library(args: list[str], message: 
     code, out, err, _ = memprof(*args)
     assert (code, out) == (2, ""), err
     assert err.splitlines() == [f"memprof: error: {message}"]
+
+
+@pytest.mark.parametrize(
+    "command", [["analyze"], ["compare", "--step", "checkpointing"], ["plan", "--budget", "8GiB"]]
+)
+def test_a_hub_id_not_cached_while_offline_answers_without_torch(
+    command: list[str], monkeypatch, tmp_path: Path
+):
+    # an empty cache, and no download attempted: the config is looked up with huggingface_hub alone
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    name, *rest = command
+    code, out, err, loaded = memprof(name, "no-such-org/no-such-model", *rest)
+    assert (code, loaded, out) == (3, "", ""), err
+    assert err.splitlines() == [
+        "memprof: error: no-such-org/no-such-model: not in the local Hugging Face cache and HF_HUB_OFFLINE=1, "
+        "so no download was attempted (download it on a connected machine, or pass a local directory)"
+    ]
