@@ -288,7 +288,8 @@ def write_section(name: str, text: str, doc: Path = DOC) -> None:
     doc.parent.mkdir(parents=True, exist_ok=True)
     current = doc.read_text() if doc.exists() else DOC_HEADER
     sections: dict[str, str] = {}
-    pat = re.compile(r"<!-- BEGIN (\w+) -->.*?<!-- END \1 -->", re.S)
+    # names may hold hyphens (speed-commands): a \w+ pattern dropped those sections on every write
+    pat = re.compile(r"<!-- BEGIN ([\w-]+) -->.*?<!-- END \1 -->", re.S)
     for m in pat.finditer(current):
         sections[m.group(1)] = m.group(0)
     first = pat.search(current)

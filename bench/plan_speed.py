@@ -4,7 +4,8 @@ For each budget, :func:`memprof.plan.plan` searches the optimizations that keep 
 model's function (the levers: optimizer, checkpointing, chunked loss, activation
 offload, optimizer step in backward, allocator setting; precision too for a float32
 step) and the search is timed end to end (model resolution, the fake build, every sim
-run). The section gives the wall time, the number of sim runs against the number of
+run), in this process with the garbage collector set as the console script sets it; the
+CPU time includes the forked workers that run sim runs side by side. The section gives the wall time, the number of sim runs against the number of
 combinations, how many were pruned without a run and why, the plan found (or the
 closest that do not fit) with its peak, reserved memory and FLOP overhead, and each
 run of the search.
@@ -29,6 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children reaped so far (plan's forked sim workers)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-3-8b", help="MODEL spec (default: the bundled llama-3-8b)")
@@ -51,6 +60,15 @@ def main() -> int:
 
     quiet_libraries()
     P = importlib.import_module("memprof.plan")  # the module (memprof.plan is also the function)
+    # as the console script does once the library is loaded (memprof.cli.common.library_loaded):
+    # what exists now and what survives each run is frozen, out of later collections' way
+    import gc
+
+    from memprof.engines import base
+
+    base.freeze_survivors = True
+    gc.collect()
+    gc.freeze()
     rows = []
     details = []
     cases = [(int(ws), text) for ws in args.world_sizes.split(",") for text in args.budgets.split(",")]
@@ -58,7 +76,7 @@ def main() -> int:
         wl = Workload(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, world_size=ws)
         budget = parse_size(text)
         C.log(f"plan {args.model} --budget {text} --world-size {ws}")
-        w0, c0 = time.perf_counter(), time.process_time()
+        w0, c0 = time.perf_counter(), cpu_seconds()
         try:
             result = P.plan(
                 args.model, wl, budget, world_size=ws, max_plans=args.plans, progress=lambda m: None
@@ -66,7 +84,7 @@ def main() -> int:
             code = 0
         except NoPlanFits as e:
             result, code = e.result, 6
-        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        wall, cpu = time.perf_counter() - w0, cpu_seconds() - c0
         n = result.counts
         without = n["combinations"] - n["measured"]
         best = result.chosen or (result.frontier[0] if result.frontier else None)
