@@ -296,7 +296,7 @@ def apply(
                 verification,
                 notes,
                 adapter,
-                TASKS.get(rm.task),
+                TASKS.get(rm.task or ""),
             ),
         )
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())

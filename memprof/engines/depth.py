@@ -155,7 +155,7 @@ def shallow_run(
         for d in plan.traced
     ]
     figs = [_figures(r) for r in runs]
-    phases = {r.profile.peak_phase for r in runs}
+    phases = {str(r.profile.peak_phase) for r in runs}
     if len(phases) != 1:
         return None, f"the peak moves between phases ({', '.join(sorted(phases))}) as blocks are added"
     if not (figs[0].keys() == figs[1].keys() == figs[2].keys()):

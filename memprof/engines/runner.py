@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -591,9 +591,10 @@ def _create_adam_state(optimizer: torch.optim.Optimizer | None) -> bool:
     )
     if any(hooks) or not callable(getattr(optimizer, "_init_group", None)):
         return False
+    adam = cast(torch.optim.Adam, optimizer)  # AdamW subclasses Adam: the same _init_group
     with torch.no_grad():
-        for group in optimizer.param_groups:
-            optimizer._init_group(group, [], [], [], [], [], [])
+        for group in adam.param_groups:
+            adam._init_group(group, [], [], [], [], [], [])
     return True
 
 

@@ -102,9 +102,9 @@ class Lora(Optimization):
         return LoraSpec(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=targets, dora=c.dora)
 
     def why_not(self, model: Any, setup: StepSetup) -> str | None:
-        missing = self.environment_problem()
-        if missing:
-            return missing
+        problem = self.environment_problem()
+        if problem:
+            return problem
         for name in ADAPTER_STEPS:
             if setup.has_step(name):
                 return f"the model already has adapters ({name}, an earlier step)"

@@ -78,7 +78,7 @@ class LoraSpec:
 
         return LoraConfig(
             r=self.rank,
-            lora_alpha=self.alpha,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # typed int by PEFT; a float scales as well
             lora_dropout=self.dropout,
             target_modules=self.target_modules(model),
             use_dora=self.dora,
@@ -98,7 +98,9 @@ def adaptable_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]
         pass
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds) and m is not head]
+    return [
+        (n, m) for n, m in model.named_modules() if any(isinstance(m, k) for k in kinds) and m is not head
+    ]
 
 
 def peft_installed() -> bool:

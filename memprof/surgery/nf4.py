@@ -195,7 +195,7 @@ def _fake_params4bit_class() -> type:
 
         def __deepcopy__(self: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
             # PEFT deep-copies a Linear4bit before DoRA's weight norm (as for a real one: a copy)
-            new = torch.nn.Parameter(self.detach().clone(), requires_grad=self.requires_grad)
+            new: torch.Tensor = torch.nn.Parameter(self.detach().clone(), requires_grad=self.requires_grad)
             memo[id(self)] = new
             new.__class__ = type(self)
             with warnings.catch_warnings():  # torch's FakeTensor deepcopy reads a (fake) data pointer
