@@ -30,8 +30,12 @@ see :data:`SIDE_COSTS`. Plans are ranked by cost, then headroom.
 
 **Search.** Best-first over the combinations of levels, cheapest first; the
 two ends are measured first (the baseline: if it fits there is nothing to do;
-the most aggressive combination: if even its allocated peak does not fit,
-nothing does). A combination is skipped without a run when
+the most aggressive combinations, traced shallow where the model's depth
+extrapolates: if even their allocated peak does not fit, nothing does; a bound
+that may fit settles nothing, and such a combination is traced whole only if the
+search gets to it). While a candidate runs, the one the search would measure
+next runs beside it in a forked worker; the runs, their order and every figure
+are those of one run at a time. A combination is skipped without a run when
 
 * it is component-wise less aggressive than one whose allocated peak was
   measured not to fit (monotonicity: more of a lever never allocates more; the
@@ -46,7 +50,8 @@ nothing does). A combination is skipped without a run when
   optimizer state, activations, optimizer temporaries) from the nearest runs
   below it (an optimizer's state is rescaled from the parameters' shapes:
   8-bit moments, Adafactor's factored ones; pure bf16 halves the parameters
-  and state; micro-batches divide the activations), never less than the
+  and a state kept in their dtype, not 8-bit moments; micro-batches divide the
+  activations), never less than the
   allocated peak of a measured combination above it; its reserved memory is
   that peak rounded up to whole 2 MiB segments, a lower bound (fragmentation
   moves by a quarter between neighbouring combinations: it is measured, not

@@ -1,8 +1,11 @@
 """Best-first search over the combinations of lever levels, cheapest first.
 
 The two ends are measured first (the step as given: if it fits there is nothing to do;
-the most aggressive combinations: if even their allocated peak does not fit, nothing
-does). A combination is then skipped without a run when
+the most aggressive combinations, traced shallow (:meth:`Search.measure` with
+``whole=False``): if even their allocated peak does not fit, nothing does; a bound that
+may fit is kept in ``SearchState.bounds`` and settles nothing). Best-first runs the next
+candidate beside the current one (:meth:`Search._speculate`) without changing the search.
+A combination is then skipped without a run when
 
 * it is component-wise less aggressive than one whose allocated peak was measured not
   to fit (monotonicity: more of a lever never allocates more; the reserved memory above
