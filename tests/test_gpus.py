@@ -208,25 +208,18 @@ def test_gate_workload_records_the_gpu():
     assert plain is not None and "gpu" not in plain.to_dict()
 
 
-def test_plan_gpu_without_budget_uses_the_presets_memory_and_context(capsys):
-    preset = lookup("rtx4090")
+def plan_budget(capsys, *args: str) -> dict:
+    """The budget accounting of ``memprof plan`` on the tiny Llama (two runs at most), from its JSON."""
     code, out, err = run(
-        capsys,
-        "plan",
-        tiny("llama"),
-        "--gpu",
-        "rtx4090",
-        "-b",
-        "1",
-        "-s",
-        "32",
-        "--max-runs",
-        "2",
-        "--json",
-        "-",
+        capsys, "plan", tiny("llama"), *args, "-b", "1", "-s", "32", "--max-runs", "2", "--json", "-"
     )
     assert code == 0, err
-    b = json.loads(out)["budget"]
+    return json.loads(out)["budget"]
+
+
+def test_plan_gpu_without_budget_uses_the_presets_memory_and_context(capsys):
+    preset = lookup("rtx4090")
+    b = plan_budget(capsys, "--gpu", "rtx4090")
     assert b["budget_bytes"] == preset.memory_bytes == 24564 * MiB
     assert b["context_bytes"] == preset.context_bytes
     assert b["context_source"].startswith("estimate")
@@ -235,51 +228,14 @@ def test_plan_gpu_without_budget_uses_the_presets_memory_and_context(capsys):
 
 
 def test_plan_gpu_with_context_overhead(capsys):
-    code, out, err = run(
-        capsys,
-        "plan",
-        tiny("llama"),
-        "--gpu",
-        "t4",
-        "--context-overhead",
-        "100MiB",
-        "-b",
-        "1",
-        "-s",
-        "32",
-        "--max-runs",
-        "2",
-        "--json",
-        "-",
-    )
-    assert code == 0, err
-    b = json.loads(out)["budget"]
+    b = plan_budget(capsys, "--gpu", "t4", "--context-overhead", "100MiB")
     assert b["context_bytes"] == 100 * MiB and b["budget_bytes"] == lookup("t4").memory_bytes
     # the T4's workspace, pre-Hopper
     assert b["cublas_workspace_bytes"] == 4096 * 1024 * 2 + 16 * 1024 * 8
 
 
 def test_plan_world_size_counts_nccl_in_the_fit(capsys):
-    code, out, err = run(
-        capsys,
-        "plan",
-        tiny("llama"),
-        "--budget",
-        "8GiB",
-        "--world-size",
-        "4",
-        "-b",
-        "1",
-        "-s",
-        "32",
-        "--max-runs",
-        "2",
-        "--json",
-        "-",
-    )
-    assert code == 0, err
-    d = json.loads(out)
-    b = d["budget"]
+    b = plan_budget(capsys, "--budget", "8GiB", "--world-size", "4")
     assert b["nccl_buffers_bytes"] == nccl_buffers(4)["bytes"]
     assert (
         b["usable_bytes"]
