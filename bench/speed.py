@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -141,6 +142,18 @@ COMMANDS: list[tuple[str, list[str], str | None]] = [
 ]
 
 
+def timing_row(t: Any, ref: Any, digits: int) -> list[str]:
+    """A process's row: name, wall median, wall range, CPU median (seconds), and its ratios to ``ref``."""
+    w, c = C.pair_ratios(t, ref)
+    return [
+        t.name,
+        f"{t.wall_median:.{digits}f}",
+        f"{min(t.wall):.{digits}f} - {max(t.wall):.{digits}f}",
+        f"{t.cpu_median:.{digits}f}",
+        f"{w:.2f}x / {c:.2f}x",
+    ]
+
+
 def workers_section(args: argparse.Namespace) -> int:
     """``--workers``: compare's rows one by one (MEMPROF_WORKERS=1) against side by side (one per core)."""
     import os
@@ -166,19 +179,7 @@ def workers_section(args: argparse.Namespace) -> int:
             env["MEMPROF_WORKERS"] = n
             variants.append((f"MEMPROF_WORKERS={n}", runner([python, *argv], Path(tmp), env)))
         timings = measure(variants, args.repeats)  # an untimed run of each, then interleaved
-    one = timings[0]
-    rows = []
-    for t in timings:
-        w, c = C.pair_ratios(t, one)
-        rows.append(
-            [
-                t.name,
-                f"{t.wall_median:.1f}",
-                f"{min(t.wall):.1f} - {max(t.wall):.1f}",
-                f"{t.cpu_median:.1f}",
-                f"{w:.2f}x / {c:.2f}x",
-            ]
-        )
+    rows = [timing_row(t, timings[0], 1) for t in timings]
     table = C.md_table(
         ["Workers", "Wall median (s)", "Wall min - max (s)", "CPU median (s)", "vs one worker (wall / CPU)"],
         rows,
@@ -340,18 +341,7 @@ def main() -> int:
         )
 
     bare = timings[0]
-    rows = []
-    for t in timings:
-        w, c = C.pair_ratios(t, bare)
-        rows.append(
-            [
-                t.name,
-                f"{t.wall_median:.2f}",
-                f"{min(t.wall):.2f} - {max(t.wall):.2f}",
-                f"{t.cpu_median:.2f}",
-                f"{w:.2f}x / {c:.2f}x",
-            ]
-        )
+    rows = [timing_row(t, bare, 2) for t in timings]
     table = C.md_table(
         ["Process", "Wall median (s)", "Wall min - max (s)", "CPU median (s)", "vs bare (wall / CPU)"], rows
     )
