@@ -114,6 +114,11 @@ def check_spec(spec: str, trust_remote_code: bool = False) -> str:
     return kind
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` is set: nothing is downloaded from the Hub."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def hub_config_dir(spec: str) -> Path:
     """The local folder of a Hub model's config.json: from the cache, else downloaded (huggingface_hub only).
 
@@ -126,12 +131,11 @@ def hub_config_dir(spec: str) -> Path:
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - transformers depends on it
         raise EnvironmentProblem("huggingface_hub is not installed: pip install huggingface_hub") from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
     try:
         return Path(snapshot_download(spec, allow_patterns=["config.json"], local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
         pass
-    if offline:
+    if hub_offline():
         raise EnvironmentProblem(
             f"{spec}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1, so no download was attempted "
             "(download it on a connected machine, or pass a local directory)"

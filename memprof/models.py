@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
-import os
 import pickle
 import warnings
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from memprof.model_config import (
     config_from_dict,
     directory_config,
     hub_config_dir,
+    hub_offline,
     load_config_file,
     spec_kind,
 )
@@ -219,8 +219,7 @@ def _locate_weights(rm: ResolvedModel, path: Path) -> None:
 
 
 def _from_hub(spec: str, task: str | None, trust_remote_code: bool) -> ResolvedModel:
-    local = hub_config_dir(spec)
-    rm = _from_directory(spec, Path(local), task, trust_remote_code)
+    rm = _from_directory(spec, hub_config_dir(spec), task, trust_remote_code)
     rm.source = "hub"
     rm.name = spec
     return rm
@@ -230,10 +229,9 @@ def fetch_hub_weights(rm: ResolvedModel) -> None:
     """Locate (or, when online, download) a Hub model's safetensors weights."""
     from huggingface_hub import snapshot_download
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
     patterns = ["*.json", "*.safetensors"]
     try:
-        local = snapshot_download(rm.spec, allow_patterns=patterns, local_files_only=offline)
+        local = snapshot_download(rm.spec, allow_patterns=patterns, local_files_only=hub_offline())
     except Exception as e:
         raise EnvironmentProblem(f"{rm.spec}: weights not available ({type(e).__name__})") from None
     _locate_weights(rm, Path(local))

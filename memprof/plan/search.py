@@ -232,7 +232,7 @@ class Search:
         bound = (
             run.depth is not None
             and run.profile is not None
-            and self.need(run.profile.peak_bytes) <= self.budget.budget_bytes
+            and not self.allocated_over(run.profile.peak_bytes)
         )
         if bound:
             self.state.bounds[key] = run
@@ -265,9 +265,7 @@ class Search:
         t0 = time.perf_counter()
         setup = self.setups[key]
         shallow = None if key in self.state.bounds else self._shallow(setup, count, say)
-        if shallow is not None and (
-            not whole or self.need(shallow[0].profile.peak_bytes) > self.budget.budget_bytes
-        ):
+        if shallow is not None and (not whole or self.allocated_over(shallow[0].profile.peak_bytes)):
             return shallow[0], shallow[1], None, time.perf_counter() - t0
         r = self.eng.run_detailed(
             self.rm,
@@ -339,6 +337,10 @@ class Search:
 
     def need(self, reserved: float) -> int:
         return self.budget.need(reserved)
+
+    def allocated_over(self, peak_bytes: int) -> bool:
+        """An allocated peak alone, with the overheads, is over the budget: so is the reserved memory."""
+        return self.need(peak_bytes) > self.budget.budget_bytes
 
     def cost(self, key: Key) -> float:
         ov, _ = self.estimator.overhead(key)
@@ -598,11 +600,7 @@ class Search:
         Only that carries over to less aggressive combinations (their allocated peak is no
         lower); the reserved memory above it moves with the allocations' sizes and order.
         """
-        return (
-            c.source == "measured"
-            and c.peak_bytes is not None
-            and self.need(c.peak_bytes) > self.budget.budget_bytes
-        )
+        return c.source == "measured" and c.peak_bytes is not None and self.allocated_over(c.peak_bytes)
 
     def _measured(self) -> list[Candidate]:
         """The combinations measured so far (two per run with the allocator lever)."""
