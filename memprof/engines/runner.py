@@ -124,7 +124,10 @@ def _adamw8bit(params: list[torch.nn.Parameter], *, paged: bool, simulate: bool)
     bitsandbytes builds its quantization maps with ``.tolist()`` in the constructor:
     the optimizer is built outside fake mode, so the maps are real tensors (256
     floats each, shared by every parameter, on the device as on CUDA) and the step
-    traces. torchao's AdamW8bit is not used: it compiles its step with
+    traces. It is built outside memprof's other modes too (the CUDA semantics, the
+    fidelity checks, the tracker): the maps are host tensors, which none of them
+    counts, and their few hundred small ops cost 6 ms an optimizer through the
+    modes (1.7 s for the 291 optimizers of an 8B model stepped in backward). torchao's AdamW8bit is not used: it compiles its step with
     ``torch.compile(fullgraph=True)``, which refuses to run under memprof's tracker
     (a dispatch mode) on every engine.
     """
@@ -135,9 +138,10 @@ def _adamw8bit(params: list[torch.nn.Parameter], *, paged: bool, simulate: bool)
             f"the {name} optimizer needs bitsandbytes: pip install bitsandbytes (torchao's AdamW8bit compiles "
             "its step, which memprof's tracker cannot run under)"
         )
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.utils._python_dispatch import _disable_current_modes
 
-    with unset_fake_temporarily():
+    # every torch-function and dispatch mode off, fake mode among them
+    with torch._C.DisableTorchFunction(), _disable_current_modes():
         if not paged:
             return bnb.optim.AdamW8bit(params, lr=1e-5)
         if params[0].device.type == "cuda":
