@@ -146,8 +146,10 @@ class Estimator:
             acts = max(x - grads, 0.0)  # the gradients of the earlier micro-batches are there
             temps = max(y - grads, 0.0)
         else:
-            # the fb peak is the start of backward (activations) or its end (gradients)
-            acts = x if x > grads * _CENSOR else None
+            # the fb peak is the start of backward (activations) or its end (gradients); at its
+            # end, the forward's peak (no gradients yet: they were set to None by the last
+            # step) bounds the activations from below, which keeps the estimate optimistic
+            acts = x if x > grads * _CENSOR else (max(phases.get("forward", 0) - base, 0.0) or None)
             temps = max(y - grads, 0.0)
         return Footprint(
             params=params, other=other, state=state, acts=acts, temps=temps, peak=m.peak_bytes, run=m.run

@@ -252,7 +252,10 @@ def build_levers(
                         Level(
                             "pure bf16",
                             [_opt("mixed_precision", pure=True)],
-                            prior={"params": half, "state": half, "temps": half},
+                            # activations too: what keeps its dtype (ids, masks, float32 upcasts
+                            # of the loss) only adds to half, so half is optimistic until a run
+                            # shows the ratio
+                            prior={"params": half, "state": half, "acts": half, "temps": half},
                         ),
                         "pure_bf16",
                     ),

@@ -70,6 +70,24 @@ def test_the_end_of_backward_bounds_the_activations_only():
     assert e.footprints[(0, 0, 0)].acts is None
 
 
+def test_the_forward_bounds_the_activations_from_below_when_the_backward_peak_is_the_gradients():
+    # the backward peak is the gradients at its end (101 over the base); the forward peaked 80 over
+    # it with no gradient live (set to None by the last step): at least 80 of activations
+    e = Estimator(Combinations(levers()), training=True)
+    run = measured((0, 0, 0), 1, acts=101)
+    run.phase_peaks["forward"] = (310 + 80) * MiB
+    e.add(run)
+    assert e.footprints[(0, 0, 0)].acts == 80 * MiB
+    # two micro-batches: the 80 halved. Optimistic: the activations at the start of backward are
+    # at least the forward's
+    key = (0, 1, 0)
+    assert e.compose("acts", key, e.anchors(key)) == 40 * MiB
+    # with no forward above the base, nothing is known of them
+    e = Estimator(Combinations(levers()), training=True)
+    e.add(measured((0, 0, 0), 1, acts=101))
+    assert e.footprints[(0, 0, 0)].acts is None and e.compose("acts", key, e.anchors(key)) is None
+
+
 def test_an_estimate_composes_the_priors_on_the_measured_step(est):
     # two micro-batches halve the activations; the first's gradients are live during the second
     peak, reserved = est.estimate((0, 1, 0))

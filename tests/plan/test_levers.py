@@ -42,3 +42,31 @@ def test_an_optimizer_that_reads_values_under_fake_tensors_is_reported_and_a_bug
     monkeypatch.setattr(runner_mod, "make_optimizer", bug)
     with pytest.raises(KeyError):
         P.optimizer_trace_problem("adamw8bit", torch.float32)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gpt2"])
+def test_pure_bf16_at_least_halves_the_activations_its_prior_says(name):
+    """The prior of pure bf16 on the activations (half) is optimistic: measured, they are at least half.
+
+    What keeps its dtype (ids, masks, the loss's float32 upcasts) only adds to half; a prior
+    above the measured ratio would skip a combination that fits.
+    """
+    from memprof.plan.levers import apply_steps
+    from memprof.workload import StepSetup
+
+    wl = Workload(batch_size=2, seq_len=64)
+    rm, eng = prepare(tiny(name), wl, SimEngine())
+    model = fake_model(rm, wl)
+    levers, _ = P.build_levers(model, wl)
+    precision = levers[[lv.name for lv in levers].index("precision")]
+    pure = precision.levels[2]
+    assert pure.label == "pure bf16"
+    est = P.Estimator(P.Combinations(levers), training=True)
+    zero = tuple(0 for _ in levers)
+    acts = []
+    for steps in ([], pure.steps):
+        setup = StepSetup.of(wl)
+        assert not apply_steps(steps, model, setup)
+        acts.append(est.decompose(P.Measured.of(zero, 1, eng.run(rm, setup))).acts)
+    assert acts[0] and acts[1]
+    assert acts[1] / acts[0] >= pure.prior["acts"] == 0.5
