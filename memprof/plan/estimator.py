@@ -29,6 +29,7 @@ by hand) and ask::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from memprof.allocator_model import SMALL_BUFFER
@@ -109,6 +110,9 @@ class Estimator:
         self.flop_deltas: dict[tuple[int, int], float] = {}
         #: levers a run showed not to be monotone (a stronger level needed more memory)
         self.non_monotone: set[int] = set()
+        #: what an optimizer stepped in backward holds at once beyond the parameters and state
+        #: (one gradient and its step's temporaries: measured by the search, 0 where not known)
+        self.in_backward_floor: Callable[[Key], float] = lambda key: 0.0
 
     # what was measured -----------------------------------------------------------------------
     def add(self, m: Measured) -> list[str]:
@@ -362,7 +366,14 @@ class Estimator:
         if params is None or state is None:
             return None
         grads = params if self.training and not self._grads_transient(key) else 0.0
-        return params + state + base.other + grads
+        return params + state + base.other + grads + self._stepped_in_backward(key)
+
+    def _stepped_in_backward(self, key: Key) -> float:
+        """:attr:`in_backward_floor` where the optimizer steps in backward on the device, else 0."""
+        c = self.combinations
+        if not self.training or not c.in_backward(key) or c.gradients_off_device(key):
+            return 0.0
+        return self.in_backward_floor(key)
 
     def _grads_transient(self, key: Key) -> bool:
         """No full set of gradients on the device: stepped in backward, offloaded, or adapters only."""
@@ -391,7 +402,7 @@ class Estimator:
         temps = self.compose("temps", key, anchors) or 0.0
         grads = params
         if not self.training or self._grads_transient(key):
-            x, y = acts, 0.0
+            x, y = max(acts, self._stepped_in_backward(key)), 0.0
         elif self.combinations.micro_batches(key) > 1:
             x, y = acts + grads, grads + temps
         else:

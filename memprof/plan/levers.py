@@ -532,3 +532,37 @@ def optimizer_trace_problem(name: str, dtype: torch.dtype) -> str | None:
         # else is a bug and propagates
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
     return None
+
+
+def step_transient(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes one step of optimizer ``name`` allocates for a parameter of ``shape`` and ``dtype``.
+
+    Beyond the parameter, its gradient and its state (made by a first step, as the
+    warm-up makes them): the step's own temporaries at their peak (Adafactor's float32
+    copies of a bfloat16 gradient and update, for one), measured by the tracker on fake
+    tensors, in the caching allocator's 512-byte blocks, as the sim engine's runner
+    builds the optimizer (``foreach``). Milliseconds for any shape.
+
+    An optimizer stepped in backward (``optimizer_in_backward``) holds them beside the
+    parameter's gradient, over the parameters and every state: a floor of its peak.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memprof.tracking import Tracker
+    from memprof.units import CUDA_BLOCK_BYTES
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        holder = torch.nn.Module()
+        holder.weight = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
+        opt = runner.make_optimizer(name, holder, foreach=True, simulate=True)
+        if opt is None:
+            return 0
+        holder.weight.grad = torch.zeros_like(holder.weight)
+        opt.step()  # the state, as the warm-up leaves it
+        holder.weight.grad = torch.zeros_like(holder.weight)
+        # the parameter, its gradient and the state are registered as there before: views of
+        # them (the step's detach) are not new memory
+        with Tracker(holder, opt, block_rounding=CUDA_BLOCK_BYTES, track_modules=False) as tracker:
+            there = tracker.current
+            opt.step()
+        return int(tracker.peak - there)

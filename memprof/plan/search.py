@@ -39,10 +39,10 @@ from memprof.errors import EnvironmentProblem, InputError, MemprofError, OutOfMe
 from memprof.models import DTYPES, ResolvedModel
 from memprof.plan.combinations import Combinations, Key, enumerate_setups
 from memprof.plan.estimator import Estimator, Measured
-from memprof.plan.levers import NOT_SEARCHED, Lever, optimizer_trace_problem
+from memprof.plan.levers import NOT_SEARCHED, Lever, optimizer_trace_problem, step_transient
 from memprof.plan.result import Candidate, PlanResult, Run, SingleFix, pareto
 from memprof.plan.result import dominant as dominant_of
-from memprof.units import format_bytes
+from memprof.units import CUDA_BLOCK_BYTES, format_bytes
 from memprof.workload import StepSetup, Workload
 
 #: a combination whose estimate exceeds the usable budget by more than this
@@ -119,6 +119,9 @@ class Search:
         self.left_out = list(left_out or [])
         self.combinations = combos = Combinations(levers)
         self.estimator = Estimator(combos, training=wl.training)
+        self.estimator.in_backward_floor = self._in_backward_floor
+        #: step_transient by optimizer and parameter dtype, measured once each
+        self._transients: dict[tuple[str, torch.dtype], int] = {}
         self.setups, self.invalid = enumerate_setups(levers, model, wl)
         self.state = SearchState(
             candidates={
@@ -170,6 +173,33 @@ class Search:
         reason = f"{what} cannot be traced by the sim engine: {why}"
         self.state.settle("not measurable", "not measurable", reason, (i, key[i]))
         return False
+
+    def _in_backward_floor(self, key: Key) -> float:
+        """What an optimizer stepped in backward holds at once, at the least (the estimator's floor).
+
+        The largest trainable parameter's gradient and its optimizer step's temporaries
+        (:func:`~memprof.plan.levers.step_transient`), in the combination's parameter
+        dtype: they are live together when its gradient hook steps it, beside every
+        parameter and state. 0 for adapters (small ones train) and for an optimizer whose
+        implementation is chosen by hand (the measurement steps the sim's default).
+        """
+        setup = self.setups.get(self.combinations.run_key(key))
+        if setup is None or self.combinations.trains_adapters():
+            return 0.0
+        if any(
+            s.get("name") == "optimizer" and (s.get("options") or {}).get("impl", "auto") != "auto"
+            for s in setup.steps
+        ):
+            return 0.0
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            return 0.0
+        largest = max(trainable, key=lambda p: p.numel())
+        name, dtype = setup.workload.optimizer, DTYPES[setup.workload.dtype]
+        if (name, dtype) not in self._transients:
+            self._transients[(name, dtype)] = step_transient(name, tuple(largest.shape), dtype)
+        grad = math.ceil(largest.numel() * dtype.itemsize / CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
+        return float(grad + self._transients[(name, dtype)])
 
     def measure(self, key: Key, purpose: str, *, whole: bool = True) -> Run | None:
         """Run ``key``'s step in the sim engine and resolve the candidates it measures.

@@ -199,3 +199,21 @@ def test_a_state_kept_in_its_own_dtype_is_not_scaled_by_the_parameters_dtype():
     e.add(run)
     assert e.learned(1, 1, "state") == pytest.approx(0.3)
     assert e.learned(0, 1, "state") == 0.5
+
+
+def test_an_optimizer_stepped_in_backward_floors_the_peak_with_what_it_holds_at_once():
+    lv = [
+        Lever("checkpointing", [Level("off"), Level("every 1", prior=dict(KEEP), amount=1)], interpolate=True),
+        Lever("optimizer in backward", [Level("off"), Level("on", prior={**KEEP, "acts": 1})]),
+    ]
+    e = Estimator(Combinations(lv), training=True)
+    e.add(measured((0, 0), 1, acts=1000))
+    # no full set of gradients when it steps in backward: parameters, state and inputs
+    assert e.floor((0, 1)) == (100 + 200 + 10) * MiB
+    # one gradient and its step's temporaries (the search measures them) are live at once
+    e.in_backward_floor = lambda key: 30 * MiB
+    assert e.floor((0, 1)) == (100 + 200 + 10 + 30) * MiB
+    assert e.floor((0, 0)) == (100 + 200 + 10 + 100) * MiB  # the whole step's gradients: no floor added
+    # the estimate is never below it, whatever the activations (checkpointing's are unknown: none)
+    peak, _ = e.estimate((1, 1))
+    assert peak == (100 + 200 + 10 + 30) * MiB
