@@ -127,7 +127,8 @@ def _adamw8bit(params: list[torch.nn.Parameter], *, paged: bool, simulate: bool)
     traces. It is built outside memprof's other modes too (the CUDA semantics, the
     fidelity checks, the tracker): the maps are host tensors, which none of them
     counts, and their few hundred small ops cost 6 ms an optimizer through the
-    modes (1.7 s for the 291 optimizers of an 8B model stepped in backward). torchao's AdamW8bit is not used: it compiles its step with
+    modes (1.7 s for the 291 optimizers of an 8B model stepped in backward).
+    torchao's AdamW8bit is not used: it compiles its step with
     ``torch.compile(fullgraph=True)``, which refuses to run under memprof's tracker
     (a dispatch mode) on every engine.
     """

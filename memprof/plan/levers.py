@@ -545,7 +545,16 @@ def step_transient(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int
 
     An optimizer stepped in backward (``optimizer_in_backward``) holds them beside the
     parameter's gradient, over the parameters and every state: a floor of its peak.
+    0 where it cannot step on fake tensors (:func:`optimizer_trace_problem` says why):
+    no floor, which only keeps the estimate optimistic.
     """
+    try:
+        return _step_transient(name, shape, dtype)
+    except (InputError, EnvironmentProblem, RuntimeError):
+        return 0
+
+
+def _step_transient(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memprof.tracking import Tracker

@@ -203,7 +203,9 @@ def test_a_state_kept_in_its_own_dtype_is_not_scaled_by_the_parameters_dtype():
 
 def test_an_optimizer_stepped_in_backward_floors_the_peak_with_what_it_holds_at_once():
     lv = [
-        Lever("checkpointing", [Level("off"), Level("every 1", prior=dict(KEEP), amount=1)], interpolate=True),
+        Lever(
+            "checkpointing", [Level("off"), Level("every 1", prior=dict(KEEP), amount=1)], interpolate=True
+        ),
         Lever("optimizer in backward", [Level("off"), Level("on", prior={**KEEP, "acts": 1})]),
     ]
     e = Estimator(Combinations(lv), training=True)

@@ -116,3 +116,17 @@ def test_a_step_in_backward_holds_the_largest_gradient_and_its_temporaries_at_th
         assert transient == grad
     else:
         assert transient > 3 * 2 * grad and floor > 0.9 * p.peak_bytes
+
+
+def test_an_optimizer_that_cannot_step_on_fake_tensors_adds_no_floor(monkeypatch):
+    import torch
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    import memprof.engines.runner as runner_mod
+    from memprof.plan.levers import step_transient
+
+    def reads_values(*a, **k):
+        raise DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
+
+    monkeypatch.setattr(runner_mod, "make_optimizer", reads_values)
+    assert step_transient("adafactor", (64, 64), torch.bfloat16) == 0
