@@ -10,7 +10,9 @@ levels that apply to the model and step, checked with each optimization's own
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -512,18 +514,31 @@ def build_levers(
     return levers, left_out
 
 
-def optimizer_trace_problem(name: str, dtype: torch.dtype) -> str | None:
-    """Why optimizer ``name`` cannot step under fake tensors, or None (one 128 x 128 step)."""
+@contextlib.contextmanager
+def _fake_optimizer(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype, *, simulate: bool = False
+) -> Iterator[tuple[torch.nn.Module, torch.optim.Optimizer | None]]:
+    """One parameter of ``shape`` and ``dtype`` on fake tensors with a zero gradient, and its
+    optimizer as the sim's runner builds it (``foreach``); fake mode is on inside.
+
+    The optimizer is None for ``none``.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        holder = torch.nn.Module()
+        holder.weight = weight = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
+        opt = runner.make_optimizer(name, holder, foreach=True, simulate=simulate)
+        weight.grad = torch.zeros_like(weight)
+        yield holder, opt
+
+
+def optimizer_trace_problem(name: str, dtype: torch.dtype) -> str | None:
+    """Why optimizer ``name`` cannot step under fake tensors, or None (one 128 x 128 step)."""
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            layer = torch.nn.Linear(128, 128, bias=False, dtype=dtype)
-            opt = runner.make_optimizer(name, layer, foreach=True)
-            if opt is None:
-                return None
-            layer.weight.grad = torch.zeros_like(layer.weight)
-            opt.step()
+        with _fake_optimizer(name, (128, 128), dtype) as (_, opt):
+            if opt is not None:
+                opt.step()
     except (InputError, EnvironmentProblem) as e:
         return str(e)
     except RuntimeError as e:
@@ -548,30 +563,21 @@ def step_transient(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int
     0 where it cannot step on fake tensors (:func:`optimizer_trace_problem` says why):
     no floor, which only keeps the estimate optimistic.
     """
-    try:
-        return _step_transient(name, shape, dtype)
-    except (InputError, EnvironmentProblem, RuntimeError):
-        return 0
-
-
-def _step_transient(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from memprof.tracking import Tracker
     from memprof.units import CUDA_BLOCK_BYTES
 
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        holder = torch.nn.Module()
-        holder.weight = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
-        opt = runner.make_optimizer(name, holder, foreach=True, simulate=True)
-        if opt is None:
-            return 0
-        holder.weight.grad = torch.zeros_like(holder.weight)
-        opt.step()  # the state, as the warm-up leaves it
-        holder.weight.grad = torch.zeros_like(holder.weight)
-        # the parameter, its gradient and the state are registered as there before: views of
-        # them (the step's detach) are not new memory
-        with Tracker(holder, opt, block_rounding=CUDA_BLOCK_BYTES, track_modules=False) as tracker:
-            there = tracker.current
-            opt.step()
-        return int(tracker.peak - there)
+    try:
+        with _fake_optimizer(name, shape, dtype, simulate=True) as (holder, opt):
+            if opt is None:
+                return 0
+            opt.step()  # the state, as the warm-up leaves it
+            weight = holder.get_parameter("weight")
+            weight.grad = torch.zeros_like(weight)
+            # the parameter, its gradient and the state are registered as there before: views
+            # of them (the step's detach) are not new memory
+            with Tracker(holder, opt, block_rounding=CUDA_BLOCK_BYTES, track_modules=False) as tracker:
+                there = tracker.current
+                opt.step()
+            return int(tracker.peak - there)
+    except (InputError, EnvironmentProblem, RuntimeError):
+        return 0

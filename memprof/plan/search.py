@@ -24,6 +24,7 @@ propagates.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -174,6 +175,11 @@ class Search:
         self.state.settle("not measurable", "not measurable", reason, (i, key[i]))
         return False
 
+    @functools.cached_property
+    def _largest_trainable(self) -> torch.nn.Parameter | None:
+        """The model's largest trainable parameter (None: none trains), found once per search."""
+        return max((p for p in self.model.parameters() if p.requires_grad), key=torch.numel, default=None)
+
     def _in_backward_floor(self, key: Key) -> float:
         """What an optimizer stepped in backward holds at once, at the least (the estimator's floor).
 
@@ -191,10 +197,9 @@ class Search:
             for s in setup.steps
         ):
             return 0.0
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if not trainable:
+        largest = self._largest_trainable
+        if largest is None:
             return 0.0
-        largest = max(trainable, key=lambda p: p.numel())
         name, dtype = setup.workload.optimizer, DTYPES[setup.workload.dtype]
         if (name, dtype) not in self._transients:
             self._transients[(name, dtype)] = step_transient(name, tuple(largest.shape), dtype)
