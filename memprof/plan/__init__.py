@@ -44,14 +44,16 @@ are those of one run at a time. A combination is skipped without a run when
 * a cheaper measured plan is component-wise below it (it would fit, at a
   higher cost);
 * its parameters, gradients and optimizer state alone (rescaled from the
-  baseline's categories) exceed the budget;
+  baseline's categories) exceed the budget; with the optimizer stepped in
+  backward, one gradient and its step's temporaries instead of all gradients
+  (the largest parameter's, measured by one step on a fake tensor);
 * its estimate exceeds the budget by more than :data:`ESTIMATE_MARGIN`. The
   estimator composes per-lever effects on the categories (parameters,
   optimizer state, activations, optimizer temporaries) from the nearest runs
   below it (an optimizer's state is rescaled from the parameters' shapes:
-  8-bit moments, Adafactor's factored ones; pure bf16 halves the parameters
-  and a state kept in their dtype, not 8-bit moments; micro-batches divide the
-  activations), never less than the
+  8-bit moments, Adafactor's factored ones; pure bf16 halves the parameters,
+  a state kept in their dtype (not 8-bit moments) and, at the least, the
+  activations; micro-batches divide the activations), never less than the
   allocated peak of a measured combination above it; its reserved memory is
   that peak rounded up to whole 2 MiB segments, a lower bound (fragmentation
   moves by a quarter between neighbouring combinations: it is measured, not

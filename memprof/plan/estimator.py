@@ -4,8 +4,9 @@ The estimator composes per-lever effects on the components of a step's memory
 (parameters, optimizer state, activations, optimizer temporaries) from the nearest
 measured combinations below it (the anchors): an optimizer's state is rescaled from
 the parameters' shapes (8-bit moments, Adafactor's factored ones), pure bf16 halves
-the parameters and state, micro-batches divide the activations (the levels'
-priors). An effect not known yet is learned from the next run that shows it (a run
+the parameters and state and at least halves the activations, micro-batches divide
+the activations (the levels' priors). Where a step's backward peak is its gradients,
+the forward's peak bounds its activations from below. An effect not known yet is learned from the next run that shows it (a run
 that shows one new effect teaches it; a lever's strongest level teaches the levels
 between by interpolation); until then it is taken as optimistic, so a combination
 is measured rather than wrongly skipped. The peak is never less than the allocated

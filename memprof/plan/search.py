@@ -12,7 +12,8 @@ A combination is then skipped without a run when
   the allocated peak is not monotone, so only the allocated peak is carried over);
 * a cheaper measured plan is component-wise below it (it would fit, at a higher cost);
 * its parameters, gradients and optimizer state alone (rescaled from the baseline's
-  categories) exceed the budget;
+  categories) exceed the budget; stepped in backward, one gradient and its step's
+  temporaries instead of all gradients (:meth:`Search._in_backward_floor`);
 * its estimate (:class:`~memprof.plan.estimator.Estimator`) exceeds the budget by more
   than :data:`ESTIMATE_MARGIN`.
 
