@@ -82,6 +82,8 @@ class RunResult:
     output: torch.Tensor | None = None
     #: one pooled output vector per probe text (Measure.texts)
     embeddings: torch.Tensor | None = None
+    #: an extrapolated result's shallow traces (memprof.engines.depth.Shallow), for extend_run
+    shallow: Any = None
 
 
 def _noop(msg: str) -> None:
@@ -207,6 +209,10 @@ class Engine:
     block_rounding = 1
     #: keep the measured step's allocation trace (the sim engine replays it)
     record_trace = False
+    #: keep the measured step's trace in ``last_trace`` (engines with ``record_trace``;
+    #: memprof.engines.depth extends shallow traces to the model's depth)
+    keep_trace = False
+    last_trace: list[TraceEvent] | None = None
     load_weights = True
     init_weights = True
     foreach: bool | None = None
@@ -236,6 +242,10 @@ class Engine:
 
     def replay_trace(self, trace: list[TraceEvent], setup: StepSetup, extra: dict[str, Any]) -> None:
         """Engines with ``record_trace``: use the measured step's allocations and frees."""
+
+    def replay_notes(self) -> list[str]:
+        """The profile notes on the last :meth:`replay_trace` (the sim engine's allocator model)."""
+        return []
 
     def workspace_bytes(self) -> int:
         """Device memory outside the measured peak that a budget must also hold (sim: cuBLAS workspace)."""
@@ -480,7 +490,9 @@ class Engine:
                     self.after_measure(extra)
                     if tracker.trace is not None:
                         self.replay_trace(tracker.trace, setup, extra)
-                        tracker.trace = None  # can be long: drop it once used
+                        # kept for memprof.engines.depth (extends shallow traces), else dropped: it can be long
+                        self.last_trace = tracker.trace if self.keep_trace else None
+                        tracker.trace = None
                     result = tracker.result()
                     extra["timeline"] = tracker.timeline()
                     extra["host"] = host = runner.host_memory()

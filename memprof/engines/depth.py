@@ -24,7 +24,10 @@ fit; any other is traced whole.
 
 The caching allocator's reserved memory is not extrapolated (how blocks of
 different sizes pack into segments at depth N is not in a shallow replay), nor
-the module breakdown or the timeline.
+the module breakdown or the timeline. :func:`extend_run` does better where it can:
+the shallow traces themselves extended to the model's depth
+(:mod:`memprof.engines.depth_trace`, exact or refused) and replayed through the
+allocator model, which gives the whole trace's figures, reserved memory included.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from memprof.engines.depth_trace import extend, peaks
 from memprof.profile import PhaseStat
+from memprof.tracking import TraceEvent
 
 if TYPE_CHECKING:
     from memprof.engines.base import Engine, Measure, RunResult
@@ -61,6 +66,20 @@ class Depths:
     def describe(self) -> str:
         a, b, c = self.traced
         return f"traced at {a}, {b} and {c} of {self.full} blocks and extrapolated"
+
+    def describe_extended(self) -> str:
+        a, b, c = self.traced
+        return f"traced at {a}, {b} and {c} of {self.full} blocks, the whole step's allocations extended from them"
+
+
+@dataclass
+class Shallow:
+    """What an extrapolated result came from (``RunResult.shallow``): for :func:`extend_run`."""
+
+    depths: Depths
+    profiles: list[Any]
+    #: the three traces, when the engine records them (None: no extension)
+    traces: list[list[TraceEvent]] | None
 
 
 def _period(types: list[Any]) -> int:
@@ -143,17 +162,24 @@ def shallow_run(
     if isinstance(plan, str):
         return None, plan
     say = progress or (lambda msg: None)
-    runs = [
-        engine.run_detailed(
-            _at_depth(rm, d),
-            setup,
-            allow_pickle=allow_pickle,
-            track_modules=False,
-            measure=measure,
-            progress=lambda msg, d=d: say(f"{d} of {plan.full} blocks: {msg}"),  # type: ignore[misc]
-        )
-        for d in plan.traced
-    ]
+    runs, traces = [], []
+    kept = engine.keep_trace
+    engine.keep_trace = engine.record_trace
+    try:
+        for d in plan.traced:
+            runs.append(
+                engine.run_detailed(
+                    _at_depth(rm, d),
+                    setup,
+                    allow_pickle=allow_pickle,
+                    track_modules=False,
+                    measure=measure,
+                    progress=lambda msg, d=d: say(f"{d} of {plan.full} blocks: {msg}"),  # type: ignore[misc]
+                )
+            )
+            traces.append(engine.last_trace)
+    finally:
+        engine.keep_trace, engine.last_trace = kept, None
     figs = [_figures(r) for r in runs]
     phases = {str(r.profile.peak_phase) for r in runs}
     if len(phases) != 1:
@@ -188,7 +214,117 @@ def shallow_run(
         notes=[*base.notes, f"depth: {plan.describe()} (allocated figures, the peak a lower bound)"],
     )
     out = replace(runs[0], profile=profile, flops=full["flops"])
+    out.shallow = Shallow(
+        depths=plan,
+        profiles=[r.profile for r in runs],
+        traces=[t for t in traces if t is not None] if all(t is not None for t in traces) else None,
+    )
     return out, plan.describe()
 
 
-__all__ = ["STACKS", "Depths", "depths", "shallow_run"]
+def _affine(values: list[Any], steps: int) -> Any:
+    """Plain data (dicts, lists, ints) at the model's depth from three shallow depths, or
+    :data:`NOT_AFFINE` when a number does not move by the same amount each period."""
+    a, b, c = values
+    if isinstance(a, bool) or not isinstance(a, (int, dict, list)) or a is None:
+        return a if a == b == c else NOT_AFFINE
+    if isinstance(a, int):
+        if not (isinstance(b, int) and isinstance(c, int)) or b - a != c - b:
+            return NOT_AFFINE
+        return a + steps * (b - a)
+    if isinstance(a, dict):
+        if not (isinstance(b, dict) and isinstance(c, dict)) or not (a.keys() == b.keys() == c.keys()):
+            return NOT_AFFINE
+        out = {k: _affine([a[k], b[k], c[k]], steps) for k in a}
+        return NOT_AFFINE if any(v is NOT_AFFINE for v in out.values()) else out
+    if not (isinstance(b, list) and isinstance(c, list)) or not len(a) == len(b) == len(c):
+        return NOT_AFFINE
+    items = [_affine([x, y, z], steps) for x, y, z in zip(a, b, c)]
+    return NOT_AFFINE if any(v is NOT_AFFINE for v in items) else items
+
+
+NOT_AFFINE = object()
+
+
+def extend_run(engine: Engine, setup: StepSetup, r: RunResult) -> tuple[RunResult, str] | str:
+    """An extrapolated result made whole: its shallow traces extended to the model's depth, or why not.
+
+    :func:`memprof.engines.depth_trace.extend` builds the whole step's trace from the
+    three shallow ones (every event, what each free releases, the op counters; checked
+    against the third depth). Its peak must be the extrapolated one (the shallow traces'
+    peak moment is the whole step's, so the categories extrapolated are the peak's) and
+    the shallow traces must give their own profiles' peaks. The trace is then replayed
+    through the engine's allocator model (:meth:`Engine.replay_trace`): the result has the
+    whole trace's figures (allocated peak, categories, each phase's peak, reserved
+    memory, the allocator's figures, the host memory, the SDPA kernels) without a whole
+    run; no module breakdown or timeline (the search traces without them).
+
+    Returns:
+        ``(result, how)``, or why the whole model must be traced instead.
+
+    Raises:
+        What :meth:`Engine.replay_trace` raises (the snapshot cannot be written).
+    """
+    sh = r.shallow
+    if not isinstance(sh, Shallow) or sh.traces is None:
+        return "the engine keeps no trace to extend"
+    plan = sh.depths
+    whole = extend(sh.traces, plan.traced, plan.full)
+    if isinstance(whole, str):
+        return whole
+    # A phase without an event (the optimizer's, when it steps in backward) is one
+    # moment: its extrapolated peak is exact; the others' peaks are read off the trace
+    for t, p in zip(sh.traces, sh.profiles):
+        pk, ph = peaks(t)
+        if pk != p.peak_bytes or any(ph[x.name] != x.peak_bytes for x in p.phases if x.name in ph):
+            return "a shallow trace's peaks are not its profile's (memory outside the trace)"
+        if not ph.keys() <= {x.name for x in p.phases}:
+            return "a shallow trace has a phase its profile has not"
+    peak, phase_peaks = peaks(whole)
+    if peak != r.profile.peak_bytes:
+        return "the whole step's peak is at another moment than the shallow traces'"
+    steps = (plan.full - plan.traced[0]) // plan.period
+    host = _affine([p.host for p in sh.profiles], steps)
+    params = _affine([p.parameters for p in sh.profiles], steps)
+    kernels = _affine([p.overheads.get("sdpa_kernels") for p in sh.profiles], steps)
+    if any(v is NOT_AFFINE for v in (host, params, kernels)):
+        return "the host memory, parameters or kernels are not affine in depth"
+    extra: dict[str, Any] = {}
+    engine.replay_trace(whole, setup, extra)
+    allocator = extra.get("allocator")
+    if allocator is not None and host and host.get("paged_bytes"):
+        allocator["outside_allocator_bytes"] = host["paged_bytes"]
+    from memprof.allocator_model import ENV_VAR
+    from memprof.engines.sim import KERNELS_NOTE, RESERVED_NOTE, kernel_note
+
+    # the engine's notes on the shallowest replay and kernels, in their places, for the whole step's;
+    # any other note must not depend on the depth (pruning's counts do: traced whole)
+    stale = (RESERVED_NOTE, KERNELS_NOTE, ENV_VAR + "=", "depth: ")
+    kept = [[n for n in p.notes if not n.startswith(stale)] for p in sh.profiles]
+    if not kept[0] == kept[1] == kept[2]:
+        return "a note of the profile depends on the depth"
+    notes: list[str] = []
+    for n in r.profile.notes:
+        if n.startswith(RESERVED_NOTE):
+            notes += engine.replay_notes()
+        elif n.startswith(KERNELS_NOTE):
+            notes.append(kernel_note(kernels))
+        elif not n.startswith(stale):
+            notes.append(n)
+    notes.append(f"depth: {plan.describe_extended()} (every event checked against the third depth)")
+    profile = replace(
+        r.profile,
+        peak_reserved_bytes=engine.peak_reserved(),
+        allocator=allocator,
+        phases=[PhaseStat(ph.name, phase_peaks.get(ph.name, ph.peak_bytes)) for ph in r.profile.phases],
+        overheads={**r.profile.overheads, "sdpa_kernels": kernels}
+        if kernels is not None
+        else r.profile.overheads,
+        host=host,
+        parameters=params,
+        notes=notes,
+    )
+    return replace(r, profile=profile, shallow=None), plan.describe_extended()
+
+
+__all__ = ["STACKS", "Depths", "Shallow", "depths", "extend_run", "shallow_run"]

@@ -52,6 +52,17 @@ if TYPE_CHECKING:
     from memprof.models import ResolvedModel
 
 
+#: how the note on the allocator model's estimate starts (memprof.engines.depth replaces it)
+RESERVED_NOTE = "peak reserved is an estimate, not a measurement"
+#: how the note on SDPA's kernels starts
+KERNELS_NOTE = "SDPA kernel calls projected: "
+
+
+def kernel_note(kernels: dict[str, int]) -> str:
+    """The note on the SDPA kernels a step called, and how often."""
+    return KERNELS_NOTE + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
+
+
 class SimEngine(Engine):
     """Fake-tensor step projected to CUDA (default target: a Hopper-class GPU, sm 9.x)."""
 
@@ -303,6 +314,20 @@ class SimEngine(Engine):
     def peak_reserved(self) -> int | None:
         return self._estimate.peak_reserved_bytes if self._estimate is not None else None
 
+    def replay_notes(self) -> list[str]:
+        """The notes on the last replay: the allocator model's estimate, the expandable segments hint."""
+        est, out = self._estimate, []
+        if est is not None:
+            out.append(
+                f"{RESERVED_NOTE}: the step's allocations replayed through a "
+                f"model of the CUDA caching allocator ({est.conf or 'default settings'}; "
+                f"{format_bytes(est.fragmentation_bytes)} reserved beyond the allocated peak, "
+                f"{est.segments} segments)"
+            )
+        if self._hint is not None and self._hint["message"]:
+            out.append(self._hint["message"])
+        return out
+
     def notes(self) -> list[str]:
         ws = cublas_workspace_bytes(self.sm_major) / 2**20
         kernels = dict(self._sdpa.kernels) if self._sdpa else {}
@@ -316,24 +341,14 @@ class SimEngine(Engine):
             "and the CUDA context (driver-dependent; measure it with --engine cuda)",
         ]
         est = self._estimate
-        if est is not None:
-            out.append(
-                "peak reserved is an estimate, not a measurement: the step's allocations replayed through a "
-                f"model of the CUDA caching allocator ({est.conf or 'default settings'}; "
-                f"{format_bytes(est.fragmentation_bytes)} reserved beyond the allocated peak, "
-                f"{est.segments} segments)"
-            )
-        if self._hint is not None and self._hint["message"]:
-            out.append(self._hint["message"])
+        out += self.replay_notes()
         if self.snapshot_path and est is not None:
             out.append(
                 f"allocator snapshot of the model written to {self.snapshot_path} (open it at "
                 "pytorch.org/memory_viz; a model's replay, not a measurement; time is the op counter)"
             )
         if kernels:
-            out.append(
-                "SDPA kernel calls projected: " + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
-            )
+            out.append(kernel_note(kernels))
         if self._autocast is not None:
             out.extend(self._autocast.notes)
         if self._gemm4.calls:

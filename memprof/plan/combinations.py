@@ -34,6 +34,7 @@ class Combinations:
         self.alloc = next((i for i, lv in enumerate(levers) if lv.derived), None)
         #: the step as given
         self.zero: Key = tuple(0 for _ in levers)
+        self._level_labels: dict[tuple[int, int], str] = {}
 
     def run_key(self, key: Key) -> Key:
         """The combination a run measures for ``key`` (the derived lever at level 0)."""
@@ -61,10 +62,16 @@ class Combinations:
         return out
 
     def label(self, key: Key) -> str:
-        steps = self.steps_of(key)
-        if not steps:
-            return "as it is"
-        return describe_steps(steps)
+        """:func:`describe_steps` of the key's steps (each level's part described once: a search labels
+        every combination)."""
+        return " + ".join(p for p in (self._describe(i, lvl) for i, lvl in enumerate(key)) if p) or "as it is"
+
+    def _describe(self, i: int, lvl: int) -> str:
+        out = self._level_labels.get((i, lvl))
+        if out is None:
+            steps = self.levers[i].levels[lvl].steps
+            out = self._level_labels[(i, lvl)] = describe_steps([dict(s) for s in steps]) if steps else ""
+        return out
 
     def side_cost(self, key: Key) -> float:
         return sum(lv.levels[i].side_cost for lv, i in zip(self.levers, key))

@@ -42,6 +42,9 @@ class Run:
     #: set when the model was traced at three shallow depths and extrapolated (allocated figures only,
     #: no reserved memory; memprof.engines.depth): how
     depth: str | None = None
+    #: set when the whole step's figures came from shallow traces extended to the model's depth
+    #: (memprof.engines.depth.extend_run: the same figures as a whole trace): how
+    extended: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         p = self.profile
@@ -54,6 +57,7 @@ class Run:
             "reserved_bytes": self.reserved,
             "reserved_expandable_bytes": self.reserved_expandable,
             "depth": self.depth,
+            "extended": self.extended,
             "peak_phase": p.peak_phase if p else None,
             "categories_at_peak": dict(p.categories_at_peak) if p else None,
             "flops": self.flops,

@@ -36,7 +36,7 @@ import torch
 
 from memprof.budget import Budget
 from memprof.engines.base import Engine, Measure, RunResult
-from memprof.engines.depth import shallow_run
+from memprof.engines.depth import extend_run, shallow_run
 from memprof.errors import EnvironmentProblem, InputError, MemprofError, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel
 from memprof.plan.combinations import Combinations, Key, enumerate_setups
@@ -111,6 +111,8 @@ class Search:
         self.rm, self.eng, self.wl, self.model = rm, eng, wl, model
         #: results of runs made side by side ahead of :meth:`measure` (:meth:`prefetch`)
         self._prefetched: dict[Key, tuple[RunResult | BaseException, str | None, int | None, float]] = {}
+        #: the shallow results of the runs in ``state.bounds``, with their traces (memprof.engines.depth)
+        self._kept: dict[Key, tuple[RunResult, str]] = {}
         self.levers = levers
         self.budget = budget
         self.max_overhead = max_overhead
@@ -148,9 +150,19 @@ class Search:
 
     def maximal(self) -> list[Key]:
         """The valid run combinations no other valid one is more aggressive than."""
-        le, dropped = self.estimator.le, self.state.dropped
+        dropped = self.state.dropped
         keys = [k for k in self.setups if not any((i, lvl) in dropped for i, lvl in enumerate(k))]
-        return [k for k in keys if not any(o != k and le(k, o) for o in keys)]
+        if not keys:
+            return []
+        # estimator.le(k, o) for every pair at once (hundreds of keys: a Python loop took seconds)
+        levels = torch.tensor(keys)
+        k, o = levels[:, None, :], levels[None, :, :]
+        ok = o >= k
+        fixed = sorted(self.estimator.non_monotone)
+        if fixed:
+            ok[:, :, fixed] = (o == k)[:, :, fixed]
+        above = ok.all(-1) & (o != k).any(-1)  # above[a, b]: key b is more aggressive than key a
+        return [key for key, dominated in zip(keys, above.any(1).tolist()) if not dominated]
 
     # measuring --------------------------------------------------------------------------------
     def _probe_optimizer(self, key: Key) -> bool:
@@ -240,7 +252,11 @@ class Search:
                 )
             except MemprofError as e:
                 done = (e, None, None, time.perf_counter() - t0)
-        r, run.depth, exp_reserved, run.seconds = done
+        r, how, exp_reserved, run.seconds = done
+        if how is not None and isinstance(r, RunResult) and r.profile.peak_reserved_bytes is not None:
+            run.extended = how  # the whole step's figures, from shallow traces extended
+        else:
+            run.depth = how
         if isinstance(r, OutOfMemory):
             run.error = f"out of memory: {r}"
         elif isinstance(r, (InputError, EnvironmentProblem)):
@@ -272,7 +288,10 @@ class Search:
         )
         if bound:
             self.state.bounds[key] = run
+            assert isinstance(r, RunResult)  # a bound has a profile
+            self._kept[key] = (r, str(run.depth))  # its shallow traces: extended if measured whole
         else:
+            self._kept.pop(key, None)
             self.state.bounds.pop(key, None)
             self.state.by_key[key] = run
         if run.profile is not None:
@@ -290,7 +309,9 @@ class Search:
 
         Shallow traces first (:meth:`_shallow`, unless they were made before): their result
         when they settle the combination (its allocated peak alone is over the budget) or
-        when ``whole`` is False; otherwise the whole model is traced.
+        when ``whole`` is False; otherwise their traces extended to the model's depth
+        (:func:`~memprof.engines.depth.extend_run`: the whole trace's figures, reserved
+        memory included), or, where the trace is not shown periodic, the whole model traced.
 
         Reads the search's state only to know which shallow traces were made, so
         :meth:`prefetch` can run several side by side.
@@ -300,9 +321,18 @@ class Search:
         """
         t0 = time.perf_counter()
         setup = self.setups[key]
-        shallow = None if key in self.state.bounds else self._shallow(setup, count, say)
-        if shallow is not None and (not whole or self.allocated_over(shallow[0].profile.peak_bytes)):
-            return shallow[0], shallow[1], None, time.perf_counter() - t0
+        shallow = self._kept.get(key) if key in self.state.bounds else self._shallow(setup, count, say)
+        if shallow is not None:
+            r, how = shallow
+            if not whole or self.allocated_over(r.profile.peak_bytes):
+                return r, how, None, time.perf_counter() - t0
+            # the whole step's trace from the shallow ones, when it is periodic in depth
+            ext = extend_run(self.eng, setup, r)
+            if not isinstance(ext, str):
+                exp = getattr(self.eng, "expandable_estimate", None)
+                reserved_exp = exp.peak_reserved_bytes if exp is not None else None
+                return ext[0], ext[1], reserved_exp, time.perf_counter() - t0
+            say(f"traced whole: {ext}")
         r = self.eng.run_detailed(
             self.rm,
             setup,

@@ -257,6 +257,14 @@ def render_plan(
             "[dim]≥: traced at three shallow depths and extrapolated (memprof/engines/depth.py): the "
             "allocated peak is a lower bound, enough to rule the combination out; reserved not traced[/dim]"
         )
+    extended = [str(run.index) for run in r.runs if run.extended]
+    if extended:
+        how = next(run.extended for run in r.runs if run.extended)
+        console.print(
+            f"[dim]Run{'s' if len(extended) > 1 else ''} {', '.join(extended)}: {how} (memprof/engines/"
+            "depth_trace.py: every event and what each free releases, checked against the third depth), "
+            "then replayed: the figures of a whole trace[/dim]"
+        )
     for line in search_lines(r):
         console.print(f"[dim]{line}[/dim]")
     console.print("[dim]Not searched: " + "; ".join(r.not_searched) + "[/dim]")

@@ -1,0 +1,397 @@
+"""A deep stack's allocation trace, extended from three shallow traces: exact, or refused.
+
+:mod:`memprof.engines.depth` traces a stack of identical blocks at three shallow
+depths ``d``, ``d + p``, ``d + 2p`` and extrapolates the allocated figures of the
+shallow traces' peak moment. The caching allocator's reserved memory needs more:
+the whole step's allocations and frees, in order, with which allocation each
+free releases. :func:`extend` builds that trace at the model's depth from the
+shallow ones, and only when it can show that the trace is periodic in depth:
+
+1. **The events.** Each event as ``(alloc or free, bytes, phase)``. The trace at
+   ``d + p`` must be the one at ``d`` with runs of events inserted (one per place
+   where a block's work happens: its parameters, its forward, its backward, its
+   gradients' and optimizer's work...), and nothing changed or removed
+   (:class:`difflib.SequenceMatcher`).
+2. **Which allocation each free releases.** An event of the trace at ``d`` that
+   releases the allocation of another of its events at ``d`` does so at ``d + p``
+   too, or it releases the allocation of its rank among the live allocations of its
+   size, counted from the newest (``n``) or the oldest (``o``), the same at both
+   depths (where a run could be inserted at several places, the one where this holds
+   is taken). An inserted event that releases an inserted event's allocation
+   releases the newest live one that event made (a block's own temporaries, a stack
+   of activations) or the oldest (a queue): the third depth tells which; one that
+   releases one of the template's keeps its rank from the newest, or frees the
+   oldest where that is what it does and the newest it is not.
+3. **The check.** The rules of 1 and 2, learnt from the traces at ``d`` and
+   ``d + p``, must give the trace at ``d + 2p`` exactly: every event, every free's
+   allocation and every op counter. (One bit is read off that third trace rather
+   than predicted: whether an inserted event's free takes the newest or the oldest
+   allocation of another inserted event, which shows only from two periods on.)
+   Then the trace at the model's depth is the template with each run repeated once
+   per period.
+
+Anything else (a change that is not an insertion, a rank that moves, a check that
+fails) returns the reason, and the caller traces the whole model.
+``tests/engines/test_depth_trace.py`` compares extended traces with whole ones
+(every event, every pairing) for every bundled decoder and shipped recipe.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from memprof.tracking import TraceEvent
+
+#: the longest shallow trace compared (events): past it the comparison is not worth its time
+MAX_EVENTS = 200_000
+
+Token = tuple[bool, int, "str | None"]
+#: an event's origin in the template: ``(-1, index in the trace at d)`` for the template's
+#: own events, ``(run, position in the run)`` for an inserted run's
+Origin = tuple[int, int]
+#: a free's rule: ``("n", rank, 0)``: the live allocation of its size of that rank from the
+#: newest; ``("o", rank, 0)``: from the oldest; ``("k", run, position)``: the newest live
+#: allocation made by that event of the template (run -1) or of a run; ``("q", run, position)``:
+#: the oldest
+Rule = tuple[str, int, int]
+
+
+def _token(e: TraceEvent) -> Token:
+    return (e.alloc, e.nbytes, e.phase)
+
+
+@dataclass
+class _Pairs:
+    """Each event's allocation (frees: the index of the allocation they release) and ranks."""
+
+    partner: list[int]
+    newest: list[int]
+    oldest: list[int]
+
+
+def _pairs(trace: Sequence[TraceEvent]) -> _Pairs | str:
+    live: dict[int, int] = {}
+    by_size: dict[int, list[int]] = defaultdict(list)
+    partner, newest, oldest = [-1] * len(trace), [-1] * len(trace), [-1] * len(trace)
+    for i, e in enumerate(trace):
+        if e.alloc:
+            if e.storage in live:
+                return f"event {i}: storage allocated twice"
+            live[e.storage] = i
+            by_size[e.nbytes].append(i)
+            continue
+        j = live.pop(e.storage, None)
+        if j is None:
+            return f"event {i}: a free of a storage not allocated"
+        same = by_size[e.nbytes]
+        k = same.index(j)
+        partner[i], newest[i], oldest[i] = j, len(same) - 1 - k, k
+        del same[k]
+    return _Pairs(partner, newest, oldest)
+
+
+@dataclass
+class Template:
+    """The trace at the first depth with the runs inserted once per period."""
+
+    base: list[TraceEvent]
+    #: where each run goes (an index of ``base``: before that event), in order
+    at: list[int]
+    #: each run's events (from the trace one period deeper)
+    runs: list[list[TraceEvent]]
+    #: each event's op counter step from the event before it, by origin, one period deeper
+    gaps: dict[Origin, int]
+    #: how much the template's own events' steps grow by period
+    slopes: dict[Origin, int]
+    #: each free's rule, by origin
+    rules: dict[Origin, Rule]
+
+    def origins(self, periods: int) -> list[Origin]:
+        out: list[Origin] = []
+        prev = 0
+        for r, i in enumerate(self.at):
+            out.extend((-1, k) for k in range(prev, i))
+            run = [(r, k) for k in range(len(self.runs[r]))]
+            for _ in range(periods):
+                out.extend(run)
+            prev = i
+        out.extend((-1, k) for k in range(prev, len(self.base)))
+        return out
+
+    def event(self, o: Origin) -> TraceEvent:
+        return self.base[o[1]] if o[0] < 0 else self.runs[o[0]][o[1]]
+
+    def build(self, periods: int, limit: int | None = None) -> list[TraceEvent] | str:
+        """The trace with ``periods`` more periods than the first depth's, or why not."""
+        origins = self.origins(periods)
+        if limit is not None and len(origins) > limit:
+            return f"{len(origins)} events: more than {limit}"
+        out: list[TraceEvent] = []
+        live_by_size: dict[int, list[int]] = defaultdict(list)  # storage ids, oldest first
+        live_of: dict[Origin, list[int]] = defaultdict(list)  # storage ids by the event that made them
+        origin_of: dict[int, Origin] = {}
+        op = 0
+        for sid, o in enumerate(origins):
+            e = self.event(o)
+            op += self.gaps[o] + (periods - 1) * self.slopes.get(o, 0)
+            if e.alloc:
+                live_by_size[e.nbytes].append(sid)
+                live_of[o].append(sid)
+                origin_of[sid] = o
+                out.append(TraceEvent(sid, e.nbytes, True, e.phase, op))
+                continue
+            kind, x, y = self.rules[o]
+            same = live_by_size[e.nbytes]
+            mine = same if kind in ("n", "o") else live_of[(x, y)]
+            k = len(mine) - 1 - x if kind == "n" else x if kind == "o" else -1 if kind == "k" else 0
+            if not -len(mine) <= k < len(mine) or (kind == "n" and k < 0):
+                return f"a free's rule ({kind} {x} {y}) finds no allocation of {e.nbytes} bytes"
+            freed = mine[k]
+            if kind in ("n", "o"):
+                del same[k]
+                live_of[origin_of[freed]].remove(freed)
+            else:
+                del mine[k]
+                if freed not in same:
+                    return f"a free's rule ({kind} {x} {y}) finds an allocation of another size"
+                same.remove(freed)
+            out.append(TraceEvent(freed, e.nbytes, False, e.phase, op))
+        return out
+
+    def periods_of(self, periods: int) -> list[int]:
+        """Each event's period in :meth:`origins` (-1: the template's own events)."""
+        out: list[int] = []
+        prev = 0
+        for r, i in enumerate(self.at):
+            out.extend([-1] * (i - prev))
+            for p in range(periods):
+                out.extend([p] * len(self.runs[r]))
+            prev = i
+        out.extend([-1] * (len(self.base) - prev))
+        return out
+
+    def orient(self, trace: Sequence[TraceEvent], periods: int) -> str | None:
+        """Learn from ``trace`` (``periods`` deeper) whether a run's free releases the newest or the
+        oldest live allocation of another run's event (a stack or a queue); None, or why not."""
+        origins, reps = self.origins(periods), self.periods_of(periods)
+        if [_token(self.event(o)) for o in origins] != [_token(e) for e in trace]:
+            return "other events"
+        pairs = _pairs(trace)
+        if isinstance(pairs, str):
+            return pairs
+        seen: dict[Origin, set[str]] = defaultdict(set)
+        for i, o in enumerate(origins):
+            rule = self.rules.get(o)
+            if rule is None or rule[0] not in ("k", "q") or rule[1] in (-1, o[0]):
+                continue
+            j = pairs.partner[i]
+            if origins[j] != (rule[1], rule[2]):
+                return f"event {i} releases another event's allocation"
+            seen[o].add("q" if reps[j] == reps[i] else "k")
+        for o, kinds in seen.items():
+            if len(kinds) != 1:
+                return "a run's free releases allocations in no one order"
+            _, x, y = self.rules[o]
+            self.rules[o] = (kinds.pop(), x, y)
+        return None
+
+
+def _rank_rule(pa: _Pairs, i: int, pb: _Pairs, j: int) -> Rule | None:
+    if pa.newest[i] == pb.newest[j]:
+        return ("n", pa.newest[i], 0)
+    if pa.oldest[i] == pb.oldest[j]:
+        return ("o", pa.oldest[i], 0)
+    return None
+
+
+def template(a: Sequence[TraceEvent], b: Sequence[TraceEvent]) -> Template | str:
+    """The template that turns the trace ``a`` into ``b`` (one period deeper), or why there is none."""
+    ta, tb = [_token(e) for e in a], [_token(e) for e in b]
+    pa, pb = _pairs(a), _pairs(b)
+    if isinstance(pa, str) or isinstance(pb, str):
+        return f"the shallow trace does not pair its frees ({pa if isinstance(pa, str) else pb})"
+    ops = difflib.SequenceMatcher(None, ta, tb, autojunk=False).get_opcodes()
+    if any(tag not in ("equal", "insert") for tag, *_ in ops):
+        return "a deeper trace is not the shallower one with runs inserted"
+    # match[i]: the event of b that event i of a is (before any shift)
+    match = [-1] * len(a)
+    inserts: list[list[int]] = []  # [i, j1, j2]: b[j1:j2] inserted before a[i]
+    for tag, i1, i2, j1, j2 in ops:
+        if tag == "equal":
+            for k in range(i2 - i1):
+                match[i1 + k] = j1 + k
+        else:
+            inserts.append([i1, j1, j2])
+
+    def gap(t: Sequence[TraceEvent], i: int) -> int:
+        return t[i].op - (t[i - 1].op if i else 0)
+
+    def bad(i: int, j: int) -> bool:
+        """Event i of a is not b's event j: another gap in ops, or a free of another allocation."""
+        if gap(a, i) != gap(b, j):
+            return True
+        if ta[i][0]:
+            return False
+        return match[pa.partner[i]] != pb.partner[j] and _rank_rule(pa, i, pb, j) is None
+
+    # A run inserted among identical blocks can sit at several places: shift it to
+    # where every event of a keeps a rank (what a block's own frees release)
+    for n, (i, j1, j2) in enumerate(inserts):
+        length = j2 - j1
+        lo = inserts[n - 1][0] if n else 0
+        hi = inserts[n + 1][0] if n + 1 < len(inserts) else len(a)
+        right = 0  # a[i:i+right] == b[j1:j1+right]: the run may move right by that much
+        while i + right < hi and right < length and ta[i + right] == tb[j1 + right]:
+            right += 1
+        left = 0  # a[i-left:i] == b[j2-left:j2]: or left
+        while i - left > lo and left < length and ta[i - left - 1] == tb[j2 - left - 1]:
+            left += 1
+
+        if right == 0 and left == 0:
+            continue
+
+        def matched(x: int, s: int, i: int = i, j1: int = j1, j2: int = j2) -> int:
+            """The event of b that event x of a is when the run goes before a[i + s]."""
+            return (j1 if x < i + s else j2) + x - i
+
+        window = range(i - left, i + right)
+        shifts = range(-left, right + 1)
+        # ties: onto the run before (one period split by an event that only looks like the
+        # template's: merged below), else the least moved
+        best = min(
+            shifts,
+            key=lambda s: (sum(bad(x, matched(x, s)) for x in window), not (n and i + s == lo), abs(s), s),
+        )
+        if best:
+            for x in window:
+                match[x] = matched(x, best)
+            inserts[n] = [i + best, j1 + best, j2 + best]
+    merged: list[list[int]] = []
+    for ins in inserts:  # runs moved next to each other: one run
+        if merged and merged[-1][0] == ins[0] and merged[-1][2] == ins[1]:
+            merged[-1][2] = ins[2]
+        else:
+            merged.append(ins)
+    inserts = merged
+    origin_of_b: dict[int, Origin] = {j: (-1, i) for i, j in enumerate(match)}
+    for r, (_, j1, j2) in enumerate(inserts):
+        for k in range(j2 - j1):
+            origin_of_b[j1 + k] = (r, k)
+    # what each free releases: the same event's allocation, else one of the same rank
+    rules: dict[Origin, Rule] = {}
+    for i, j in enumerate(match):
+        if ta[i][0]:
+            continue
+        if origin_of_b[pb.partner[j]] == (-1, pa.partner[i]):
+            rules[(-1, i)] = ("k", -1, pa.partner[i])
+            continue
+        rule = _rank_rule(pa, i, pb, j)
+        if rule is None:
+            return (
+                f"event {i} of the shallowest trace releases an allocation of another rank one period deeper"
+            )
+        rules[(-1, i)] = rule
+    for r, (_, j1, j2) in enumerate(inserts):
+        for k in range(j2 - j1):
+            j = j1 + k
+            if tb[j][0]:
+                continue
+            run, pos = origin_of_b[pb.partner[j]]
+            if run >= 0:
+                # an allocation of a run: its own period's (a block's temporary), or another
+                # run's, newest first (a stack) until the next depth says (Template.orient)
+                rules[(r, k)] = ("k", run, pos)
+            else:
+                # one instance: the oldest when that is what it frees and not the newest
+                # (a queue), else its rank from the newest; the third depth checks it
+                rules[(r, k)] = ("o", 0, 0) if pb.oldest[j] == 0 and pb.newest[j] else ("n", pb.newest[j], 0)
+    # an op counter step of the template's own events may grow by period (ops that
+    # allocate nothing, once per block: a loop over the parameters); a run's is its own
+    gaps = {origin_of_b[j]: gap(b, j) for j in range(len(b))}
+    slopes = {(-1, i): gap(b, j) - gap(a, i) for i, j in enumerate(match)}
+    return Template(
+        base=list(a),
+        at=[i for i, _, _ in inserts],
+        runs=[list(b[j1:j2]) for _, j1, j2 in inserts],
+        gaps=gaps,
+        slopes=slopes,
+        rules=rules,
+    )
+
+
+def same_trace(x: Sequence[TraceEvent], y: Sequence[TraceEvent]) -> str | None:
+    """Where two traces differ (events, pairings, op counters), or None when they are the same."""
+    if len(x) != len(y):
+        return f"{len(x)} events against {len(y)}"
+    px, py = _pairs(x), _pairs(y)
+    if isinstance(px, str) or isinstance(py, str):
+        return px if isinstance(px, str) else str(py)
+    for i, (e, f) in enumerate(zip(x, y)):
+        if _token(e) != _token(f):
+            return f"event {i}: {_token(e)} against {_token(f)}"
+        if px.partner[i] != py.partner[i]:
+            return f"event {i}: releases event {px.partner[i]}'s allocation against {py.partner[i]}'s"
+        if e.op != f.op:
+            return f"event {i}: op {e.op} against {f.op}"
+    return None
+
+
+def peaks(trace: Sequence[TraceEvent]) -> tuple[int, dict[str, int]]:
+    """The live bytes' peak over a trace, and each phase's as the tracker keeps it.
+
+    A phase's peak is the most live at its start (before its first event in a row
+    of its events) or after one of its events, the tracker's rule for the events
+    it records. ``extend``'s caller checks it against the shallow traces' profiles.
+    """
+    cur = peak = 0
+    phases: dict[str, int] = {}
+    prev: str | None = None
+    for e in trace:
+        ph = e.phase
+        if ph is not None and ph != prev and cur > phases.get(ph, -1):
+            phases[ph] = cur  # the phase (re)starts: what is live then
+        cur += e.nbytes if e.alloc else -e.nbytes
+        if cur > peak:
+            peak = cur
+        if ph is not None and cur > phases[ph]:
+            phases[ph] = cur
+        prev = ph
+    return peak, phases
+
+
+def extend(
+    traces: Sequence[Sequence[TraceEvent]], depths: tuple[int, int, int], full: int
+) -> list[TraceEvent] | str:
+    """The trace at depth ``full`` from the traces at ``depths`` (``d``, ``d + p``, ``d + 2p``), or why not.
+
+    The template is learnt from the first two traces and must give the third exactly
+    (see the module); the result has fresh storage ids (one per allocation), the
+    events, the pairings and the op counters the whole trace has when it is periodic.
+    """
+    a, b, c = traces
+    d, p = depths[0], depths[1] - depths[0]
+    if p <= 0 or depths[2] - depths[1] != p or (full - d) % p:
+        return f"depths {depths} do not step evenly to {full}"
+    if max(len(t) for t in traces) > MAX_EVENTS:
+        return f"shallow traces of more than {MAX_EVENTS} events"
+    t = template(a, b)
+    if isinstance(t, str):
+        return t
+    why = t.orient(c, 2)
+    if why is not None:
+        return f"the trace two periods deeper is not the one the first two give ({why})"
+    third = t.build(2)
+    if isinstance(third, str):
+        return f"one period deeper still: {third}"
+    diff = same_trace(third, c)
+    if diff is not None:
+        return f"the trace two periods deeper is not the one the first two give ({diff})"
+    periods = (full - d) // p
+    out = t.build(periods, limit=MAX_EVENTS * (periods + 1))
+    return out
+
+
+__all__ = ["MAX_EVENTS", "Template", "extend", "peaks", "same_trace", "template"]

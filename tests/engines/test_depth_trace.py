@@ -1,0 +1,178 @@
+"""A deep stack's trace extended from shallow traces (memprof.engines.depth_trace) against the whole trace.
+
+Every bundled decoder, for every shipped recipe (the steps that apply to a training
+step of it), at its own depth with its widths shrunk (tests/engines/test_depth.py's
+``narrow``): where the extension is made, the extended trace must be the whole
+trace event for event (sizes, phases, what each free releases, op counters) and
+the profile :func:`~memprof.engines.depth.extend_run` gives must be the whole run's
+(reserved memory and the allocator's figures included), but for the note that says
+how it was made. Where it is refused, the reason is one of the documented ones.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from memprof.engines import SimEngine
+from memprof.engines import depth as D
+from memprof.engines.base import Measure
+from memprof.engines.depth_trace import extend, same_trace, template
+from memprof.tracking import TraceEvent
+from memprof.workload import StepSetup
+from tests.engines.test_depth import DECODERS, RECIPES, WL, narrow, recipe_setup
+
+MEASURE = Measure(flops=True, timeline=False)
+
+#: the suite's share (about 20 s); MEMPROF_DEPTH_MATRIX=1 runs every bundled decoder with every recipe
+SUITE = {
+    ("llama-3-8b", "(baseline)"),
+    ("llama-3-8b", "low-memory-finetune.yaml"),
+    ("gemma-2-9b", "(baseline)"),  # refused: sizes alike at these widths, the rules do not hold
+}
+MATRIX = [
+    (m, r)
+    for m in DECODERS
+    for r in ["(baseline)", *RECIPES]
+    if os.environ.get("MEMPROF_DEPTH_MATRIX") == "1" or (m, r) in SUITE
+]
+#: why an extension may be refused (each a check of memprof.engines.depth_trace or extend_run)
+REFUSALS = (
+    "not the shallower one with runs inserted",
+    "releases an allocation of another rank",
+    "not the one the first two give",
+    "one period deeper still",
+    "another moment",
+    "not affine in depth",
+    "a note of the profile depends on the depth",
+)
+
+
+def _without_depth_note(p: dict[str, Any]) -> dict[str, Any]:
+    return {**p, "notes": [n for n in p["notes"] if not n.startswith("depth: ")]}
+
+
+@pytest.mark.parametrize("model,recipe", MATRIX)
+def test_the_extended_trace_is_the_whole_trace(model, recipe):
+    rm = narrow(model)
+    setup = StepSetup.of(WL.for_model(rm)) if recipe == "(baseline)" else recipe_setup(rm, recipe)
+    if isinstance(D.depths(rm, setup), str):
+        pytest.skip("not extrapolated (a sharded recipe): traced whole")
+    eng = SimEngine()
+    shallow, how = D.shallow_run(eng, rm, setup, MEASURE)
+    if shallow is None:
+        pytest.skip(f"not extrapolated: {how}")
+    out = D.extend_run(eng, setup, shallow)
+    whole_eng = SimEngine()
+    whole_eng.keep_trace = True
+    whole = whole_eng.run_detailed(rm, setup, track_modules=False, measure=MEASURE)
+    if isinstance(out, str):
+        assert any(r in out for r in REFUSALS), out
+        return
+    ext, how = out
+    assert "extended" in how
+    sh = shallow.shallow
+    trace = D.extend(sh.traces, sh.depths.traced, sh.depths.full)
+    assert not isinstance(trace, str)
+    assert same_trace(trace, whole_eng.last_trace) is None
+    assert ext.flops == whole.flops
+    a, b = ext.profile.to_dict(), whole.profile.to_dict()
+    assert a["peak_reserved_bytes"] is not None
+    assert _without_depth_note(a) == b
+    assert any(n.startswith("depth: ") and "extended" in n for n in a["notes"])
+
+
+def test_the_plan_for_llama_3_8b_at_its_own_widths_extends_to_its_whole_trace():
+    """Plan #1 of ``memprof plan llama-3-8b --budget 24GiB`` (README) at the model's own widths:
+    the extended trace is the whole one and the profiles agree, reserved memory included."""
+    from memprof.models import resolve
+    from memprof.plan.levers import apply_steps
+    from memprof.prepare import fake_model
+    from memprof.workload import Workload
+
+    rm = resolve("llama-3-8b")
+    wl = Workload(batch_size=1, seq_len=512).for_model(rm)
+    setup = StepSetup.of(wl)
+    steps = [
+        {"name": "mixed_precision", "options": {"pure": True}},
+        {"name": "optimizer", "options": {"type": "paged_adamw8bit"}},
+        {"name": "checkpointing", "options": {}},
+        {"name": "optimizer_in_backward", "options": {}},
+    ]
+    assert apply_steps(steps, fake_model(rm, wl), setup) is None
+    eng = SimEngine()
+    shallow, _ = D.shallow_run(eng, rm, setup, MEASURE)
+    out = D.extend_run(eng, setup, shallow)
+    assert not isinstance(out, str), out
+    whole_eng = SimEngine()
+    whole_eng.keep_trace = True
+    whole = whole_eng.run_detailed(rm, setup, track_modules=False, measure=MEASURE)
+    sh = shallow.shallow
+    assert same_trace(D.extend(sh.traces, sh.depths.traced, 32), whole_eng.last_trace) is None
+    assert _without_depth_note(out[0].profile.to_dict()) == whole.profile.to_dict()
+    assert whole.profile.peak_reserved_bytes > whole.profile.peak_bytes  # a replay, not a copy
+
+
+def ev(sid: int, n: int, alloc: bool, phase: str = "forward", op: int = 0) -> TraceEvent:
+    return TraceEvent(sid, n, alloc, phase, op)
+
+
+def stack_trace(blocks: int, *, fifo: bool) -> list[TraceEvent]:
+    """A toy step: each block's forward keeps an activation of 1 KiB; a loss of 8 KiB;
+    each block's backward takes a 2 KiB temporary and frees an activation, the last
+    block's first (a backward: LIFO) or the first block's (FIFO); then the optimizer's
+    4 KiB temporary comes and goes."""
+    out = [ev(0, 512, True, None)]
+    sid, op = 1, 0
+    for _ in range(blocks):
+        op += 2
+        out.append(ev(sid, 1024, True, "forward", op))
+        sid += 1
+    acts = list(range(1, sid))
+    loss = sid
+    out.append(ev(loss, 8192, True, "forward", op + 1))
+    sid += 1
+    for s in acts if fifo else reversed(acts):
+        op += 3
+        out += [ev(sid, 2048, True, "backward", op), ev(s, 1024, False, "backward", op + 1)]
+        out.append(ev(sid, 2048, False, "backward", op + 2))
+        sid += 1
+    op += 3
+    out += [ev(loss, 8192, False, "backward", op), ev(sid, 4096, True, "optimizer", op + 1)]
+    out.append(ev(sid, 4096, False, "optimizer", op + 2))
+    return out
+
+
+@pytest.mark.parametrize("fifo", [False, True])
+def test_a_periodic_toy_trace_extends_to_the_whole_one(fifo):
+    traces = [stack_trace(d, fifo=fifo) for d in (1, 2, 3)]
+    got = extend(traces, (1, 2, 3), 40)
+    assert not isinstance(got, str)
+    assert same_trace(got, stack_trace(40, fifo=fifo)) is None
+
+
+def test_a_third_depth_off_the_pattern_refuses_the_extension():
+    traces = [stack_trace(d, fifo=False) for d in (1, 2, 3)]
+    third = list(traces[2])
+    third[-1] = third[-1]._replace(op=third[-1].op + 1)  # one op more at depth 3 only
+    out = extend([traces[0], traces[1], third], (1, 2, 3), 40)
+    assert isinstance(out, str) and "not the one the first two give" in out
+    bent = [e._replace(nbytes=2048) if e.nbytes == 4096 else e for e in traces[2]]  # another size
+    assert "not the one the first two give" in extend([traces[0], traces[1], bent], (1, 2, 3), 40)
+
+
+def test_a_deeper_trace_that_changes_an_event_refuses_the_extension():
+    a, b = stack_trace(1, fifo=False), stack_trace(2, fifo=False)
+    b = [e._replace(phase="optimizer") if e.nbytes == 512 else e for e in b]  # not an insertion
+    out = template(a, b)
+    assert isinstance(out, str) and "not the shallower one with runs inserted" in out
+
+
+def test_a_free_whose_allocation_moves_rank_refuses_the_extension():
+    # depth 1: the block frees the newest 1 KiB; depth 2: the oldest (a rule that does not hold)
+    a = [ev(1, 1024, True), ev(2, 1024, True), ev(2, 1024, False)]
+    b = [ev(1, 1024, True), ev(3, 1024, True), ev(2, 1024, True), ev(1, 1024, False), ev(3, 1024, False)]
+    out = template(a, b)
+    assert isinstance(out, str)
