@@ -110,7 +110,9 @@ class Search:
     ) -> None:
         self.rm, self.eng, self.wl, self.model = rm, eng, wl, model
         #: results of runs made side by side ahead of :meth:`measure` (:meth:`prefetch`)
-        self._prefetched: dict[Key, tuple[RunResult | BaseException, str | None, int | None, float]] = {}
+        self._prefetched: dict[
+            Key, tuple[RunResult | BaseException, str | None, bool, int | None, float]
+        ] = {}
         #: the shallow results of the runs in ``state.bounds``, with their traces (memprof.engines.depth)
         self._kept: dict[Key, tuple[RunResult, str]] = {}
         self.levers = levers
@@ -251,9 +253,9 @@ class Search:
                     key, count, lambda m: self.say(f"run {index}: {label}: {m}"), whole=whole
                 )
             except MemprofError as e:
-                done = (e, None, None, time.perf_counter() - t0)
-        r, how, exp_reserved, run.seconds = done
-        if how is not None and isinstance(r, RunResult) and r.profile.peak_reserved_bytes is not None:
+                done = (e, None, False, None, time.perf_counter() - t0)
+        r, how, extended, exp_reserved, run.seconds = done
+        if extended:
             run.extended = how  # the whole step's figures, from shallow traces extended
         else:
             run.depth = how
@@ -303,9 +305,10 @@ class Search:
 
     def _execute(
         self, key: Key, count: bool, say: Callable[[str], None], *, whole: bool = True
-    ) -> tuple[RunResult, str | None, int | None, float]:
-        """Run ``key``'s step: the result, how its depth was traced (None: whole), the reserved
-        memory with expandable segments, and the seconds it took.
+    ) -> tuple[RunResult, str | None, bool, int | None, float]:
+        """Run ``key``'s step: the result, how its depth was traced (None: whole), whether its
+        shallow traces were extended (the whole step's figures), the reserved memory with
+        expandable segments, and the seconds it took.
 
         Shallow traces first (:meth:`_shallow`, unless they were made before): their result
         when they settle the combination (its allocated peak alone is over the budget) or
@@ -325,13 +328,13 @@ class Search:
         if shallow is not None:
             r, how = shallow
             if not whole or self.allocated_over(r.profile.peak_bytes):
-                return r, how, None, time.perf_counter() - t0
+                return r, how, False, None, time.perf_counter() - t0
             # the whole step's trace from the shallow ones, when it is periodic in depth
             ext = extend_run(self.eng, setup, r)
             if not isinstance(ext, str):
                 exp = getattr(self.eng, "expandable_estimate", None)
                 reserved_exp = exp.peak_reserved_bytes if exp is not None else None
-                return ext[0], ext[1], reserved_exp, time.perf_counter() - t0
+                return ext[0], ext[1], True, reserved_exp, time.perf_counter() - t0
             say(f"traced whole: {ext}")
         r = self.eng.run_detailed(
             self.rm,
@@ -343,7 +346,7 @@ class Search:
         )
         # the sim engine replays every trace with expandable segments too (its hint)
         exp = getattr(self.eng, "expandable_estimate", None)
-        return r, None, exp.peak_reserved_bytes if exp is not None else None, time.perf_counter() - t0
+        return r, None, False, exp.peak_reserved_bytes if exp is not None else None, time.perf_counter() - t0
 
     def prefetch(self, keys: list[Key], *, whole: bool = True) -> None:
         """Run these combinations side by side (memprof.engines.pool); :meth:`measure` takes their results.
@@ -374,7 +377,7 @@ class Search:
         for k, r in zip(keys, out):
             # an error comes back as the class raised: measure() settles it as a run of its own would
             self._prefetched[k] = (
-                (r, None, None, time.perf_counter() - t0) if isinstance(r, BaseException) else r
+                (r, None, False, None, time.perf_counter() - t0) if isinstance(r, BaseException) else r
             )
 
     def _shallow(
