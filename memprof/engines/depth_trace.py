@@ -21,12 +21,16 @@ shallow ones, and only when it can show that the trace is periodic in depth:
    releases the newest live one that event made (a block's own temporaries, a stack
    of activations) or the oldest (a queue): the third depth tells which; one that
    releases one of the template's keeps its rank from the newest, or frees the
-   oldest where that is what it does and the newest it is not.
+   oldest where that is what it does and the newest it is not, or, where the third
+   depth shows it releasing a run event's allocation from the second period on, the
+   newest or the oldest of that allocation and the run event's (a stack through the
+   template's block, a chain of blocks).
 3. **The check.** The rules of 1 and 2, learnt from the traces at ``d`` and
    ``d + p``, must give the trace at ``d + 2p`` exactly: every event, every free's
    allocation and every op counter. (One bit is read off that third trace rather
    than predicted: whether an inserted event's free takes the newest or the oldest
-   allocation of another inserted event, which shows only from two periods on.)
+   allocation of another inserted event, or of a pool with the template's, which
+   shows only from two periods on.)
    Then the trace at the model's depth is the template with each run repeated once
    per period.
 
@@ -41,7 +45,7 @@ from __future__ import annotations
 import difflib
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from memprof.tracking import TraceEvent
 
@@ -55,7 +59,8 @@ Origin = tuple[int, int]
 #: a free's rule: ``("n", rank, 0)``: the live allocation of its size of that rank from the
 #: newest; ``("o", rank, 0)``: from the oldest; ``("k", run, position)``: the newest live
 #: allocation made by that event of the template (run -1) or of a run; ``("q", run, position)``:
-#: the oldest
+#: the oldest; ``("K" or "Q", run, position)``: the newest or oldest of the template's
+#: allocation (``Template.base_partner``) and those of that run's event (a stack, a chain)
 Rule = tuple[str, int, int]
 
 
@@ -108,6 +113,9 @@ class Template:
     slopes: dict[Origin, int]
     #: each free's rule, by origin
     rules: dict[Origin, Rule]
+    #: inserted frees that release one of the template's allocations one period deeper:
+    #: which (a chain, when the next period releases the previous period's instead)
+    base_partner: dict[Origin, int] = field(default_factory=dict)
 
     def origins(self, periods: int) -> list[Origin]:
         out: list[Origin] = []
@@ -146,6 +154,17 @@ class Template:
             kind, x, y = self.rules[o]
             same = live_by_size[e.nbytes]
             mine = same if kind in ("n", "o") else live_of[(x, y)]
+            if kind in ("K", "Q"):  # the newest / oldest of the template's allocation and a run event's
+                pool = live_of[(-1, self.base_partner[o])] + mine
+                if not pool:
+                    return f"a free's rule ({kind} {x} {y}) finds no allocation of {e.nbytes} bytes"
+                freed = max(pool) if kind == "K" else min(pool)
+                live_of[origin_of[freed]].remove(freed)
+                if freed not in same:
+                    return f"a free's rule ({kind} {x} {y}) finds an allocation of another size"
+                same.remove(freed)
+                out.append(TraceEvent(freed, e.nbytes, False, e.phase, op))
+                continue
             k = len(mine) - 1 - x if kind == "n" else x if kind == "o" else -1 if kind == "k" else 0
             if not -len(mine) <= k < len(mine) or (kind == "n" and k < 0):
                 return f"a free's rule ({kind} {x} {y}) finds no allocation of {e.nbytes} bytes"
@@ -196,7 +215,38 @@ class Template:
                 return "a run's free releases allocations in no one order"
             _, x, y = self.rules[o]
             self.rules[o] = (kinds.pop(), x, y)
+        self._pools(origins, pairs)
         return None
+
+    def _pools(self, origins: list[Origin], pairs: _Pairs) -> None:
+        """An inserted free that released one of the template's allocations one period deeper
+        may, two periods deeper, release a run event's instead: the newest or the oldest of
+        that pool (a stack or a chain of blocks), as the deeper trace shows."""
+        found: dict[Origin, set[Origin]] = defaultdict(set)
+        for i, o in enumerate(origins):
+            if o in self.base_partner:
+                found[o].add(origins[pairs.partner[i]])
+        pool: dict[Origin, Origin] = {}
+        for o, got in found.items():
+            runs = {x for x in got if x[0] >= 0}
+            if len(runs) == 1 and got <= runs | {(-1, self.base_partner[o])}:
+                pool[o] = runs.pop()
+        if not pool:
+            return
+        live: dict[Origin, list[int]] = defaultdict(list)
+        kinds: dict[Origin, set[str]] = defaultdict(set)
+        for i, o in enumerate(origins):
+            if self.event(o).alloc:
+                live[o].append(i)
+                continue
+            j = pairs.partner[i]
+            if o in pool:
+                both = live[(-1, self.base_partner[o])] + live[pool[o]]
+                kinds[o].add("K" if j == max(both) else "Q" if j == min(both) else "?")
+            live[origins[j]].remove(j)
+        for o, ks in kinds.items():
+            if len(ks) == 1 and "?" not in ks:
+                self.rules[o] = (ks.pop(), *pool[o])
 
 
 def _rank_rule(pa: _Pairs, i: int, pb: _Pairs, j: int) -> Rule | None:
@@ -282,6 +332,7 @@ def template(a: Sequence[TraceEvent], b: Sequence[TraceEvent]) -> Template | str
             origin_of_b[j1 + k] = (r, k)
     # what each free releases: the same event's allocation, else one of the same rank
     rules: dict[Origin, Rule] = {}
+    base_partner: dict[Origin, int] = {}
     for i, j in enumerate(match):
         if ta[i][0]:
             continue
@@ -306,8 +357,9 @@ def template(a: Sequence[TraceEvent], b: Sequence[TraceEvent]) -> Template | str
                 rules[(r, k)] = ("k", run, pos)
             else:
                 # one instance: the oldest when that is what it frees and not the newest
-                # (a queue), else its rank from the newest; the third depth checks it
+                # (a queue), else its rank from the newest; or a chain (Template.orient)
                 rules[(r, k)] = ("o", 0, 0) if pb.oldest[j] == 0 and pb.newest[j] else ("n", pb.newest[j], 0)
+                base_partner[(r, k)] = pos
     # an op counter step of the template's own events may grow by period (ops that
     # allocate nothing, once per block: a loop over the parameters); a run's is its own
     gaps = {origin_of_b[j]: gap(b, j) for j in range(len(b))}
@@ -319,6 +371,7 @@ def template(a: Sequence[TraceEvent], b: Sequence[TraceEvent]) -> Template | str
         gaps=gaps,
         slopes=slopes,
         rules=rules,
+        base_partner=base_partner,
     )
 
 
