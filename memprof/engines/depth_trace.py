@@ -16,8 +16,10 @@ shallow ones, and only when it can show that the trace is periodic in depth:
    releases the allocation of another of its events at ``d`` does so at ``d + p``
    too, or it releases the allocation of its rank among the live allocations of its
    size, counted from the newest (``n``) or the oldest (``o``), the same at both
-   depths (where a run could be inserted at several places, the one where this holds
-   is taken). An inserted event that releases an inserted event's allocation
+   depths, or, where it releases one of the template's allocations at ``d`` and a run
+   event's at ``d + p``, the newest or the oldest of those two events' allocations
+   (where a run could be inserted at several places, the one where this holds is
+   taken). An inserted event that releases an inserted event's allocation
    releases the newest live one that event made (a block's own temporaries, a stack
    of activations) or the oldest (a queue): the third depth tells which; one that
    releases one of the template's keeps its rank from the newest, or frees the
@@ -333,6 +335,19 @@ def template(a: Sequence[TraceEvent], b: Sequence[TraceEvent]) -> Template | str
     # what each free releases: the same event's allocation, else one of the same rank
     rules: dict[Origin, Rule] = {}
     base_partner: dict[Origin, int] = {}
+
+    def pa_partner_b(i: int) -> int:
+        """The event of b that event i's allocation (in a) is."""
+        return match[pa.partner[i]]
+
+    def live_before(j: int, origin: Origin) -> list[int]:
+        """The allocations made by ``origin``'s events in b that are live just before event j."""
+        return [x for x in range(j) if tb[x][0] and origin_of_b[x] == origin and not (0 <= freed_at[x] < j)]
+
+    freed_at = [-1] * len(b)
+    for x in range(len(b)):
+        if not tb[x][0]:
+            freed_at[pb.partner[x]] = x
     for i, j in enumerate(match):
         if ta[i][0]:
             continue
@@ -341,6 +356,15 @@ def template(a: Sequence[TraceEvent], b: Sequence[TraceEvent]) -> Template | str
             continue
         rule = _rank_rule(pa, i, pb, j)
         if rule is None:
+            # the template's allocation at d, a run event's at d + p: the newest or the oldest of
+            # the two (a stack or a queue through the template's block), as one period deeper shows
+            run, pos = origin_of_b[pb.partner[j]]
+            if run >= 0 and origin_of_b[pa_partner_b(i)] == (-1, pa.partner[i]):
+                pool = live_before(j, (-1, pa.partner[i])) + live_before(j, (run, pos))
+                if pb.partner[j] in (max(pool), min(pool)):
+                    rules[(-1, i)] = ("K" if pb.partner[j] == max(pool) else "Q", run, pos)
+                    base_partner[(-1, i)] = pa.partner[i]
+                    continue
             return (
                 f"event {i} of the shallowest trace releases an allocation of another rank one period deeper"
             )

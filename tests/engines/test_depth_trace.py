@@ -26,11 +26,12 @@ from tests.engines.test_depth import DECODERS, RECIPES, WL, narrow, recipe_setup
 
 MEASURE = Measure(flops=True, timeline=False)
 
-#: the suite's share (about 20 s); MEMPROF_DEPTH_MATRIX=1 runs every bundled decoder with every recipe
+#: the suite's share (about 30 s); MEMPROF_DEPTH_MATRIX=1 runs every bundled decoder with every recipe
 SUITE = {
     ("llama-3-8b", "(baseline)"),
     ("llama-3-8b", "low-memory-finetune.yaml"),
-    ("gemma-2-9b", "(baseline)"),  # two layer types: a period of 2 blocks
+    ("gemma-2-9b", "(baseline)"),  # two layer types: a period of 2 blocks; a chain of blocks
+    ("llama-3-8b", "minimal-memory.yaml"),  # a free of the template's allocation, then a run's
 }
 MATRIX = [
     (m, r)
@@ -38,6 +39,12 @@ MATRIX = [
     for r in ["(baseline)", *RECIPES]
     if os.environ.get("MEMPROF_DEPTH_MATRIX") == "1" or (m, r) in SUITE
 ]
+#: extended today (a refusal there is a regression, not a documented limit)
+MUST_EXTEND = SUITE | {
+    (m, r)
+    for m in ("llama-3-8b", "llama-3-70b", "mistral-7b", "qwen2.5-0.5b", "tinyllama-1.1b")
+    for r in ("(baseline)", "low-memory-finetune.yaml", "minimal-memory.yaml")
+}
 #: why an extension may be refused (each a check of memprof.engines.depth_trace or extend_run)
 REFUSALS = (
     "not the shallower one with runs inserted",
@@ -69,6 +76,7 @@ def test_the_extended_trace_is_the_whole_trace(model, recipe):
     whole_eng.keep_trace = True
     whole = whole_eng.run_detailed(rm, setup, track_modules=False, measure=MEASURE)
     if isinstance(out, str):
+        assert (model, recipe) not in MUST_EXTEND, out
         assert any(r in out for r in REFUSALS), out
         return
     ext, how = out
@@ -171,8 +179,10 @@ def test_a_deeper_trace_that_changes_an_event_refuses_the_extension():
 
 
 def test_a_free_whose_allocation_moves_rank_refuses_the_extension():
-    # depth 1: the block frees the newest 1 KiB; depth 2: the oldest (a rule that does not hold)
+    # depth 1: the block frees the newest 1 KiB; depth 2: the oldest; depth 3 follows neither
     a = [ev(1, 1024, True), ev(2, 1024, True), ev(2, 1024, False)]
     b = [ev(1, 1024, True), ev(3, 1024, True), ev(2, 1024, True), ev(1, 1024, False), ev(3, 1024, False)]
-    out = template(a, b)
+    c = [ev(1, 1024, True), ev(4, 1024, True), ev(3, 1024, True), ev(2, 1024, True)]
+    c += [ev(3, 1024, False), ev(1, 1024, False), ev(4, 1024, False)]
+    out = extend([a, b, c], (1, 2, 3), 10)
     assert isinstance(out, str)
