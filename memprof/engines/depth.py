@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from memprof.engines.depth_trace import extend, peaks
-from memprof.profile import PhaseStat
+from memprof.profile import PhaseStat, Profile
 from memprof.tracking import TraceEvent
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class Shallow:
     """What an extrapolated result came from (``RunResult.shallow``): for :func:`extend_run`."""
 
     depths: Depths
-    profiles: list[Any]
+    profiles: list[Profile]
     #: the three traces, when the engine records them (None: no extension)
     traces: list[list[TraceEvent]] | None
 
@@ -226,7 +226,7 @@ def _affine(values: list[Any], steps: int) -> Any:
     """Plain data (dicts, lists, ints) at the model's depth from three shallow depths, or
     :data:`NOT_AFFINE` when a number does not move by the same amount each period."""
     a, b, c = values
-    if isinstance(a, bool) or not isinstance(a, (int, dict, list)) or a is None:
+    if isinstance(a, bool) or not isinstance(a, (int, dict, list)):
         return a if a == b == c else NOT_AFFINE
     if isinstance(a, int):
         if not (isinstance(b, int) and isinstance(c, int)) or b - a != c - b:

@@ -336,10 +336,6 @@ def template(a: Sequence[TraceEvent], b: Sequence[TraceEvent]) -> Template | str
     rules: dict[Origin, Rule] = {}
     base_partner: dict[Origin, int] = {}
 
-    def pa_partner_b(i: int) -> int:
-        """The event of b that event i's allocation (in a) is."""
-        return match[pa.partner[i]]
-
     def live_before(j: int, origin: Origin) -> list[int]:
         """The allocations made by ``origin``'s events in b that are live just before event j."""
         return [x for x in range(j) if tb[x][0] and origin_of_b[x] == origin and not (0 <= freed_at[x] < j)]
@@ -359,7 +355,7 @@ def template(a: Sequence[TraceEvent], b: Sequence[TraceEvent]) -> Template | str
             # the template's allocation at d, a run event's at d + p: the newest or the oldest of
             # the two (a stack or a queue through the template's block), as one period deeper shows
             run, pos = origin_of_b[pb.partner[j]]
-            if run >= 0 and origin_of_b[pa_partner_b(i)] == (-1, pa.partner[i]):
+            if run >= 0 and origin_of_b[match[pa.partner[i]]] == (-1, pa.partner[i]):
                 pool = live_before(j, (-1, pa.partner[i])) + live_before(j, (run, pos))
                 if pb.partner[j] in (max(pool), min(pool)):
                     rules[(-1, i)] = ("K" if pb.partner[j] == max(pool) else "Q", run, pos)
