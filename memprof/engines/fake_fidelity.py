@@ -5,7 +5,7 @@ module corrects what fake tensors themselves get wrong, so that the sim's trace
 is the trace of the real step (the sim engine with CPU semantics agrees with the
 cpu engine byte for byte, ``tests/test_coverage.py``):
 
-* **Kernel layouts** (:class:`RealKernelLayouts`). A few of torch's meta
+* **Kernel layouts** (:class:`SimFakeMode`). A few of torch's meta
   kernels, which fake tensors run, give an output another layout than the real
   CPU and CUDA kernels allocate. The layout decides what later ops copy: a
   non-contiguous gradient reaching a ``view``'s backward is copied by
@@ -39,8 +39,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 
@@ -57,18 +57,44 @@ LAYOUT_FIXES: dict[Any, Callable[[Any, Any, Any], Any]] = {
 }
 
 
-class RealKernelLayouts(TorchDispatchMode):
-    """Give the outputs of the ops in :data:`LAYOUT_FIXES` the layout of the real kernels.
+class SimFakeMode(FakeTensorMode):
+    """The sim engine's fake tensors: the real kernels' layouts, and the tracker hosted.
 
-    Entered inside the ``FakeTensorMode`` (it sits above it, below the tracker):
-    the tracker sees only the corrected outputs, as it sees the real kernels'.
+    * The ops in :data:`LAYOUT_FIXES` give their outputs the layout of the real
+      kernels, inside the fake mode's own dispatch: whatever is above it (the
+      tracker) sees only the corrected outputs, as it sees the real kernels'.
+    * :meth:`host` takes a listener (the tracker, :func:`memprof.tracking.tracker._hosting_fake_mode`)
+      that is told of every op dispatched from outside this mode (not the ops the
+      mode runs within one: a decomposition, a layout fix), before and after it,
+      exactly the ops a dispatch mode on top of the stack would see when no other
+      is there.
+
+    Neither needs a dispatch mode of its own: every mode on the stack costs each
+    op a round trip through the dispatcher (a seventh of a sim step each).
     """
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        fix = LAYOUT_FIXES.get(func)
-        return out if fix is None else fix(out, args, kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._listener: Any = None
+        self._depth = 0
+
+    def host(self, listener: Any) -> None:
+        """Report the ops to ``listener`` (``op_start(func)``, ``op_done(func, args, kwargs, out)``), or stop (None)."""
+        self._listener = listener
+
+    def dispatch(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        listener = self._listener if self._depth == 0 else None
+        self._depth += 1
+        try:
+            if listener is not None:
+                listener.op_start(func)
+            out = super().dispatch(func, types, args, kwargs)
+            fix = LAYOUT_FIXES.get(func)
+            if fix is not None:
+                out = fix(out, args, kwargs)
+            return out if listener is None else listener.op_done(func, args, kwargs, out)
+        finally:
+            self._depth -= 1
 
 
 #: factories whose explicit host device marks a host-side constant

@@ -37,7 +37,7 @@ from memprof.engines.cuda_semantics import (
     CudaSDPA,
     cublas_workspace_bytes,
 )
-from memprof.engines.fake_fidelity import RealKernelLayouts, host_constants
+from memprof.engines.fake_fidelity import SimFakeMode, host_constants
 from memprof.engines.moe import assumed_routing, experts_modules
 from memprof.errors import MemprofError, NotSupported
 from memprof.gpus import GpuPreset
@@ -155,14 +155,10 @@ class SimEngine(Engine):
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
         self._sdpa = CudaSDPA(self.sm_major) if self.cuda_sdpa else None
         self._autocast = CudaAutocastPolicy() if self.cuda_autocast else None
-        # RealKernelLayouts inside the fake mode, below the tracker (entered later, on top)
         with (
-            FakeTensorMode(allow_non_fake_inputs=True),
-            RealKernelLayouts(),
+            SimFakeMode(allow_non_fake_inputs=True),
             self._sdpa if self._sdpa is not None else contextlib.nullcontext(),
             self._gemm4,
             self._autocast if self._autocast is not None else contextlib.nullcontext(),

@@ -82,6 +82,27 @@ def _decomposable(func: Any) -> bool:
     return known
 
 
+def _hosting_fake_mode() -> Any:
+    """The active fake mode, when it can report the ops to the tracker itself, else None.
+
+    A dispatch mode costs every op a round trip through the dispatcher (about a
+    seventh of a sim step). A fake mode with a ``host`` method (the sim engine's,
+    :class:`memprof.engines.fake_fidelity.SimFakeMode`) calls the tracker's
+    :meth:`Tracker.op_start` and :meth:`Tracker.op_done` around each op dispatched
+    from outside it: the ops a tracker on top of the mode stack would see, when no
+    other dispatch mode is on the stack (one below the tracker could run ops the
+    tracker does not see, or run real ops the fake mode never sees: the tracker
+    then takes its own place on the stack).
+    """
+    fake = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+    if fake is None or not callable(getattr(fake, "host", None)):
+        return None
+    stack = torch._C._len_torch_dispatch_stack()  # the fake mode counts in it
+    if any(torch._C._get_dispatch_stack_at(i) is not fake for i in range(stack)):
+        return None
+    return fake
+
+
 class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
     """Track live tensor memory by category and module.
 
@@ -223,6 +244,8 @@ class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
         self.ops = 0
         #: the last op dispatched (an OpOverload; None before the first): where a failure happened
         self.last_op: Any = None
+        #: the fake mode that reports the region's ops to this tracker (None: a dispatch mode of its own)
+        self._host: Any = None
         # timeline: flat rows of (op, owner module, 7 category totals), and phase spans
         self._tl: list[int] | None = [] if record_timeline else None
         self._spans: list[list[Any]] = []
@@ -248,7 +271,11 @@ class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack))
             if self.distributed:
                 self._enter_distributed(stack)
-            super().__enter__()
+            self._host = None if self.distributed else _hosting_fake_mode()
+            if self._host is not None:
+                self._host.host(self)
+            else:
+                super().__enter__()
             self._active = True
         except BaseException:
             self._remove_hooks()
@@ -261,7 +288,11 @@ class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
         try:
             if self._active:
                 self._active = False
-                super().__exit__(exc_type, exc, tb)
+                if self._host is not None:
+                    self._host.host(None)
+                    self._host = None
+                else:
+                    super().__exit__(exc_type, exc, tb)
         finally:
             if self._dirty:
                 self._snapshot()
@@ -508,7 +539,15 @@ class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
             self._fsdp_roles(func, args)
         self.ops += 1
         self.last_op = func
-        out = func(*args, **(kwargs or {}))
+        return self.op_done(func, args, kwargs, func(*args, **(kwargs or {})))
+
+    def op_start(self, func: Any) -> None:
+        """An op is dispatched (hosted by the fake mode: see :func:`_hosting_fake_mode`)."""
+        self.ops += 1
+        self.last_op = func
+
+    def op_done(self, func: Any, args: Any, kwargs: Any, out: Any) -> Any:
+        """An op returned ``out``: its new storages are recorded (and its FLOPs counted); returns ``out``."""
         if self._flop_formulas is not None:
             self._count_flops(func, args, kwargs, out)
         if func is torch.ops.aten.resize_.default:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from memprof.engines.fake_fidelity import RealKernelLayouts, host_constants
+from memprof.engines.fake_fidelity import SimFakeMode, host_constants
 
 aten = torch.ops.aten
 
@@ -25,7 +25,7 @@ def test_layer_norm_backward_gives_a_contiguous_input_gradient_as_the_real_kerne
     with FakeTensorMode():
         bare = _layer_norm_grad(transposed(), torch.randn(2, 16, 32))
     assert not bare.is_contiguous()  # torch's meta kernel: the incoming gradient's layout
-    with FakeTensorMode(), RealKernelLayouts():
+    with SimFakeMode():
         fixed = _layer_norm_grad(transposed(), torch.randn(2, 16, 32))
     assert isinstance(fixed, FakeTensor) and fixed.stride() == real.stride()
 
