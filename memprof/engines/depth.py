@@ -36,9 +36,11 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from memprof.engines.depth_trace import extend, peaks
+from memprof.engines.pool import in_worker, run_beside
 from memprof.profile import PhaseStat, Profile
 from memprof.tracking import TraceEvent
 
@@ -162,24 +164,45 @@ def shallow_run(
     if isinstance(plan, str):
         return None, plan
     say = progress or (lambda msg: None)
-    runs, traces = [], []
+
+    def traced_at(d: int) -> tuple[RunResult, list[TraceEvent] | None]:
+        def status(msg: str) -> None:
+            if not in_worker():  # a forked worker's status lines would garble the terminal
+                say(f"{d} of {plan.full} blocks: {msg}")
+
+        r = engine.run_detailed(
+            _at_depth(rm, d),
+            setup,
+            allow_pickle=allow_pickle,
+            track_modules=False,
+            measure=measure,
+            progress=status,
+        )
+        return r, engine.last_trace
+
+    def shallower() -> list[tuple[RunResult, list[TraceEvent] | None]]:
+        return [traced_at(d) for d in plan.traced[:2]]
+
     kept = engine.keep_trace
     engine.keep_trace = engine.record_trace
     try:
-        for d in plan.traced:
-            runs.append(
-                engine.run_detailed(
-                    _at_depth(rm, d),
-                    setup,
-                    allow_pickle=allow_pickle,
-                    track_modules=False,
-                    measure=measure,
-                    progress=lambda msg, d=d: say(f"{d} of {plan.full} blocks: {msg}"),  # type: ignore[misc]
-                )
+        if engine.simulated:
+            # the two shallower depths in a forked worker, beside the deepest here (a sim run
+            # keeps one core busy): this process's engine ends as after the deepest, as before
+            side, (deepest,) = run_beside(
+                shallower,
+                [partial(traced_at, plan.traced[2])],
+                where={"model": rm.name, "engine": engine.name},
             )
-            traces.append(engine.last_trace)
+            if isinstance(side, BaseException):
+                raise side
+            done = [*side, deepest]
+        else:
+            done = [traced_at(d) for d in plan.traced]
     finally:
         engine.keep_trace, engine.last_trace = kept, None
+    runs = [r for r, _ in done]
+    traces = [t for _, t in done]
     figs = [_figures(r) for r in runs]
     phases = {str(r.profile.peak_phase) for r in runs}
     if len(phases) != 1:

@@ -105,6 +105,8 @@ def _rebuild(kind: str, payload: Any, where: dict[str, str | None]) -> BaseExcep
 
 #: True in a forked worker: its status lines stay there (the terminal is this process's)
 _in_worker = False
+#: True while :func:`run_beside` has a worker running beside this process
+_beside = False
 
 
 def in_worker() -> bool:
@@ -189,6 +191,57 @@ def run_calls(
     return results
 
 
+def run_beside(
+    side: Callable[[], T], here: Sequence[Callable[[], Any]], *, where: dict[str, str | None] | None = None
+) -> tuple[T | BaseException, list[Any]]:
+    """``side`` in one forked worker while ``here`` runs in this process, one call after another.
+
+    For the shallow depths of one sim run (:func:`memprof.engines.depth.shallow_run`):
+    the calls here keep warming this process's fake-tensor dispatch cache, which the
+    runs after them inherit (a worker's is lost with it). ``side`` runs in this process
+    after ``here`` when there is one core, no ``fork``, or this is a worker already.
+    ``where``: the model and engine an unexpected error names. Returns ``side``'s result (the :class:`MemprofError` it raised, in its place) and
+    ``here``'s results.
+
+    Raises:
+        What a call of ``here`` raises (the worker is stopped first).
+    """
+    global _beside
+    if (
+        _in_worker
+        or _beside
+        or available_workers() < 2
+        or "fork" not in multiprocessing.get_all_start_methods()
+    ):
+        done = [call() for call in here]
+        try:
+            return side(), done
+        except MemprofError as e:
+            return e, done
+    _WORK["calls"] = [side]
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"), initializer=_child_init)
+    try:
+        future = pool.submit(_run_one, 0)
+        _beside = True  # the cores are taken: a call here runs its own parts one by one
+        try:
+            done = [call() for call in here]
+        finally:
+            _beside = False
+        try:
+            _, kind, payload = future.result()
+        except BrokenProcessPool as e:  # a worker killed (out of host memory, a signal, a crash)
+            kind, payload = "internal", (f"a worker process died while running it ({e})", "")
+        pool.shutdown(wait=True)
+    except BaseException:
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        _WORK.clear()
+    return (payload if kind == "ok" else _rebuild(kind, payload, where or {})), done
+
+
 def run_many(
     engine: Engine,
     rm: ResolvedModel,
@@ -229,4 +282,4 @@ def run_many(
     )
 
 
-__all__ = ["WORKERS_ENV", "Job", "available_workers", "in_worker", "run_calls", "run_many"]
+__all__ = ["WORKERS_ENV", "Job", "available_workers", "in_worker", "run_beside", "run_calls", "run_many"]

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -358,7 +359,7 @@ class Search:
         keys = [
             k for k in dict.fromkeys(self.combinations.run_key(k) for k in keys) if k not in self.state.by_key
         ]
-        from memprof.engines.pool import available_workers, run_calls
+        from memprof.engines.pool import available_workers, run_beside, run_calls
 
         if len(keys) < 2 or available_workers() < 2 or not self.eng.simulated:
             return  # measure() runs them one at a time
@@ -369,11 +370,14 @@ class Search:
         counts = {k: self.estimator.counts_flops(k) for k in keys}
         self.say(f"{len(keys)} runs side by side")
         t0 = time.perf_counter()
-        out = run_calls(
-            [partial(self._execute, k, counts[k], lambda m: None, whole=whole) for k in keys],
-            parallel=True,
-            where={"model": self.rm.name, "engine": self.eng.name},
-        )
+        calls = [partial(self._execute, k, counts[k], lambda m: None, whole=whole) for k in keys]
+        where: dict[str, str | None] = {"model": self.rm.name, "engine": self.eng.name}
+        if len(calls) == 2:
+            # one here, one in a worker: this process's fake-tensor cache keeps warming
+            side, here = run_beside(calls[1], [partial(_caught, calls[0])], where=where)
+            out = [*here, side]
+        else:
+            out = run_calls(calls, parallel=True, where=where)
         for k, r in zip(keys, out):
             # an error comes back as the class raised: measure() settles it as a run of its own would
             self._prefetched[k] = (
@@ -795,3 +799,11 @@ class Search:
             if closest is not None:
                 result.dominant = dominant_of(closest, self.budget, wl, self.levers)
         return result
+
+
+def _caught(call: Callable[[], Any]) -> Any:
+    """``call()``, or the :class:`MemprofError` it raised (as a worker returns it)."""
+    try:
+        return call()
+    except MemprofError as e:
+        return e

@@ -237,3 +237,82 @@ def test_a_bad_worker_count_is_refused_before_any_run(monkeypatch, capsys, tmp_p
     assert code == 2 and not runs
     assert len(err) == 1 and "MEMPROF_WORKERS must be a whole number of at least 1, got 'zero'" in err[0]
     assert not (tmp_path / "b.json").exists()
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def _nested() -> tuple[int, list[int]]:
+    """A run_beside inside the call this process runs beside a worker: its parts run here."""
+    from memprof.engines.pool import run_beside
+
+    side, here = run_beside(_pid, [_pid])
+    assert not isinstance(side, BaseException)
+    return side, here
+
+
+def test_run_beside_runs_one_call_in_a_worker_and_the_others_here(monkeypatch):
+    from memprof.engines.pool import run_beside
+
+    monkeypatch.setenv("MEMPROF_WORKERS", "2")
+    side, (here, nested) = run_beside(_pid, [_pid, _nested])
+    assert here == _pid() and side != here
+    assert nested == (here, [here])  # the cores are taken: no third process
+    monkeypatch.setenv("MEMPROF_WORKERS", "1")
+    side, (here,) = run_beside(_pid, [_pid])
+    assert side == here == _pid()
+
+
+def _unsupported() -> None:
+    raise NotSupported("tiny", "the step reads tensor values", engine="sim")
+
+
+def test_run_beside_returns_the_workers_error_and_raises_its_own(monkeypatch):
+    from memprof.engines.pool import run_beside
+
+    for n in ("2", "1"):
+        monkeypatch.setenv("MEMPROF_WORKERS", n)
+        side, here = run_beside(_unsupported, [_pid])
+        assert isinstance(side, NotSupported) and here == [_pid()]
+        with pytest.raises(NotSupported):
+            run_beside(_pid, [_unsupported])
+
+
+def test_shallow_depths_side_by_side_are_the_depths_one_by_one(monkeypatch, tmp_path):
+    """memprof.engines.depth.shallow_run traces the two shallower depths in a worker: the same
+    result, profiles and traces as all three here."""
+    import os
+
+    from memprof.engines import depth as D
+    from memprof.workload import StepSetup
+    from tests.engines.test_depth import narrow
+    from tests.engines.test_hosted_tracker import _events
+
+    real = D._at_depth
+
+    def at_depth(rm, d):
+        (tmp_path / f"{d}-{os.getpid()}").touch()
+        return real(rm, d)
+
+    monkeypatch.setattr(D, "_at_depth", at_depth)
+    rm = narrow("llama-3-8b")
+    setup = StepSetup.of(Workload(batch_size=1, seq_len=64).for_model(rm))
+    out = {}
+    for n in ("1", "2"):
+        monkeypatch.setenv("MEMPROF_WORKERS", n)
+        r, how = D.shallow_run(SimEngine(), rm, setup, Measure(flops=True, timeline=False))
+        assert r is not None and r.shallow is not None and r.shallow.traces is not None, how
+        out[n] = (
+            r.profile.to_dict(),
+            r.flops,
+            [p.to_dict() for p in r.shallow.profiles],
+            [_events(t) for t in r.shallow.traces],
+        )
+        pids = {int(f.name.split("-")[1]) for f in tmp_path.iterdir()}
+        assert len(pids) == int(n)  # two: the shallower depths ran in another process
+        for f in tmp_path.iterdir():
+            f.unlink()
+    assert out["1"] == out["2"]
