@@ -18,6 +18,8 @@ compares its logits with a teacher's (:mod:`memprof.distill_loss`).
 from __future__ import annotations
 
 import contextlib
+import inspect
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -474,7 +476,9 @@ class StepRunner:
         without the update's math (a step's worth of fake ops: ~1 s of Llama-3-8B's sim run).
         """
         if self.optimizer is not None:
-            if state_only and self.scaler is None and _create_adam_state(self.optimizer):
+            if state_only and self.scaler is None and (
+                _create_adam_state(self.optimizer) or _create_8bit_state(self.optimizer)
+            ):
                 pass  # the state is there; the update is not the warm-up's
             elif self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -625,6 +629,48 @@ def _create_adam_state(optimizer: torch.optim.Optimizer | None) -> bool:
     with torch.no_grad():
         for group in adam.param_groups:
             adam._init_group(group, [], [], [], [], [], [])
+    return True
+
+
+def _create_8bit_state(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Create the state a bitsandbytes 8-bit optimizer creates on its first step, as that step does; False: not one.
+
+    ``Optimizer8bit.step`` initialises itself once (``check_overrides``, ``to_gpu``), then
+    calls ``init_state`` for each parameter with a gradient and no state yet, before its
+    update; this calls the same, without the update. Only bitsandbytes' own 8-bit
+    classes with their own ``step`` (memprof's paged stand-in among them), and no step
+    hooks. ``tests/engines/test_warm_up.py`` compares the measured step after it with
+    the one after a whole warm-up step, byte for byte.
+    """
+    bnb = sys.modules.get("bitsandbytes.optim.optimizer")
+    base = getattr(bnb, "Optimizer8bit", None)
+    # torch wraps each optimizer class's step for its profiler: compared unwrapped
+    if (
+        base is None
+        or not isinstance(optimizer, base)
+        or inspect.unwrap(type(optimizer).step) is not inspect.unwrap(base.step)
+    ):
+        return False
+    from torch.optim import optimizer as torch_optimizer
+
+    hooks = (
+        optimizer._optimizer_step_pre_hooks,
+        optimizer._optimizer_step_post_hooks,
+        torch_optimizer._global_optimizer_pre_hooks,
+        torch_optimizer._global_optimizer_post_hooks,
+    )
+    if any(hooks):
+        return False
+    opt = cast(Any, optimizer)
+    with torch.no_grad():
+        if not opt.initialized:
+            opt.check_overrides()
+            opt.to_gpu()
+            opt.initialized = True
+        for gindex, group in enumerate(opt.param_groups):
+            for pindex, p in enumerate(group["params"]):
+                if p.grad is not None and len(opt.state[p]) == 0:
+                    opt.init_state(group, p, gindex, pindex)
     return True
 
 
