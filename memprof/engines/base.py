@@ -607,7 +607,7 @@ class Engine:
         per-parameter and host optimizers' state) and the loss scaler's. Where nothing
         else of a step persists, :meth:`StepRunner.warm_up_state` creates exactly that
         without a forward and backward (in the sim on Llama-3-8B b1 s2048 bf16 here:
-        0.9 s instead of a whole fake step's 2.0 s, of a ~10 s process; bench/speed.py). Where something else does, or the
+        0.4 s instead of a whole fake step's 2.0 s, of a ~10 s process; bench/speed.py). Where something else does, or the
         step itself is what is wanted, the whole step runs; each reason below.
         """
         if measure.full_warm_up:
