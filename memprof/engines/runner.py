@@ -476,8 +476,10 @@ class StepRunner:
         without the update's math (a step's worth of fake ops: ~1 s of Llama-3-8B's sim run).
         """
         if self.optimizer is not None:
-            if state_only and self.scaler is None and (
-                _create_adam_state(self.optimizer) or _create_8bit_state(self.optimizer)
+            if (
+                state_only
+                and self.scaler is None
+                and (_create_adam_state(self.optimizer) or _create_8bit_state(self.optimizer))
             ):
                 pass  # the state is there; the update is not the warm-up's
             elif self.scaler is not None:
