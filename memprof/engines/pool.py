@@ -181,14 +181,18 @@ def run_calls(
             say(i, "done")
         pool.shutdown(wait=True)  # every result is in: the workers exit on their own
     except BaseException:
-        # an interrupt: the workers are killed, not waited for (they ignore Ctrl-C)
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
+        _kill(pool)
         raise
     finally:
         _WORK.clear()
     return results
+
+
+def _kill(pool: ProcessPoolExecutor) -> None:
+    """An interrupt or an error here: the workers are killed, not waited for (they ignore Ctrl-C)."""
+    for proc in list(getattr(pool, "_processes", {}).values()):
+        proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run_beside(
@@ -200,8 +204,11 @@ def run_beside(
     the calls here keep warming this process's fake-tensor dispatch cache, which the
     runs after them inherit (a worker's is lost with it). ``side`` runs in this process
     after ``here`` when there is one core, no ``fork``, or this is a worker already.
-    ``where``: the model and engine an unexpected error names. Returns ``side``'s result (the :class:`MemprofError` it raised, in its place) and
-    ``here``'s results.
+    ``where``: the model and engine an unexpected error names.
+
+    Returns:
+        ``side``'s result (the :class:`MemprofError` it raised, in its place) and
+        ``here``'s results, in order.
 
     Raises:
         What a call of ``here`` raises (the worker is stopped first).
@@ -233,9 +240,7 @@ def run_beside(
             kind, payload = "internal", (f"a worker process died while running it ({e})", "")
         pool.shutdown(wait=True)
     except BaseException:
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
+        _kill(pool)
         raise
     finally:
         _WORK.clear()
