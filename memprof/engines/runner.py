@@ -537,7 +537,12 @@ class StepRunner:
             for p in params:
                 p.grad = torch.zeros_like(p)
         elif params:
-            torch.autograd.backward(params, [torch.zeros_like(p) for p in params])
+            with contextlib.ExitStack() as stack:
+                for opt in self.optimizations:
+                    cm = opt.warm_up_context(self, _create_state)
+                    if cm is not None:
+                        stack.enter_context(cm)
+                torch.autograd.backward(params, [torch.zeros_like(p) for p in params])
         self._optimizer_step(state_only=True)
 
     def probe(self, inputs: dict[str, Any]) -> tuple[float | None, torch.Tensor | None]:
@@ -604,6 +609,11 @@ def _plain_leaf(p: torch.Tensor) -> bool:
         and p.layout is torch.strided
         and p.is_contiguous()
     )
+
+
+def _create_state(optimizer: torch.optim.Optimizer) -> bool:
+    """The state an optimizer's first step creates, without the update, where memprof knows how; False: not."""
+    return _create_adam_state(optimizer) or _create_8bit_state(optimizer)
 
 
 def _create_adam_state(optimizer: torch.optim.Optimizer | None) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +77,20 @@ class OptimizerInBackward(Optimization):
     def own_optimizers(self) -> list[torch.optim.Optimizer]:
         return list(self._per_param.optimizers.values()) if self._per_param is not None else []
 
+    @contextlib.contextmanager
+    def _creating(self, create_state: Callable[[torch.optim.Optimizer], bool]) -> Iterator[None]:
+        assert self._per_param is not None
+        self._per_param.create_state = create_state
+        try:
+            yield
+        finally:
+            self._per_param.create_state = None
+
+    def warm_up_context(
+        self, runner: StepRunner, create_state: Callable[[torch.optim.Optimizer], bool]
+    ) -> AbstractContextManager[Any] | None:
+        return self._creating(create_state) if self._per_param is not None else None
+
     def close(self) -> None:
         if self._per_param is not None:
             self._per_param.remove()
@@ -89,6 +106,8 @@ class PerParameterOptimizers:
 
     def __init__(self, make: Any, params: list[torch.nn.Parameter]) -> None:
         self.optimizers: dict[torch.nn.Parameter, torch.optim.Optimizer] = {}
+        #: set during the fast warm-up: each optimizer's state created without an update where it can
+        self.create_state: Callable[[torch.optim.Optimizer], bool] | None = None
         self._handles = []
         for p in params:
             opt = make([p])
@@ -99,7 +118,8 @@ class PerParameterOptimizers:
 
     def _hook(self, p: torch.Tensor) -> None:
         opt = self.optimizers[p]  # type: ignore[index]
-        opt.step()
+        if self.create_state is None or not self.create_state(opt):
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
     def remove(self) -> None:

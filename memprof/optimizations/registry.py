@@ -42,6 +42,8 @@ hook                       when the runner calls it
 ``after_optimizer_step``   after the optimizer's step and zero_grad
 ``full_warm_up_reason``    before the warm-up: why it must run a whole step
                            (the first forward leaves something behind)
+``warm_up_context``        during the fast warm-up: its own optimizers create
+                           their state without an update
 ``host_memory``            after the measured step: the host memory it kept
                            (the profile's ``host`` line)
 ``close``                  remove what the hooks installed
@@ -235,6 +237,18 @@ class Optimization:
         the scaler's) without a forward and backward
         (:meth:`~memprof.engines.runner.StepRunner.warm_up_state`). An optimization
         whose first forward or backward creates something that persists answers why.
+        """
+        return None
+
+    def warm_up_context(
+        self, runner: StepRunner, create_state: Callable[[torch.optim.Optimizer], bool]
+    ) -> AbstractContextManager[Any] | None:
+        """A context around the fast warm-up's gradients, or None.
+
+        An optimization whose own optimizers step where the gradients arrive (in a
+        gradient hook) makes them call ``create_state(optimizer)`` there instead of
+        stepping: it creates the state the optimizer's first step creates, without the
+        update, and returns False where it cannot (the optimizer then steps).
         """
         return None
 

@@ -36,6 +36,17 @@ CASES: list[Any] = [
         "paged_adamw8bit", [("optimizer", {"type": "paged_adamw8bit"})], ("sim", "cpu"), marks=needs_bnb
     ),
     ("optimizer_in_backward", [("optimizer_in_backward", {})], ("sim", "cpu")),
+    pytest.param(
+        "optimizer_in_backward-paged_adamw8bit",
+        [("optimizer", {"type": "paged_adamw8bit"}), ("optimizer_in_backward", {})],
+        ("sim", "cpu"),
+        marks=needs_bnb,
+    ),
+    (
+        "optimizer_in_backward-adafactor",
+        [("optimizer", {"type": "adafactor"}), ("optimizer_in_backward", {})],
+        ("sim",),
+    ),
     ("optimizer_offload", [("optimizer_offload", {})], ("sim", "cpu")),
     ("optimizer_offload-gradients", [("optimizer_offload", {"gradients": True})], ("sim", "cpu")),
     ("grad_accumulation", [("grad_accumulation", {"steps": 2})], ("sim", "cpu")),
