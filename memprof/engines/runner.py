@@ -476,11 +476,7 @@ class StepRunner:
         without the update's math (a step's worth of fake ops: ~1 s of Llama-3-8B's sim run).
         """
         if self.optimizer is not None:
-            if (
-                state_only
-                and self.scaler is None
-                and (_create_adam_state(self.optimizer) or _create_8bit_state(self.optimizer))
-            ):
+            if state_only and self.scaler is None and _create_state(self.optimizer):
                 pass  # the state is there; the update is not the warm-up's
             elif self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -514,10 +510,12 @@ class StepRunner:
         Each trainable parameter gets a zero gradient of its own shape and dtype
         through autograd (``torch.autograd.backward`` on the parameters themselves),
         so the gradient hooks fire as in a backward: the per-parameter optimizers of
-        ``optimizer_in_backward`` step there, ``optimizer_offload`` copies to its host
-        side. Where no parameter has a hook (nor a tensor subclass of its own), the
-        gradients are assigned directly, as autograd would leave them (a third of a
-        second of Llama-3-8B's sim run saved). The loss scaler scales a zero loss (it creates its scale then). Then the
+        ``optimizer_in_backward`` create their state there (or step, where memprof
+        cannot create it without an update: ``Optimization.warm_up_context``),
+        ``optimizer_offload`` copies to its host side. Where no parameter has a hook
+        (nor a tensor subclass of its own), the gradients are assigned directly, as
+        autograd would leave them (0.2 s of Llama-3-8B's sim run saved). The loss
+        scaler scales a zero loss (it creates its scale then). Then the
         step's own optimizer phase runs (:meth:`_optimizer_step`): the optimizer
         creates its state (moments, step counters, 8-bit and paged buffers, the
         offload's host state), the scaler unscales and updates, the gradients are
@@ -611,6 +609,20 @@ def _plain_leaf(p: torch.Tensor) -> bool:
     )
 
 
+def _step_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a step of ``optimizer`` runs hooks (its own or global ones): a step would run them."""
+    from torch.optim import optimizer as torch_optimizer
+
+    return any(
+        (
+            optimizer._optimizer_step_pre_hooks,
+            optimizer._optimizer_step_post_hooks,
+            torch_optimizer._global_optimizer_pre_hooks,
+            torch_optimizer._global_optimizer_post_hooks,
+        )
+    )
+
+
 def _create_state(optimizer: torch.optim.Optimizer) -> bool:
     """The state an optimizer's first step creates, without the update, where memprof knows how; False: not."""
     return _create_adam_state(optimizer) or _create_8bit_state(optimizer)
@@ -627,15 +639,7 @@ def _create_adam_state(optimizer: torch.optim.Optimizer | None) -> bool:
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
         return False
     assert optimizer is not None
-    from torch.optim import optimizer as torch_optimizer
-
-    hooks = (
-        optimizer._optimizer_step_pre_hooks,
-        optimizer._optimizer_step_post_hooks,
-        torch_optimizer._global_optimizer_pre_hooks,
-        torch_optimizer._global_optimizer_post_hooks,
-    )
-    if any(hooks) or not callable(getattr(optimizer, "_init_group", None)):
+    if _step_hooks(optimizer) or not callable(getattr(optimizer, "_init_group", None)):
         return False
     adam = cast(torch.optim.Adam, optimizer)  # AdamW subclasses Adam: the same _init_group
     with torch.no_grad():
@@ -663,15 +667,7 @@ def _create_8bit_state(optimizer: torch.optim.Optimizer | None) -> bool:
         or inspect.unwrap(type(optimizer).step) is not inspect.unwrap(base.step)
     ):
         return False
-    from torch.optim import optimizer as torch_optimizer
-
-    hooks = (
-        optimizer._optimizer_step_pre_hooks,
-        optimizer._optimizer_step_post_hooks,
-        torch_optimizer._global_optimizer_pre_hooks,
-        torch_optimizer._global_optimizer_post_hooks,
-    )
-    if any(hooks):
+    if _step_hooks(optimizer):
         return False
     opt = cast(Any, optimizer)
     with torch.no_grad():

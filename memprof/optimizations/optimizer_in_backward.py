@@ -77,19 +77,22 @@ class OptimizerInBackward(Optimization):
     def own_optimizers(self) -> list[torch.optim.Optimizer]:
         return list(self._per_param.optimizers.values()) if self._per_param is not None else []
 
-    @contextlib.contextmanager
-    def _creating(self, create_state: Callable[[torch.optim.Optimizer], bool]) -> Iterator[None]:
-        assert self._per_param is not None
-        self._per_param.create_state = create_state
-        try:
-            yield
-        finally:
-            self._per_param.create_state = None
-
     def warm_up_context(
         self, runner: StepRunner, create_state: Callable[[torch.optim.Optimizer], bool]
     ) -> AbstractContextManager[Any] | None:
-        return self._creating(create_state) if self._per_param is not None else None
+        per = self._per_param
+        if per is None:
+            return None
+
+        @contextlib.contextmanager
+        def creating() -> Iterator[None]:
+            per.create_state = create_state
+            try:
+                yield
+            finally:
+                per.create_state = None
+
+        return creating()
 
     def close(self) -> None:
         if self._per_param is not None:

@@ -537,8 +537,7 @@ class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
             if self._active_fake() is not self._entry_fake:
                 return func(*args, **(kwargs or {}))  # DTensor's sharding propagation: nothing real
             self._fsdp_roles(func, args)
-        self.ops += 1
-        self.last_op = func
+        self.op_start(func)
         return self.op_done(func, args, kwargs, func(*args, **(kwargs or {})))
 
     def op_start(self, func: Any) -> None:
