@@ -624,8 +624,15 @@ def _step_hooks(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _create_state(optimizer: torch.optim.Optimizer) -> bool:
-    """The state an optimizer's first step creates, without the update, where memprof knows how; False: not."""
-    return _create_adam_state(optimizer) or _create_8bit_state(optimizer)
+    """The state an optimizer's first step creates, without the update, where memprof knows how; False: not.
+
+    An optimizer that wraps others (``optimizer_offload``'s) creates theirs through its
+    own ``create_state(create)``, which returns False where it cannot.
+    """
+    if _create_adam_state(optimizer) or _create_8bit_state(optimizer):
+        return True
+    create = getattr(optimizer, "create_state", None)
+    return callable(create) and bool(create(_create_state))
 
 
 def _create_adam_state(optimizer: torch.optim.Optimizer | None) -> bool:

@@ -48,7 +48,8 @@ class OptimizerOffload(Optimization):
 
     Engines: cuda runs torchao's ``CPUOffloadOptimizer`` itself; the sim engine runs
     the same scheme with host memory standing as the meta device (the tracker never
-    counts it); on the cpu engine device memory is host memory, so nothing moves: the
+    counts it, and the host updates after the state exists are skipped: they make
+    only meta tensors); on the cpu engine device memory is host memory, so nothing moves: the
     step is the baseline's and the host line reports the tensors a GPU step would
     keep on the host (their real sizes).
     """
@@ -185,6 +186,11 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
+def _stateful(optimizer: Any) -> bool:
+    """Every parameter of ``optimizer`` has its state (its first step ran, or created it)."""
+    return all(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"])
+
+
 def _state_bytes(states: list[dict[str, Any]]) -> int:
     """Bytes of the tensors in optimizer states, each storage once."""
     import torch
@@ -243,6 +249,8 @@ class HostOffloadOptimizer:
         self.optim_dict: dict[torch.nn.Parameter, Any] = {}
         self.queue: dict[torch.nn.Parameter, None] = {}
         self._handles: list[Any] = []
+        #: host copies on the meta device: their updates make nothing the sim measures
+        self._meta_host = torch.device(host_device).type == "meta"
         retained = []
         with torch.no_grad():
             for p in params:
@@ -267,13 +275,36 @@ class HostOffloadOptimizer:
             p.grad = None  # the device gradient is freed once copied
 
     def step(self) -> None:
+        self._step(None)
+
+    def create_state(self, create: Callable[[Any], bool]) -> bool:
+        """The warm-up: each optimizer creates its first step's state without the update.
+
+        ``create(optimizer)`` creates it where it can (False: that optimizer steps); the
+        parameters are copied back as in a step. Always True: the step's work is done.
+        """
+        self._step(create)
+        return True
+
+    def _step(self, create: Callable[[Any], bool] | None) -> None:
+        """A step (``create``: the warm-up's, see :meth:`create_state`).
+
+        The host copies are meta tensors: once a host optimizer has its state, its
+        update only makes meta tensors, which the sim never measures, and changes no
+        state's size. Those updates are skipped (Llama-3-8B: 0.1 s a step); the
+        parameters are still copied back into the device's, the device's own op.
+        """
         import torch
 
         with torch.no_grad():
-            if self.d_opt is not None:
+            if self.d_opt is not None and (create is None or not create(self.d_opt)):
                 self.d_opt.step()
             for p in self.queue:
-                self.optim_dict[p].step()
+                host = self.optim_dict[p]
+                if self._meta_host and _stateful(host):
+                    pass  # its update: meta tensors only
+                elif create is None or not create(host):
+                    host.step()
                 p.copy_(self.param_d2h_map[p])  # host to device, into the parameter's own memory
             self.queue.clear()
 
@@ -326,6 +357,20 @@ class OffloadedOptimizer:
         self._last_moved, self._moved = self._moved, 0
         for hook in list(self._post_hooks.values()):
             hook(self, (), {})
+
+    def create_state(self, create: Callable[[Any], bool]) -> bool:
+        """What :meth:`step` leaves behind, each optimizer's state created by ``create`` where it can.
+
+        For the runner's warm-up (``memprof.engines.runner._create_state``). False (the
+        warm-up steps instead) with torchao's optimizer, or when a hook listens for the step.
+        """
+        inner = self.inner
+        if self._post_hooks or not isinstance(inner, HostOffloadOptimizer):
+            return False
+        self._moved += sum(_nbytes(inner.param_d2h_map[p]) for p in inner.queue)
+        inner.create_state(create)
+        self._last_moved, self._moved = self._moved, 0
+        return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)

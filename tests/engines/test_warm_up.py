@@ -49,6 +49,11 @@ CASES: list[Any] = [
     ),
     ("optimizer_offload", [("optimizer_offload", {})], ("sim", "cpu")),
     ("optimizer_offload-gradients", [("optimizer_offload", {"gradients": True})], ("sim", "cpu")),
+    (
+        "optimizer_offload-adafactor",
+        [("optimizer", {"type": "adafactor"}), ("optimizer_offload", {"gradients": True})],
+        ("sim", "cpu"),
+    ),
     ("grad_accumulation", [("grad_accumulation", {"steps": 2})], ("sim", "cpu")),
     ("autocast-bf16", [("mixed_precision", {})], ("sim", "cpu")),
     ("autocast-fp16-scaler", [("mixed_precision", {"dtype": "float16"})], ("sim",)),

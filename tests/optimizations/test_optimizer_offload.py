@@ -181,3 +181,40 @@ def test_without_torchao_the_cuda_offload_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "torchao" else real(n, *a))
     with pytest.raises(EnvironmentProblem, match="pip install torchao"):
         oo._torchao_offload(None, None, [], False, 4096)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_the_sim_updates_the_meta_host_copies_only_where_their_state_needs_it(monkeypatch, optimizer):
+    """The sim's host copies are meta tensors: an update there moves nothing the sim measures.
+
+    The warm-up creates AdamW's host state without an update (Adafactor, transformers'
+    class, is stepped once for it); the measured step updates none of them. The host
+    state is still there, byte for byte, and the profile is the one after a whole
+    warm-up step (tests/engines/test_warm_up.py).
+    """
+    from transformers.optimization import Adafactor
+
+    updates = []
+    cls = Adafactor if optimizer == "adafactor" else torch.optim.AdamW
+    step = cls.step
+
+    def counted(self, *a, **k):
+        updates.extend(p.device.type for g in self.param_groups for p in g["params"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(cls, "step", counted)
+    setup = setup_with(WL, ("optimizer", {"type": optimizer}), ("optimizer_offload", {"minimal_size": 1}))
+    off = run(SimEngine(), setup)
+    host = updates.count("meta")
+    offloaded = len(list(build_tiny().parameters()))
+    assert host == (offloaded if optimizer == "adafactor" else 0)  # the warm-up's, for Adafactor only
+    assert "cpu" not in updates  # minimal_size 1: nothing stays on the device
+    assert off.host["by_kind"]["optimizer_state"] > 0
+    assert off.categories_at_peak["optimizer_state"] == 0
+
+
+def build_tiny():
+    from memprof.models import build_model
+
+    model, _ = build_model(resolve(tiny("llama")), dtype="float32", load_weights=False, init_weights=False)
+    return model
