@@ -284,19 +284,27 @@ _ORDER = (
 
 
 def write_section(name: str, text: str, doc: Path = DOC) -> None:
-    """Replace (or add) the section ``name`` in ``docs/benchmarks.md``."""
+    """Replace (or add) the section ``name`` in ``doc`` (``docs/benchmarks.md`` by default).
+
+    Every byte outside that section stays as it was: text between or after the marked
+    sections (a hand-written section) is kept. A new section goes before the first
+    section that :data:`_ORDER` puts after it, else at the end.
+    """
     doc.parent.mkdir(parents=True, exist_ok=True)
     current = doc.read_text() if doc.exists() else DOC_HEADER
-    sections: dict[str, str] = {}
     # names may hold hyphens (speed-commands): a \w+ pattern dropped those sections on every write
     pat = re.compile(r"<!-- BEGIN ([\w-]+) -->.*?<!-- END \1 -->", re.S)
-    for m in pat.finditer(current):
-        sections[m.group(1)] = m.group(0)
-    first = pat.search(current)
-    head = current[: first.start()] if first else current
-    sections[name] = text
-    names = [n for n in _ORDER if n in sections] + [n for n in sections if n not in _ORDER]
-    out = head.rstrip() + "\n\n" + "\n\n".join(sections[n] for n in names) + "\n"
+    found = {m.group(1): m for m in pat.finditer(current)}
+    if name in found:
+        m = found[name]
+        out = current[: m.start()] + text + current[m.end() :]
+    else:
+        later = [found[n] for n in _ORDER[_ORDER.index(name) + 1 :] if n in found] if name in _ORDER else []
+        if later:
+            at = min(m.start() for m in later)
+            out = current[:at] + text + "\n\n" + current[at:]
+        else:
+            out = current.rstrip() + "\n\n" + text + "\n"
     doc.write_text(out)
 
 
