@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from collections.abc import Callable
@@ -350,7 +351,9 @@ def make(name: str, options: dict[str, Any] | None = None) -> Optimization:
     return cls(config)
 
 
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
+    """A config class's field types, resolved once per class (the plan makes thousands of setups)."""
     return typing.get_type_hints(cls)
 
 
