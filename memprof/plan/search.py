@@ -4,7 +4,9 @@ The two ends are measured first (the step as given: if it fits there is nothing 
 the most aggressive combinations, traced shallow (:meth:`Search.measure` with
 ``whole=False``): if even their allocated peak does not fit, nothing does; a bound that
 may fit is kept in ``SearchState.bounds`` and settles nothing). Best-first runs the next
-candidate beside the current one (:meth:`Search._speculate`) without changing the search.
+candidate beside the current one (:meth:`Search._speculate`) without changing the search,
+where runs are traced whole: a run traced shallow already splits its depths over two
+processes, so those run one at a time.
 A combination is then skipped without a run when
 
 * it is component-wise less aggressive than one whose allocated peak was measured not
@@ -37,7 +39,7 @@ import torch
 
 from memprof.budget import Budget
 from memprof.engines.base import Engine, Measure, RunResult
-from memprof.engines.depth import extend_run, shallow_run
+from memprof.engines.depth import depths, extend_run, shallow_run
 from memprof.errors import EnvironmentProblem, InputError, MemprofError, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel
 from memprof.plan.combinations import Combinations, Key, enumerate_setups
@@ -363,6 +365,10 @@ class Search:
 
         if len(keys) < 2 or available_workers() < 2 or not self.eng.simulated:
             return  # measure() runs them one at a time
+        if all(self._traced_beside(k) for k in keys):
+            # each run's shallow depths run beside each other already (shallow_run): one at a
+            # time keeps both cores as busy, splits each run evenly, and runs nothing in vain
+            return
         keys = [k for k in keys if self._probe_optimizer(k)]
         if len(keys) < 2:
             return
@@ -383,6 +389,10 @@ class Search:
             self._prefetched[k] = (
                 (r, None, False, None, time.perf_counter() - t0) if isinstance(r, BaseException) else r
             )
+
+    def _traced_beside(self, key: Key) -> bool:
+        """``key``'s run is traced shallow, its depths in two processes (:func:`shallow_run`)."""
+        return key not in self.state.bounds and not isinstance(depths(self.rm, self.setups[key]), str)
 
     def _shallow(
         self, setup: StepSetup, count: bool, say: Callable[[str], None]

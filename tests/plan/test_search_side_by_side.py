@@ -69,3 +69,38 @@ def test_the_next_candidate_runs_beside_the_current_one_and_the_search_is_the_sa
     two = search(budget)
     assert max(speculated) == 2  # the case is exercised: two candidates ran side by side
     assert comparable(two) == comparable(one)
+
+
+def test_runs_traced_shallow_run_one_at_a_time_their_depths_side_by_side(monkeypatch, tmp_path):
+    """A run traced at three shallow depths already runs them in two processes (shallow_run):
+    two such runs are not paired (one at a time, each split evenly, none in vain). Runs
+    traced whole still are (the tests above, on the 2-block Llama)."""
+    import json
+
+    with open(tiny("llama")) as f:
+        cfg = json.load(f)
+    cfg["num_hidden_layers"] = 6  # deep enough to extrapolate (depths 1, 2 and 3)
+    deep = tmp_path / "llama6.json"
+    deep.write_text(json.dumps(cfg))
+    monkeypatch.setenv("MEMPROF_WORKERS", "2")
+    s = planner.new_search(
+        str(deep),
+        TINY_WL,
+        37 * MiB,
+        context_overhead=0,
+        engine=None,
+        max_overhead=None,
+        max_plans=3,
+        max_runs=12,
+        task=None,
+        allow_pickle=False,
+        trust_remote_code=False,
+        say=lambda m: None,
+    )
+    keys = [k for k in s.setups if s._traced_beside(k)][:2]
+    assert len(keys) == 2 and s.combinations.zero in s.setups
+    s.measure(s.combinations.zero, "baseline")
+    s.prefetch(keys)
+    assert not s._prefetched  # measure() runs each, its depths side by side
+    shallow_2 = [k for k in s.setups if not s._traced_beside(k)]
+    assert shallow_2  # e.g. checkpointing every 4: too few blocks to gain, traced whole
