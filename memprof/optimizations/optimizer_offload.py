@@ -291,7 +291,7 @@ class HostOffloadOptimizer:
 
         The host copies are meta tensors: once a host optimizer has its state, its
         update only makes meta tensors, which the sim never measures, and changes no
-        state's size. Those updates are skipped (Llama-3-8B: 0.1 s a step); the
+        state's size. Those updates are skipped (Llama-3-8B's plan: 4.1 s of its 24 offload steps); the
         parameters are still copied back into the device's, the device's own op.
         """
         import torch
@@ -352,11 +352,15 @@ class OffloadedOptimizer:
         return self.inner.param_groups if hasattr(self.inner, "param_groups") else []
 
     def step(self) -> None:
-        self._moved += sum(_nbytes(self.inner.param_d2h_map[p]) for p in self.inner.queue)
-        self.inner.step()
-        self._last_moved, self._moved = self._moved, 0
+        self._moving(self.inner.step)
         for hook in list(self._post_hooks.values()):
             hook(self, (), {})
+
+    def _moving(self, step: Callable[[], Any]) -> None:
+        """``step`` with its bus traffic counted: the parameters it copies back, and the gradients before."""
+        self._moved += sum(_nbytes(self.inner.param_d2h_map[p]) for p in self.inner.queue)
+        step()
+        self._last_moved, self._moved = self._moved, 0
 
     def create_state(self, create: Callable[[Any], bool]) -> bool:
         """What :meth:`step` leaves behind, each optimizer's state created by ``create`` where it can.
@@ -367,9 +371,7 @@ class OffloadedOptimizer:
         inner = self.inner
         if self._post_hooks or not isinstance(inner, HostOffloadOptimizer):
             return False
-        self._moved += sum(_nbytes(inner.param_d2h_map[p]) for p in inner.queue)
-        inner.create_state(create)
-        self._last_moved, self._moved = self._moved, 0
+        self._moving(lambda: inner.create_state(create))
         return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
