@@ -11,6 +11,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one pytest-xdist worker per core (scripts/test.sh): a worker's intra-op threads would
+    # only fight the other worker's for the same cores
+    torch.set_num_threads(1)
+
 TINY = Path(__file__).parent / "fixtures" / "tiny"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,20 +148,19 @@ def _quiet_transformers():
     quiet_libraries()
 
 
-def screenshots(config: Any) -> list[str]:
-    """The screenshots the browser tests took (tests/report/test_html.py), listed at the end of the run.
+#: the screenshots the browser tests took (tests/report/test_html.py), listed at the end of the run
+_SCREENSHOTS: list[str] = []
 
-    Kept on the config object: this module is imported twice (as pytest's conftest
-    and as ``tests.conftest``), so a module-level list would not be shared.
-    """
-    if not hasattr(config, "_memprof_screenshots"):
-        config._memprof_screenshots = []
-    return config._memprof_screenshots
+
+def pytest_runtest_logreport(report: Any) -> None:
+    # a test records its screenshots as user properties ("screenshot", path): they come back
+    # with its report from a pytest-xdist worker (scripts/test.sh) as from this process
+    if report.when == "call":
+        _SCREENSHOTS.extend(str(v) for k, v in report.user_properties if k == "screenshot")
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
-    shots = screenshots(config)
-    if shots:
+    if _SCREENSHOTS:
         terminalreporter.write_sep("-", "HTML report screenshots (headless Chromium)")
-        for path in shots:
+        for path in _SCREENSHOTS:
             terminalreporter.write_line(path)

@@ -212,7 +212,7 @@ def test_the_console_script_runs_its_rows_side_by_side_and_exits(tmp_path):
         "16",
     ]
     args += ["--step", "checkpointing", "--step", "chunking:size=8", "--step", "optimizer:type=sgd"]
-    for _ in range(3):
+    for _ in range(2):  # a hang seen once in bench/speed.py: more than one try
         p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
         assert p.returncode == 0, p.stderr
         assert "chunking" in p.stdout

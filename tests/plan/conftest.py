@@ -11,3 +11,16 @@ import pytest
 @pytest.fixture(autouse=True)
 def _one_worker(monkeypatch):
     monkeypatch.setenv("MEMPROF_WORKERS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_plan_34():
+    """The tiny Llama's search at 34 MiB, one run at a time: what the side-by-side and shallow
+    variants are compared with (a few seconds, made once; read, never changed, by the tests)."""
+    from memprof.plan import planner
+    from tests.conftest import tiny
+    from tests.plan.helpers import TINY_WL, MiB
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("MEMPROF_WORKERS", "1")
+        return planner.plan(tiny("llama"), TINY_WL, budget_bytes=34 * MiB, context_overhead=0)

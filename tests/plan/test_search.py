@@ -229,7 +229,9 @@ def test_single_fixes_measures_each_lever_alone_then_searches_on_reusing_the_run
     assert r.chosen is not None and r.chosen.fits and len(r.runs) <= 16
 
 
-def test_the_most_aggressive_ends_are_only_a_bound_until_the_search_traces_them_whole(monkeypatch):
+def test_the_most_aggressive_ends_are_only_a_bound_until_the_search_traces_them_whole(
+    monkeypatch, tiny_plan_34
+):
     """Shallow traces that may fit settle nothing: a plan is always a whole trace.
 
     The tiny Llama is too shallow to extrapolate, so its shallow result here is the whole
@@ -238,7 +240,7 @@ def test_the_most_aggressive_ends_are_only_a_bound_until_the_search_traces_them_
     from memprof.plan import planner, search
 
     budget = 34 * MiB
-    whole = planner.plan(tiny("llama"), TINY_WL, budget_bytes=budget, context_overhead=0)
+    whole = tiny_plan_34
 
     def shallow_run(engine, rm, setup, measure, **kw):
         kw.pop("progress", None)

@@ -26,11 +26,10 @@ def comparable(result) -> dict:
 pytestmark = pytest.mark.usefixtures("no_automatic_collections")
 
 
-def test_the_most_aggressive_runs_side_by_side_give_the_search_one_at_a_time_gives(monkeypatch):
-    budget = (
-        34 * MiB
-    )  # between the baseline (36 MiB) and the most aggressive plan (tests/plan/test_search.py)
-    one = search(budget)
+def test_the_most_aggressive_runs_side_by_side_give_the_search_one_at_a_time_gives(monkeypatch, tiny_plan_34):
+    # 34 MiB: between the baseline (36 MiB) and the most aggressive plan (tests/plan/test_search.py)
+    budget = 34 * MiB
+    one = tiny_plan_34
     monkeypatch.setenv("MEMPROF_WORKERS", "2")
     two = search(budget)
     assert sum(r.purpose == "most aggressive" for r in two.runs) >= 2  # the case is exercised
@@ -51,11 +50,11 @@ def test_a_bug_in_a_run_side_by_side_is_an_internal_error(monkeypatch):
         search(34 * MiB)
 
 
-def test_the_next_candidate_runs_beside_the_current_one_and_the_search_is_the_same(monkeypatch):
+def test_the_next_candidate_runs_beside_the_current_one_and_the_search_is_the_same(monkeypatch, tiny_plan_34):
     from memprof.plan.search import Search
 
     budget = 34 * MiB
-    one = search(budget)
+    one = tiny_plan_34
     speculated: list[int] = []
     real_speculate = Search._speculate
 

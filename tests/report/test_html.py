@@ -27,7 +27,7 @@ from memprof.report import html as H
 from memprof.report.timeline import columns, totals
 from memprof.tracking import CATEGORIES
 from memprof.workload import Workload
-from tests.conftest import screenshots, tiny
+from tests.conftest import tiny
 
 MiB = 2**20
 
@@ -185,7 +185,9 @@ def _pages(tmp_path: Path, p: Profile) -> dict[str, Path]:
 
 
 @pytest.mark.skipif(chromium() is None, reason="headless Chromium not installed (apt-get install chromium)")
-def test_reports_render_in_headless_chromium_and_a_broken_page_is_caught(sim_profile, tmp_path, pytestconfig):
+def test_reports_render_in_headless_chromium_and_a_broken_page_is_caught(
+    sim_profile, tmp_path, record_property
+):
     pages = _pages(tmp_path, sim_profile)
     shots = {name: tmp_path / f"{name}.png" for name in pages}
     # the browsers run side by side: each takes seconds, mostly parsing plotly.js
@@ -199,7 +201,7 @@ def test_reports_render_in_headless_chromium_and_a_broken_page_is_caught(sim_pro
         assert attrs["console_errors"] == "", (name, attrs["console_errors"])
         assert int(attrs["data-charts"]) == int(attrs["data-expected-charts"]) >= 1, (name, attrs)
         assert shots[name].stat().st_size > 30_000, name  # a picture, not a blank page
-        screenshots(pytestconfig).append(str(shots[name]))
+        record_property("screenshot", str(shots[name]))  # listed at the end of the run (tests/conftest.py)
 
 
 def test_the_modules_chart_holds_the_profile_bytes(sim_profile):
