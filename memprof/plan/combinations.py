@@ -35,14 +35,30 @@ class Combinations:
         #: the step as given
         self.zero: Key = tuple(0 for _ in levers)
         self._level_labels: dict[tuple[int, int], str] = {}
+        #: run keys measured by another one's run (:meth:`share`): key -> the run key that measures it
+        self._shared: dict[Key, Key] = {}
+        #: each run key that measures others: the run keys it measures (itself first)
+        self._sharing: dict[Key, list[Key]] = {}
 
     def run_key(self, key: Key) -> Key:
-        """The combination a run measures for ``key`` (the derived lever at level 0)."""
-        if self.alloc is None:
-            return key
-        k = list(key)
-        k[self.alloc] = 0
-        return tuple(k)
+        """The combination a run measures for ``key`` (the derived lever at level 0; a run key
+        :meth:`share` gave to another: that one)."""
+        if self.alloc is not None:
+            k = list(key)
+            k[self.alloc] = 0
+            key = tuple(k)
+        return self._shared.get(key, key)
+
+    def share(self, key: Key, by: Key) -> None:
+        """Run key ``key`` is measured by run key ``by``'s run (the same device memory, proven by
+        the caller): :meth:`run_key` gives ``by``, :meth:`measured_by` lists ``key`` with it."""
+        self._shared[key] = by
+        self._sharing.setdefault(by, [by]).append(key)
+
+    def measured_by(self, run_key: Key) -> list[Key]:
+        """Every combination one run of ``run_key`` measures: each run key it stands for
+        (:meth:`share`), at each level of the derived lever (:meth:`with_alloc`)."""
+        return [k for rk in self._sharing.get(run_key, [run_key]) for k in self.with_alloc(rk)]
 
     def with_alloc(self, key: Key) -> list[Key]:
         """``key`` with each level of the derived lever: the combinations one run measures."""

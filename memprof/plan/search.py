@@ -145,6 +145,47 @@ class Search:
                 for key in combos.with_alloc(run_key)
             }
         )
+        self._share_offloaded_optimizers()
+
+    def _share_offloaded_optimizers(self) -> None:
+        """Under optimizer offload, every optimizer level is measured by one run: the least one's.
+
+        The offload keeps every parameter of at least ``minimal_size`` elements, its state
+        and its step in host memory (:class:`~memprof.optimizations.optimizer_offload.OptimizerOffload`);
+        when every trainable parameter is that large, nothing of the optimizer is left on the
+        device, and the device memory is the same whatever the optimizer: the allocated
+        peak, each phase's, the reserved memory (tests/plan/test_search.py; one 512-byte block
+        at the peak may count as an activation in one step, a temporary in the other). Adafactor under
+        offload then takes no run of its own (its host memory differs; the plan is of device
+        memory). Not with adapters, FSDP (sharded parameters) or distillation (a teacher).
+        """
+        combos, wl = self.combinations, self.wl
+        opt, off = combos.lever("optimizer"), combos.lever("optimizer offload")
+        if opt is None or off is None or wl.mode != "train" or combos.trains_adapters():
+            return
+        if combos.lever("fsdp") is not None or wl.world_size > 1:
+            return
+        from memprof import optimizations
+
+        trainable = [p.numel() for p in self.model.parameters() if p.requires_grad]
+        for key in sorted(self.setups):
+            if not key[off] or not key[opt]:
+                continue
+            steps = self.levers[off].levels[key[off]].steps
+            minimal = min(optimizations.make(s["name"], s["options"]).config.minimal_size for s in steps)
+            if not trainable or min(trainable) < minimal:
+                continue
+            for level in range(key[opt]):
+                by = (*key[:opt], level, *key[opt + 1 :])
+                if by in self.setups and by not in combos._shared:
+                    combos.share(key, by)
+                    break
+        if combos._shared:
+            self.state.notes.append(
+                "optimizer offload: every parameter is offloaded, so the device memory is the same "
+                "whatever the optimizer; each offloaded combination is measured once, with the least "
+                "optimizer level (the others' host memory differs)"
+            )
 
     @property
     def runs(self) -> list[Run]:
@@ -156,7 +197,8 @@ class Search:
     def maximal(self) -> list[Key]:
         """The valid run combinations no other valid one is more aggressive than."""
         dropped = self.state.dropped
-        keys = [k for k in self.setups if not any((i, lvl) in dropped for i, lvl in enumerate(k))]
+        run_keys = dict.fromkeys(self.combinations.run_key(k) for k in self.setups)  # one run each
+        keys = [k for k in run_keys if not any((i, lvl) in dropped for i, lvl in enumerate(k))]
         if not keys:
             return []
         # estimator.le(k, o) for every pair at once (hundreds of keys: a Python loop took seconds)
@@ -431,7 +473,7 @@ class Search:
 
     def _resolve_run(self, run: Run) -> None:
         alloc = self.combinations.alloc
-        for key in self.combinations.with_alloc(run.key):
+        for key in self.combinations.measured_by(run.key):
             a = key[alloc] if alloc is not None else 0
             c = self.state.candidates[key]
             c.run = run.index
@@ -552,7 +594,7 @@ class Search:
         return out
 
     def _misfit_everywhere(self, key: Key) -> bool:
-        keys = self.combinations.with_alloc(key)
+        keys = self.combinations.measured_by(key)
         cands = self.state.candidates
         return all(cands[k].status == "does not fit" and self.hard_misfit(cands[k]) for k in keys)
 
@@ -688,7 +730,7 @@ class Search:
     def _measured(self) -> list[Candidate]:
         """The combinations measured so far (two per run with the allocator lever)."""
         cands = self.state.candidates
-        return [cands[k] for r in self.runs for k in self.combinations.with_alloc(r.key)]
+        return [cands[k] for r in self.runs for k in self.combinations.measured_by(r.key)]
 
     def _below_misfit(self, key: Key) -> Candidate | None:
         for c in self._measured():

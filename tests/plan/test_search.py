@@ -254,3 +254,72 @@ def test_the_most_aggressive_ends_are_only_a_bound_until_the_search_traces_them_
     assert bound.plans and all(p.run in traced_whole for p in bound.plans)
     key = lambda c: (c.label, c.peak_bytes, c.reserved_bytes, c.need_bytes)  # noqa: E731
     assert [key(p) for p in bound.plans] == [key(p) for p in whole.plans]
+
+
+def _search(spec: str, wl: Workload, budget: int):
+    return P.planner.new_search(
+        spec,
+        wl,
+        budget,
+        context_overhead=0,
+        engine=None,
+        max_overhead=None,
+        max_plans=3,
+        max_runs=12,
+        task=None,
+        allow_pickle=False,
+        trust_remote_code=False,
+        say=lambda m: None,
+    )
+
+
+def _device_figures(p) -> tuple:
+    return (p.peak_bytes, p.categories_at_peak, [(ph.name, ph.peak_bytes) for ph in p.phases], p.allocator)
+
+
+def test_under_optimizer_offload_one_run_measures_every_optimizer(tmp_path):
+    """Every parameter offloaded (none under minimal_size): the device memory does not depend on the
+    optimizer, so Adafactor under offload is measured by AdamW's run. With parameters left on the
+    device (the tiny Llama's 64-wide norms), it does, and each optimizer runs."""
+    from memprof.models import bundled_configs_dir
+
+    cfg = json.loads((bundled_configs_dir() / "llama-3-8b.json").read_text())
+    cfg.update(num_hidden_layers=2, intermediate_size=128, vocab_size=256, bos_token_id=0, eos_token_id=0)
+    wide = tmp_path / "config.json"  # the 8B's 4096-wide blocks, two of them: norms of 4096 elements
+    wide.write_text(json.dumps(cfg))
+    wl = Workload(batch_size=1, seq_len=64)
+    s = _search(str(wide), wl, 600 * MiB)
+    combos = s.combinations
+    opt, off = combos.lever("optimizer"), combos.lever("optimizer offload")
+    shared = [k for k in s.setups if combos.run_key(k) != k]
+    assert shared and all(k[off] and k[opt] and combos.run_key(k)[opt] < k[opt] for k in shared)
+    assert not set(shared) & set(s.maximal())  # the most aggressive ends are run keys
+    key = next(k for k in shared if sum(1 for x in k if x) == 2)  # Adafactor + offload, nothing else
+    run = s.measure(key, "test")
+    assert run.key == combos.run_key(key) and not any(st["name"] == "optimizer" for st in run.steps)
+    c = s.candidate(key)
+    assert (c.source, c.run, c.peak_bytes) == ("measured", run.index, run.profile.peak_bytes)
+    # the claim itself: Adafactor's own step under offload has AdamW's allocated peak, each phase's,
+    # reserved memory and allocator figures; one 512-byte block at the peak may be an activation in
+    # one step and a temporary in the other (the categories, not the bytes)
+    own = SimEngine().run(s.rm, s.setups[key])
+    a, b = _device_figures(own), _device_figures(run.profile)
+    assert (a[0], a[2], a[3]) == (
+        b[0],
+        b[2],
+        b[3],
+    ) and own.peak_reserved_bytes == run.profile.peak_reserved_bytes
+    assert sum(abs(a[1][k] - b[1][k]) for k in a[1]) <= 2 * 512
+
+    tiny_search = _search(tiny("llama"), TINY_WL, 34 * MiB)
+    tc = tiny_search.combinations
+    assert all(tc.run_key(k) == k for k in tiny_search.setups)
+    key = next(k for k in tiny_search.setups if k[tc.lever("optimizer offload")] and k[tc.lever("optimizer")])
+    adamw = list(key)
+    adamw[tc.lever("optimizer")] = 0
+    eng = SimEngine()
+    ada, ref = (
+        eng.run(tiny_search.rm, tiny_search.setups[key]),
+        eng.run(tiny_search.rm, tiny_search.setups[tuple(adamw)]),
+    )
+    assert _device_figures(ada) != _device_figures(ref)  # the small parameters' state is on the device
