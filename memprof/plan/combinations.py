@@ -55,6 +55,11 @@ class Combinations:
         self._shared[key] = by
         self._sharing.setdefault(by, [by]).append(key)
 
+    @property
+    def sharing(self) -> bool:
+        """Some run measures another run key too (:meth:`share`)."""
+        return bool(self._shared)
+
     def measured_by(self, run_key: Key) -> list[Key]:
         """Every combination one run of ``run_key`` measures: each run key it stands for
         (:meth:`share`), at each level of the derived lever (:meth:`with_alloc`)."""

@@ -175,12 +175,12 @@ class Search:
             minimal = min(optimizations.make(s["name"], s["options"]).config.minimal_size for s in steps)
             if not trainable or min(trainable) < minimal:
                 continue
-            for level in range(key[opt]):
+            for level in range(key[opt]):  # the least level that applies with the others
                 by = (*key[:opt], level, *key[opt + 1 :])
-                if by in self.setups and by not in combos._shared:
-                    combos.share(key, by)
+                if by in self.setups:
+                    combos.share(key, combos.run_key(by))
                     break
-        if combos._shared:
+        if combos.sharing:
             self.state.notes.append(
                 "optimizer offload: every parameter is offloaded, so the device memory is the same "
                 "whatever the optimizer; each offloaded combination is measured once, with the least "
