@@ -7,6 +7,8 @@ a few MiB, with no CUDA context (``--context-overhead 0``).
 
 from __future__ import annotations
 
+from typing import Any
+
 from memprof import recipes
 from memprof.cli import main
 from memprof.engines import SimEngine
@@ -23,6 +25,26 @@ def run(capsys, *args):
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def new_search(spec: str, wl: Workload, budget: int) -> Any:
+    """The plan's search for ``spec`` and ``wl`` at ``budget`` (no CUDA context), nothing measured yet."""
+    from memprof.plan import planner
+
+    return planner.new_search(
+        spec,
+        wl,
+        budget,
+        context_overhead=0,
+        engine=None,
+        max_overhead=None,
+        max_plans=3,
+        max_runs=12,
+        task=None,
+        allow_pickle=False,
+        trust_remote_code=False,
+        say=lambda m: None,
+    )
 
 
 def need_of(spec: str, wl: Workload, recipe: recipes.Recipe | None) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from memprof.engines.sim import SimEngine
 from memprof.errors import InternalError, NoPlanFits
 from memprof.workload import Workload
 from tests.conftest import tiny
-from tests.plan.helpers import TINY, TINY_WL, CountingSim, MiB, need_of, run
+from tests.plan.helpers import TINY, TINY_WL, CountingSim, MiB, need_of, new_search, run
 
 P = importlib.import_module("memprof.plan")  # the package (memprof.plan is also the function)
 
@@ -256,23 +256,6 @@ def test_the_most_aggressive_ends_are_only_a_bound_until_the_search_traces_them_
     assert [key(p) for p in bound.plans] == [key(p) for p in whole.plans]
 
 
-def _search(spec: str, wl: Workload, budget: int):
-    return P.planner.new_search(
-        spec,
-        wl,
-        budget,
-        context_overhead=0,
-        engine=None,
-        max_overhead=None,
-        max_plans=3,
-        max_runs=12,
-        task=None,
-        allow_pickle=False,
-        trust_remote_code=False,
-        say=lambda m: None,
-    )
-
-
 def _device_figures(p) -> tuple:
     return (p.peak_bytes, p.categories_at_peak, [(ph.name, ph.peak_bytes) for ph in p.phases], p.allocator)
 
@@ -288,7 +271,7 @@ def test_under_optimizer_offload_one_run_measures_every_optimizer(tmp_path):
     wide = tmp_path / "config.json"  # the 8B's 4096-wide blocks, two of them: norms of 4096 elements
     wide.write_text(json.dumps(cfg))
     wl = Workload(batch_size=1, seq_len=64)
-    s = _search(str(wide), wl, 600 * MiB)
+    s = new_search(str(wide), wl, 600 * MiB)
     combos = s.combinations
     opt, off = combos.lever("optimizer"), combos.lever("optimizer offload")
     shared = [k for k in s.setups if combos.run_key(k) != k]
@@ -311,7 +294,7 @@ def test_under_optimizer_offload_one_run_measures_every_optimizer(tmp_path):
     ) and own.peak_reserved_bytes == run.profile.peak_reserved_bytes
     assert sum(abs(a[1][k] - b[1][k]) for k in a[1]) <= 2 * 512
 
-    tiny_search = _search(tiny("llama"), TINY_WL, 34 * MiB)
+    tiny_search = new_search(tiny("llama"), TINY_WL, 34 * MiB)
     tc = tiny_search.combinations
     assert all(tc.run_key(k) == k for k in tiny_search.setups)
     key = next(k for k in tiny_search.setups if k[tc.lever("optimizer offload")] and k[tc.lever("optimizer")])

@@ -8,7 +8,7 @@ from memprof.engines import SimEngine
 from memprof.errors import InternalError
 from memprof.plan import planner
 from tests.conftest import tiny
-from tests.plan.helpers import TINY_WL, MiB
+from tests.plan.helpers import TINY_WL, MiB, new_search
 
 
 def search(budget: int):
@@ -82,20 +82,7 @@ def test_runs_traced_shallow_run_one_at_a_time_their_depths_side_by_side(monkeyp
     deep = tmp_path / "llama6.json"
     deep.write_text(json.dumps(cfg))
     monkeypatch.setenv("MEMPROF_WORKERS", "2")
-    s = planner.new_search(
-        str(deep),
-        TINY_WL,
-        37 * MiB,
-        context_overhead=0,
-        engine=None,
-        max_overhead=None,
-        max_plans=3,
-        max_runs=12,
-        task=None,
-        allow_pickle=False,
-        trust_remote_code=False,
-        say=lambda m: None,
-    )
+    s = new_search(str(deep), TINY_WL, 37 * MiB)
     keys = [k for k in s.setups if s._traced_beside(k)][:2]
     assert len(keys) == 2 and s.combinations.zero in s.setups
     s.measure(s.combinations.zero, "baseline")
