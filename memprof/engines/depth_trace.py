@@ -311,12 +311,20 @@ def template(a: Sequence[TraceEvent], b: Sequence[TraceEvent]) -> Template | str
 
         window = range(i - left, i + right)
         shifts = range(-left, right + 1)
-        # ties: onto the run before (one period split by an event that only looks like the
+        # an event before the run is b's j1 + x - i, one after it b's j2 + x - i: the bad events
+        # of each shift from two prefix sums over the window (not every event for every shift)
+        before = [0]
+        for x in window:
+            before.append(before[-1] + bad(x, j1 + x - i))
+        after = [0]
+        for x in reversed(window):
+            after.append(after[-1] + bad(x, j2 + x - i))
+        after.reverse()  # after[k]: the bad events from window[k] on, the run before them
+        # shift s: window[: s + left] before the run, the rest after it.
+        # Ties: onto the run before (one period split by an event that only looks like the
         # template's: merged below), else the least moved
-        best = min(
-            shifts,
-            key=lambda s: (sum(bad(x, matched(x, s)) for x in window), not (n and i + s == lo), abs(s), s),
-        )
+        ranked = [(before[s + left] + after[s + left], not (n and i + s == lo), abs(s), s) for s in shifts]
+        best = min(ranked)[3]
         if best:
             for x in window:
                 match[x] = matched(x, best)
