@@ -22,7 +22,7 @@ from memprof.engines.base import Measure
 from memprof.engines.depth_trace import extend, same_trace, template
 from memprof.tracking import TraceEvent
 from memprof.workload import StepSetup
-from tests.engines.test_depth import DECODERS, RECIPES, WL, narrow, recipe_setup
+from tests.engines.test_depth import DECODERS, RECIPES, WL, check_figures, narrow, recipe_setup
 
 MEASURE = Measure(flops=True, timeline=False)
 
@@ -75,6 +75,7 @@ def test_the_extended_trace_is_the_whole_trace(model, recipe):
     whole_eng = SimEngine()
     whole_eng.keep_trace = True
     whole = whole_eng.run_detailed(rm, setup, track_modules=False, measure=MEASURE)
+    check_figures(model, recipe, shallow, whole)  # the extrapolation's own checks (test_depth.py)
     if isinstance(out, str):
         assert (model, recipe) not in MUST_EXTEND, out
         assert any(r in out for r in REFUSALS), out
