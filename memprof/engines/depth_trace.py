@@ -70,6 +70,18 @@ def _token(e: TraceEvent) -> Token:
     return (e.alloc, e.nbytes, e.phase)
 
 
+def _diff_tokens(t: Sequence[TraceEvent]) -> list[tuple[bool, int, str | None, bool]]:
+    """Each event's token and whether it is of the same op as the event before it.
+
+    What the two shallow traces are aligned on: a multi-tensor op (the optimizer's
+    ``_foreach`` ops over every adapter, each block's share a run of the same op) allocates
+    one block's outputs after another's in one op, and the op after it frees them the same
+    way. Without the flag, an alignment can take one block's allocations and the next op's
+    first frees as one run (a period split across two ops), which the third depth refutes.
+    """
+    return [(e.alloc, e.nbytes, e.phase, i > 0 and e.op == t[i - 1].op) for i, e in enumerate(t)]
+
+
 @dataclass
 class _Pairs:
     """Each event's allocation (frees: the index of the allocation they release) and ranks."""
@@ -261,7 +273,7 @@ def _rank_rule(pa: _Pairs, i: int, pb: _Pairs, j: int) -> Rule | None:
 
 def template(a: Sequence[TraceEvent], b: Sequence[TraceEvent]) -> Template | str:
     """The template that turns the trace ``a`` into ``b`` (one period deeper), or why there is none."""
-    ta, tb = [_token(e) for e in a], [_token(e) for e in b]
+    ta, tb = _diff_tokens(a), _diff_tokens(b)
     pa, pb = _pairs(a), _pairs(b)
     if isinstance(pa, str) or isinstance(pb, str):
         return f"the shallow trace does not pair its frees ({pa if isinstance(pa, str) else pb})"

@@ -124,6 +124,29 @@ def test_the_plan_for_llama_3_8b_at_its_own_widths_extends_to_its_whole_trace():
     assert whole.profile.peak_reserved_bytes > whole.profile.peak_bytes  # a replay, not a copy
 
 
+def test_an_adapter_step_extends_to_its_whole_trace():
+    """LoRA on every linear layer: the optimizer's multi-tensor ops hold nothing but the blocks'
+    adapters, one block's share after another's in each op. The alignment keeps a period in one op
+    (``_diff_tokens``): the extended trace is the whole one. (extend_run does not make its profile
+    yet: the adapter note counts the parameters, which depend on the depth.)"""
+    from memprof.plan.levers import apply_steps
+    from memprof.prepare import fake_model
+
+    rm = D._at_depth(narrow("llama-3-8b"), 8)  # 8 blocks: the same check as 32, a quarter of the whole trace
+    setup = StepSetup.of(WL.for_model(rm))
+    assert apply_steps([{"name": "lora", "options": {}}], fake_model(rm, setup.workload), setup) is None
+    eng = SimEngine()
+    eng.keep_trace = True
+    shallow, _ = D.shallow_run(eng, rm, setup, MEASURE)
+    sh = shallow.shallow
+    trace = D.extend(sh.traces, sh.depths.traced, sh.depths.full)
+    assert not isinstance(trace, str), trace
+    whole_eng = SimEngine()
+    whole_eng.keep_trace = True
+    whole_eng.run_detailed(rm, setup, track_modules=False, measure=MEASURE)
+    assert same_trace(trace, whole_eng.last_trace) is None
+
+
 def ev(sid: int, n: int, alloc: bool, phase: str = "forward", op: int = 0) -> TraceEvent:
     return TraceEvent(sid, n, alloc, phase, op)
 
