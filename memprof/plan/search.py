@@ -172,8 +172,12 @@ class Search:
             if not key[off] or not key[opt]:
                 continue
             steps = self.levers[off].levels[key[off]].steps
-            minimal = min(optimizations.make(s["name"], s["options"]).config.minimal_size for s in steps)
-            if not trainable or min(trainable) < minimal:
+            minimal = [
+                optimizations.make(s["name"], s["options"]).config.minimal_size
+                for s in steps
+                if s["name"] == "optimizer_offload"
+            ]
+            if not trainable or not minimal or min(trainable) < min(minimal):
                 continue
             for level in range(key[opt]):  # the least level that applies with the others
                 by = (*key[:opt], level, *key[opt + 1 :])
