@@ -167,17 +167,21 @@ class Search:
             return
         from memprof import optimizations
 
-        trainable = [p.numel() for p in self.model.parameters() if p.requires_grad]
-        for key in sorted(self.setups):
-            if not key[off] or not key[opt]:
-                continue
-            steps = self.levers[off].levels[key[off]].steps
+        smallest = min((p.numel() for p in self.model.parameters() if p.requires_grad), default=None)
+        if smallest is None:
+            return
+        # the offload levels that leave no parameter's optimizer on the device
+        whole = set()
+        for level, lv in enumerate(self.levers[off].levels):
             minimal = [
                 optimizations.make(s["name"], s["options"]).config.minimal_size
-                for s in steps
+                for s in lv.steps
                 if s["name"] == "optimizer_offload"
             ]
-            if not trainable or not minimal or min(trainable) < min(minimal):
+            if minimal and smallest >= min(minimal):
+                whole.add(level)
+        for key in sorted(self.setups):
+            if key[off] not in whole or not key[opt]:
                 continue
             for level in range(key[opt]):  # the least level that applies with the others
                 by = (*key[:opt], level, *key[opt + 1 :])
