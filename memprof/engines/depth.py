@@ -9,8 +9,12 @@ to block: ``checkpointing``'s ``every``, a pattern of layer types), takes the
 moment of the shallow traces' peak, and extrapolates its figures (the allocated
 bytes, each category and each phase's peak, the parameter count, the FLOPs) to the
 model's depth, when each moves by exactly the same bytes from the first depth to
-the second as from the second to the third and the peak stays in one phase;
-otherwise it says why and the caller traces the whole model.
+the second as from the second to the third and the peak stays in one phase. The
+first period may differ from the ones after it (with activations offloaded, the
+first block's forward holds one hidden state more; a short stack's peak can be in
+another phase than a deep one's): when those checks fail, the depths one period on
+(``d + p``, ``d + 2p``, ``d + 3p``: one more run) are tried; otherwise it says why
+and the caller traces the whole model.
 
 The parameter count and the FLOPs extrapolate exactly. The peak does not always:
 another moment, with more bytes per block, can overtake the shallow traces' peak
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -68,6 +73,13 @@ class Depths:
     def describe(self) -> str:
         a, b, c = self.traced
         return f"traced at {a}, {b} and {c} of {self.full} blocks and extrapolated"
+
+    def deeper(self) -> Depths | None:
+        """The depths one period on (the second and third, and one more), or None: not shallower than the model."""
+        a, b, c = self.traced
+        if c + self.period >= self.full:
+            return None
+        return Depths(full=self.full, traced=(b, c, c + self.period), period=self.period)
 
     def describe_extended(self) -> str:
         a, b, c = self.traced
@@ -160,9 +172,10 @@ def shallow_run(
         What :meth:`Engine.run_detailed` raises for a shallow copy (out of memory,
         an input error, a step the engine cannot run): the whole model would raise it too.
     """
-    plan = depths(rm, setup)
-    if isinstance(plan, str):
-        return None, plan
+    found = depths(rm, setup)
+    if isinstance(found, str):
+        return None, found
+    plan: Depths = found
     say = progress or (lambda msg: None)
 
     def traced_at(d: int) -> tuple[RunResult, list[TraceEvent] | None]:
@@ -199,8 +212,27 @@ def shallow_run(
             done = [*side, deepest]
         else:
             done = [traced_at(d) for d in plan.traced]
+        out, why = _extrapolated(plan, done)
+        deeper = plan.deeper()
+        if out is None and deeper is not None and any(r in why for r in RETRIED):
+            # the first period may differ from the ones after it (the first block's forward
+            # peak with activations offloaded, adapters' state overtaking a short stack's
+            # activations): one period deeper, from the second depth on
+            plan = deeper
+            out, why = _extrapolated(plan, [*done[1:], traced_at(plan.traced[2])])
     finally:
         engine.keep_trace, engine.last_trace = kept, None
+    return out, why
+
+
+#: the refusals :func:`shallow_run` tries again one period deeper (the first period may differ)
+RETRIED = ("the peak moves between phases", "is not affine in depth")
+
+
+def _extrapolated(
+    plan: Depths, done: list[tuple[RunResult, list[TraceEvent] | None]]
+) -> tuple[RunResult | None, str]:
+    """The model's figures from the runs at ``plan.traced`` (:func:`shallow_run`), or why not."""
     runs = [r for r, _ in done]
     traces = [t for _, t in done]
     figs = [_figures(r) for r in runs]
@@ -268,6 +300,50 @@ def _affine(values: list[Any], steps: int) -> Any:
 
 NOT_AFFINE = object()
 
+#: a number in a note: digits with thousands separators, maybe a decimal part
+_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
+
+
+def affine_notes(notes: list[list[str]], steps: int) -> list[str] | None:
+    """The notes of three shallow depths at the model's depth, or None when one cannot be told.
+
+    A note the same at the three depths is the model's. One that differs only in whole
+    numbers (a count of layers, of adapter parameters, of kernel calls) has each number
+    moved by the same amount from one depth to the next, ``steps`` periods on from the
+    first; written as the notes write it (with thousands separators where a depth's has
+    them; a count that would reach 1,000 unseparated cannot be told). Anything else (a
+    decimal that moves: rounded bytes, a share) is None: the caller traces the whole model.
+    """
+    if not len(notes[0]) == len(notes[1]) == len(notes[2]):
+        return None
+    out = []
+    for a, b, c in zip(*notes):
+        if a == b == c:
+            out.append(a)
+            continue
+        if not _NUMBER.split(a) == _NUMBER.split(b) == _NUMBER.split(c):
+            return None
+        numbers = []
+        for x, y, z in zip(_NUMBER.findall(a), _NUMBER.findall(b), _NUMBER.findall(c)):
+            if x == y == z:
+                numbers.append(x)
+                continue
+            if "." in x + y + z or any(v.startswith("0") and v != "0" for v in (x, y, z)):
+                return None
+            i, j, k = (int(v.replace(",", "")) for v in (x, y, z))
+            separated = "," in x + y + z
+            if j - i != k - j or (
+                separated and any(("," in v) != (int(v.replace(",", "")) >= 1000) for v in (x, y, z))
+            ):
+                return None
+            v = i + steps * (j - i)
+            if v < 0 or (not separated and v >= 1000 > max(i, j, k)):
+                return None
+            numbers.append(f"{v:,}" if separated else str(v))
+        parts = _NUMBER.split(a)
+        out.append("".join(p + q for p, q in zip(parts, [*numbers, ""])))
+    return out
+
 
 def extend_run(engine: Engine, setup: StepSetup, r: RunResult) -> tuple[RunResult, str] | str:
     """An extrapolated result made whole: its shallow traces extended to the model's depth, or why not.
@@ -292,6 +368,12 @@ def extend_run(engine: Engine, setup: StepSetup, r: RunResult) -> tuple[RunResul
     if not isinstance(sh, Shallow) or sh.traces is None:
         return "the engine keeps no trace to extend"
     plan = sh.depths
+    names = {st.get("name") for st in setup.steps}
+    if {"qlora", "checkpointing"} <= names:
+        # its shallow traces extend and pass the check one period deeper, but at full depth the
+        # end of backward frees the same tensors in another order (a 4-bit layer's saved state
+        # among the blocks'); the figures agree, the trace is not shown to: traced whole
+        return "QLoRA under checkpointing frees the end of its backward in an order that moves with the depth"
     whole = extend(sh.traces, plan.traced, plan.full)
     if isinstance(whole, str):
         return whole
@@ -321,11 +403,13 @@ def extend_run(engine: Engine, setup: StepSetup, r: RunResult) -> tuple[RunResul
     from memprof.engines.sim import KERNELS_NOTE, RESERVED_NOTE, kernel_note
 
     # the engine's notes on the shallowest replay and kernels, in their places, for the whole step's;
-    # any other note must not depend on the depth (pruning's counts do: traced whole)
+    # any other note is the same at every depth or counts what the depth adds (affine_notes)
     stale = (RESERVED_NOTE, KERNELS_NOTE, ENV_VAR + "=", "depth: ")
     kept = [[n for n in p.notes if not n.startswith(stale)] for p in sh.profiles]
-    if not kept[0] == kept[1] == kept[2]:
+    at_depth = affine_notes(kept, steps)
+    if at_depth is None:
         return "a note of the profile depends on the depth"
+    own = iter(at_depth)
     notes: list[str] = []
     for n in r.profile.notes:
         if n.startswith(RESERVED_NOTE):
@@ -333,7 +417,7 @@ def extend_run(engine: Engine, setup: StepSetup, r: RunResult) -> tuple[RunResul
         elif n.startswith(KERNELS_NOTE):
             notes.append(kernel_note(kernels))
         elif not n.startswith(stale):
-            notes.append(n)
+            notes.append(next(own))
     notes.append(f"depth: {plan.describe_extended()} (every event checked against the third depth)")
     profile = replace(
         r.profile,

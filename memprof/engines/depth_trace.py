@@ -70,16 +70,25 @@ def _token(e: TraceEvent) -> Token:
     return (e.alloc, e.nbytes, e.phase)
 
 
-def _diff_tokens(t: Sequence[TraceEvent]) -> list[tuple[bool, int, str | None, bool]]:
-    """Each event's token and whether it is of the same op as the event before it.
+def _diff_tokens(t: Sequence[TraceEvent]) -> list[tuple[bool, int, str | None, bool, bool]]:
+    """Each event's token, whether it is of the same op as the event before it, and whether
+    it is of the same category.
 
     What the two shallow traces are aligned on: a multi-tensor op (the optimizer's
     ``_foreach`` ops over every adapter, each block's share a run of the same op) allocates
     one block's outputs after another's in one op, and the op after it frees them the same
-    way. Without the flag, an alignment can take one block's allocations and the next op's
-    first frees as one run (a period split across two ops), which the third depth refutes.
+    way. Without the first flag, an alignment can take one block's allocations and the next
+    op's first frees as one run (a period split across two ops), which the third depth
+    refutes. The second does the same for sections of one op: the tensors that exist when
+    the step starts are recorded at one op counter, the parameters block after block, then
+    the optimizer's state block after block (and QLoRA's quantization state between them);
+    without it, one block's quantization state and the next section's first block can be
+    taken as one run.
     """
-    return [(e.alloc, e.nbytes, e.phase, i > 0 and e.op == t[i - 1].op) for i, e in enumerate(t)]
+    return [
+        (e.alloc, e.nbytes, e.phase, i > 0 and e.op == t[i - 1].op, i > 0 and e.category == t[i - 1].category)
+        for i, e in enumerate(t)
+    ]
 
 
 @dataclass
@@ -163,7 +172,7 @@ class Template:
                 live_by_size[e.nbytes].append(sid)
                 live_of[o].append(sid)
                 origin_of[sid] = o
-                out.append(TraceEvent(sid, e.nbytes, True, e.phase, op))
+                out.append(TraceEvent(sid, e.nbytes, True, e.phase, op, e.category))
                 continue
             kind, x, y = self.rules[o]
             same = live_by_size[e.nbytes]
@@ -177,7 +186,7 @@ class Template:
                 if freed not in same:
                     return f"a free's rule ({kind} {x} {y}) finds an allocation of another size"
                 same.remove(freed)
-                out.append(TraceEvent(freed, e.nbytes, False, e.phase, op))
+                out.append(TraceEvent(freed, e.nbytes, False, e.phase, op, e.category))
                 continue
             k = len(mine) - 1 - x if kind == "n" else x if kind == "o" else -1 if kind == "k" else 0
             if not -len(mine) <= k < len(mine) or (kind == "n" and k < 0):
@@ -191,7 +200,7 @@ class Template:
                 if freed not in same:
                     return f"a free's rule ({kind} {x} {y}) finds an allocation of another size"
                 same.remove(freed)
-            out.append(TraceEvent(freed, e.nbytes, False, e.phase, op))
+            out.append(TraceEvent(freed, e.nbytes, False, e.phase, op, e.category))
         return out
 
     def periods_of(self, periods: int) -> list[int]:

@@ -350,7 +350,7 @@ class SimEngine(Engine):
         if self._gemm4.calls:
             out.append(
                 "bitsandbytes 4-bit matmuls projected as CUDA runs them: "
-                + ", ".join(f"{k} x{v}" for k, v in sorted(self._gemm4.calls.items()))
+                + ", ".join(f"{k} x{v:,}" for k, v in sorted(self._gemm4.calls.items()))
             )
         return out
 

@@ -179,7 +179,7 @@ class Lora(Optimization):
         return (
             f"LoRA rank {self.config.rank} on {self.config.targets}"
             + (" (DoRA)" if self.config.dora else "")
-            + f": {adapters:,} adapter parameters ({adapters / max(total, 1):.2%} of {total:,}); the rest frozen"
+            + f": {adapters:,} adapter parameters of {total:,}; the rest frozen"
         )
 
 

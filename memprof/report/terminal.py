@@ -67,9 +67,11 @@ def parameters_line(params: dict[str, Any] | None) -> str | None:
     if not params or not params.get("frozen"):
         return None
     kind = "LoRA adapters, " if params.get("adapters") else ""
+    trainable, frozen = int(params["trainable"]), int(params["frozen"])
     return (
-        f"{format_count(int(params['frozen']))} frozen ({format_bytes(int(params['frozen_bytes']), 2)}) · "
-        f"{format_count(int(params['trainable']))} trainable ({kind}{format_bytes(int(params['trainable_bytes']))})"
+        f"{format_count(frozen)} frozen ({format_bytes(int(params['frozen_bytes']), 2)}) · "
+        f"{format_count(trainable)} trainable ({trainable / (trainable + frozen):.2%}; "
+        f"{kind}{format_bytes(int(params['trainable_bytes']))})"
     )
 
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memprof.errors import EnvironmentProblem, InputError
-from memprof.units import format_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -73,8 +72,7 @@ def quantize_4bit(model: torch.nn.Module, spec: NF4Spec) -> str:
     """Replace every Linear layer but the output head with ``bnb.nn.Linear4bit`` (frozen 4-bit weights), in place.
 
     Returns:
-        A note: how many layers, their weight bytes before and after (packed weights
-        and quantization state).
+        A note: the layout and how many layers (their bytes are the profile's).
 
     Raises:
         EnvironmentProblem: bitsandbytes or PEFT is missing.
@@ -91,7 +89,6 @@ def quantize_4bit(model: torch.nn.Module, spec: NF4Spec) -> str:
     layers = linears(model)
     if not layers:
         raise InputError(f"{type(model).__name__} has no Linear layers to quantize")
-    before = sum(lin.weight.numel() * lin.weight.element_size() for _, lin in layers)
     fake = any(_is_fake(lin.weight) for _, lin in layers)
     if fake:
         _prepare_fake(bnb)
@@ -100,13 +97,12 @@ def quantize_4bit(model: torch.nn.Module, spec: NF4Spec) -> str:
         set_module(model, name, new)
     # PEFT dispatches its 4-bit LoRA layer on this flag (set by transformers' bitsandbytes loading)
     model.is_loaded_in_4bit = True  # type: ignore[assignment]
-    after = unique_bytes(_layer_tensors(model, {n for n, _ in layers}))
     double = ", double-quantized scales" if spec.double_quant else ""
+    # only counts in the note: the bytes are the profile's (the parameters line, the categories),
+    # and a count extends with the depth where bytes rounded for reading do not (memprof.engines.depth)
     return (
         f"{spec.quant_type} 4-bit base weights (bitsandbytes Linear4bit{double}, compute in "
-        f"{spec.compute_dtype}): {len(layers)} Linear layers, weights {format_bytes(before)} -> "
-        f"{format_bytes(after)} with their quantization state ({after / before:.1%}); the output head "
-        "is not quantized"
+        f"{spec.compute_dtype}): {len(layers):,} Linear layers; the output head is not quantized"
     )
 
 
@@ -256,13 +252,6 @@ def quant_state_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
             if isinstance(t, torch.Tensor):
                 yield t
         state = getattr(state, "state2", None)
-
-
-def _layer_tensors(model: torch.nn.Module, names: set[str]) -> Iterator[torch.Tensor]:
-    for name, m in model.named_modules():
-        if name in names:
-            yield m.weight
-            yield from quant_state_tensors(m)
 
 
 def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -101,7 +101,7 @@ def prune_ffn(model: torch.nn.Module, amount: float) -> str:
     after = sum(p.numel() for p in model.parameters())
     return (
         f"structured FFN pruning: {len(pairs)} blocks from {size} to {k} neurons; parameters "
-        f"{before:,} -> {after:,} ({(before - after) / before:.1%} fewer)"
+        f"{before:,} -> {after:,} ({before - after:,} fewer)"
     )
 
 
@@ -257,7 +257,7 @@ def prune_heads(model: torch.nn.Module, amount: float, *, checkpoint: bool = Fal
     unit = f"key/value groups of {rep} query heads" if rep > 1 else "heads"
     line = (
         f"attention-head pruning: {len(blocks)} layers from {n_kv} to {keep_n} {unit} (head size {d}); "
-        f"parameters {before:,} -> {after:,} ({(before - after) / before:.1%} fewer)"
+        f"parameters {before:,} -> {after:,} ({before - after:,} fewer)"
     )
     if zero_only:
         line = (

@@ -51,6 +51,9 @@ class TraceEvent(NamedTuple):
     phase: str | None
     #: the tracker's op counter when it happened (ops dispatched so far in the region)
     op: int = 0
+    #: the storage's category then (an index of ``CATEGORIES``; -1: not recorded): what the
+    #: depth extension aligns sections of the trace on (parameters, then optimizer state...)
+    category: int = -1
 
 
 @dataclass

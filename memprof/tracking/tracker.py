@@ -408,7 +408,7 @@ class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
         self._records[sid] = [n, cat, owner]
         self._refs[sid] = weakref.ref(st, partial(self._on_free, sid))
         if self.trace is not None and n:
-            self.trace.append(TraceEvent(sid, n, True, self._phase, self.ops))
+            self.trace.append(TraceEvent(sid, n, True, self._phase, self.ops, cat))
         self._cat[cat] += n
         if self._grouped:
             self._grp[self._gi(owner, cat)] += n
@@ -492,7 +492,7 @@ class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
             if role is not None:
                 self._roles[role] -= n
         if self.trace is not None and n:
-            self.trace.append(TraceEvent(sid, n, False, self._phase, self.ops))
+            self.trace.append(TraceEvent(sid, n, False, self._phase, self.ops, cat))
         self._cat[cat] -= n
         if self._grouped:
             self._grp[self._gi(owner, cat)] -= n
@@ -620,9 +620,9 @@ class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
             # the allocator gives a resized storage a new block (the copy is
             # brief, so the old block is counted as freed first)
             if rec[0]:
-                self.trace.append(TraceEvent(sid, rec[0], False, self._phase, self.ops))
+                self.trace.append(TraceEvent(sid, rec[0], False, self._phase, self.ops, rec[1]))
             if n:
-                self.trace.append(TraceEvent(sid, n, True, self._phase, self.ops))
+                self.trace.append(TraceEvent(sid, n, True, self._phase, self.ops, rec[1]))
         rec[0] = n
         if self._role:
             role = self._role.get(sid)

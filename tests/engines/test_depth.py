@@ -166,21 +166,63 @@ def test_a_sharded_step_is_traced_whole():
     assert "sharded" in D.depths(rm, setup_with(wl, ("fsdp", {})))
 
 
-def test_a_figure_that_is_not_affine_refuses_the_extrapolation(monkeypatch):
-    rm = narrow("llama-3.2-1b")
+def _bend(monkeypatch: Any, extra: Any) -> None:
+    """Add ``extra(depth)`` bytes to the activations each shallow run reports (at the peak)."""
     real = D._figures
-    calls = []
+    seen: list[int] = []
 
     def bent(r: Any) -> dict[str, Any]:
         out = real(r)
-        calls.append(1)
-        if len(calls) == 3:
-            out["category activations"] += 512  # the third depth off the line by one block
+        seen.append(out["parameters"])
+        per_block = seen[1] - seen[0] if len(seen) > 1 else 1  # the first two calls: depths 1 and 2
+        out["category activations"] += extra(1 + (out["parameters"] - seen[0]) // per_block)
         return out
 
     monkeypatch.setattr(D, "_figures", bent)
+
+
+def test_a_figure_that_is_not_affine_refuses_the_extrapolation(monkeypatch):
+    rm = narrow("llama-3.2-1b")
+    _bend(monkeypatch, lambda d: 512 * max(d - 2, 0) ** 2)  # off the line from the third depth on
     out, why = D.shallow_run(SimEngine(), rm, StepSetup.of(WL.for_model(rm)), MEASURE)
-    assert out is None and "category activations is not affine in depth" in why
+    assert out is None and "category activations is not affine in depth" in why and "(2, 3, 4)" in why
+
+
+def test_a_first_block_of_its_own_is_passed_over_one_period_deeper(monkeypatch):
+    """The depths one period on (one run more) when the first depth is off the others' line."""
+    rm = narrow("llama-3.2-1b")
+    setup = StepSetup.of(WL.for_model(rm))
+    plain, _ = D.shallow_run(SimEngine(), rm, setup, MEASURE)
+    _bend(monkeypatch, lambda d: 4096 if d == 1 else 0)
+    out, how = D.shallow_run(SimEngine(), rm, setup, MEASURE)
+    assert how == "traced at 2, 3 and 4 of 16 blocks and extrapolated"
+    assert out is not None and out.shallow.depths.traced == (2, 3, 4)
+    assert figures(out) == figures(plain)  # the same line, from the next three depths
+
+
+@pytest.mark.parametrize(
+    "notes,full",
+    [
+        # the same at every depth: the model's
+        (["rank 16, 1.5 MiB"] * 3, "rank 16, 1.5 MiB"),
+        # counts one period apart: 31 periods on from the first depth (32 blocks from 1, 2, 3)
+        (["x7, flash x1", "x14, flash x2", "x21, flash x3"], "x224, flash x32"),
+        (["15,872 of 83,648", "31,744 of 134,464", "47,616 of 185,280"], "507,904 of 1,658,944"),
+        (["x900", "x1,000", "x1,100"], "x4,000"),
+        (["x1100", "x1200", "x1300"], "x4200"),  # written without separators, as its depths show
+        # what cannot be told: a decimal that moves, a count not affine, another skeleton,
+        # a count that reaches 1,000 from depths that do not show how it is written
+        (["1.5 MiB", "1.1 MiB", "0.7 MiB"], None),
+        (["9.1% fewer", "12.0% fewer", "13.4% fewer"], None),
+        (["x1", "x2", "x4"], None),
+        (["1 block", "2 blocks", "3 blocks"], None),
+        (["x100", "x200", "x300"], None),
+    ],
+)
+def test_a_note_that_counts_blocks_is_extrapolated_and_any_other_change_refused(notes, full):
+    out = D.affine_notes([[n] for n in notes], 31)
+    assert out == (None if full is None else [full])
+    assert D.affine_notes([["a"], ["a", "b"], ["a"]], 31) is None  # a note only some depths have
 
 
 @pytest.fixture(scope="module")

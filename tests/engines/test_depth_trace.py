@@ -12,6 +12,7 @@ how it was made. Where it is refused, the reason is one of the documented ones.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -32,6 +33,8 @@ SUITE = {
     ("llama-3-8b", "low-memory-finetune.yaml"),
     ("gemma-2-9b", "(baseline)"),  # two layer types: a period of 2 blocks; a chain of blocks
     ("llama-3-8b", "minimal-memory.yaml"),  # a free of the template's allocation, then a run's
+    ("qwen2.5-0.5b", "compact-encoder.yaml"),  # pruning's note: its counts extrapolated
+    ("llama-3-8b", "single-gpu-qlora.yaml"),  # traced one period deeper, then refused (its free order)
 }
 MATRIX = [
     (m, r)
@@ -40,11 +43,16 @@ MATRIX = [
     if os.environ.get("MEMPROF_DEPTH_MATRIX") == "1" or (m, r) in SUITE
 ]
 #: extended today (a refusal there is a regression, not a documented limit)
-MUST_EXTEND = SUITE | {
-    (m, r)
-    for m in ("llama-3-8b", "llama-3-70b", "mistral-7b", "qwen2.5-0.5b", "tinyllama-1.1b")
-    for r in ("(baseline)", "low-memory-finetune.yaml", "minimal-memory.yaml")
-}
+MUST_EXTEND = (
+    SUITE
+    | {
+        (m, r)
+        for m in ("llama-3-8b", "llama-3-70b", "mistral-7b", "qwen2.5-0.5b", "tinyllama-1.1b")
+        for r in ("(baseline)", "low-memory-finetune.yaml", "minimal-memory.yaml")
+    }
+    | {(m, "compact-encoder.yaml") for m in DECODERS}
+    | {("gemma-2-9b", "single-gpu-lora.yaml"), ("gemma-2-9b", "fastest-fit.yaml")}
+) - {("llama-3-8b", "single-gpu-qlora.yaml")}
 #: why an extension may be refused (each a check of memprof.engines.depth_trace or extend_run)
 REFUSALS = (
     "not the shallower one with runs inserted",
@@ -54,6 +62,8 @@ REFUSALS = (
     "another moment",
     "not affine in depth",
     "a note of the profile depends on the depth",
+    # found by this test: at full depth, not one period deeper (the figures agree, not the trace)
+    "an order that moves with the depth",
 )
 
 
@@ -124,27 +134,39 @@ def test_the_plan_for_llama_3_8b_at_its_own_widths_extends_to_its_whole_trace():
     assert whole.profile.peak_reserved_bytes > whole.profile.peak_bytes  # a replay, not a copy
 
 
-def test_an_adapter_step_extends_to_its_whole_trace():
-    """LoRA on every linear layer: the optimizer's multi-tensor ops hold nothing but the blocks'
-    adapters, one block's share after another's in each op. The alignment keeps a period in one op
-    (``_diff_tokens``): the extended trace is the whole one. (extend_run does not make its profile
-    yet: the adapter note counts the parameters, which depend on the depth.)"""
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_an_adapter_step_extends_to_its_whole_trace(method):
+    """LoRA and QLoRA on every linear layer, bf16, 8 blocks of Llama-3-8B's (narrowed): the extended
+    trace is the whole one, and so is the profile, notes included (the adapter and layer counts
+    extrapolated: :func:`~memprof.engines.depth.affine_notes`).
+
+    LoRA: the optimizer's multi-tensor ops hold nothing but the blocks' adapters, one block's
+    share after another's in each op; the alignment keeps a period in one op (``_diff_tokens``'s
+    op flag). QLoRA: the tensors there at the start are recorded at one op counter, the
+    parameters, the quantization state and the optimizer's state each block after block; the
+    alignment keeps a period in one section (its category flag): without it, the last block's
+    quantization state and the first block's optimizer state were taken as one run."""
     from memprof.plan.levers import apply_steps
     from memprof.prepare import fake_model
 
     rm = D._at_depth(narrow("llama-3-8b"), 8)  # 8 blocks: the same check as 32, a quarter of the whole trace
-    setup = StepSetup.of(WL.for_model(rm))
-    assert apply_steps([{"name": "lora", "options": {}}], fake_model(rm, setup.workload), setup) is None
+    setup = StepSetup.of(replace(WL, dtype="bfloat16").for_model(rm))
+    assert apply_steps([{"name": method, "options": {}}], fake_model(rm, setup.workload), setup) is None
     eng = SimEngine()
     eng.keep_trace = True
-    shallow, _ = D.shallow_run(eng, rm, setup, MEASURE)
+    shallow, how = D.shallow_run(eng, rm, setup, MEASURE)
+    assert shallow is not None, how
     sh = shallow.shallow
     trace = D.extend(sh.traces, sh.depths.traced, sh.depths.full)
     assert not isinstance(trace, str), trace
+    out = D.extend_run(eng, setup, shallow)
+    assert not isinstance(out, str), out
     whole_eng = SimEngine()
     whole_eng.keep_trace = True
-    whole_eng.run_detailed(rm, setup, track_modules=False, measure=MEASURE)
+    whole = whole_eng.run_detailed(rm, setup, track_modules=False, measure=MEASURE)
     assert same_trace(trace, whole_eng.last_trace) is None
+    assert _without_depth_note(out[0].profile.to_dict()) == whole.profile.to_dict()
+    assert any(" 56 Linear layers" in n or "adapter parameters" in n for n in whole.profile.notes)
 
 
 def ev(sid: int, n: int, alloc: bool, phase: str = "forward", op: int = 0) -> TraceEvent:

@@ -199,7 +199,9 @@ def test_terminal_report_shows_frozen_and_trainable(llama):
         return console.export_text()
 
     line = next(ln for ln in text(lora).splitlines() if "Parameters" in ln)
-    assert "139.6K frozen (545.25 KiB)" in line and "32.8K trainable (LoRA adapters, 128.0 KiB)" in line
+    assert (
+        "139.6K frozen (545.25 KiB)" in line and "32.8K trainable (19.01%; LoRA adapters, 128.0 KiB)" in line
+    )
     assert "frozen" not in text(base)
     assert lora.to_dict()["parameters"]["adapters"] == 32768
 
