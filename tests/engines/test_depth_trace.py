@@ -33,8 +33,6 @@ SUITE = {
     ("llama-3-8b", "low-memory-finetune.yaml"),
     ("gemma-2-9b", "(baseline)"),  # two layer types: a period of 2 blocks; a chain of blocks
     ("llama-3-8b", "minimal-memory.yaml"),  # a free of the template's allocation, then a run's
-    ("qwen2.5-0.5b", "compact-encoder.yaml"),  # pruning's note: its counts extrapolated
-    ("llama-3-8b", "single-gpu-qlora.yaml"),  # traced one period deeper, then refused (its free order)
 }
 MATRIX = [
     (m, r)
@@ -52,7 +50,7 @@ MUST_EXTEND = (
     }
     | {(m, "compact-encoder.yaml") for m in DECODERS}
     | {("gemma-2-9b", "single-gpu-lora.yaml"), ("gemma-2-9b", "fastest-fit.yaml")}
-) - {("llama-3-8b", "single-gpu-qlora.yaml")}
+)
 #: why an extension may be refused (each a check of memprof.engines.depth_trace or extend_run)
 REFUSALS = (
     "not the shallower one with runs inserted",
@@ -232,3 +230,14 @@ def test_a_free_whose_allocation_moves_rank_refuses_the_extension():
     c += [ev(3, 1024, False), ev(1, 1024, False), ev(4, 1024, False)]
     out = extend([a, b, c], (1, 2, 3), 10)
     assert isinstance(out, str)
+
+
+def test_qlora_under_checkpointing_is_not_extended():
+    """Its traces pass the check one period deeper, yet at full depth the end of backward frees in
+    another order (MEMPROF_DEPTH_MATRIX=1 found it on every decoder): refused before any work."""
+    from types import SimpleNamespace
+
+    shallow = SimpleNamespace(shallow=D.Shallow(D.Depths(32, (1, 2, 3), 1), [], [[], [], []]))
+    steps = [{"name": "qlora", "options": {}}, {"name": "checkpointing", "options": {"every": 1}}]
+    out = D.extend_run(None, SimpleNamespace(steps=steps), shallow)  # type: ignore[arg-type]
+    assert isinstance(out, str) and "an order that moves with the depth" in out
