@@ -105,7 +105,8 @@ def make_optimizer(
     if name == "adafactor":
         if fused:
             raise InputError("adafactor has no fused implementation")
-        from transformers.optimization import Adafactor
+        # the module imports PEFT, and PEFT bitsandbytes, where installed: imported quietly
+        Adafactor = _optional("transformers.optimization").Adafactor
 
         # A fixed learning rate: relative steps and parameter scaling compare tensors
         # with Python numbers, which fake tensors cannot answer (and the memory is the same).

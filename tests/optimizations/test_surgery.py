@@ -193,3 +193,34 @@ def test_glu_refuses_pretrained_weights_and_checkpoints(tmp_path):
     with pytest.raises(InputError, match="pretrained weights"):
         apply(str(src), from_names(["glu"]), tmp_path / "out", wl, engine="cpu", profile=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_optional_libraries_are_imported_with_torch_compile_deferred_to_the_first_call(monkeypatch):
+    """bitsandbytes compiles its CPU kernels at import: under quiet_imports the compile waits for a call."""
+    from memprof.surgery.quantization import quiet_imports
+
+    calls = []
+
+    def compile_(model=None, **options):
+        calls.append((model, options))
+        return lambda *a, **k: ("compiled", model(*a, **k))
+
+    monkeypatch.setattr(torch, "compile", compile_)
+
+    def double(x):
+        return 2 * x
+
+    module = torch.nn.Linear(2, 2)
+    with quiet_imports():
+        called = torch.compile(double, dynamic=False)
+        decorated = torch.compile(fullgraph=True)(double)
+        torch.compile(module)
+        assert calls == [(module, {})]  # a module at once (torch.compile wraps it), functions not yet
+    assert torch.compile is compile_
+    assert called(3) == ("compiled", 6) and decorated(4) == ("compiled", 8)
+    assert calls[1:] == [(double, {"dynamic": False}), (double, {"fullgraph": True})]
+    assert called(5) == ("compiled", 10) and len(calls) == 3  # compiled once
+    assert called.__name__ == "double"
+    with pytest.raises(ValueError), quiet_imports():
+        raise ValueError
+    assert torch.compile is compile_
