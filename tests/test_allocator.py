@@ -387,3 +387,60 @@ def test_cli_compare_shows_the_reserved_memory_the_step_moves(capsys, monkeypatc
     base, step = d["baseline"], d["steps"][0]["profile"]
     assert step["peak_bytes"] == base["peak_bytes"]
     assert step["peak_reserved_bytes"] < base["peak_reserved_bytes"]
+
+
+@pytest.mark.parametrize(
+    "settings,capacity",
+    [
+        ({}, None),
+        ({"expandable_segments": True}, None),
+        ({"garbage_collection_threshold": 0.5, "max_split_size_mb": 64}, 600 * MiB),
+    ],
+)
+def test_a_burst_of_frees_leaves_the_same_allocator_whatever_its_order(settings, capacity):
+    """What lets the depth extension compare a burst of frees at one op as a set (depth_trace.same_trace):
+    every figure and the segments' layout after the trace are the same with each burst reversed
+    or shuffled (each free merges its block with its free neighbours; a merged block's age, for
+    the garbage collection, restarts at the burst)."""
+    import random
+
+    rng = random.Random(0)
+    sizes = [512, 4096, 600_000, 2 * MiB, 3 * MiB + 512, 21 * MiB, 90 * MiB]
+    events, live, key = [], [], 0
+    for op in range(400):
+        for _ in range(rng.randint(1, 4)):
+            key += 1
+            events.append((key, rng.choice(sizes), True, None, op))
+            live.append(key)
+        if rng.random() < 0.6 and live:  # a burst: frees one after another at one op
+            rng.shuffle(live)
+            n = rng.randint(1, len(live))
+            burst, live = live[:n], live[n:]
+            events += [(k, 0, False, None, op) for k in burst]
+
+    def bursts(order):
+        out, i = [], 0
+        while i < len(events):
+            j = i
+            while j < len(events) and not events[j][2] and events[j][4] == events[i][4]:
+                j += 1
+            if j > i:
+                out += order(events[i:j])
+                i = j
+            else:
+                out.append(events[i])
+                i += 1
+        return out
+
+    def shuffled(b):
+        return rng.sample(b, len(b))
+
+    runs = []
+    for order in (list, lambda b: b[::-1], shuffled):
+        model = CachingAllocatorModel(AllocatorSettings.from_dict(settings), capacity)
+        est = model.replay(bursts(order))
+        runs.append((vars(est), model.layout()))
+    first = runs[0][0]
+    assert sum(1 for e in events if not e[2]) > 300 and first["peak_reserved_bytes"] > 0
+    assert capacity is None or first["segments_released"] > 0  # the garbage collection ran
+    assert runs[0] == runs[1] == runs[2]

@@ -310,9 +310,9 @@ def affine_notes(notes: list[list[str]], steps: int) -> list[str] | None:
     A note the same at the three depths is the model's. One that differs only in whole
     numbers (a count of layers, of adapter parameters, of kernel calls) has each number
     moved by the same amount from one depth to the next, ``steps`` periods on from the
-    first; written as the notes write it (with thousands separators where a depth's has
-    them; a count that would reach 1,000 unseparated cannot be told). Anything else (a
-    decimal that moves: rounded bytes, a share) is None: the caller traces the whole model.
+    first; written with thousands separators, as memprof writes its counts, unless a depth
+    shows it at 1,000 or more without them. Anything else (a decimal that moves: rounded
+    bytes, a share) is None: the caller traces the whole model.
     """
     if not len(notes[0]) == len(notes[1]) == len(notes[2]):
         return None
@@ -337,9 +337,12 @@ def affine_notes(notes: list[list[str]], steps: int) -> list[str] | None:
             ):
                 return None
             v = i + steps * (j - i)
-            if v < 0 or (not separated and v >= 1000 > max(i, j, k)):
+            if v < 0:
                 return None
-            numbers.append(f"{v:,}" if separated else str(v))
+            # memprof writes its counts with separators: a count below 1,000 at every shallow
+            # depth is written as one; one written without them at 1,000 or more stays so
+            plain = not separated and max(i, j, k) >= 1000
+            numbers.append(str(v) if plain else f"{v:,}")
         parts = _NUMBER.split(a)
         out.append("".join(p + q for p, q in zip(parts, [*numbers, ""])))
     return out
@@ -368,12 +371,6 @@ def extend_run(engine: Engine, setup: StepSetup, r: RunResult) -> tuple[RunResul
     if not isinstance(sh, Shallow) or sh.traces is None:
         return "the engine keeps no trace to extend"
     plan = sh.depths
-    names = {st.get("name") for st in setup.steps}
-    if {"qlora", "checkpointing"} <= names:
-        # its shallow traces extend and pass the check one period deeper, but at full depth the
-        # end of backward frees the same tensors in another order (a 4-bit layer's saved state
-        # among the blocks'); the figures agree, the trace is not shown to: traced whole
-        return "QLoRA under checkpointing frees the end of its backward in an order that moves with the depth"
     whole = extend(sh.traces, plan.traced, plan.full)
     if isinstance(whole, str):
         return whole

@@ -425,20 +425,49 @@ def template(a: Sequence[TraceEvent], b: Sequence[TraceEvent]) -> Template | str
 
 
 def same_trace(x: Sequence[TraceEvent], y: Sequence[TraceEvent]) -> str | None:
-    """Where two traces differ (events, pairings, op counters), or None when they are the same."""
+    """Where two traces differ (events, pairings, op counters), or None when they are the same.
+
+    Frees that follow one another at one op counter, in one phase (a burst: what an op's
+    end or the end of backward releases at once) are compared as a set: which allocations
+    they release, not in which order. The caching allocator's state after a burst does not
+    depend on its order (each free merges its block with its free neighbours, and the
+    merged blocks are the same in any order), nor does any peak (frees only lower what is
+    live). The order within a burst is Python's: the end of QLoRA's backward under
+    checkpointing releases the loss and the last gradients in an order that moves with
+    the depth.
+    """
     if len(x) != len(y):
         return f"{len(x)} events against {len(y)}"
     px, py = _pairs(x), _pairs(y)
     if isinstance(px, str) or isinstance(py, str):
         return px if isinstance(px, str) else str(py)
-    for i, (e, f) in enumerate(zip(x, y)):
-        if _token(e) != _token(f):
+    i, n = 0, len(x)
+    while i < n:
+        e, f = x[i], y[i]
+        if (e.alloc or f.alloc) and _token(e) != _token(f):
             return f"event {i}: {_token(e)} against {_token(f)}"
-        if px.partner[i] != py.partner[i]:
-            return f"event {i}: releases event {px.partner[i]}'s allocation against {py.partner[i]}'s"
         if e.op != f.op:
             return f"event {i}: op {e.op} against {f.op}"
+        if e.alloc:
+            i += 1
+            continue
+        j, k = _burst_end(x, i), _burst_end(y, i)
+        if j != k:
+            return f"event {i}: a burst of {j - i} frees against {k - i}"
+        bx = sorted((px.partner[m], _token(x[m])) for m in range(i, j))
+        by = sorted((py.partner[m], _token(y[m])) for m in range(i, k))
+        if bx != by:
+            return f"event {i}: a burst of frees releases events {[b[0] for b in bx]}'s allocations against {[b[0] for b in by]}'s"
+        i = j
     return None
+
+
+def _burst_end(t: Sequence[TraceEvent], i: int) -> int:
+    """The index after the burst of frees that starts at ``t[i]`` (see :func:`same_trace`)."""
+    e, j = t[i], i + 1
+    while j < len(t) and not t[j].alloc and t[j].op == e.op and t[j].phase == e.phase:
+        j += 1
+    return j
 
 
 def peaks(trace: Sequence[TraceEvent]) -> tuple[int, dict[str, int]]:

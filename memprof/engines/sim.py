@@ -60,7 +60,7 @@ KERNELS_NOTE = "SDPA kernel calls projected: "
 
 def kernel_note(kernels: dict[str, int]) -> str:
     """The note on the SDPA kernels a step called, and how often."""
-    return KERNELS_NOTE + ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
+    return KERNELS_NOTE + ", ".join(f"{k} x{v:,}" for k, v in sorted(kernels.items()))
 
 
 class SimEngine(Engine):

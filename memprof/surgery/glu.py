@@ -161,7 +161,7 @@ def gated_mlp(model: torch.nn.Module, activation: str) -> str:
     act_name = getattr(act, "__name__", type(act).__name__)
     kind = "GeGLU" if "gelu" in act_name.lower() else "SwiGLU" if "silu" in act_name.lower() else "GLU"
     return (
-        f"glu: {len(blocks)} plain MLPs ({inner} hidden) replaced by {kind} with {act_name} "
+        f"glu: {len(blocks):,} plain MLPs ({inner} hidden) replaced by {kind} with {act_name} "
         f"({new_inner} hidden, random "
         f"weights); MLP parameters {mlp_before:,} -> {mlp_after:,} ({(mlp_after - mlp_before) / mlp_before:+.2%})"
     )

@@ -28,7 +28,7 @@ def prune_unstructured(model: torch.nn.Module, amount: float, *, permanent: bool
         if permanent:
             prune.remove(m, "weight")
     return (
-        f"unstructured pruning: {amount:.0%} of the weights of {len(layers)} Linear layers set to zero; "
+        f"unstructured pruning: {amount:.0%} of the weights of {len(layers):,} Linear layers set to zero; "
         + (
             "dense storage, so parameter bytes are unchanged (sparse kernels or formats are needed to save memory)"
             if permanent
@@ -100,7 +100,7 @@ def prune_ffn(model: torch.nn.Module, amount: float) -> str:
     model.config.intermediate_size = k  # type: ignore[union-attr]
     after = sum(p.numel() for p in model.parameters())
     return (
-        f"structured FFN pruning: {len(pairs)} blocks from {size} to {k} neurons; parameters "
+        f"structured FFN pruning: {len(pairs):,} blocks from {size} to {k} neurons; parameters "
         f"{before:,} -> {after:,} ({before - after:,} fewer)"
     )
 
@@ -256,12 +256,12 @@ def prune_heads(model: torch.nn.Module, amount: float, *, checkpoint: bool = Fal
     after = sum(p.numel() for p in model.parameters())
     unit = f"key/value groups of {rep} query heads" if rep > 1 else "heads"
     line = (
-        f"attention-head pruning: {len(blocks)} layers from {n_kv} to {keep_n} {unit} (head size {d}); "
+        f"attention-head pruning: {len(blocks):,} layers from {n_kv} to {keep_n} {unit} (head size {d}); "
         f"parameters {before:,} -> {after:,} ({before - after:,} fewer)"
     )
     if zero_only:
         line = (
-            f"attention-head pruning: {len(blocks)} layers, {n_kv - keep_n} of {n_kv} heads zeroed at full "
+            f"attention-head pruning: {len(blocks):,} layers, {n_kv - keep_n} of {n_kv} heads zeroed at full "
             "size: BERT's config cannot express fewer heads (transformers sizes its attention as "
             "hidden_size), so the checkpoint computes the pruned function but is not smaller; the smaller "
             "memory holds once the heads are removed after loading (memprof.surgery.pruning.prune_heads)"
@@ -340,7 +340,7 @@ def sparsify_2to4(model: torch.nn.Module, *, compress: bool = False) -> str:
         if compress
         else "the compressed semi-structured format is for inference steps on a CUDA GPU with compute capability >= 8.0"
     )
-    line = f"2:4 sparsity: 2 of every 4 weights zero in {len(layers)} Linear layers"
+    line = f"2:4 sparsity: 2 of every 4 weights zero in {len(layers):,} Linear layers"
     if why:
         return line + f"; dense storage, parameter bytes unchanged ({why})"
     from torch.sparse import to_sparse_semi_structured

@@ -185,7 +185,7 @@ def quantize(model: torch.nn.Module, backend: str, bits: int = 8) -> str:
         raise InputError(f"unknown quantization backend {backend!r}; use one of: {', '.join(QUANT_BACKENDS)}")
     after = weight_bytes(model, names)
     return (
-        f"{how}: {len(layers)} Linear layers, weights {format_bytes(before)} -> {format_bytes(after)} "
+        f"{how}: {len(layers):,} Linear layers, weights {format_bytes(before)} -> {format_bytes(after)} "
         f"({after / before:.1%} of before); the output head is not quantized"
     )
 

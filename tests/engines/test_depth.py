@@ -210,13 +210,13 @@ def test_a_first_block_of_its_own_is_passed_over_one_period_deeper(monkeypatch):
         (["15,872 of 83,648", "31,744 of 134,464", "47,616 of 185,280"], "507,904 of 1,658,944"),
         (["x900", "x1,000", "x1,100"], "x4,000"),
         (["x1100", "x1200", "x1300"], "x4200"),  # written without separators, as its depths show
-        # what cannot be told: a decimal that moves, a count not affine, another skeleton,
-        # a count that reaches 1,000 from depths that do not show how it is written
+        # a count below 1,000 at every depth is written as memprof writes counts, separated
+        (["x100", "x200", "x300"], "x3,200"),
+        # what cannot be told: a decimal that moves, a count not affine, another skeleton
         (["1.5 MiB", "1.1 MiB", "0.7 MiB"], None),
         (["9.1% fewer", "12.0% fewer", "13.4% fewer"], None),
         (["x1", "x2", "x4"], None),
         (["1 block", "2 blocks", "3 blocks"], None),
-        (["x100", "x200", "x300"], None),
     ],
 )
 def test_a_note_that_counts_blocks_is_extrapolated_and_any_other_change_refused(notes, full):
