@@ -136,24 +136,46 @@ def test_the_plan_for_llama_3_8b_at_its_own_widths_extends_to_its_whole_trace():
     assert whole.profile.peak_reserved_bytes > whole.profile.peak_bytes  # a replay, not a copy
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_an_adapter_step_extends_to_its_whole_trace(method):
-    """LoRA and QLoRA on every linear layer, bf16, 8 blocks of Llama-3-8B's (narrowed): the extended
-    trace is the whole one, and so is the profile, notes included (the adapter and layer counts
-    extrapolated: :func:`~memprof.engines.depth.affine_notes`).
+@pytest.mark.parametrize(
+    "method,blocks",
+    [
+        ("lora", 8),
+        ("qlora", 8),
+        # 25 s: in the matrix's share (the suite has the burst's own tests: same_trace, the allocator)
+        pytest.param(
+            "qlora+checkpointing",
+            12,
+            marks=pytest.mark.skipif(
+                os.environ.get("MEMPROF_DEPTH_MATRIX") != "1", reason="MEMPROF_DEPTH_MATRIX=1"
+            ),
+        ),
+    ],
+)
+def test_an_adapter_step_extends_to_its_whole_trace(method, blocks):
+    """LoRA and QLoRA on every linear layer (8 blocks of Llama-3-8B's, narrowed), and QLoRA under
+    checkpointing (12 blocks), bf16: the extended trace is the whole one, and so is the profile,
+    notes included (the adapter and layer counts extrapolated: :func:`~memprof.engines.depth.affine_notes`).
 
     LoRA: the optimizer's multi-tensor ops hold nothing but the blocks' adapters, one block's
     share after another's in each op; the alignment keeps a period in one op (``_diff_tokens``'s
     op flag). QLoRA: the tensors there at the start are recorded at one op counter, the
     parameters, the quantization state and the optimizer's state each block after block; the
     alignment keeps a period in one section (its category flag): without it, the last block's
-    quantization state and the first block's optimizer state were taken as one run."""
+    quantization state and the first block's optimizer state were taken as one run.
+
+    From 12 blocks on, the end of QLoRA's backward under checkpointing frees the loss, its
+    gradient, the last gradients and the labels at one op in an order that moves with the depth
+    (MEMPROF_DEPTH_MATRIX=1 found it on every decoder, at 32 blocks): the extended trace has them
+    in the shallow traces' order. A burst of frees is compared as a set (``same_trace``): the
+    allocator after it is the same in any order, and so is the profile, every figure."""
+    from memprof.engines.depth_trace import _pairs, _token
     from memprof.plan.levers import apply_steps
     from memprof.prepare import fake_model
 
-    rm = D._at_depth(narrow("llama-3-8b"), 8)  # 8 blocks: the same check as 32, a quarter of the whole trace
+    rm = D._at_depth(narrow("llama-3-8b"), blocks)  # the same checks as at 32, in a fraction of the time
     setup = StepSetup.of(replace(WL, dtype="bfloat16").for_model(rm))
-    assert apply_steps([{"name": method, "options": {}}], fake_model(rm, setup.workload), setup) is None
+    steps = [{"name": name, "options": {}} for name in method.split("+")]
+    assert apply_steps(steps, fake_model(rm, setup.workload), setup) is None
     eng = SimEngine()
     eng.keep_trace = True
     shallow, how = D.shallow_run(eng, rm, setup, MEASURE)
@@ -166,15 +188,25 @@ def test_an_adapter_step_extends_to_its_whole_trace(method):
     whole_eng = SimEngine()
     whole_eng.keep_trace = True
     whole = whole_eng.run_detailed(rm, setup, track_modules=False, measure=MEASURE)
-    assert same_trace(trace, whole_eng.last_trace) is None
+    wt = whole_eng.last_trace
+    assert same_trace(trace, wt) is None
     assert _without_depth_note(out[0].profile.to_dict()) == whole.profile.to_dict()
+    if "checkpointing" in method:  # the last frees, in another order: one burst
+        pe, pw = _pairs(trace), _pairs(wt)
+        assert not isinstance(pe, str) and not isinstance(pw, str)
+        moved = [
+            i
+            for i, (e, w) in enumerate(zip(trace, wt))
+            if (_token(e), pe.partner[i]) != (_token(w), pw.partner[i])
+        ]
+        assert moved and all(not wt[i].alloc and wt[i].op == wt[moved[0]].op for i in moved)
     # the note that counts the adapted layers (QLoRA) or the adapter parameters (LoRA) moves with
     # the depth: the extended profile's is not any shallow depth's, and is the whole trace's
-    counts = " Linear layers" if method == "qlora" else " adapter parameters"
+    counts = " Linear layers" if method.startswith("qlora") else " adapter parameters"
     (note,) = [n for n in out[0].profile.notes if counts in n]
     assert note in whole.profile.notes
     assert all(note not in p.notes and any(counts in n for n in p.notes) for p in sh.profiles)
-    assert method == "lora" or " 56 Linear layers" in note  # 8 blocks of 7
+    assert method == "lora" or f" {7 * blocks} Linear layers" in note  # 7 in a block
 
 
 def ev(sid: int, n: int, alloc: bool, phase: str = "forward", op: int = 0) -> TraceEvent:
@@ -240,39 +272,6 @@ def test_a_free_whose_allocation_moves_rank_refuses_the_extension():
     c += [ev(3, 1024, False), ev(1, 1024, False), ev(4, 1024, False)]
     out = extend([a, b, c], (1, 2, 3), 10)
     assert isinstance(out, str)
-
-
-def test_qlora_under_checkpointing_extends_with_its_last_frees_in_another_order():
-    """From 12 blocks on, the end of QLoRA's backward under checkpointing frees the loss, its
-    gradient, the last gradients and the labels at one op in an order that moves with the depth
-    (MEMPROF_DEPTH_MATRIX=1 found it on every decoder, at 32 blocks): the extended trace has them
-    in the shallow traces' order. A burst of frees is compared as a set (``same_trace``): the
-    allocator after it is the same in any order, and so is the profile, every figure."""
-    from memprof.engines.depth_trace import _pairs, _token
-    from memprof.plan.levers import apply_steps
-    from memprof.prepare import fake_model
-
-    rm = D._at_depth(narrow("llama-3-8b"), 12)
-    setup = StepSetup.of(replace(WL, dtype="bfloat16").for_model(rm))
-    steps = [{"name": "qlora", "options": {}}, {"name": "checkpointing", "options": {}}]
-    assert apply_steps(steps, fake_model(rm, setup.workload), setup) is None
-    eng = SimEngine()
-    shallow, how = D.shallow_run(eng, rm, setup, MEASURE)
-    assert shallow is not None, how
-    out = D.extend_run(eng, setup, shallow)
-    assert not isinstance(out, str), out
-    whole_eng = SimEngine()
-    whole_eng.keep_trace = True
-    whole = whole_eng.run_detailed(rm, setup, track_modules=False, measure=MEASURE)
-    sh = shallow.shallow
-    trace = D.extend(sh.traces, sh.depths.traced, sh.depths.full)
-    assert not isinstance(trace, str), trace
-    wt = whole_eng.last_trace
-    assert same_trace(trace, wt) is None
-    pe, pw = _pairs(trace), _pairs(wt)
-    moved = [i for i in range(len(wt)) if (_token(trace[i]), pe.partner[i]) != (_token(wt[i]), pw.partner[i])]
-    assert moved and all(not wt[i].alloc and wt[i].op == wt[moved[0]].op for i in moved)  # one burst
-    assert _without_depth_note(out[0].profile.to_dict()) == whole.profile.to_dict()
 
 
 def test_a_burst_of_frees_is_compared_as_a_set():
