@@ -280,13 +280,28 @@ def _rank_rule(pa: _Pairs, i: int, pb: _Pairs, j: int) -> Rule | None:
     return None
 
 
-def template(a: Sequence[TraceEvent], b: Sequence[TraceEvent]) -> Template | str:
-    """The template that turns the trace ``a`` into ``b`` (one period deeper), or why there is none."""
+def template(
+    a: Sequence[TraceEvent], b: Sequence[TraceEvent], *, from_the_end: bool = False
+) -> Template | str:
+    """The template that turns the trace ``a`` into ``b`` (one period deeper), or why there is none.
+
+    ``from_the_end``: the two traces aligned from their ends (the events of ``a`` matched to the
+    last of their like in ``b``, where the alignment from the start takes the first).
+    """
     ta, tb = _diff_tokens(a), _diff_tokens(b)
     pa, pb = _pairs(a), _pairs(b)
     if isinstance(pa, str) or isinstance(pb, str):
         return f"the shallow trace does not pair its frees ({pa if isinstance(pa, str) else pb})"
-    ops = difflib.SequenceMatcher(None, ta, tb, autojunk=False).get_opcodes()
+    if from_the_end:
+        na, nb = len(ta), len(tb)
+        ops = [
+            (tag, na - i2, na - i1, nb - j2, nb - j1)
+            for tag, i1, i2, j1, j2 in reversed(
+                difflib.SequenceMatcher(None, ta[::-1], tb[::-1], autojunk=False).get_opcodes()
+            )
+        ]
+    else:
+        ops = difflib.SequenceMatcher(None, ta, tb, autojunk=False).get_opcodes()
     if any(tag not in ("equal", "insert") for tag, *_ in ops):
         return "a deeper trace is not the shallower one with runs inserted"
     # match[i]: the event of b that event i of a is (before any shift)
@@ -508,7 +523,26 @@ def extend(
         return f"depths {depths} do not step evenly to {full}"
     if max(len(t) for t in traces) > MAX_EVENTS:
         return f"shallow traces of more than {MAX_EVENTS} events"
-    t = template(a, b)
+    periods = (full - d) // p
+    out = _extended(a, b, c, periods)
+    if isinstance(out, str) and "two periods deeper" in out:
+        # a period inserted among events like its own can be aligned at several places: the
+        # alignment from the ends, checked the same way
+        again = _extended(a, b, c, periods, from_the_end=True)
+        return out if isinstance(again, str) else again
+    return out
+
+
+def _extended(
+    a: Sequence[TraceEvent],
+    b: Sequence[TraceEvent],
+    c: Sequence[TraceEvent],
+    periods: int,
+    *,
+    from_the_end: bool = False,
+) -> list[TraceEvent] | str:
+    """:func:`extend`'s work: the template from ``a`` and ``b``, checked on ``c``, built ``periods`` on."""
+    t = template(a, b, from_the_end=from_the_end)
     if isinstance(t, str):
         return t
     why = t.orient(c, 2)
@@ -520,9 +554,7 @@ def extend(
     diff = same_trace(third, c)
     if diff is not None:
         return f"the trace two periods deeper is not the one the first two give ({diff})"
-    periods = (full - d) // p
-    out = t.build(periods, limit=MAX_EVENTS * (periods + 1))
-    return out
+    return t.build(periods, limit=MAX_EVENTS * (periods + 1))
 
 
 __all__ = ["MAX_EVENTS", "Template", "extend", "peaks", "same_trace", "template"]
