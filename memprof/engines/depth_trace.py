@@ -508,13 +508,18 @@ def peaks(trace: Sequence[TraceEvent]) -> tuple[int, dict[str, int]]:
     return peak, phases
 
 
+#: why :func:`extend` refuses a template the third depth refutes
+REFUTED = "the trace two periods deeper is not the one the first two give"
+
+
 def extend(
     traces: Sequence[Sequence[TraceEvent]], depths: tuple[int, int, int], full: int
 ) -> list[TraceEvent] | str:
     """The trace at depth ``full`` from the traces at ``depths`` (``d``, ``d + p``, ``d + 2p``), or why not.
 
     The template is learnt from the first two traces and must give the third exactly
-    (see the module); the result has fresh storage ids (one per allocation), the
+    (see the module); where the third refutes it, the two are aligned from their ends
+    (:func:`template`'s ``from_the_end``) and that template must give the third exactly; the result has fresh storage ids (one per allocation), the
     events, the pairings and the op counters the whole trace has when it is periodic.
     """
     a, b, c = traces
@@ -525,7 +530,7 @@ def extend(
         return f"shallow traces of more than {MAX_EVENTS} events"
     periods = (full - d) // p
     out = _extended(a, b, c, periods)
-    if isinstance(out, str) and "two periods deeper" in out:
+    if isinstance(out, str) and out.startswith(REFUTED):
         # a period inserted among events like its own can be aligned at several places: the
         # alignment from the ends, checked the same way
         again = _extended(a, b, c, periods, from_the_end=True)
@@ -547,13 +552,13 @@ def _extended(
         return t
     why = t.orient(c, 2)
     if why is not None:
-        return f"the trace two periods deeper is not the one the first two give ({why})"
+        return f"{REFUTED} ({why})"
     third = t.build(2)
     if isinstance(third, str):
         return f"one period deeper still: {third}"
     diff = same_trace(third, c)
     if diff is not None:
-        return f"the trace two periods deeper is not the one the first two give ({diff})"
+        return f"{REFUTED} ({diff})"
     return t.build(periods, limit=MAX_EVENTS * (periods + 1))
 
 
