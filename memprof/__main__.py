@@ -14,6 +14,9 @@ def run() -> None:
     ``memprof`` and ``memprof --help`` print the top-level page from stubs
     (:mod:`memprof.clihelp`), without importing the commands and torch.
     """
+    from memprof import gcpause
+
+    gcpause.pause()  # until the first step runs (see memprof.gcpause)
     try:
         from memprof.clihelp import help_app, is_top_level_help
 
@@ -24,7 +27,10 @@ def run() -> None:
     except KeyboardInterrupt:  # before memprof.cli could catch it (typer, the package face)
         sys.stderr.write("memprof: error: interrupted\n")
         sys.exit(130)
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:
+        gcpause.resume()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "memprof"
 
 #: (layer, module prefixes), lowest first; a module's layer is that of its longest matching prefix
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("memprof._version", "memprof.errors", "memprof.files", "memprof.units", "memprof.choices")),
+    (
+        "base",
+        (
+            "memprof._version",
+            "memprof.errors",
+            "memprof.files",
+            "memprof.units",
+            "memprof.choices",
+            "memprof.gcpause",
+        ),
+    ),
     (
         "data",
         (

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from memprof import gcpause
 from memprof._version import __version__
 from memprof.distill_loss import SIDES, resolve_teacher
 from memprof.engines.moe import router_counts
@@ -324,6 +325,7 @@ class Engine:
             InternalError: an unexpected exception while building or stepping (a bug),
                 from the original, with the model, engine, op and module it happened in.
         """
+        gcpause.resume()  # the console script's imports are over: no step runs with it paused
         say = progress or _noop
         measure = measure or Measure()
         given = workload  # a copy is measured: the setup gathers notes on the way
