@@ -33,9 +33,10 @@ the baseline (if it fits there is nothing to do). The most aggressive
 combinations are measured once best-first has made two runs without a plan, or
 ended without one: traced shallow where the model's depth extrapolates, if even
 their allocated peak does not fit, nothing does; a bound that may fit settles
-nothing, and such a combination is traced whole only if the search gets to it. While a candidate runs, the one the search would measure
-next runs beside it in a forked worker; the runs, their order and every figure
-are those of one run at a time. A combination is skipped without a run when
+nothing, and such a combination is traced whole only if the search gets to it.
+While a candidate runs, the one the search would measure next runs beside it in
+a forked worker; the runs, their order and every figure are those of one run at
+a time. A combination is skipped without a run when
 
 * it is component-wise less aggressive than one whose allocated peak was
   measured not to fit (monotonicity: more of a lever never allocates more; the
