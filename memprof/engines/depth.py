@@ -157,8 +157,12 @@ def shallow_run(
     *,
     allow_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> tuple[RunResult | None, str]:
     """The step's allocated figures at the model's depth, from three shallow traces (see the module).
+
+    ``meanwhile``: work of the caller's to do here while the shallower depths still run in
+    a worker (:func:`~memprof.engines.pool.run_beside`).
 
     Returns:
         ``(result, how)``: the extrapolated result and :meth:`Depths.describe`, or
@@ -206,6 +210,7 @@ def shallow_run(
                 shallower,
                 [partial(traced_at, plan.traced[2])],
                 where={"model": rm.name, "engine": engine.name},
+                meanwhile=meanwhile,
             )
             if isinstance(side, BaseException):
                 raise side

@@ -196,7 +196,11 @@ def _kill(pool: ProcessPoolExecutor) -> None:
 
 
 def run_beside(
-    side: Callable[[], T], here: Sequence[Callable[[], Any]], *, where: dict[str, str | None] | None = None
+    side: Callable[[], T],
+    here: Sequence[Callable[[], Any]],
+    *,
+    where: dict[str, str | None] | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> tuple[T | BaseException, list[Any]]:
     """``side`` in one forked worker while ``here`` runs in this process, one call after another.
 
@@ -204,7 +208,10 @@ def run_beside(
     the calls here keep warming this process's fake-tensor dispatch cache, which the
     runs after them inherit (a worker's is lost with it). ``side`` runs in this process
     after ``here`` when there is one core, no ``fork``, or this is a worker already.
-    ``where``: the model and engine an unexpected error names.
+    ``where``: the model and engine an unexpected error names. ``meanwhile``: called
+    here once ``here`` is done if the worker is still running (this process would only
+    wait): work the caller would do next anyway, whose result must not depend on when
+    it runs; not called where nothing runs beside.
 
     Returns:
         ``side``'s result (the :class:`MemprofError` it raised, in its place) and
@@ -232,6 +239,8 @@ def run_beside(
         _beside = True  # the cores are taken: a call here runs its own parts one by one
         try:
             done = [call() for call in here]
+            if meanwhile is not None and not future.done():
+                meanwhile()
         finally:
             _beside = False
         try:

@@ -280,6 +280,20 @@ class Search:
         grad = math.ceil(largest.numel() * dtype.itemsize / CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
         return float(grad + self._transients[(name, dtype)])
 
+    def _in_backward_floors(self) -> None:
+        """Every in-backward floor the search may read (:meth:`_in_backward_floor`), measured now.
+
+        Run while this process would wait for a worker (the first shallow run's two
+        shallower depths): the first best-first step reads them all at once, and the
+        first step of some optimizers (Adafactor's module imports PEFT) takes a second.
+        Each is cached and does not depend on when it is measured.
+        """
+        if not self.estimator.training:
+            return
+        for key in self.setups:
+            if self.combinations.in_backward(key):
+                self._in_backward_floor(key)  # one step per optimizer and dtype, cached
+
     def measure(self, key: Key, purpose: str, *, whole: bool = True) -> Run | None:
         """Run ``key``'s step in the sim engine and resolve the candidates it measures.
 
@@ -469,6 +483,7 @@ class Search:
                 Measure(flops=count, timeline=False),
                 allow_pickle=self.allow_pickle,
                 progress=say,
+                meanwhile=self._in_backward_floors,
             )
         except (OutOfMemory, InputError, EnvironmentProblem):
             return None  # the whole model's run says so, in its own words

@@ -266,6 +266,26 @@ def test_run_beside_runs_one_call_in_a_worker_and_the_others_here(monkeypatch):
     assert side == here == _pid()
 
 
+def _slow_pid() -> int:
+    import os
+    import time
+
+    time.sleep(1.0)
+    return os.getpid()
+
+
+def test_run_beside_does_the_callers_work_meanwhile_while_the_worker_runs(monkeypatch):
+    from memprof.engines.pool import run_beside
+
+    monkeypatch.setenv("MEMPROF_WORKERS", "2")
+    done: list[int] = []
+    side, (here,) = run_beside(_slow_pid, [_pid], meanwhile=lambda: done.append(_pid()))
+    assert done == [here] and side != here  # here, once, while the worker slept
+    monkeypatch.setenv("MEMPROF_WORKERS", "1")
+    side, (here,) = run_beside(_slow_pid, [_pid], meanwhile=lambda: done.append(_pid()))
+    assert side == here and done == [here]  # nothing ran beside: the caller does it when it needs it
+
+
 def _unsupported() -> None:
     raise NotSupported("tiny", "the step reads tensor values", engine="sim")
 

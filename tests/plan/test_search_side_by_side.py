@@ -106,3 +106,40 @@ def test_runs_traced_shallow_run_one_at_a_time_their_depths_side_by_side(monkeyp
     assert not s._prefetched  # measure() runs each, its depths side by side
     shallow_2 = [k for k in s.setups if not s._traced_beside(k)]
     assert shallow_2  # e.g. checkpointing every 4: too few blocks to gain, traced whole
+
+
+def test_the_in_backward_floors_are_measured_while_the_first_shallow_run_waits(monkeypatch, tmp_path):
+    """While the baseline's two shallower depths run in a worker, this process measures the
+    in-backward floors the first best-first step reads (memprof.plan.search.Search._in_backward_floors):
+    the same floors as measured when read, one at a time."""
+    import json
+    import time
+
+    with open(tiny("llama")) as f:
+        cfg = json.load(f)
+    cfg["num_hidden_layers"] = 6  # deep enough to extrapolate (depths 1, 2 and 3)
+    deep = tmp_path / "llama6.json"
+    deep.write_text(json.dumps(cfg))
+    real = SimEngine.run_detailed
+
+    def slow_in_a_worker(self, *args, **kw):
+        from memprof.engines.pool import in_worker
+
+        if in_worker():
+            time.sleep(1.0)  # the worker is still running when this process's depth is done
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(SimEngine, "run_detailed", slow_in_a_worker)
+    floors = {}
+    for n in ("1", "2"):
+        monkeypatch.setenv("MEMPROF_WORKERS", n)
+        s = new_search(str(deep), TINY_WL, 37 * MiB)
+        zero = s.combinations.zero
+        assert s._traced_beside(zero)  # the baseline is traced shallow, its depths side by side
+        s.measure(zero, "baseline")
+        floors[n] = dict(s._transients)
+        if n == "1":
+            assert not floors[n]  # nothing waited: measured when first read
+            s._in_backward_floors()
+            floors[n] = dict(s._transients)
+    assert floors["2"] == floors["1"] and len(floors["1"]) >= 2  # AdamW and more, in bf16
