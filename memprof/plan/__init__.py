@@ -28,15 +28,14 @@ not show (PCIe traffic of offloading, smaller kernels of micro-batches, the
 numerics of an 8-bit optimizer or pure bf16, the communication of sharding),
 see :data:`SIDE_COSTS`. Plans are ranked by cost, then headroom.
 
-**Search.** Best-first over the combinations of levels, cheapest first, after
-the baseline (if it fits there is nothing to do). The most aggressive
-combinations are measured once best-first has made two runs without a plan, or
-ended without one: traced shallow where the model's depth extrapolates, if even
-their allocated peak does not fit, nothing does; a bound that may fit settles
-nothing, and such a combination is traced whole only if the search gets to it.
-While a candidate runs, the one the search would measure next runs beside it in
-a forked worker; the runs, their order and every figure are those of one run at
-a time. A combination is skipped without a run when
+**Search.** Best-first over the combinations of levels, cheapest first; the
+two ends are measured first (the baseline: if it fits there is nothing to do;
+the most aggressive combinations, traced shallow where the model's depth
+extrapolates: if even their allocated peak does not fit, nothing does; a bound
+that may fit settles nothing, and such a combination is traced whole only if the
+search gets to it). While a candidate runs, the one the search would measure
+next runs beside it in a forked worker; the runs, their order and every figure
+are those of one run at a time. A combination is skipped without a run when
 
 * it is component-wise less aggressive than one whose allocated peak was
   measured not to fit (monotonicity: more of a lever never allocates more; the

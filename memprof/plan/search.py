@@ -1,15 +1,12 @@
 """Best-first search over the combinations of lever levels, cheapest first.
 
-The step as given is measured first: if it fits there is nothing to do. Best-first
-follows. The most aggressive combinations, traced shallow (:meth:`Search.measure_ends`,
-:meth:`Search.measure` with ``whole=False``), are measured once best-first has made
-:data:`ENDS_AFTER` runs without a plan, or ended without one: if even their allocated
-peak does not fit, nothing does; a bound that may fit is kept in ``SearchState.bounds``
-and settles nothing. When a plan exists the cheap candidates usually find it first, and
-the ends' runs would only have been bounds. Best-first runs the next candidate beside
-the current one (:meth:`Search._speculate`) without changing the search, where runs are
-traced whole: a run traced shallow already splits its depths over two processes, so
-those run one at a time.
+The two ends are measured first (the step as given: if it fits there is nothing to do;
+the most aggressive combinations, traced shallow (:meth:`Search.measure` with
+``whole=False``): if even their allocated peak does not fit, nothing does; a bound that
+may fit is kept in ``SearchState.bounds`` and settles nothing). Best-first runs the next
+candidate beside the current one (:meth:`Search._speculate`) without changing the search,
+where runs are traced whole: a run traced shallow already splits its depths over two
+processes, so those run one at a time.
 A combination is then skipped without a run when
 
 * it is component-wise less aggressive than one whose allocated peak was measured not
@@ -56,9 +53,6 @@ from memprof.workload import StepSetup, Workload
 #: a combination whose estimate exceeds the usable budget by more than this
 #: fraction is skipped without a run (and reported as estimated)
 ESTIMATE_MARGIN = 0.05
-#: best-first's runs without a plan before the most aggressive ends are measured
-#: (:meth:`Search.run`): two misfits in a row already suggest that nothing may fit
-ENDS_AFTER = 2
 
 Progress = Callable[[str], None]
 
@@ -506,7 +500,6 @@ class Search:
             a = key[alloc] if alloc is not None else 0
             c = self.state.candidates[key]
             c.run = run.index
-            c.skip, c.reason = None, ""  # skipped before (an end measured late): measured now
             if run.profile is None:
                 c.status, c.reason, c.source = "failed", run.error or "", "measured"
                 continue
@@ -550,13 +543,7 @@ class Search:
 
     # the loop ------------------------------------------------------------------------------------
     def run(self) -> None:
-        """The whole search: the baseline, best-first, the most aggressive ends when in doubt.
-
-        The ends are measured (traced shallow: :meth:`measure_ends`) once best-first has
-        made :data:`ENDS_AFTER` runs without finding a plan, or has ended without one:
-        when a plan exists the cheap candidates usually find it first, and the ends
-        would only have been a bound; when none does, they say so in a few runs. Runs
-        already made are reused.
+        """The whole search: the two ends, then best-first (runs already made are reused).
 
         Raises:
             InputError: the step as given could not run in the sim engine.
@@ -571,21 +558,10 @@ class Search:
         if base.status == "fits":
             self.state.settle("not needed", "not needed", "the step fits as it is")
             return
-        stopped = self.best_first(ends_after=ENDS_AFTER)
-        if not stopped and self.plans():
-            return
-        if self.measure_ends():
-            return  # nothing fits
-        self.best_first()
-
-    def measure_ends(self) -> bool:
-        """Trace the most aggressive combinations shallow; True when they settled that nothing fits.
-
-        Shallow traces are enough to rule everything out when even their allocated peak
-        does not fit; one that may fit is kept as a bound (:class:`SearchState`) and
-        traced whole only if the search gets to it.
-        """
-        by_key, bounds = self.state.by_key, self.state.bounds
+        # The most aggressive ends are traced shallow: enough to rule everything out when even
+        # their allocated peak does not fit; one that may fit is traced whole only if the
+        # search gets to it (the cheaper plans usually come first).
+        bounds = self.state.bounds
         for _ in range(3):  # again when a probe dropped an optimizer the sim cannot trace
             todo = [k for k in self.maximal() if k not in by_key and k not in bounds]
             self.prefetch(todo[: self.max_runs - len(self.runs)], whole=False)
@@ -602,21 +578,15 @@ class Search:
             and all(r.profile is not None and self._misfit_everywhere(r.key) for r in measured_max)
             and len(measured_max) == len(self.maximal())
         ):
-            # monotonicity: nothing less aggressive fits either. Where best-first skipped a
-            # combination on its estimate alone, this measured bound is the better reason
-            for c in self.state.candidates.values():
-                if c.skip == "estimate":
-                    c.status, c.skip, c.reason, c.source = "unresolved", None, "", "none"
-                    c.peak_bytes = c.reserved_bytes = c.need_bytes = None
-                    c.flop_overhead, c.flops_source = None, "estimated"
+            # monotonicity: nothing less aggressive fits either
             self.state.settle(
                 "pruned",
                 "nothing fits",
                 "less aggressive than the most aggressive combination, whose allocated peak alone "
                 "does not fit",
             )
-            return True
-        return False
+            return
+        self.best_first()
 
     def levers_alone(self) -> list[SingleFix]:
         """The step as given, then each lever's strongest level alone on it, measured.
@@ -662,32 +632,24 @@ class Search:
         out.sort(key=lambda c: (c.cost, -(c.headroom(self.budget.budget_bytes) or 0)))
         return out
 
-    def best_first(self, *, ends_after: int | None = None) -> bool:
-        """Measure the cheapest unresolved combination that cannot be skipped, until the plans are known.
-
-        ``ends_after``: stop once this many runs found no plan, while the most aggressive
-        ends are not measured (:meth:`run` measures them then). Returns True when it
-        stopped so, False when the plans are known or nothing is left to measure.
-        """
+    def best_first(self) -> None:
+        """Measure the cheapest unresolved combination that cannot be skipped, until the plans are known."""
         usable = self.budget.usable_bytes
         cands = self.state.candidates
-        ran_here = 0
         while True:
             pending = [k for k, c in cands.items() if c.status == "unresolved"]
             if not pending:
-                return False
+                return
             costs = {k: self.cost(k) for k in pending}
             pending.sort(key=lambda k: (costs[k], sum(1 for x in k if x), k))
             plans = self.plans()
-            if ends_after is not None and ran_here >= ends_after and not plans and not self._ends_measured():
-                return True
             ran = False
             for at, key in enumerate(pending):
                 c = cands[key]
                 if len(plans) >= self.max_plans and costs[key] > plans[self.max_plans - 1].cost:
                     reason = f"costlier than the {self.max_plans} plans found"
                     self.state.settle("not needed", "not needed", reason)
-                    return False
+                    return
                 if self.combinations.run_key(key) in self.state.by_key:
                     continue  # measured (both allocator settings come from one run)
                 if self._prune(key):
@@ -695,7 +657,7 @@ class Search:
                 if len(self.runs) >= self.max_runs:
                     reason = f"the run limit ({self.max_runs}) was reached first"
                     self.state.settle("not reached", "run limit", reason)
-                    return False
+                    return
                 peak, reserved = self.estimator.estimate(key)
                 if reserved > usable * (1 + ESTIMATE_MARGIN):
                     c.status, c.source, c.skip = "estimated not to fit", "estimated", "estimate"
@@ -714,15 +676,9 @@ class Search:
                 self._speculate(chosen, pending[at + 1 :], costs, plans)
                 self.measure(chosen, f"candidate (estimated {format_bytes(reserved)} reserved)")
                 ran = True
-                ran_here += 1
                 break
             if not ran:
-                return False
-
-    def _ends_measured(self) -> bool:
-        """Every most aggressive combination has a run (whole, or shallow as a bound)."""
-        done = self.state.by_key.keys() | self.state.bounds.keys()
-        return all(k in done for k in self.maximal())
+                return
 
     def _speculate(
         self, first: Key, rest: list[Key], costs: dict[Key, float], plans: list[Candidate]

@@ -86,21 +86,13 @@ def test_c_d_the_library_raises_no_plan_fits_after_the_two_ends():
     assert e.value.exit_code == 6
     r = e.value.result
     # the two ends: the baseline, and the most aggressive combinations (the optimizer stepped in
-    # backward, or offloaded to the host: they exclude each other), none of which fits either.
-    # Best-first ran nothing (every combination's state or estimate is over the budget); the
-    # ends were measured then, as best-first ended without a plan
+    # backward, or offloaded to the host: they exclude each other), none of which fits either
     purposes = [run.purpose for run in r.runs]
     assert eng.calls == len(r.runs) == 3
     assert purposes == ["baseline", "most aggressive", "most aggressive"]
     product = math.prod(len(lv.levels) for lv in r.levers)
     assert r.counts["product_of_levels"] == product > 2 * eng.calls
-    # every combination without a run has a sound reason: its state alone, or the ends' measured
-    # misfit (which replaced best-first's estimates)
-    n = r.counts
-    assert n["pruned_estimate"] == 0 and n["pruned_nothing_fits"] > 0
-    assert n["pruned_nothing_fits"] + n["pruned_state"] == n["combinations"] - n["measured"]
-    ends = [c for c in r.candidates if c.run in (2, 3)]
-    assert len(ends) == 4 and all(c.source == "measured" and c.skip is None for c in ends)
+    assert r.counts["pruned_nothing_fits"] == r.counts["combinations"] - r.counts["measured"]
     assert r.chosen is None and r.frontier and r.dominant
     closest = r.frontier[0]
     assert closest.need_bytes > int(32.4 * MiB) and closest.source == "measured"
@@ -237,30 +229,6 @@ def test_single_fixes_measures_each_lever_alone_then_searches_on_reusing_the_run
     assert r.chosen is not None and r.chosen.fits and len(r.runs) <= 16
 
 
-def test_the_ends_wait_until_best_first_has_run_twice_without_a_plan(monkeypatch):
-    """The most aggressive ends are measured only once best-first has made ENDS_AFTER runs
-    without a plan: the chosen plan is the one the search measuring them first chooses,
-    in fewer runs; with ENDS_AFTER = 1, a first misfit sends the search to them."""
-    from memprof.plan import planner, search
-
-    wl = Workload(batch_size=2, seq_len=64, dtype="bfloat16", optimizer="sgd")
-
-    def plan(ends_after: int):
-        monkeypatch.setattr(search, "ENDS_AFTER", ends_after)
-        return planner.plan(tiny("llama"), wl, budget_bytes=34 * MiB, context_overhead=0, max_plans=1)
-
-    default = search.ENDS_AFTER
-    first, after_one, late = plan(0), plan(1), plan(default)
-    why = lambda r: [run.purpose.split(" (")[0] for run in r.runs]  # noqa: E731
-    assert why(first)[:3] == ["baseline", "most aggressive", "most aggressive"]
-    # best-first's first candidate does not fit: one run without a plan, then the ends
-    assert why(after_one)[:4] == ["baseline", "candidate", "most aggressive", "most aggressive"]
-    assert why(late) == ["baseline", "candidate", "candidate"]  # the second candidate fits
-    assert len(late.runs) < len(after_one.runs) and len(late.runs) < len(first.runs)
-    chosen = lambda r: (r.chosen.label, r.chosen.peak_bytes, r.chosen.reserved_bytes)  # noqa: E731
-    assert chosen(late) == chosen(after_one) == chosen(first)
-
-
 def test_the_most_aggressive_ends_are_only_a_bound_until_the_search_traces_them_whole(
     monkeypatch, tiny_plan_34
 ):
@@ -268,8 +236,6 @@ def test_the_most_aggressive_ends_are_only_a_bound_until_the_search_traces_them_
 
     The tiny Llama is too shallow to extrapolate, so its shallow result here is the whole
     trace's, marked as shallow: the plans must be those of whole traces, from whole runs.
-    The ends are measured first here (``ENDS_AFTER = 0``): at 34 MiB best-first finds a
-    plan before it would measure them.
     """
     from memprof.plan import planner, search
 
@@ -282,7 +248,6 @@ def test_the_most_aggressive_ends_are_only_a_bound_until_the_search_traces_them_
         return engine.run_detailed(rm, setup, measure=measure, **kw), "traced at 1, 2 and 3 of 2 blocks"
 
     monkeypatch.setattr(search, "shallow_run", shallow_run)
-    monkeypatch.setattr(search, "ENDS_AFTER", 0)
     bound = planner.plan(tiny("llama"), TINY_WL, budget_bytes=budget, context_overhead=0)
     ends = [r for r in bound.runs if r.purpose == "most aggressive"]
     assert len(ends) >= 2 and all(r.depth for r in ends)
