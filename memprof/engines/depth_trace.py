@@ -519,8 +519,9 @@ def extend(
 
     The template is learnt from the first two traces and must give the third exactly
     (see the module); where the third refutes it, the two are aligned from their ends
-    (:func:`template`'s ``from_the_end``) and that template must give the third exactly; the result has fresh storage ids (one per allocation), the
-    events, the pairings and the op counters the whole trace has when it is periodic.
+    (:func:`template`'s ``from_the_end``) and that template must give the third exactly.
+    The result has fresh storage ids (one per allocation), the events, the pairings and
+    the op counters the whole trace has when it is periodic.
     """
     a, b, c = traces
     d, p = depths[0], depths[1] - depths[0]

@@ -131,6 +131,8 @@ class Search:
         self.estimator.in_backward_floor = self._in_backward_floor
         #: step_transient by optimizer and parameter dtype, measured once each
         self._transients: dict[tuple[str, torch.dtype], int] = {}
+        #: every in-backward floor is measured (:meth:`_in_backward_floors` ran once)
+        self._floors_measured = False
         self.setups, self.invalid = enumerate_setups(levers, model, wl)
         self.state = SearchState(
             candidates={
@@ -280,10 +282,12 @@ class Search:
         Run while this process would wait for a worker (the first shallow run's two
         shallower depths): the first best-first step reads them all at once, and the
         first step of some optimizers (Adafactor's module imports PEFT) takes a second.
-        Each is cached and does not depend on when it is measured.
+        Each is cached and does not depend on when it is measured; the later shallow runs
+        find them all measured.
         """
-        if not self.estimator.training:
+        if self._floors_measured or not self.estimator.training:
             return
+        self._floors_measured = True
         for key in self.setups:
             if self.combinations.in_backward(key):
                 self._in_backward_floor(key)  # one step per optimizer and dtype, cached
