@@ -198,24 +198,11 @@ def pair_ratios(num: Timing, den: Timing) -> tuple[float, float]:
     return w, c
 
 
-def sim_engine(
-    *,
-    exact_bytes: bool = False,
-    cpu_optimizer: bool = False,
-    cuda_sdpa: bool = True,
-    cuda_autocast: bool = True,
-    sm_major: int = 9,
-) -> Any:
+def sim_engine(**semantics: Any) -> Any:
     """The sim engine, optionally with some of its CUDA semantics switched off (``memprof.engines.sim.sim_engine``)."""
     from memprof.engines.sim import sim_engine
 
-    return sim_engine(
-        exact_bytes=exact_bytes,
-        cpu_optimizer=cpu_optimizer,
-        cuda_sdpa=cuda_sdpa,
-        cuda_autocast=cuda_autocast,
-        sm_major=sm_major,
-    )
+    return sim_engine(**semantics)
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:

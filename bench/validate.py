@@ -444,7 +444,9 @@ def projections(name: str) -> list[tuple[str, Callable[[], Any]]]:
         ("sim", lambda: C.sim_engine()),
         (
             "sim_cpu_semantics",
-            lambda: C.sim_engine(exact_bytes=True, cpu_optimizer=True, cuda_sdpa=False, cuda_autocast=False),
+            lambda: C.sim_engine(
+                exact_bytes=True, cpu_optimizer=True, cuda_sdpa=False, cuda_autocast=False, cuda_dropout=False
+            ),
         ),
     ]
 

@@ -102,7 +102,7 @@ class InputBuilder:
         vocab = int(getattr(c, "vocab_size", 1000) or 1000)
 
         def ids(b: int, n: int) -> torch.Tensor:
-            return torch.randint(0, vocab, (b, n), generator=g).to(device)
+            return torch.randint(0, vocab, (b, n), generator=g, device="cpu").to(device)
 
         inputs: dict[str, Any]
         if task in IMAGE_TEXT_TASKS or (task == "feature-extraction" and _image_text_pair(c)):
@@ -112,20 +112,20 @@ class InputBuilder:
             size = size if isinstance(size, int) else size[0]
             ch = getattr(c, "num_channels", 3)
             inputs = {
-                "pixel_values": torch.randn(B, ch, size, size, generator=g).to(
+                "pixel_values": torch.randn(B, ch, size, size, generator=g, device="cpu").to(
                     device=device, dtype=self.dtype
                 )
             }
             if with_labels:
                 inputs["labels"] = torch.randint(
-                    0, max(1, getattr(c, "num_labels", 2)), (B,), generator=g
+                    0, max(1, getattr(c, "num_labels", 2)), (B,), generator=g, device="cpu"
                 ).to(device)
             return inputs
         if task == "speech-seq2seq":
             frames = 2 * int(getattr(c, "max_source_positions", 1500))
             mels = int(getattr(c, "num_mel_bins", 80))
             inputs = {
-                "input_features": torch.randn(B, mels, frames, generator=g).to(
+                "input_features": torch.randn(B, mels, frames, generator=g, device="cpu").to(
                     device=device, dtype=self.dtype
                 )
             }
@@ -141,9 +141,9 @@ class InputBuilder:
         if task in ("causal-lm", "masked-lm", "seq2seq-lm") and with_labels:
             inputs["labels"] = inputs["input_ids"].clone()
         elif task == "seq-classification" and with_labels:
-            inputs["labels"] = torch.randint(0, max(1, getattr(c, "num_labels", 2)), (B,), generator=g).to(
-                device
-            )
+            inputs["labels"] = torch.randint(
+                0, max(1, getattr(c, "num_labels", 2)), (B,), generator=g, device="cpu"
+            ).to(device)
         elif task == "seq2seq-lm" and not with_labels:
             inputs["decoder_input_ids"] = ids(B, L)
         return inputs
@@ -160,8 +160,8 @@ class InputBuilder:
             size = _side(getattr(vc, "image_size", 224))
             ch = int(getattr(vc, "num_channels", 3))
             inputs: dict[str, Any] = {
-                "input_ids": torch.randint(0, vocab, (B, L), generator=g).to(device),
-                "pixel_values": torch.randn(B, ch, size, size, generator=g).to(
+                "input_ids": torch.randint(0, vocab, (B, L), generator=g, device="cpu").to(device),
+                "pixel_values": torch.randn(B, ch, size, size, generator=g, device="cpu").to(
                     device=device, dtype=self.dtype
                 ),
             }
@@ -173,7 +173,7 @@ class InputBuilder:
             self.rm.notes.append(plan.note)
         # text tokens never collide with the special ones: the model counts its image tokens
         specials = sorted(plan.special_ids)
-        ids = torch.randint(0, vocab - len(specials), (B, L), generator=g)
+        ids = torch.randint(0, vocab - len(specials), (B, L), generator=g, device="cpu")
         for sid in specials:
             ids = ids + (ids >= sid).long()
         ids = ids.to(device)
@@ -188,16 +188,16 @@ class InputBuilder:
         inputs = {"input_ids": ids}
         if plan.kind == "grid":
             t, h, w = plan.grid
-            inputs["pixel_values"] = torch.randn(B * t * h * w, plan.patch_values, generator=g).to(
-                device=device, dtype=self.dtype
-            )
+            inputs["pixel_values"] = torch.randn(
+                B * t * h * w, plan.patch_values, generator=g, device="cpu"
+            ).to(device=device, dtype=self.dtype)
             # A Python list: under fake tensors its values stay known (the vision tower reads them)
             inputs["image_grid_thw"] = torch.tensor([[t, h, w]] * B, device=device)
             inputs["position_ids"] = _mrope_positions(plan, B, L, device)
         else:
-            inputs["pixel_values"] = torch.randn(B, plan.channels, plan.side, plan.side, generator=g).to(
-                device=device, dtype=self.dtype
-            )
+            inputs["pixel_values"] = torch.randn(
+                B, plan.channels, plan.side, plan.side, generator=g, device="cpu"
+            ).to(device=device, dtype=self.dtype)
         if with_labels:
             labels = ids.clone()
             labels[:, :vision_end] = -100  # as processors do: no loss on the image's tokens

@@ -758,6 +758,11 @@ class Engine:
             cats["temporaries"] += residual
             if r.groups_at_peak:
                 r.groups_at_peak["other"]["temporaries"] += residual
+            # the phase of the peak holds it: its peak is the allocator's too (the
+            # other phases keep their tensors' peaks, measured without the residual)
+            for ph in r.phases:
+                if ph["name"] == r.peak_phase:
+                    ph["peak_bytes"] = max(int(ph["peak_bytes"]), alloc_peak)
             peak = alloc_peak
         notes = list(rm.notes)
         attn_note = rm.attn_note(workload.attn)

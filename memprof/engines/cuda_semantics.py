@@ -15,6 +15,12 @@ so the simulation runs CPU fake tensors and applies CUDA semantics here:
   log-sum-exp, never the ``L x L`` scores). On Hopper with a recent cuDNN,
   PyTorch may prefer cuDNN attention; its saved tensors (output and softmax
   statistics) are the same size as flash's, so the projection uses flash.
+* **Dropout.** ATen's ``dropout`` on a CUDA tensor takes the fused
+  ``native_dropout`` kernel, whose backward keeps a one-byte boolean mask; on
+  the CPU it multiplies by a noise tensor of the input's dtype and keeps that
+  (4 bytes an element in float32). :class:`CudaDropout` routes it as CUDA does.
+  Found on the first GPU validation (``docs/validation.md``): without it every
+  training step with dropout was projected high by 3 bytes per dropped element.
 * **Autocast policy.** Under autocast the ops run in the dtypes CUDA's autocast
   gives them, not the CPU's (:mod:`memprof.engines.cuda_autocast`).
 * **Allocator rounding.** The caching allocator rounds every block up to 512
@@ -172,6 +178,54 @@ class CudaSDPA(TorchFunctionMode):
             query, key, value, attn_mask, dropout_p, is_causal, None, **kw
         )
         return out[0]
+
+
+def fused_dropout_applies(input: torch.Tensor, p: float, train: bool) -> bool:
+    """Whether CUDA's ``dropout`` takes the fused kernel (``is_fused_kernel_acceptable``).
+
+    ``aten/src/ATen/native/Dropout.cpp``: a CUDA input, training, ``0 < p < 1``
+    and at least one element. The in-place form (``dropout_``) never does.
+    """
+    return bool(train) and 0 < p < 1 and input.numel() > 0
+
+
+class CudaDropout(TorchFunctionMode):
+    """Run ``dropout`` as CUDA does: ``native_dropout``, which saves a boolean mask.
+
+    On the CPU, ``F.dropout`` (out of place, in training) computes ``input *
+    noise`` with a noise tensor of the input's dtype, and autograd keeps the
+    noise: 4 bytes an element in float32, 2 in bfloat16. On CUDA the same call
+    runs the fused ``native_dropout`` kernel, which returns the output and a
+    ``bool`` mask, and its backward (``native_dropout_backward``) keeps the mask
+    alone: 1 byte an element. ``elements`` counts the elements routed (tests).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.dropout:
+            return self._dropout(*args, **kwargs)
+        if func is torch.dropout:
+            return self._dropout(*args, **kwargs, inplace=False)
+        return func(*args, **kwargs)
+
+    def _dropout(
+        self,
+        input: torch.Tensor,
+        p: float = 0.5,
+        training: bool = True,
+        inplace: bool = False,
+        *,
+        train: bool | None = None,
+    ) -> torch.Tensor:
+        training = training if train is None else train
+        if inplace or not isinstance(input, torch.Tensor) or not fused_dropout_applies(input, p, training):
+            return F.dropout(input, p, training, inplace)
+        self.elements += input.numel()
+        return torch.native_dropout(input, p, True)[0]
 
 
 def grouped_mm_output(

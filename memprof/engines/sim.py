@@ -32,6 +32,7 @@ from memprof.engines.base import Engine, RunResult
 from memprof.engines.cuda_autocast import AutocastBanned, CudaAutocastPolicy
 from memprof.engines.cuda_semantics import (
     CUDA_BLOCK_ROUNDING,
+    CudaDropout,
     CudaGemm4bit,
     CudaGroupedMM,
     CudaSDPA,
@@ -82,6 +83,7 @@ class SimEngine(Engine):
         cuda_sdpa: bool = True,
         cuda_autocast: bool = True,
         gpu: GpuPreset | None = None,
+        cuda_dropout: bool = True,
         context_bytes: int | None = None,
     ) -> None:
         """
@@ -96,6 +98,8 @@ class SimEngine(Engine):
                 would pick; False leaves it to the CPU dispatcher (see :func:`sim_engine`).
             cuda_autocast: autocast applies CUDA's policy (:mod:`cuda_autocast`);
                 False leaves the CPU's (see :func:`sim_engine`).
+            cuda_dropout: dropout runs CUDA's fused kernel, which saves a boolean
+                mask (:class:`CudaDropout`); False leaves the CPU's (see :func:`sim_engine`).
             gpu: the GPU preset projected (``--gpu``): its compute capability and
                 memory replace ``sm_major`` and ``device_memory_bytes`` (the allocator
                 model may reserve its memory less the context and the workspace), and
@@ -122,6 +126,7 @@ class SimEngine(Engine):
         self.sm_major = sm_major
         self.cuda_sdpa = cuda_sdpa
         self.cuda_autocast = cuda_autocast
+        self.cuda_dropout = cuda_dropout
         #: CUDA's autocast policy while the step runs (None: the CPU's)
         self._autocast: CudaAutocastPolicy | None = None
         self.device_memory_bytes = device_memory_bytes
@@ -160,6 +165,7 @@ class SimEngine(Engine):
         with (
             SimFakeMode(allow_non_fake_inputs=True),
             self._sdpa if self._sdpa is not None else contextlib.nullcontext(),
+            CudaDropout() if self.cuda_dropout else contextlib.nullcontext(),
             self._gemm4,
             self._autocast if self._autocast is not None else contextlib.nullcontext(),
             one_sequence_per_row(),
@@ -365,6 +371,8 @@ class SimEngine(Engine):
             off.append("SDPA as the CPU dispatches it")
         if not self.cuda_autocast:
             off.append("the CPU's autocast policy")
+        if not self.cuda_dropout:
+            off.append("dropout as the CPU runs it")
         return off
 
 
@@ -375,6 +383,7 @@ def sim_engine(
     cuda_sdpa: bool = True,
     cuda_autocast: bool = True,
     sm_major: int = 9,
+    cuda_dropout: bool = True,
 ) -> SimEngine:
     """The sim engine, optionally with some of its CUDA semantics switched off.
 
@@ -394,8 +403,12 @@ def sim_engine(
         cuda_autocast: autocast applies CUDA's policy (which ops run in float32 or
             the low-precision dtype); False leaves the CPU's, as a CPU step runs it.
         sm_major: the compute capability projected (CUDA's SDPA kernel choice).
+        cuda_dropout: dropout runs CUDA's fused kernel (a one-byte mask kept for
+            backward); False leaves the CPU's (a mask of the input's dtype).
     """
-    engine = SimEngine(sm_major=sm_major, cuda_sdpa=cuda_sdpa, cuda_autocast=cuda_autocast)
+    engine = SimEngine(
+        sm_major=sm_major, cuda_sdpa=cuda_sdpa, cuda_autocast=cuda_autocast, cuda_dropout=cuda_dropout
+    )
     if exact_bytes:
         engine.block_rounding = 1
     if cpu_optimizer:
@@ -405,7 +418,9 @@ def sim_engine(
 
 def cpu_semantics_sim() -> SimEngine:
     """The sim engine with every CUDA semantic switched off: the trace-fidelity check against the cpu engine."""
-    return sim_engine(exact_bytes=True, cpu_optimizer=True, cuda_sdpa=False, cuda_autocast=False)
+    return sim_engine(
+        exact_bytes=True, cpu_optimizer=True, cuda_sdpa=False, cuda_autocast=False, cuda_dropout=False
+    )
 
 
 #: model types whose selective-scan layers have fused CUDA kernels in mamba_ssm / causal_conv1d
