@@ -132,6 +132,7 @@ class SimEngine(Engine):
         self.device_memory_bytes = device_memory_bytes
         self.snapshot_path = snapshot_path
         self._sdpa: CudaSDPA | None = None
+        self._dropout: CudaDropout | None = None
         #: bitsandbytes' 4-bit matmul as CUDA runs it (QLoRA base layers)
         self._gemm4 = CudaGemm4bit()
         #: the mixture-of-experts routing mode of the model being run (memprof.engines.moe)
@@ -162,10 +163,11 @@ class SimEngine(Engine):
     def context(self) -> Iterator[None]:
         self._sdpa = CudaSDPA(self.sm_major) if self.cuda_sdpa else None
         self._autocast = CudaAutocastPolicy() if self.cuda_autocast else None
+        self._dropout = CudaDropout() if self.cuda_dropout else None
         with (
             SimFakeMode(allow_non_fake_inputs=True),
             self._sdpa if self._sdpa is not None else contextlib.nullcontext(),
-            CudaDropout() if self.cuda_dropout else contextlib.nullcontext(),
+            self._dropout if self._dropout is not None else contextlib.nullcontext(),
             self._gemm4,
             self._autocast if self._autocast is not None else contextlib.nullcontext(),
             one_sequence_per_row(),
@@ -223,10 +225,9 @@ class SimEngine(Engine):
     def recompute_context(self) -> Callable[[], Any] | None:
         # Torch function modes are not active while autograd runs backward, where
         # checkpointing recomputes: re-enter the SDPA routing there.
-        # The mixture-of-experts routing and bitsandbytes' 4-bit matmul (function modes
-        # too) go with it.
-        sdpa, routing = self._sdpa, self._routing
-        modes = [m for m in (sdpa, routing, self._gemm4) if m is not None]
+        # The fused dropout, the mixture-of-experts routing and bitsandbytes' 4-bit
+        # matmul (function modes too) go with it.
+        modes = [m for m in (self._sdpa, self._dropout, self._routing, self._gemm4) if m is not None]
 
         @contextlib.contextmanager
         def recompute_modes() -> Iterator[None]:

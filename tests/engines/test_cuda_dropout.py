@@ -82,3 +82,26 @@ def test_the_sim_projects_one_byte_per_dropped_element(tmp_path):
     assert cpu - cuda == 3 * elements
     assert runs[False].peak_bytes - runs[True].peak_bytes == 3 * elements
     assert "dropout as the CPU runs it" in sim_engine(cuda_dropout=False).cpu_semantics()
+
+
+def test_checkpointing_recomputes_the_fused_dropout(tmp_path):
+    """Checkpointing recomputes each block in backward, where torch function modes are not
+    active: the sim re-enters the fused dropout there, or the recomputed masks (float32)
+    differ from the saved ones (bool) and torch.utils.checkpoint refuses the step (the
+    H200 validation's GPT-2 and BERT rows with checkpointing)."""
+    from tests.conftest import setup_with
+
+    config = json.loads((TINY / "gpt2.json").read_text())
+    config.update(attn_pdrop=0.1, embd_pdrop=0.1, resid_pdrop=0.1)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    rm = resolve(str(tmp_path / "config.json"))
+    B, L = 8, 128  # activations (the logits) make the peak, at backward's start
+    wl = Workload(mode="train", batch_size=B, seq_len=L)
+    peaks = {}
+    for cuda in (False, True):
+        setup = setup_with(wl, ("checkpointing", {}))
+        peaks[cuda] = sim_engine(exact_bytes=True, cuda_dropout=cuda).run(rm, setup).peak_bytes
+    # at the peak: the embeddings' mask (kept across the checkpointed blocks) and those of
+    # the block being recomputed (two a block), each 3 bytes an element less
+    masks, rest = divmod(peaks[False] - peaks[True], 3 * B * L * config["n_embd"])
+    assert rest == 0 and 1 <= masks <= 3
