@@ -242,7 +242,7 @@ def analyze(
             raise InputError("no step of the recipe applies: " + "; ".join(skipped))
     measure = Measure()
     if budget is not None:
-        measure.budget = check_budget(budget, context, eng.workspace_bytes())
+        measure.budget = check_budget(budget, context, eng.workspace_bytes(workload.training))
     oom: OutOfMemory | None = None
     try:
         if launch is None:

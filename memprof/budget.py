@@ -7,7 +7,7 @@ profile) is what the caching allocator's reserved memory may use; a step needs i
 reserved memory plus the same overheads.
 
 The bytes a step needs that are not its tensors (:func:`non_tensor`), each from a
-stated assumption: the cuBLAS workspace per stream (one compute stream assumed), a
+stated assumption: the cuBLAS workspace per handle and stream (one compute stream; two handles in training), a
 cuDNN workspace when the step runs convolutions, NCCL's buffers when ranks
 communicate (world size above 1), and the CUDA context.
 """
@@ -27,6 +27,20 @@ DEFAULT_CONTEXT_BYTES = 512 * MiB
 #: streams with a cuBLAS workspace: one compute stream (PyTorch keeps one workspace per
 #: handle and stream; a step on side streams would add one each)
 CUBLAS_STREAMS = 1
+
+
+def cublas_handles(training: bool) -> int:
+    """cuBLAS handles that hold a workspace in a step: one per thread that runs matmuls.
+
+    PyTorch's handles come from a per-thread pool, and its workspaces are kept per
+    handle and stream: the forward runs on the caller's thread, and autograd runs a
+    CUDA backward on its own device thread. Measured on an H200 (torch 2.11, fresh
+    processes, docs/validation.md): a training step's allocator held 64 MiB beyond
+    its tensors, an inference step's 32 MiB (one workspace of 32 MiB on sm 9.0).
+    """
+    return 2 if training else 1
+
+
 #: the cuDNN workspace assumed for a step that runs convolutions: PyTorch allocates it
 #: through the caching allocator for the call's duration, sized by the algorithm cuDNN's
 #: heuristics pick; an assumption (no GPU here to ask cuDNN), counted as if at the peak
@@ -69,6 +83,7 @@ def non_tensor(
     world_size: int,
     context_bytes: int,
     context_source: str,
+    handles: int = 1,
 ) -> dict[str, Any]:
     """Every byte a step needs beyond the allocator's reserved memory, each named, as plain data.
 
@@ -78,18 +93,20 @@ def non_tensor(
         world_size: ranks communicating (NCCL buffers when above 1).
         context_bytes: the CUDA context.
         context_source: where ``context_bytes`` comes from ("estimate: ...", "assumed: ...").
+        handles: cuBLAS handles with a workspace (:func:`cublas_handles`: 2 in training).
     """
     nccl = nccl_buffers(world_size)
     cudnn = CUDNN_WORKSPACE_BYTES if convolutions > 0 else 0
     items = {
-        "cublas_workspace_bytes": cublas_workspace_bytes * CUBLAS_STREAMS,
+        "cublas_workspace_bytes": cublas_workspace_bytes * CUBLAS_STREAMS * handles,
         "cudnn_workspace_bytes": cudnn,
         "nccl_buffers_bytes": nccl["bytes"],
         "cuda_context_bytes": context_bytes,
     }
     assumptions = [
-        f"cuBLAS workspace: {format_bytes(cublas_workspace_bytes)} per stream, {CUBLAS_STREAMS} compute stream "
-        "assumed (PyTorch's default CUBLAS_WORKSPACE_CONFIG for the compute capability)",
+        f"cuBLAS workspace: {format_bytes(cublas_workspace_bytes)} per handle and stream, {CUBLAS_STREAMS} "
+        f"compute stream, {handles} handle(s) ({'the forward and autograd threads' if handles > 1 else 'one thread'}; "
+        "PyTorch's default CUBLAS_WORKSPACE_CONFIG for the compute capability)",
         f"CUDA context: {format_bytes(context_bytes)}, {context_source}",
     ]
     if cudnn:
@@ -103,6 +120,7 @@ def non_tensor(
         **items,
         "total_bytes": sum(items.values()),
         "cublas_streams": CUBLAS_STREAMS,
+        "cublas_handles": handles,
         "convolutions": convolutions,
         "nccl": nccl,
         "cuda_context_source": context_source,

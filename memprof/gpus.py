@@ -14,9 +14,12 @@ What is a vendor figure and what is not:
   "GB": a 24 GB RTX 4090 shows 24564 MiB), the figure commonly seen with recent
   drivers; a driver or ECC setting can move it by a few MiB;
 * ``context_bytes``: memprof's **estimate** of the CUDA context and the libraries a
-  PyTorch process loads (CUDA 12, lazy module loading), not a vendor figure and not
-  measured by memprof on that GPU; ``memprof analyze --engine cuda`` measures yours
-  (``overheads.context_and_libraries_bytes``), ``--context-overhead`` overrides it;
+  PyTorch process loads (CUDA 12, lazy module loading), not a vendor figure; where
+  ``context_measured`` says so, memprof's cuda engine measured it on that GPU (the
+  H200: 758 MiB for a training step where the estimate was 512 MiB, so the other
+  presets' estimates are likely low by as much); ``memprof analyze --engine cuda``
+  measures yours (``overheads.context_and_libraries_bytes``), ``--context-overhead``
+  overrides it;
 * ``host_link_gbps``: the link's theoretical bandwidth per direction (x16 lanes,
   128b/130b encoding): PCIe 3.0 15.75, 4.0 31.5, 5.0 63.0 GB/s; real copies reach
   some 80% of it.
@@ -47,7 +50,7 @@ class GpuPreset:
     sm_minor: int
     #: total device memory as nvidia-smi reports it
     memory_bytes: int
-    #: memprof's estimate of the CUDA context + libraries per process (not measured)
+    #: the CUDA context + libraries per process: memprof's estimate, or measured (``context_measured``)
     context_bytes: int
     #: device memory bandwidth, GB/s (datasheet)
     memory_bandwidth_gbps: float
@@ -56,6 +59,8 @@ class GpuPreset:
     #: vendor datasheet or product page
     source: str
     aliases: tuple[str, ...] = field(default=())
+    #: where memprof measured ``context_bytes`` on this GPU (empty: an estimate)
+    context_measured: str = ""
 
     @property
     def sm(self) -> str:
@@ -70,6 +75,13 @@ class GpuPreset:
         return PCIE_X16_GBPS[self.pcie_gen]
 
     @property
+    def context_source(self) -> str:
+        """Where ``context_bytes`` comes from: ``measured ...`` or ``estimate ...``."""
+        if self.context_measured:
+            return f"measured {self.context_measured} (--context-overhead overrides it)"
+        return "estimate (memprof's, not measured on this GPU; --context-overhead overrides it)"
+
+    @property
     def usable_bytes(self) -> int:
         """The memory left after the CUDA context estimate."""
         return self.memory_bytes - self.context_bytes
@@ -82,7 +94,7 @@ class GpuPreset:
             host_link=self.host_link,
             host_link_gbps=self.host_link_gbps,
             usable_bytes=self.usable_bytes,
-            context_source="estimate (memprof's, not measured on this GPU; --context-overhead overrides it)",
+            context_source=self.context_source,
         )
         return d
 
@@ -128,9 +140,11 @@ PRESETS: tuple[GpuPreset, ...] = (
         ("h100-pcie", "h100-80gb-pcie"),
     ),
     GpuPreset(
-        "H200", 9, 0, _mib(143771), _mib(512), 4800, 5,
+        "H200", 9, 0, _mib(143771), _mib(758), 4800, 5,
         "NVIDIA H200 Tensor Core GPU product page (H200 SXM, 141 GB), https://www.nvidia.com/en-us/data-center/h200/",
         ("h200-sxm", "h200-141gb"),
+        "by memprof's cuda engine on an H200 on 2026-12-04 (a Llama-3.2-1B training step, torch 2.11 "
+        "with CUDA 13.0, driver 580.159.04; an inference step: 678 MiB; docs/validation.md)",
     ),
     GpuPreset(
         "RTX 3090", 8, 6, _mib(24576), _mib(448), 936, 4,

@@ -248,12 +248,19 @@ class Engine:
         """The profile notes on the last :meth:`replay_trace` (the sim engine's allocator model)."""
         return []
 
-    def workspace_bytes(self) -> int:
-        """Device memory outside the measured peak that a budget must also hold (sim: cuBLAS workspace)."""
+    def workspace_bytes(self, training: bool = False) -> int:
+        """Device memory outside the measured peak that a budget must also hold (sim: cuBLAS workspaces)."""
         return 0
 
     def allocator_peak(self) -> int | None:
         """The allocator's own peak for the measured step, where there is one."""
+        return None
+
+    def kernel_scratch(self) -> dict[Any, Any] | None:
+        """Ops whose kernels allocate beyond their outputs, for the tracker to count (sim: CUDA's).
+
+        Real engines measure what their kernels allocate (cuda: in the allocator's peak).
+        """
         return None
 
     def notes(self) -> list[str]:
@@ -457,6 +464,7 @@ class Engine:
                         record_timeline=measure.timeline,
                         budget=measure.budget,
                         flop_counter=counter,
+                        scratch=self.kernel_scratch(),
                     )
                     oom: dict[str, Any] | None = None
                     error: BaseException | None = None

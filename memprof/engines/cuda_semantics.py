@@ -9,8 +9,9 @@ so the simulation runs CPU fake tensors and applies CUDA semantics here:
   explicit mask and head dim <= 256 (multiple of 8), on sm 8.0 and newer;
   memory-efficient (bfloat16 from sm 8.0) for
   float32/float16/bfloat16 with or without a mask (boolean masks become an
-  additive mask of the query dtype, padded to a multiple of 16 as CUDA does);
-  math otherwise. The aten ops run their meta kernels and their real autograd
+  additive mask of the query dtype, padded to a multiple of 16 as CUDA does),
+  when query, key and value have as many heads (it refuses grouped-query
+  attention); math otherwise, as for a float32 Llama-3 (measured on an H200). The aten ops run their meta kernels and their real autograd
   formulas, so what is saved for backward is what CUDA saves (flash: output and
   log-sum-exp, never the ``L x L`` scores). On Hopper with a recent cuDNN,
   PyTorch may prefer cuDNN attention; its saved tensors (output and softmax
@@ -32,6 +33,10 @@ so the simulation runs CPU fake tensors and applies CUDA semantics here:
   QLoRA base layer) has only an output in its fake kernel; on CUDA, past a few
   rows, bitsandbytes dequantizes the weight to the compute dtype and calls
   ``F.linear`` (:class:`CudaGemm4bit`), the temporaries a training step holds.
+* **Kernels' scratch.** Some kernels allocate through the caching allocator
+  beyond their outputs and free it before returning, where no tensor shows it:
+  :data:`KERNEL_SCRATCH` lists them for the tracker (``_safe_softmax``, the math
+  attention's softmax: a one-byte mask of its input, measured on an H200).
 * **Workspaces and context.** The cuBLAS workspace and the CUDA context are not
   tensors; they are reported separately (:func:`cublas_workspace_bytes`), never
   folded into the peak.
@@ -91,9 +96,14 @@ def choose_sdpa_kernel(
         return "flash"
     eff_dtypes = (torch.float16, torch.float32) + ((torch.bfloat16,) if sm_major >= 8 else ())
     align = 8 if low else 4
+    # grouped-query attention (fewer key/value heads, enable_gqa): flash takes it, memory-
+    # efficient does not (check_batch_size_and_num_heads_dense<supports_gqa=false>), so a
+    # float32 Llama-3 falls to math, which materializes the L x L scores (measured on an H200)
+    same_heads = dense4 and q.shape[-3] == k.shape[-3] == v.shape[-3]
     if (
         q.dtype in eff_dtypes
         and dense4
+        and same_heads
         and hd % align == 0
         and v.shape[-1] % align == 0
         and k.shape[-1] == hd
@@ -147,11 +157,7 @@ class CudaSDPA(TorchFunctionMode):
                 query, key, value, dropout_p, is_causal, False, scale=scale
             )
             return out[0]
-        if kernel == "efficient":
-            if enable_gqa and key.shape[-3] != query.shape[-3]:
-                rep = query.shape[-3] // key.shape[-3]
-                key = key.repeat_interleave(rep, dim=-3)
-                value = value.repeat_interleave(rep, dim=-3)
+        if kernel == "efficient":  # same head counts (choose_sdpa_kernel): nothing to repeat
             bias = None
             if attn_mask is not None:
                 bias = attn_mask
@@ -178,6 +184,22 @@ class CudaSDPA(TorchFunctionMode):
             query, key, value, attn_mask, dropout_p, is_causal, None, **kw
         )
         return out[0]
+
+
+def _safe_softmax_scratch(args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> list[int]:
+    """``aten._safe_softmax(x, dim)``: after its output, ``isneginf(x)`` (a bool per element),
+    ``all`` of it over ``dim`` (a bool per row) and a 0-d scalar of the output's dtype,
+    freed on return (``aten/src/ATen/native/transformers/attention.cpp``; the H200's
+    allocator trace of a float32 Llama-3.2-1B forward shows exactly these three)."""
+    x = args[0]
+    dim = args[1] if len(args) > 1 else kwargs["dim"]
+    n = x.numel()
+    along = x.shape[dim] if x.dim() else 1
+    return [n, n // along if along else 0, out.element_size()]
+
+
+#: op -> the bytes its CUDA kernel allocates beyond its outputs and frees before returning
+KERNEL_SCRATCH: dict[Any, Any] = {torch.ops.aten._safe_softmax.default: _safe_softmax_scratch}
 
 
 def fused_dropout_applies(input: torch.Tensor, p: float, train: bool) -> bool:

@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memprof.allocator_model import AllocatorEstimate, AllocatorSettings, expandable_segments_hint, replay
-from memprof.budget import DEFAULT_CONTEXT_BYTES, non_tensor
+from memprof.budget import DEFAULT_CONTEXT_BYTES, cublas_handles, non_tensor
 from memprof.engines.base import Engine, RunResult
 from memprof.engines.cuda_autocast import AutocastBanned, CudaAutocastPolicy
 from memprof.engines.cuda_semantics import (
     CUDA_BLOCK_ROUNDING,
+    KERNEL_SCRATCH,
     CudaDropout,
     CudaGemm4bit,
     CudaGroupedMM,
@@ -114,7 +115,9 @@ class SimEngine(Engine):
         elif gpu is not None:
             self.context_bytes = gpu.context_bytes
             self.context_source = (
-                f"estimate for the {gpu.name} (memprof's, not measured; --context-overhead sets it)"
+                gpu.context_source
+                if gpu.context_measured
+                else f"estimate for the {gpu.name} (memprof's, not measured; --context-overhead sets it)"
             )
         else:
             self.context_bytes = DEFAULT_CONTEXT_BYTES
@@ -145,14 +148,21 @@ class SimEngine(Engine):
         #: convolution modules of the model being run (a cuDNN workspace when above 0)
         self._convolutions = 0
         self._world_size = 1
+        self._training = False
 
     def saw_model(self, model: torch.nn.Module, setup: StepSetup) -> None:
         self._convolutions = sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
         self._world_size = setup.workload.world_size
+        self._training = setup.workload.training
 
-    def workspace_bytes(self) -> int:
-        """The cuBLAS workspace projected beside the peak (not in it)."""
-        return cublas_workspace_bytes(self.sm_major)
+    def kernel_scratch(self) -> dict[Any, Any] | None:
+        """CUDA kernels' scratch (:data:`KERNEL_SCRATCH`), with CUDA's SDPA routing: the math
+        kernel's softmax; off with CPU semantics, as the cpu engine cannot see it."""
+        return KERNEL_SCRATCH if self.cuda_sdpa else None
+
+    def workspace_bytes(self, training: bool = False) -> int:
+        """The cuBLAS workspaces projected beside the peak (not in it): one per handle."""
+        return cublas_workspace_bytes(self.sm_major) * cublas_handles(training)
 
     def device_name(self) -> str:
         if self.preset is not None:
@@ -255,9 +265,10 @@ class SimEngine(Engine):
             world_size=self._world_size,
             context_bytes=self.context_bytes,
             context_source=self.context_source,
+            handles=cublas_handles(self._training),
         )
         extra["overheads"] = {
-            "cublas_workspace_bytes": ws,
+            "cublas_workspace_bytes": named["cublas_workspace_bytes"],
             "cuda_context_bytes": self.context_bytes,
             "included_in_peak": False,
             "sdpa_kernels": dict(self._sdpa.kernels) if self._sdpa else {},
@@ -340,8 +351,9 @@ class SimEngine(Engine):
             "CUDA's SDPA kernel choice, CUDA's autocast policy, foreach optimizer)"
             if not off
             else f"sim engine: fake tensors, no weights; CPU semantics instead of CUDA's for: {', '.join(off)}",
-            f"not in the peak: the cuBLAS workspace ({ws:.1f} MiB per stream, allocated on the first matmul) "
-            "and the CUDA context (driver-dependent; measure it with --engine cuda)",
+            f"not in the peak: the cuBLAS workspaces ({ws:.1f} MiB per handle and stream, allocated on a "
+            "thread's first matmul: the forward's, and in training autograd's) and the CUDA context "
+            "(driver-dependent; measure it with --engine cuda)",
         ]
         est = self._estimate
         out += self.replay_notes()

@@ -45,13 +45,13 @@ def budget_table(r: PlanResult) -> Table:
         "− CUDA context",
         format_bytes(b.context_bytes),
         b.context_source
-        if b.context_source.startswith("estimate")
+        if b.context_source.startswith(("estimate", "measured"))
         else "assumed (--context-overhead): no GPU here; measure yours with memprof analyze --engine cuda",
     )
     t.add_row(
         "− cuBLAS workspace",
         format_bytes(b.cublas_workspace_bytes),
-        "from the sim profile (1 compute stream)",
+        "from the sim profile (one per cuBLAS handle: the forward's thread, and autograd's in training)",
     )
     if b.cudnn_workspace_bytes:
         t.add_row(

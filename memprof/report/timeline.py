@@ -150,7 +150,7 @@ def non_tensor_line(named: dict[str, Any]) -> str:
     """Every non-tensor byte beside the peak, each named with its assumption."""
     parts = [
         f"cuBLAS workspace {format_bytes(named['cublas_workspace_bytes'])} "
-        f"({named.get('cublas_streams', 1)} compute stream assumed)"
+        f"({named.get('cublas_handles', 1)} handle(s) x {named.get('cublas_streams', 1)} compute stream)"
     ]
     if named.get("cudnn_workspace_bytes"):
         parts.append(
@@ -164,10 +164,6 @@ def non_tensor_line(named: dict[str, Any]) -> str:
             f"{n.get('channels')} channels x {n.get('peers')} peer(s))"
         )
     source = str(named.get("cuda_context_source") or "")
-    kind = (
-        "estimate"
-        if source.startswith("estimate")
-        else ("given" if source.startswith("given") else "assumed")
-    )
+    kind = next((k for k in ("estimate", "measured", "given") if source.startswith(k)), "assumed")
     parts.append(f"CUDA context {format_bytes(named['cuda_context_bytes'])} ({kind})")
     return " + ".join(parts) + f" = {format_bytes(named['total_bytes'])}"

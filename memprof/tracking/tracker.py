@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -103,6 +103,18 @@ def _hosting_fake_mode() -> Any:
     return fake
 
 
+class _Scratch:
+    """A kernel's scratch allocation, as the tracker records storages (``nbytes()``, weakly referenced)."""
+
+    __slots__ = ("__weakref__", "n")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def nbytes(self) -> int:
+        return self.n
+
+
 class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
     """Track live tensor memory by category and module.
 
@@ -166,8 +178,12 @@ class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
         record_timeline: bool = False,
         budget: int | None = None,
         flop_counter: Any = None,
+        scratch: Mapping[Any, Callable[..., list[int]]] | None = None,
     ) -> None:
         super().__init__()
+        #: op -> the bytes its kernel allocates beyond its outputs, freed before it returns
+        #: (called as ``f(args, kwargs, out)``; see :meth:`_kernel_scratch`)
+        self._scratch = scratch or None
         self._flop_counter = flop_counter
         self._flop_formulas: dict[Any, Any] | None = (
             flop_counter.flop_registry if flop_counter is not None else None
@@ -562,7 +578,24 @@ class Tracker(ModuleAttribution, ModelTensors, FsdpRoles, TorchDispatchMode):
                     for oo in o:
                         if isinstance(oo, torch.Tensor):
                             self._maybe_add(oo)
+        if self._scratch is not None:
+            sizes = self._scratch.get(func)
+            if sizes is not None:
+                self._kernel_scratch(sizes(args, kwargs or {}, out))
         return out
+
+    def _kernel_scratch(self, sizes: list[int]) -> None:
+        """Allocations a kernel makes after its output and frees before it returns.
+
+        No tensor stands for them (the op's own implementation holds them), so each is
+        an object of ``nbytes()`` recorded as a temporary of the running module, in
+        the trace too, and freed when the list is dropped.
+        """
+        held = [_Scratch(n) for n in sizes]
+        owner = self._owner()
+        for s in held:
+            self._add(s, id(s), _TMP, owner)
+        del held  # each one's weakref calls _on_free, in order
 
     def _count_flops(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         """What ``FlopCounterMode`` counts for the op: its formula, or its decomposition's FLOPs."""

@@ -145,6 +145,33 @@ def test_kernel_choice_rules():
     assert choose_sdpa_kernel(f32, f32, f32, None) == "efficient"
     assert choose_sdpa_kernel(odd, odd, odd, None) == "math"
     assert choose_sdpa_kernel(big, big, big, None) == "efficient"
+    # grouped-query attention (fewer key/value heads): flash takes it, memory-efficient does not
+    kv_bf = torch.empty(1, 2, 8, 64, dtype=torch.bfloat16, device="meta")
+    kv_f32 = torch.empty(1, 2, 8, 64, dtype=torch.float32, device="meta")
+    assert choose_sdpa_kernel(bf, kv_bf, kv_bf, None) == "flash"
+    assert choose_sdpa_kernel(bf, kv_bf, kv_bf, mask) == "math"
+    assert choose_sdpa_kernel(f32, kv_f32, kv_f32, None) == "math"
+
+
+def test_float32_grouped_query_attention_projects_the_math_kernel_and_its_softmax_scratch(monkeypatch):
+    """A float32 Llama-3.2-1B forward on an H200 ran the math kernel (memory-efficient refuses
+    grouped-query attention) and its _safe_softmax held a one-byte mask of the scores beyond its
+    output: the sim projects both, and with its cuBLAS workspace met the measured peak to the byte."""
+    from memprof.engines.sim import SimEngine
+
+    B, L, H = 2, 256, 4  # tiny llama: 4 query heads, 2 key/value heads
+    kw = dict(engine="sim", mode="infer", dtype="float32", batch_size=B, seq_len=L)
+    p = memprof.analyze(tiny("llama"), **kw)
+    assert p.overheads["sdpa_kernels"] == {"math": 2}
+    assert p.peak_module.endswith("self_attn")
+    monkeypatch.setattr(SimEngine, "kernel_scratch", lambda self: None)
+    without = memprof.analyze(tiny("llama"), **kw)
+    # the mask (a byte an element of the B x H x L x L scores), the rows' all() and a scalar,
+    # each in 512-byte blocks
+    assert p.peak_bytes - without.peak_bytes == B * H * L * L + B * H * L + 512
+    assert p.categories_at_peak["temporaries"] - without.categories_at_peak["temporaries"] == (
+        p.peak_bytes - without.peak_bytes
+    )
 
 
 def test_sim_uses_foreach_optimizer_temporaries():
