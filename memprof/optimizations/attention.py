@@ -16,7 +16,10 @@ class Attention(Optimization):
     ``sdpa`` runs ``torch.nn.functional.scaled_dot_product_attention``; on CUDA
     its flash and memory-efficient kernels never store the ``seq x seq`` score
     matrix, which eager attention keeps for backward (the sim engine projects
-    CUDA's kernel choice; on a CPU, sdpa's kernel saves less too).
+    CUDA's kernel choice; on a CPU, sdpa's kernel saves less too). Where neither
+    takes the step, CUDA runs the math kernel, which keeps the scores as eager
+    does: float32 with grouped-query attention (a float32 Llama-3: flash wants
+    16-bit inputs, memory-efficient the same head count for keys and queries).
     """
 
     name = "attention"

@@ -191,7 +191,9 @@ def test_a_figure_that_is_not_affine_refuses_the_extrapolation(monkeypatch):
 def test_a_first_block_of_its_own_is_passed_over_one_period_deeper(monkeypatch):
     """The depths one period on (one run more) when the first depth is off the others' line."""
     rm = narrow("llama-3.2-1b")
-    setup = StepSetup.of(WL.for_model(rm))
+    # bfloat16: flash attention (in float32 grouped-query attention runs the math kernel, whose
+    # backward peak is off the line at these widths: the extension refuses it, as it should)
+    setup = StepSetup.of(Workload(batch_size=1, seq_len=32, dtype="bfloat16").for_model(rm))
     plain, _ = D.shallow_run(SimEngine(), rm, setup, MEASURE)
     _bend(monkeypatch, lambda d: 4096 if d == 1 else 0)
     out, how = D.shallow_run(SimEngine(), rm, setup, MEASURE)
@@ -260,7 +262,7 @@ def test_plan_settles_misfits_from_shallow_traces_and_finds_the_plan_whole_trace
     from memprof.report.plan import render_plan
 
     wl = Workload(batch_size=1, seq_len=64, dtype="bfloat16")
-    budget = 34 * 2**20  # 32 MiB of fixed overheads (the cuBLAS workspace): 2 MiB for the step
+    budget = 66 * 2**20  # 64 MiB of fixed overheads (two cuBLAS workspaces): 2 MiB for the step
     shallow = planner.plan(deep_narrow_llama, wl, budget_bytes=budget, context_overhead=0, max_plans=1)
     settled = [r for r in shallow.runs if r.depth]
     assert settled and all(r.depth.startswith("traced at ") and "of 6 blocks" in r.depth for r in settled)

@@ -222,7 +222,7 @@ def test_the_console_script_runs_its_rows_side_by_side_and_exits(tmp_path):
     "args",
     [
         ["compare", tiny("llama"), "--engine", "sim", "--step", "checkpointing"],
-        ["plan", tiny("llama"), "--budget", "34MiB", "-b", "2", "-s", "64", "--context-overhead", "0"],
+        ["plan", tiny("llama"), "--budget", "66MiB", "-b", "2", "-s", "64", "--context-overhead", "0"],
         ["baseline", tiny("llama"), "-b", "2", "-s", "16", "-o", "{tmp}/b.json"],
     ],
 )

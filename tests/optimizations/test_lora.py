@@ -161,7 +161,13 @@ def test_cpu_and_sim_agree_on_a_lora_step(llama, dtype):
     assert sim.parameters == cpu.parameters
     # and the CUDA-semantics sim, with its 512-byte blocks on these tiny tensors
     cuda = run(SimEngine(), llama, setup).profile
-    assert cuda.peak_bytes == pytest.approx(cpu.peak_bytes, rel=0.05)
+    if dtype == "bfloat16":
+        assert cuda.peak_bytes == pytest.approx(cpu.peak_bytes, rel=0.05)
+    else:
+        # float32 grouped-query attention: CUDA runs the math kernel (memory-efficient refuses
+        # it, measured on an H200), which keeps the scores the CPU's flash kernel does not
+        assert cuda.overheads["sdpa_kernels"] == {"math": 2}
+        assert cuda.peak_bytes > cpu.peak_bytes
 
 
 def test_gradients_and_optimizer_state_shrink_to_the_adapters_activations_stay(llama):

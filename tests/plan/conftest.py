@@ -15,7 +15,7 @@ def _one_worker(monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_plan_34():
-    """The tiny Llama's search at 34 MiB, one run at a time: what the side-by-side and shallow
+    """The tiny Llama's search at 66 MiB, one run at a time: what the side-by-side and shallow
     variants are compared with (a few seconds, made once; read, never changed, by the tests)."""
     from memprof.plan import planner
     from tests.conftest import tiny
@@ -23,4 +23,4 @@ def tiny_plan_34():
 
     with pytest.MonkeyPatch.context() as m:
         m.setenv("MEMPROF_WORKERS", "1")
-        return planner.plan(tiny("llama"), TINY_WL, budget_bytes=34 * MiB, context_overhead=0)
+        return planner.plan(tiny("llama"), TINY_WL, budget_bytes=66 * MiB, context_overhead=0)

@@ -1,8 +1,9 @@
 """Shared by the plan tests: the tiny Llama's step, the CLI runner, a direct sim measurement.
 
 The tiny Llama's reserved memory moves in 2 MiB steps (the caching allocator's small-pool
-segments), and the sim projects a 32 MiB cuBLAS workspace: budgets here are 32 MiB plus
-a few MiB, with no CUDA context (``--context-overhead 0``).
+segments), and the sim projects two 32 MiB cuBLAS workspaces in training (the forward's
+thread and autograd's): budgets here are 64 MiB plus a few MiB, with no CUDA context
+(``--context-overhead 0``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from memprof.prepare import fake_model, prepare, stack
 from memprof.workload import Workload
 
 MiB = 2**20
-WORKSPACE = 32 * MiB  # the sim's cuBLAS workspace (sm 9.x)
+WORKSPACE = 64 * MiB  # the sim's cuBLAS workspaces in training (two handles of 32 MiB, sm 9.x)
 TINY = ["-b", "2", "-s", "64", "--dtype", "bfloat16", "--context-overhead", "0"]
 TINY_WL = Workload(batch_size=2, seq_len=64, dtype="bfloat16")
 

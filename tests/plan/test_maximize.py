@@ -10,8 +10,8 @@ from tests.plan.helpers import MiB, need_of, run
 
 
 def test_e_maximize_batch_size_finds_the_edge(capsys):
-    spec, budget = tiny("llama"), 40 * MiB
-    args = ["--budget", "40MiB", "-b", "4", "-s", "64", "--context-overhead", "0"]
+    spec, budget = tiny("llama"), 72 * MiB
+    args = ["--budget", "72MiB", "-b", "4", "-s", "64", "--context-overhead", "0"]
     code, out, err = run(capsys, "plan", spec, *args, "--maximize", "batch-size", "--json", "-")
     assert code == 0, err
     m = json.loads(out)["maximize"]

@@ -1,8 +1,8 @@
 """memprof plan: the search on a tiny causal LM in the sim engine, and the recipe and page it writes.
 
 The tiny Llama's reserved memory moves in 2 MiB steps (the caching allocator's small-pool
-segments), and the sim projects a 32 MiB cuBLAS workspace: budgets here are 32 MiB plus
-a few MiB, with no CUDA context (``--context-overhead 0``).
+segments), and the sim projects two 32 MiB cuBLAS workspaces in training: budgets here are
+64 MiB plus a few MiB, with no CUDA context (``--context-overhead 0``).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ P = importlib.import_module("memprof.plan")  # the package (memprof.plan is also
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """A budget between the baseline's need (36 MiB) and the most aggressive plan's (34 MiB)."""
+    """A budget between the baseline's need (68 MiB) and the most aggressive plan's (66 MiB)."""
     folder = tmp_path_factory.mktemp("plan")
     recipe, out = folder / "plan.yaml", folder / "plan.json"
-    budget = 34 * MiB
-    args = ["plan", tiny("llama"), "--budget", "34MiB", *TINY, "--plans", "1"]
+    budget = 66 * MiB
+    args = ["plan", tiny("llama"), "--budget", "66MiB", *TINY, "--plans", "1"]
     code = main(
         [*args, "--write-recipe", str(recipe), "--json", str(out), "--html", str(folder / "plan.html")]
     )
@@ -59,7 +59,7 @@ def test_the_html_page_shows_the_measured_plans_and_the_budget(fitted, tmp_path_
     code, recipe, d, budget = fitted
     text = (recipe.parent / "plan.html").read_text()
     assert "Cheapest plan that fits" in text and "data-expected-charts=1" in text
-    assert "chosen plan" in text and "budget 34.0 MiB" in text
+    assert "chosen plan" in text and "budget 66.0 MiB" in text
 
 
 def test_d_pruning_runs_fewer_steps_than_combinations(fitted):
@@ -81,8 +81,8 @@ def test_c_d_the_library_raises_no_plan_fits_after_the_two_ends():
     eng = CountingSim()
     wl = Workload(batch_size=1, seq_len=64, dtype="bfloat16", optimizer="sgd")
     with pytest.raises(NoPlanFits) as e:
-        # usable: 32.4 MiB less the 32 MiB cuBLAS workspace
-        P.plan(tiny("llama"), wl, int(32.4 * MiB), context_overhead=0, engine=eng)
+        # usable: 64.4 MiB less the 64 MiB of cuBLAS workspaces
+        P.plan(tiny("llama"), wl, int(64.4 * MiB), context_overhead=0, engine=eng)
     assert e.value.exit_code == 6
     r = e.value.result
     # the two ends: the baseline, and the most aggressive combinations (the optimizer stepped in
@@ -95,7 +95,7 @@ def test_c_d_the_library_raises_no_plan_fits_after_the_two_ends():
     assert r.counts["pruned_nothing_fits"] == r.counts["combinations"] - r.counts["measured"]
     assert r.chosen is None and r.frontier and r.dominant
     closest = r.frontier[0]
-    assert closest.need_bytes > int(32.4 * MiB) and closest.source == "measured"
+    assert closest.need_bytes > int(64.4 * MiB) and closest.source == "measured"
     # the frontier: no point needs less memory at a lower cost than another
     for a in r.frontier:
         assert not any(b is not a and b.need_bytes < a.need_bytes and b.cost < a.cost for b in r.frontier)
@@ -116,7 +116,7 @@ def test_g_the_written_recipe_loads_and_names_the_command_that_confirms_it(fitte
 def test_b_a_budget_above_the_baseline_needs_no_plan(tmp_path, capsys):
     path = tmp_path / "never.yaml"
     code, out, err = run(
-        capsys, "plan", tiny("llama"), "--budget", "40MiB", *TINY, "--json", "-", "--write-recipe", str(path)
+        capsys, "plan", tiny("llama"), "--budget", "72MiB", *TINY, "--json", "-", "--write-recipe", str(path)
     )
     assert code == 0, err
     d = json.loads(out)
@@ -134,7 +134,7 @@ def test_c_impossible_budget_exits_6_with_the_frontier(tmp_path, capsys, monkeyp
         "plan",
         tiny("llama"),
         "--budget",
-        "32.5MiB",
+        "64.5MiB",
         *TINY[2:],
         "-b",
         "1",
@@ -143,11 +143,11 @@ def test_c_impossible_budget_exits_6_with_the_frontier(tmp_path, capsys, monkeyp
     )
     assert code == 6
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("memprof: error: no plan fits 32.5 MiB")
+    assert len(lines) == 1 and lines[0].startswith("memprof: error: no plan fits 64.5 MiB")
     assert "Traceback" not in err
     assert "Closest that do not fit (Pareto frontier" in out
     assert "What dominates the closest plan's memory" in out
-    assert "No plan fits 32.5 MiB" in out
+    assert "No plan fits 64.5 MiB" in out
     assert "\x1b[" not in out  # not a terminal: no escape codes
     assert not path.exists() and not list(tmp_path.iterdir())  # nothing written, nothing left behind
 
@@ -157,7 +157,7 @@ def test_world_size_adds_the_fsdp_lever_and_reports_per_rank(tmp_path, capsys, m
     # measures like an unsharded one)
     monkeypatch.setenv("COLUMNS", "200")
     path = tmp_path / "plan.json"
-    args = ["--budget", "32.5MiB", "-b", "1", "-s", "64", "--dtype", "bfloat16", "--optimizer", "sgd"]
+    args = ["--budget", "64.5MiB", "-b", "1", "-s", "64", "--dtype", "bfloat16", "--optimizer", "sgd"]
     args += ["--context-overhead", "0", "--world-size", "2", "--json", str(path)]
     code, out, err = run(capsys, "plan", tiny("llama"), *args)
     assert code == 6, err
@@ -188,7 +188,7 @@ def second_run_raises_key_error(monkeypatch):
 def test_a_key_error_in_a_sim_run_propagates_instead_of_dropping_the_lever(second_run_raises_key_error):
     # before: caught as a "failed run", the lever dropped with a note, the search went on
     with pytest.raises(InternalError) as e:
-        P.plan(tiny("llama"), TINY_WL, 34 * MiB, context_overhead=0, max_plans=1)
+        P.plan(tiny("llama"), TINY_WL, 66 * MiB, context_overhead=0, max_plans=1)
     assert isinstance(e.value.__cause__, KeyError)
     assert e.value.exit_code == 70 and "KeyError: 'no such segment'" in str(e.value)
     assert len(second_run_raises_key_error) == 2  # the baseline ran; the search stopped at the bug
@@ -198,7 +198,7 @@ def test_a_key_error_in_a_sim_run_is_an_internal_error_on_the_command_line(
     second_run_raises_key_error, capsys, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("MEMPROF_CRASH_DIR", str(tmp_path / "crashes"))
-    code, out, err = run(capsys, "plan", tiny("llama"), "--budget", "34MiB", *TINY, "--plans", "1")
+    code, out, err = run(capsys, "plan", tiny("llama"), "--budget", "66MiB", *TINY, "--plans", "1")
     assert code == 70
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err
@@ -208,11 +208,11 @@ def test_a_key_error_in_a_sim_run_is_an_internal_error_on_the_command_line(
 
 
 def test_single_fixes_measures_each_lever_alone_then_searches_on_reusing_the_runs():
-    # the diagnosis's step (tests/test_diagnose.py): 36 MiB as it is, a 35 MiB budget
+    # the diagnosis's step (tests/test_diagnose.py): 68 MiB as it is, a 67 MiB budget
     wl = Workload(batch_size=4, seq_len=64, dtype="bfloat16", optimizer="sgd")
-    found = P.single_fixes(tiny("llama"), wl, 35 * MiB, context_overhead=0)
+    found = P.single_fixes(tiny("llama"), wl, 67 * MiB, context_overhead=0)
     r = found.result
-    assert found.baseline is r.baseline and found.baseline.need_bytes > 35 * MiB
+    assert found.baseline is r.baseline and found.baseline.need_bytes > 67 * MiB
     names = [s.lever for s in found.singles]
     assert names == [lv.name for lv in r.levers if lv.name in names]  # in lever order
     assert "allocator" in names  # from the baseline's run: no run of its own
@@ -239,7 +239,7 @@ def test_the_most_aggressive_ends_are_only_a_bound_until_the_search_traces_them_
     """
     from memprof.plan import planner, search
 
-    budget = 34 * MiB
+    budget = 66 * MiB
     whole = tiny_plan_34
 
     def shallow_run(engine, rm, setup, measure, **kw):
@@ -295,7 +295,7 @@ def test_under_optimizer_offload_one_run_measures_every_optimizer(tmp_path):
     ) and own.peak_reserved_bytes == run.profile.peak_reserved_bytes
     assert sum(abs(a[1][k] - b[1][k]) for k in a[1]) <= 2 * 512
 
-    tiny_search = new_search(tiny("llama"), TINY_WL, 34 * MiB)
+    tiny_search = new_search(tiny("llama"), TINY_WL, 66 * MiB)
     tc = tiny_search.combinations
     assert all(tc.run_key(k) == k for k in tiny_search.setups)
     key = next(k for k in tiny_search.setups if k[tc.lever("optimizer offload")] and k[tc.lever("optimizer")])

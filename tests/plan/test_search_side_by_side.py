@@ -27,8 +27,8 @@ pytestmark = pytest.mark.usefixtures("no_automatic_collections")
 
 
 def test_the_most_aggressive_runs_side_by_side_give_the_search_one_at_a_time_gives(monkeypatch, tiny_plan_34):
-    # 34 MiB: between the baseline (36 MiB) and the most aggressive plan (tests/plan/test_search.py)
-    budget = 34 * MiB
+    # 66 MiB: between the baseline (68 MiB) and the most aggressive plan (tests/plan/test_search.py)
+    budget = 66 * MiB
     one = tiny_plan_34
     monkeypatch.setenv("MEMPROF_WORKERS", "2")
     two = search(budget)
@@ -47,13 +47,13 @@ def test_a_bug_in_a_run_side_by_side_is_an_internal_error(monkeypatch):
     monkeypatch.setattr(SimEngine, "run_detailed", aggressive_raises)
     monkeypatch.setenv("MEMPROF_WORKERS", "2")
     with pytest.raises(InternalError, match="KeyError"):
-        search(34 * MiB)
+        search(66 * MiB)
 
 
 def test_the_next_candidate_runs_beside_the_current_one_and_the_search_is_the_same(monkeypatch, tiny_plan_34):
     from memprof.plan.search import Search
 
-    budget = 34 * MiB
+    budget = 66 * MiB
     one = tiny_plan_34
     speculated: list[int] = []
     real_speculate = Search._speculate
@@ -82,7 +82,7 @@ def test_runs_traced_shallow_run_one_at_a_time_their_depths_side_by_side(monkeyp
     deep = tmp_path / "llama6.json"
     deep.write_text(json.dumps(cfg))
     monkeypatch.setenv("MEMPROF_WORKERS", "2")
-    s = new_search(str(deep), TINY_WL, 37 * MiB)
+    s = new_search(str(deep), TINY_WL, 69 * MiB)
     keys = [k for k in s.setups if s._traced_beside(k)][:2]
     assert len(keys) == 2 and s.combinations.zero in s.setups
     s.measure(s.combinations.zero, "baseline")
@@ -117,7 +117,7 @@ def test_the_in_backward_floors_are_measured_while_the_first_shallow_run_waits(m
     floors = {}
     for n in ("1", "2"):
         monkeypatch.setenv("MEMPROF_WORKERS", n)
-        s = new_search(str(deep), TINY_WL, 37 * MiB)
+        s = new_search(str(deep), TINY_WL, 69 * MiB)
         zero = s.combinations.zero
         assert s._traced_beside(zero)  # the baseline is traced shallow, its depths side by side
         s.measure(zero, "baseline")
