@@ -213,7 +213,10 @@ def main() -> int:
             C.header_lines(
                 [
                     f"- (a) sim: `{args.model}`, training step, float32 weights, AdamW, batch {args.batch_size}, "
-                    f"seq {args.seq_len}, sdpa attention, projected for a CUDA GPU (sm 9.x semantics).",
+                    f"seq {args.seq_len}, sdpa attention, projected for a CUDA GPU (sm 9.x semantics). In "
+                    "float32, grouped-query attention runs CUDA's math kernel (memory-efficient attention refuses "
+                    "it; measured on an H200, docs/validation.md), which keeps the seq x seq scores: the baseline "
+                    "holds them, the rows from bfloat16 on run flash attention.",
                     f"- (b) cpu: `{Path(args.cpu_model).relative_to(C.REPO)}`, real training steps on the CPU, batch 4, "
                     f"seq 256; step time is the median of {args.timing_steps} untracked steps (a 2-core shared VM: "
                     "noisy); quality is against the baseline on the same inputs and seed (eval-mode forward: max "
