@@ -851,7 +851,7 @@ class Search:
         if wl.world_size > 1:
             notes.append(
                 f"per rank of {wl.world_size}: batch size {wl.batch_size} is per rank; NCCL's communication "
-                "buffers are not included (measure them on the GPUs)"
+                "buffers are counted at NCCL's defaults (the budget's row; measure them on the GPUs)"
             )
         result = PlanResult(
             model=self.rm.name,
