@@ -11,7 +11,7 @@
 # slow or failing step leaves the others' results.
 #
 #   bash bench/gpu_checks.sh                 # from the repository root
-#   PYTHON=python3 GPU_PRESET=h200 bash bench/gpu_checks.sh
+#   PYTHON=python3 GPU_PRESET=h200 GPU_MODEL=llama-3.2-1b GPU_SHAPE="-b 4 -s 2048" bash bench/gpu_checks.sh
 #
 # Wheels in .whl/ (e.g. the transformers release the suite is tested on) are installed
 # into /tmp/site first and put ahead of the machine's own packages.
@@ -56,8 +56,9 @@ GPU_PRESET="${GPU_PRESET:-h200}"
 MODEL="${GPU_MODEL:-llama-3.2-1b}"
 # a training step (two cuBLAS workspaces: the forward's thread and autograd's) and an
 # inference step (one), each in a fresh process; the inference step's allocator snapshot
-T=(analyze "$MODEL" -b 4 -s 2048 --dtype bfloat16)
-I=(analyze "$MODEL" -b 4 -s 2048 --dtype float32 --mode infer)
+read -ra SHAPE <<<"${GPU_SHAPE:--b 4 -s 2048}"
+T=(analyze "$MODEL" "${SHAPE[@]}" --dtype bfloat16)
+I=(analyze "$MODEL" "${SHAPE[@]}" --dtype float32 --mode infer)
 for e in cuda sim; do
   g=(); [ $e = sim ] && g=(--gpu "$GPU_PRESET")
   step "train_$e" "${ANALYZE_LIMIT:-60}" "$PY" -m memprof "${T[@]}" --engine $e "${g[@]}" --json "$OUT/train_$e.json"
