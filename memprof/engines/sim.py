@@ -348,7 +348,7 @@ class SimEngine(Engine):
         off = self.cpu_semantics()
         out = [
             "sim engine: fake tensors, no weights; CUDA semantics applied (512-byte allocator blocks, "
-            "CUDA's SDPA kernel choice, CUDA's autocast policy, foreach optimizer)"
+            "CUDA's SDPA kernel choice, CUDA's autocast policy, foreach optimizer, fused dropout)"
             if not off
             else f"sim engine: fake tensors, no weights; CPU semantics instead of CUDA's for: {', '.join(off)}",
             f"not in the peak: the cuBLAS workspaces ({ws:.1f} MiB per handle and stream, allocated on a "
