@@ -295,3 +295,23 @@ def test_a_training_step_holds_a_cublas_workspace_for_autograd_s_thread_too():
     assert infer["non_tensor"]["cublas_handles"] == 1 and train["non_tensor"]["cublas_handles"] == 2
     assert infer["cublas_workspace_bytes"] == infer["non_tensor"]["cublas_workspace_bytes"] == 32 * 2**20
     assert train["cublas_workspace_bytes"] == train["non_tensor"]["cublas_workspace_bytes"] == 64 * 2**20
+
+
+def test_the_allocator_model_leaves_room_for_each_cublas_workspace(monkeypatch):
+    """The allocator model may reserve the GPU's memory less the context and the workspaces:
+    one in inference, two in training (the capacity its garbage collection and retries use)."""
+    import memprof.engines.sim as S
+
+    seen: list[int | None] = []
+    real = S.replay
+
+    def spy(trace, settings, capacity_bytes=None, **kw):
+        seen.append(capacity_bytes)
+        return real(trace, settings, capacity_bytes=capacity_bytes, **kw)
+
+    monkeypatch.setattr(S, "replay", spy)
+    gpu = lookup("h200")
+    for mode, handles in (("infer", 1), ("train", 2)):
+        seen.clear()
+        api.analyze(tiny("gpt2"), mode=mode, batch_size=1, seq_len=16, gpu=gpu)
+        assert seen and set(seen) == {gpu.memory_bytes - gpu.context_bytes - handles * 32 * MiB}

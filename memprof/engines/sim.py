@@ -110,6 +110,9 @@ class SimEngine(Engine):
         """
         super().__init__()
         self.preset = gpu
+        #: the allocator model's capacity came from the preset: take a training step's
+        #: second cuBLAS workspace off it too (:func:`cublas_handles`)
+        self._second_workspace_off = False
         if context_bytes is not None:
             self.context_bytes, self.context_source = context_bytes, "given (--context-overhead)"
         elif gpu is not None:
@@ -125,7 +128,9 @@ class SimEngine(Engine):
         if gpu is not None:
             sm_major = gpu.sm_major
             if device_memory_bytes is None:
+                # one workspace here; a training step's second is taken off at the replay
                 device_memory_bytes = gpu.memory_bytes - self.context_bytes - cublas_workspace_bytes(sm_major)
+                self._second_workspace_off = True
         self.sm_major = sm_major
         self.cuda_sdpa = cuda_sdpa
         self.cuda_autocast = cuda_autocast
@@ -284,6 +289,8 @@ class SimEngine(Engine):
         """
         settings = AllocatorSettings.from_dict(setup.alloc_conf)
         capacity = self.device_memory_bytes
+        if capacity is not None and self._second_workspace_off:
+            capacity -= cublas_workspace_bytes(self.sm_major) * (cublas_handles(self._training) - 1)
         if self.snapshot_path:
             est, snap = model_snapshot(trace, settings, capacity_bytes=capacity, timeline=True)
             write_snapshot(snap, self.snapshot_path)
