@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/validation.md in one bounded run, for a machine with a CUDA GPU:
 #   1. the machine: nvidia-smi, Python, torch, CUDA, transformers;
-#   2. the tests marked gpu (pytest -m gpu) in the files that hold them;
+#   2. the tests marked gpu (pytest -m gpu) in the files that hold them (found by their gpu_test mark);
 #   3. bench/validate.py: the zoo on the cuda engine against the sim as shipped
 #      (it rewrites docs/validation.md's section; the file is copied to $OUT);
 #   4. analyze on the cuda engine beside the sim with the GPU's --gpu preset, one
@@ -49,8 +49,9 @@ print("gpu", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
 print("transformers", transformers.__version__)
 EOF
 } >"$OUT/env.txt" 2>&1
-step pytest_gpu "${PYTEST_LIMIT:-120}" "$PY" -m pytest -q -m gpu -p no:cacheprovider \
-  tests/engines/test_engines.py tests/test_allocator.py tests/test_allocator_view.py tests/optimizations/test_surgery.py
+# the files that hold GPU tests (collecting all of tests/ needs every dev extra installed)
+mapfile -t GPU_TESTS < <(grep -rl --include='test_*.py' 'gpu_test(' tests | sort)
+step pytest_gpu "${PYTEST_LIMIT:-120}" "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}"
 step validate "${VALIDATE_LIMIT:-240}" "$PY" bench/validate.py --engine cuda --json "$OUT/validate.json"
 GPU_PRESET="${GPU_PRESET:-h200}"
 MODEL="${GPU_MODEL:-llama-3.2-1b}"

@@ -39,6 +39,9 @@ def test_the_gpu_checks_run_every_step_time_boxed_and_pack_the_results(tmp_path)
         if ": rc " in line
     }
     assert rc["pytest_gpu"] == 0  # the gpu tests skip without one
+    # every file with a gpu_test was collected: each of its GPU tests says why it skipped
+    marked = sum(p.read_text().count("@gpu_test(") for p in (REPO / "tests").rglob("test_*.py"))
+    assert (tmp_path / "pytest_gpu.log").read_text().count("needs a CUDA GPU") == marked >= 4
     assert rc["validate"] == 2  # --engine cuda refused: no GPU
     assert (
         rc["train_cuda"] == rc["infer_cuda"] == 3
