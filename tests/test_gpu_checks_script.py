@@ -8,6 +8,7 @@ step is time-boxed and recorded, and the results are packed in one archive.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tarfile
 
@@ -40,7 +41,9 @@ def test_the_gpu_checks_run_every_step_time_boxed_and_pack_the_results(tmp_path)
     }
     assert rc["pytest_gpu"] == 0  # the gpu tests skip without one
     # every file with a gpu_test was collected: each of its GPU tests says why it skipped
-    marked = sum(p.read_text().count("@gpu_test(") for p in (REPO / "tests").rglob("test_*.py"))
+    marked = sum(
+        len(re.findall(r"^@gpu_test\(", p.read_text(), re.M)) for p in (REPO / "tests").rglob("test_*.py")
+    )
     assert (tmp_path / "pytest_gpu.log").read_text().count("needs a CUDA GPU") == marked >= 4
     assert rc["validate"] == 2  # --engine cuda refused: no GPU
     assert (
