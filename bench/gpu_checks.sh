@@ -6,7 +6,9 @@
 #      (it rewrites docs/validation.md's section; the file is copied to $OUT);
 #   4. analyze on the cuda engine beside the sim with the GPU's --gpu preset, one
 #      process each, alone on the GPU: the measured CUDA context against the preset's
-#      estimate, the cuBLAS workspaces, an inference step's allocator snapshot.
+#      estimate, the cuBLAS workspaces, an inference step's allocator snapshot;
+#   5. (GPU_SNAPSHOTS=1, the default) the allocator's peak of the workloads whose memory
+#      beyond tensors the sim does not name yet, by the op that allocated it.
 # Everything goes to $OUT (default /tmp/memprof-gpu), and into $OUT/gpu-checks.tgz. Each step has its own time limit, so a
 # slow or failing step leaves the others' results.
 #
@@ -66,6 +68,17 @@ for e in cuda sim; do
   step "infer_$e" "${ANALYZE_LIMIT:-60}" "$PY" -m memprof "${I[@]}" --engine $e "${g[@]}" --json "$OUT/infer_$e.json" \
     --snapshot "$OUT/infer_$e.pickle"
 done
+# what the sim does not name yet (docs/validation.md, "Not validated yet"): the allocator's
+# peak of two autocast training steps, by the op that allocated it (bench/snapshot_peak.py)
+if [ "${GPU_SNAPSHOTS:-1}" = 1 ]; then
+  for w in "qwen2.5-0.5b -b 4 -s 1024" "vit-base -b 64"; do
+    read -ra W <<<"$w"
+    n="peak_${W[0]%%[.-]*}"
+    step "$n" "${ANALYZE_LIMIT:-60}" "$PY" -m memprof analyze "${W[@]}" --step mixed_precision --engine cuda \
+      --top 0 --json "$OUT/$n.json" --snapshot "$OUT/$n.pickle"
+    [ -f "$OUT/$n.pickle" ] && "$PY" bench/snapshot_peak.py "$OUT/$n.pickle" --top 20 >"$OUT/$n.txt" 2>&1
+  done
+fi
 cp docs/validation.md "$OUT/validation.md"
 # one archive: the device tool brings back at most 8 files
 (cd "$OUT" && tar czf /tmp/gpu-checks.tgz --exclude=gpu-checks.tgz . && mv /tmp/gpu-checks.tgz .)

@@ -25,6 +25,7 @@ def test_the_gpu_checks_run_every_step_time_boxed_and_pack_the_results(tmp_path)
         OUT=str(tmp_path),
         GPU_MODEL=tiny("llama"),
         GPU_SHAPE="-b 2 -s 64",
+        GPU_SNAPSHOTS="0",  # two more cuda steps, refused as the others are
         ANALYZE_LIMIT="90",
         PYTEST_LIMIT="120",
         VALIDATE_LIMIT="60",
