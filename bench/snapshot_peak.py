@@ -110,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, pickle.UnpicklingError, EOFError) as e:
         print(f"snapshot_peak: cannot read {args.snapshot}: {e}", file=sys.stderr)
         return 2
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("device_traces", []), list):
+        print(
+            f"snapshot_peak: {args.snapshot} is not a CUDA memory snapshot (a dict with device_traces)",
+            file=sys.stderr,
+        )
+        return 2
     print(report(snapshot, args.device, args.top))
     return 0
 

@@ -717,7 +717,8 @@ def explanations(rows: Sequence[dict[str, Any]], engine: str) -> list[str]:
     ):
         out.append(
             "- Sim as shipped against sim with CPU semantics: the CUDA semantics are the difference. CUDA's SDPA "
-            "kernels (memory-efficient for float32 or with a mask, flash for 16-bit without one) save the output "
+            "kernels (memory-efficient for float32 or with a mask, flash for 16-bit without one; math for "
+            "float32 grouped-query attention, which keeps the scores) save the output "
             "and the log-sum-exp where the CPU's kernels save more (T5's position bias as a float mask sends the "
             "CPU to its math kernel, which keeps the attention probabilities); CUDA's fused dropout keeps a "
             "one-byte mask for backward where the CPU keeps a noise tensor of the input's dtype (the rows with "

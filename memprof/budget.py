@@ -7,8 +7,8 @@ profile) is what the caching allocator's reserved memory may use; a step needs i
 reserved memory plus the same overheads.
 
 The bytes a step needs that are not its tensors (:func:`non_tensor`), each from a
-stated assumption: the cuBLAS workspace per handle and stream (one compute stream; two handles in training), a
-cuDNN workspace when the step runs convolutions, NCCL's buffers when ranks
+stated assumption: the cuBLAS workspace per handle and stream (one compute stream;
+two handles in training), a cuDNN workspace when the step runs convolutions, NCCL's buffers when ranks
 communicate (world size above 1), and the CUDA context.
 """
 

@@ -59,3 +59,6 @@ def test_the_peak_s_blocks_by_op_as_in_the_h200_s_safe_softmax(tmp_path, capsys)
     assert sp.main([str(path)]) == 0 and "isneginf" in capsys.readouterr().out
     assert sp.main([str(tmp_path / "missing.pickle")]) == 2
     assert "cannot read" in capsys.readouterr().err
+    (tmp_path / "list.pickle").write_bytes(pickle.dumps([1, 2]))
+    assert sp.main([str(tmp_path / "list.pickle")]) == 2
+    assert "not a CUDA memory snapshot" in capsys.readouterr().err

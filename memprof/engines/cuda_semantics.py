@@ -11,8 +11,8 @@ so the simulation runs CPU fake tensors and applies CUDA semantics here:
   float32/float16/bfloat16 with or without a mask (boolean masks become an
   additive mask of the query dtype, padded to a multiple of 16 as CUDA does),
   when query, key and value have as many heads (it refuses grouped-query
-  attention); math otherwise, as for a float32 Llama-3 (measured on an H200). The aten ops run their meta kernels and their real autograd
-  formulas, so what is saved for backward is what CUDA saves (flash: output and
+  attention); math otherwise, as for a float32 Llama-3 (measured on an H200).
+  The aten ops run their meta kernels and their real autograd formulas, so what is saved for backward is what CUDA saves (flash: output and
   log-sum-exp, never the ``L x L`` scores). On Hopper with a recent cuDNN,
   PyTorch may prefer cuDNN attention; its saved tensors (output and softmax
   statistics) are the same size as flash's, so the projection uses flash.
@@ -205,8 +205,9 @@ KERNEL_SCRATCH: dict[Any, Any] = {torch.ops.aten._safe_softmax.default: _safe_so
 def fused_dropout_applies(input: torch.Tensor, p: float, train: bool) -> bool:
     """Whether CUDA's ``dropout`` takes the fused kernel (``is_fused_kernel_acceptable``).
 
-    ``aten/src/ATen/native/Dropout.cpp``: a CUDA input, training, ``0 < p < 1``
-    and at least one element. The in-place form (``dropout_``) never does.
+    ``aten/src/ATen/native/Dropout.cpp``: a CUDA input (in the sim every input
+    stands for one), training, ``0 < p < 1`` and at least one element. The
+    in-place form (``dropout_``) never does.
     """
     return bool(train) and 0 < p < 1 and input.numel() > 0
 
