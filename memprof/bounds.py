@@ -13,8 +13,9 @@ line that says how to proceed. The values and their reasons are listed in the RE
 * :data:`MAX_DECODE_TOKENS`: decode steps (each one is traced);
 * :data:`MAX_WORLD_SIZE`: ranks of a sharded step;
 * :data:`MAX_SAMPLES`: draws of a ``--lengths`` distribution;
-* :data:`MAX_YAML_BYTES` and no anchors or aliases: recipe and workloads files
-  (:func:`load_yaml`);
+* :data:`MAX_YAML_BYTES`, :data:`MAX_YAML_DEPTH` and no anchors or aliases: recipe and
+  workloads files (:func:`load_yaml`);
+* :data:`MAX_LABELS`: a classifier's labels;
 * :data:`MAX_MESSAGE_CHARS`: an error line (:func:`cut`).
 """
 
@@ -49,6 +50,11 @@ MAX_WORLD_SIZE = 4096
 MAX_SAMPLES = 10**6
 #: a recipe or workloads file (the shipped ones are under 4 KiB)
 MAX_YAML_BYTES = 1024 * 1024
+#: how deeply a recipe or workloads file's lists and mappings nest (the shipped ones: 4)
+MAX_YAML_DEPTH = 32
+#: a classifier's labels (num_labels): 40x ImageNet-21k's; transformers names each one in
+#: id2label as it builds the config, so ten million take 24 s and 2.6 GB before any step
+MAX_LABELS = 10**6
 #: an error line on stderr (a problem of a list: each)
 MAX_MESSAGE_CHARS = 500
 
@@ -76,6 +82,13 @@ POSITIVE_INTS = (
     "num_local_experts",
     "n_routed_experts",
     "num_experts_per_tok",
+    # vision and audio inputs' shapes
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "num_mel_bins",
+    # T5's relative positions are bucketed: none divides by zero
+    "relative_attention_num_buckets",
 )
 
 
@@ -153,11 +166,19 @@ def config_bound_problems(config: Any, name: str) -> list[str]:
     n = min_parameters(config)
     if n > MAX_PARAMETERS:
         problems.append(
-            f"{name} has at least {n:.3g} parameters, more than memprof projects ({MAX_PARAMETERS:.0e}: "
+            f"{name} has at least {approx(n)} parameters, more than memprof projects ({MAX_PARAMETERS:.0e}: "
             "twice the largest public models; past it a step outgrows any GPU and the allocator model's "
             "address space); check hidden_size, intermediate_size, vocab_size and the layers"
         )
     return problems
+
+
+def approx(n: int) -> str:
+    """A whole number in three significant figures (``1.27e+09``), however many digits it has."""
+    if n.bit_length() < 1000:  # a float holds it
+        return f"{n:.3g}"
+    # past a float, and maybe past the digits Python converts to text (4300)
+    return f"about 2^{n.bit_length() - 1}"
 
 
 def size_problem(name: str, attr: str, value: Any) -> str | None:
@@ -169,7 +190,7 @@ def size_problem(name: str, attr: str, value: Any) -> str | None:
         if _int(v) is None:
             return f"{name} {attr} must be a whole number, got {str(value)[:40]!r}"
         if v < 1:
-            return f"{name} {attr} must be at least 1, got {value}"
+            return f"{name} {attr} must be at least 1, got {v if v.bit_length() < 1000 else approx(v)}"
     return None
 
 
@@ -209,13 +230,13 @@ def workload_bound_problems(batch_size: int, seq_len: int, decode_tokens: int, w
 
 
 def load_yaml(text: str, source: str, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> Any:
-    """A recipe's or a workloads file's YAML, within the bounds: no anchors or aliases, at most 1 MiB.
+    """A recipe's or a workloads file's YAML, within the bounds: no anchors or aliases, at most 1 MiB and 32 levels deep.
 
     Anchors and aliases let a few hundred bytes expand to billions of nodes (the
     "billion laughs"); memprof's files never need them.
 
     Raises:
-        InputError: past the size bound, or an anchor or alias (the line named).
+        InputError: past the size or depth bound, or an anchor or alias (the line named).
         yaml.YAMLError: not valid YAML (the caller reports it as its file's problem).
     """
     size = len(text.encode("utf-8", "surrogatepass"))
@@ -223,7 +244,18 @@ def load_yaml(text: str, source: str, loader: type[yaml.SafeLoader] = yaml.SafeL
         raise InputError(
             f"{source}: {size} bytes, more than memprof reads in a recipe or workloads file ({MAX_YAML_BYTES})"
         )
+    depth = 0
     for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                line = event.start_mark.line + 1 if event.start_mark is not None else 0
+                raise InputError(
+                    f"{source}: line {line}: lists and mappings nested more than {MAX_YAML_DEPTH} deep; "
+                    "memprof's files nest a few levels"
+                )
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             line = event.start_mark.line + 1 if event.start_mark is not None else 0
             raise InputError(
@@ -242,6 +274,7 @@ __all__ = [
     "MAX_BATCH_SIZE",
     "MAX_BATCH_TOKENS",
     "MAX_DECODE_TOKENS",
+    "MAX_LABELS",
     "MAX_LAYERS",
     "MAX_MESSAGE_CHARS",
     "MAX_PARAMETERS",
@@ -249,6 +282,8 @@ __all__ = [
     "MAX_SAMPLES",
     "MAX_WORLD_SIZE",
     "MAX_YAML_BYTES",
+    "MAX_YAML_DEPTH",
+    "approx",
     "config_bound_problems",
     "cut",
     "load_yaml",

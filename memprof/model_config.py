@@ -11,15 +11,18 @@ attribute to change.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from memprof.bounds import POSITIVE_INTS, config_bound_problems, size_problem
+from memprof.bounds import MAX_LABELS, POSITIVE_INTS, approx, config_bound_problems, size_problem
 from memprof.errors import EnvironmentProblem, InputError
+from memprof.files import not_regular
 
 #: a Hub id: ``org/name``
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -64,6 +67,10 @@ def spec_kind(spec: str) -> str:
     Raises:
         InputError: a file that is not JSON, or nothing by that name.
     """
+    if not spec.strip():  # Path("") is the current folder: never what was meant
+        raise InputError(
+            "an empty model name; give a model folder, a config.json, a bundled name or a Hub id"
+        )
     path = Path(spec).expanduser()
     if path.is_dir():
         return "directory"
@@ -73,6 +80,9 @@ def spec_kind(spec: str) -> str:
                 f"{spec}: expected a model directory or a config.json, got a {path.suffix or 'plain'} file"
             )
         return "config"
+    kind = not_regular(path)
+    if kind:  # /dev/null, a FIFO: it exists, so "no such file" would mislead
+        raise InputError(f"{spec}: is {kind}, not a regular file; give a model folder or a config.json")
     if looks_like_factory(spec):
         return "factory"
     if (bundled_configs_dir() / f"{spec}.json").is_file():
@@ -155,6 +165,11 @@ def directory_config(spec: str, folder: Path, trust_remote_code: bool) -> tuple[
         InputError: no config.json, or one :func:`config_data` refuses.
     """
     cfg_path = folder / "config.json"
+    kind = not_regular(cfg_path)
+    if kind:
+        raise InputError(
+            f"{spec}: its config.json is {kind}, not a regular file; give a folder whose config.json is a file"
+        )
     if not cfg_path.is_file():
         raise InputError(f"{spec}: directory has no config.json")
     return cfg_path, config_data(cfg_path, spec, trust_remote_code)
@@ -225,8 +240,10 @@ def config_from_dict(data: dict[str, Any], where: str) -> Any:
     archs = data.get("architectures")
     if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
         raise InputError(f'{where}: architectures must be a list of class names (e.g. ["LlamaForCausalLM"])')
-    sizes = _size_problems(data, model_type)
-    if sizes:  # before transformers builds it: some configs divide by them in __init__
+    # before transformers builds it: some configs divide by the sizes in __init__, and name
+    # every label in id2label; the values below fail only as the model is built or runs
+    sizes = _size_problems(data, model_type) or _value_problems(data, model_type)
+    if sizes:
         raise InputError(f"{where}: {sizes[0]}")
     kwargs = {k: v for k, v in data.items() if k != "model_type" and not k.startswith("_memprof")}
     try:
@@ -268,6 +285,114 @@ def _size_problems(data: Mapping[str, Any], name: str) -> list[str]:
     for sub in _SUB_CONFIGS:
         if isinstance(data.get(sub), Mapping):
             problems += _size_problems(data[sub], f"{name} {sub}")
+    return problems
+
+
+#: the config fields that name an activation function (transformers' ACT2FN)
+_ACTIVATIONS = ("hidden_act", "activation_function", "hidden_activation", "dense_act_fn")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _shown(v: Any) -> str:
+    """A config value as a message quotes it: a number as it is, anything else as its short repr."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return approx(v) if v.bit_length() >= 1000 else str(v)
+    return repr(v)[:40]
+
+
+def _is_probability(key: str) -> bool:
+    """A config field that is a dropout probability (``attention_dropout``, ``resid_pdrop``, ``layerdrop``)."""
+    return "dropout" in key or key.endswith("pdrop") or key == "layerdrop"
+
+
+def _value_problems(data: Mapping[str, Any], name: str) -> list[str]:
+    """Values of a config.json (and of its towers' dicts) that a model cannot be built or run with.
+
+    transformers accepts them into the config and fails later, as the model is built
+    (an activation it has no function for, a label per class) or inside its forward
+    (a dropout probability past 1). RoPE parameters are checked once the config has
+    read them (:func:`_rope_problems`).
+    """
+    from transformers.activations import ACT2FN
+
+    problems = []
+    for key in _ACTIVATIONS:
+        act = data.get(key)
+        if isinstance(act, str) and act not in ACT2FN:
+            problems.append(
+                f"{name} {key} {act[:40]!r} is not an activation transformers has "
+                f"(e.g. {', '.join(sorted(ACT2FN)[:6])}...)"
+            )
+    for key, v in data.items():
+        if not _is_probability(key) or v is None or isinstance(v, bool):
+            continue
+        if not (_number(v) and 0 <= v <= 1):
+            problems.append(f"{name} {key} is a dropout probability: a number from 0 to 1, got {_shown(v)}")
+    labels = data.get("num_labels")
+    if labels is not None:
+        problem = size_problem(name, "num_labels", labels)
+        if problem:
+            problems.append(problem)
+        elif labels > MAX_LABELS:
+            problems.append(
+                f"{name} num_labels {approx(labels)} is more than memprof builds ({MAX_LABELS}: transformers "
+                "names each label as it reads the config)"
+            )
+    for sub in _SUB_CONFIGS:
+        if isinstance(data.get(sub), Mapping):
+            problems += _value_problems(data[sub], f"{name} {sub}")
+    return problems
+
+
+@functools.cache
+def _rope_types(model_type: str) -> frozenset[str]:
+    """The RoPE types a model type may name: transformers' shared ones and its own defaults' (SAM2's axial)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    types = {"default", *ROPE_INIT_FUNCTIONS}
+
+    def collect(d: Any) -> None:
+        if isinstance(d, Mapping):
+            for k, v in d.items():
+                if k in ("rope_type", "type") and isinstance(v, str):
+                    types.add(v)
+                collect(v)
+
+    try:
+        collect(CONFIG_MAPPING[model_type]().to_dict())
+    except Exception:  # a class whose defaults do not build: the shared types only
+        pass
+    return frozenset(types)
+
+
+def _rope_problems(params: Any, name: str, model_type: str) -> list[str]:
+    """A config's RoPE parameters as it has read them (``rope_scaling`` and ``rope_theta``
+    standardized into ``rope_parameters``): a type the model may name, and numbers (or
+    lists of them) for the rest. One set, or one per layer type (Gemma 3:
+    ``sliding_attention`` and ``full_attention``).
+    """
+    if not isinstance(params, Mapping):
+        return [f"{name} must be a mapping of RoPE parameters (rope_type, rope_theta, ...)"]
+    problems = []
+    kind = params.get("rope_type", params.get("type"))
+    if kind is not None and (not isinstance(kind, str) or kind not in _rope_types(model_type)):
+        types = ", ".join(sorted(_rope_types(model_type)))
+        problems.append(f"{name} rope_type {_shown(kind)} is not one transformers has for it ({types})")
+    for k, v in params.items():
+        if k in ("rope_type", "type") or v is None or isinstance(v, bool):
+            continue
+        if isinstance(v, Mapping):
+            problems += _rope_problems(v, f"{name} {k}", model_type)
+            continue
+        items = v if isinstance(v, list) else [v]
+        if not all(_number(x) for x in items):
+            problems.append(f"{name} {k} must be a number (or a list of numbers), got {_shown(v)}")
+        elif k == "rope_theta" and not v > 0:
+            problems.append(f"{name} rope_theta must be positive, got {v}")
     return problems
 
 
@@ -354,6 +479,25 @@ def _config_problems(config: Any, data: Mapping[str, Any], name: str) -> list[st
             problems.append(
                 f"{name} num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
             )
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, Mapping):
+        problems += _rope_problems(rope, f"{name} rope_parameters", str(getattr(config, "model_type", "")))
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) is not False:
+        # a window of no positions leaves a token nothing to attend to (Qwen2-MoE writes 0
+        # for "no window", with use_sliding_window false)
+        problem = size_problem(name, "sliding_window", window)
+        if problem:
+            problems.append(f"{problem} (or null: no window)")
+    patch, image = getattr(config, "patch_size", None), getattr(config, "image_size", None)
+    patches, images = (
+        [v] * 2 if _int(v) is not None else list(v) if isinstance(v, (list, tuple)) else []
+        for v in (patch, image)
+    )
+    if len(patches) == len(images) == 2 and any(p > i for p, i in zip(patches, images)):
+        problems.append(
+            f"{name} patch_size {patch} is larger than image_size {image}: an image must hold one patch at least"
+        )
     experts = next((e for e in map(_int, (getattr(config, a, None) for a in _EXPERT_COUNTS)) if e), None)
     top_k = _int(getattr(config, "num_experts_per_tok", None))
     if experts and top_k and top_k > experts:
