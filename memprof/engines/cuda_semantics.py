@@ -232,7 +232,7 @@ class CudaDropout(TorchFunctionMode):
         if func is F.dropout:
             return self._dropout(*args, **kwargs)
         if func is torch.dropout:
-            return self._dropout(*args, **kwargs, inplace=False)
+            return self._dropout(*args, **{**kwargs, "inplace": False})
         return func(*args, **kwargs)
 
     def _dropout(
