@@ -550,6 +550,8 @@ def read_json(p: Path, expected: str = "a JSON object") -> dict[str, Any]:
         raise InputError(f"{p}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
         raise InputError(f"{p}: JSON nested too deeply") from None
+    except ValueError as e:  # a number of more digits than Python reads (4300)
+        raise InputError(f"{p}: not a config memprof reads ({str(e).split(':')[0]})") from None
     except OSError as e:
         raise InputError(f"{p}: cannot read ({e.strerror})") from None
     if not isinstance(data, dict):

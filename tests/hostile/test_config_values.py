@@ -66,6 +66,15 @@ def test_a_value_the_model_cannot_take_is_refused_as_the_config_is_read(
     assert says in line, line
 
 
+def test_a_number_past_the_digits_python_reads_is_refused(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(
+        Path(tiny("llama")).read_text().replace('"hidden_size": 64', '"hidden_size": ' + "9" * 5000)
+    )
+    assert '"hidden_size": 999' in path.read_text()
+    assert "4300 digits" in refused(capsys, "analyze", str(path), *TRAIN)
+
+
 def test_a_tower_config_is_checked_too():
     data = {"model_type": "llava", "vision_config": {"model_type": "clip_vision_model", "hidden_act": "frob"}}
     with pytest.raises(InputError, match="vision_config hidden_act 'frob'"):
