@@ -15,6 +15,7 @@ import errno
 import os
 import stat
 import tempfile
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from memprof.errors import EnvironmentProblem, InputError, MemprofError
@@ -60,6 +61,46 @@ def _check_parent(path: Path, what: str) -> None:
     os.unlink(probe)
 
 
+def dangling_link(path: str | Path) -> str | None:
+    """Why writing ``path`` would create folders the user did not name, else None.
+
+    A link whose target's folder is missing (``out -> /nonexistent/x``), or a
+    folder on the way that is a link to nothing: following it, :func:`write_atomic`
+    would create folders wherever the link points.
+    """
+    p = Path(os.path.abspath(Path(path).expanduser()))
+    if os.path.islink(p) and not os.path.isdir(os.path.dirname(os.path.realpath(p))):
+        return f"is a link to {os.readlink(p)}, whose folder does not exist"
+    for a in p.parents:
+        if os.path.exists(a):  # a link to an existing folder included: nothing above it is created
+            break
+        if os.path.islink(a):
+            return f"{a} is a link to {os.readlink(a)}, which does not exist"
+    return None
+
+
+def not_regular(path: str | Path) -> str | None:
+    """What an existing path is when it is not a regular file (``a named pipe (FIFO)``), else None.
+
+    For an input's message: ``/dev/null`` or a FIFO is neither missing nor a folder.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    for test, kind in (
+        (stat.S_ISREG, None),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
 def is_stream(path: Path) -> bool:
     """An existing device or pipe (``/dev/null``, ``/dev/stdout``): written in place, never replaced."""
     try:
@@ -69,7 +110,9 @@ def is_stream(path: Path) -> bool:
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
-def check_output_file(path: str | Path | None, flag: str, *, force: bool = False) -> None:
+def check_output_file(
+    path: str | Path | None, flag: str, *, force: bool = False, stream: bool = True
+) -> None:
     """Refuse an output file that cannot be written, before any work rather than after it.
 
     ``None`` and ``-`` (stdout) pass. A device or pipe (``/dev/null``) is written
@@ -79,15 +122,27 @@ def check_output_file(path: str | Path | None, flag: str, *, force: bool = False
         path: the option's value.
         flag: the option, for the message (``--json``).
         force: an existing file may be replaced.
+        stream: ``-`` means stdout; False for a file that cannot be a stream (a
+            pickle), where ``-`` is refused rather than written as a file named ``-``.
 
     Raises:
         InputError: a folder; an existing file without ``force``; a parent that is
-            a file or a folder where no file can be created.
+            a file or a folder where no file can be created; a link to a missing
+            folder; ``-`` where ``stream`` is False.
     """
-    if path is None or str(path) == "-":
+    if path is None:
+        return
+    if str(path) == "-":
+        if not stream:
+            raise InputError(f"{flag} -: cannot go to stdout; give a file name")
         return
     p = Path(path).expanduser()
     what = f"{flag} {path}"
+    if str(path) == "":
+        raise InputError(f"{flag}: an empty file name; give a file name")
+    why = dangling_link(p)
+    if why:
+        raise InputError(f"{what}: {why}; fix the link or give another file name")
     if p.is_dir():
         raise InputError(f"{what}: is a directory; give a file name")
     if is_stream(p):
@@ -103,11 +158,19 @@ def check_output_folder(path: str | Path, flag: str, *, force: bool = False) -> 
     """Refuse an output folder that cannot be written (``apply -o``), before any work.
 
     Raises:
-        InputError: an existing file; an existing folder without ``force``; a parent
-            that is a file or a folder where nothing can be created.
+        InputError: ``-`` or an empty name; an existing file; an existing folder
+            without ``force``; a parent that is a file or a folder where nothing can
+            be created; a link to a missing folder.
     """
+    if str(path) == "":
+        raise InputError(f"{flag}: an empty folder name; give a folder name")
+    if str(path) == "-":
+        raise InputError(f"{flag} -: a folder cannot go to stdout; give a folder name")
     p = Path(path).expanduser()
     what = f"{flag} {path}"
+    why = dangling_link(p)
+    if why:
+        raise InputError(f"{what}: {why}; fix the link or give another folder name")
     if p.exists() and not p.is_dir():
         raise InputError(f"{what}: exists and is not a folder")
     if p.exists() and not force:
@@ -115,11 +178,80 @@ def check_output_folder(path: str | Path, flag: str, *, force: bool = False) -> 
     _check_parent(p.resolve(), what)
 
 
+def _real(path: str | Path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def _same(a: Path, b: Path) -> bool:
+    """One file (a link or a hard link to it included)."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs_apart(
+    outputs: Mapping[str, str | Path | None],
+    inputs: Mapping[str, str | Path | None],
+    *,
+    folders: Collection[str] = (),
+) -> None:
+    """Refuse an output that would replace or delete what the command reads, whatever ``--force`` says.
+
+    An output file that is an input file (through links too), or an existing file
+    of an input folder; an output folder (replaced whole) that holds an input or
+    lies inside an input folder; an output file inside an output folder (written
+    over by it). Checked before any work, after :func:`check_output_file`.
+
+    Args:
+        outputs: option -> path (``--json`` -> ``out.json``); ``None``, ``-`` and
+            devices (``/dev/null``) pass.
+        inputs: what the command reads, in words, -> path (``the recipe (--recipe)``
+            -> ``r.yaml``); ``None`` and paths that do not exist pass.
+        folders: the options of ``outputs`` that name a folder (``apply --output``).
+
+    Raises:
+        InputError: the first such output, with the input it would clobber.
+    """
+    given = {f: p for f, p in outputs.items() if p is not None and str(p) not in ("-", "")}
+    read = {w: _real(p) for w, p in inputs.items() if p is not None and str(p) != "" and os.path.exists(p)}
+    for flag, path in given.items():
+        out = _real(path)
+        if is_stream(out):
+            continue
+        what = f"{flag} {path}"
+        for name, inp in read.items():
+            if flag in folders:
+                if _same(out, inp) or out in inp.parents:
+                    raise InputError(
+                        f"{what}: holds {name} this command reads ({inp}); choose another folder"
+                    )
+                if inp.is_dir() and inp in out.parents:
+                    raise InputError(f"{what}: is inside {name} this command reads; choose another folder")
+            elif inp.is_dir():
+                if inp in out.parents and os.path.lexists(out):
+                    raise InputError(f"{what}: is a file of {name} this command reads; write elsewhere")
+            elif _same(out, inp):
+                raise InputError(f"{what}: is {name} this command reads; write elsewhere")
+        for folder in folders:
+            if flag in folders or folder not in given:
+                continue
+            d = _real(given[folder])
+            if out == d or d in out.parents:
+                raise InputError(
+                    f"{what}: is inside {folder} {given[folder]}, which this command writes whole; "
+                    "write it elsewhere"
+                )
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     """Write a text file so that readers see the old content or the new, never half.
 
     A temporary file in the same folder (created if missing), flushed to disk,
-    then one ``os.replace``; a link is followed (its target is replaced), and a
+    then one ``os.replace``; a link is followed (its target is replaced; a link
+    to a missing folder is refused, never a folder made where it points), and a
     device or pipe (``/dev/null``) is written in place. On any failure, including
     an interrupt, the temporary file is removed and the old file is untouched.
 
@@ -133,6 +265,9 @@ def write_atomic(path: str | Path, text: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         return
+    why = dangling_link(path)
+    if why:  # never create folders where a link points, outside what the user named
+        raise FileNotFoundError(errno.ENOENT, why)
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
