@@ -11,12 +11,13 @@ attribute to change.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -412,10 +413,32 @@ def check_config(config: Any, data: Mapping[str, Any], where: str) -> None:
         InputError: the first relation that does not hold, in one line.
     """
     name = getattr(config, "model_type", "?")
-    # sizes first: the relations below divide by them
-    problems = _bound_problems(config, name) or _config_problems(config, data, name)
+    with _global_values(config):
+        # sizes first: the relations below divide by them
+        problems = _bound_problems(config, name) or _config_problems(config, data, name)
     if problems:
         raise InputError(f"{where}: {problems[0]}")
+
+
+@contextlib.contextmanager
+def _global_values(config: Any) -> Iterator[None]:
+    """A heterogeneous config's global values readable (Gemma 4's per-layer ``head_dim``...).
+
+    transformers refuses to read an attribute that may vary by layer from the config
+    itself (``per_layer_config[i]`` has each layer's). The checks read the config's
+    global values, the ones given at its top level, as for every other model; the
+    config and its sub-configs are left as they were.
+    """
+    configs = [config, *(getattr(config, sub, None) for sub in _SUB_CONFIGS)]
+    flag = "allow_global_per_layer_attribute_access"
+    changed = [c for c in configs if c is not None and hasattr(type(c), flag) and not getattr(c, flag)]
+    for c in changed:
+        setattr(c, flag, True)
+    try:
+        yield
+    finally:
+        for c in changed:
+            setattr(c, flag, False)
 
 
 _SUB_CONFIGS = ("text_config", "vision_config", "audio_config")

@@ -93,6 +93,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma3_text": dict(
         model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=16, sliding_window=32, **DEC
     ),
+    # a heterogeneous config: head_dim and the like may vary by layer (per_layer_config)
+    "gemma4_text": dict(
+        model_type="gemma4_text", architectures=["Gemma4ForCausalLM"], head_dim=16, sliding_window=32, **DEC
+    ),
     "phi": dict(model_type="phi", architectures=["PhiForCausalLM"], **DEC),
     # Phi3Config defaults pad_token_id to 32000, beyond the tiny vocabulary
     "phi3": dict(model_type="phi3", architectures=["Phi3ForCausalLM"], **DEC, **IDS),

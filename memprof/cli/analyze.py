@@ -5,7 +5,16 @@ from __future__ import annotations
 import typer
 
 from memprof.cli import options as O
-from memprof.cli.common import check_outputs, spinner, stderr_console, stdout_console, write_output
+from memprof.cli.common import (
+    check_outputs,
+    model_input,
+    on_stdout,
+    recipe_input,
+    spinner,
+    stderr_console,
+    stdout_console,
+    write_output,
+)
 from memprof.cli.compare import load_recipe
 from memprof.errors import InputError, OutOfMemory
 from memprof.model_config import check_spec
@@ -72,7 +81,14 @@ def analyze(
     preset = O.gpu(gpu)
     if top < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--top")
-    check_outputs(force, json=json_path, html=html_path, snapshot=snapshot)
+    check_outputs(
+        force,
+        json=json_path,
+        html=html_path,
+        snapshot=snapshot,
+        not_streams=["snapshot"],
+        inputs={**model_input(model), **model_input(teacher, "--teacher"), **recipe_input(recipe)},
+    )
     budget_bytes = O.size(budget, "--budget", positive=True) if budget is not None else None
     context_bytes = O.size(context_overhead, "--context-overhead") if context_overhead is not None else None
     steps = load_recipe(recipe, step) if (recipe or step) else None
@@ -152,7 +168,7 @@ def analyze(
             from memprof.report.html import profile_html
 
             write_output(html_path, profile_html(profile))
-        if json_path != "-":
+        if not on_stdout(json_path, html_path):  # stdout holds the JSON or the HTML
             render(profile, stdout_console() if partial is None else stderr_console(), top=top)
     if partial is not None:
         raise partial

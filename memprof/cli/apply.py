@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from memprof.cli import options as O
-from memprof.cli.common import check_outputs, spinner, stdout_console, write_output
+from memprof.cli.common import check_outputs, model_input, recipe_input, spinner, stdout_console, write_output
 from memprof.cli.compare import RECIPE, STEP, load_recipe
 from memprof.errors import InputError
 from memprof.files import check_output_folder, leftovers
@@ -56,14 +56,25 @@ def apply(
             "memprof apply writes one model; profile a distillation step with analyze or compare"
         )
     # every output before any work (the library checks --output first): one line, not a lost run
-    check_outputs(force, json=json_path)
+    # (and none inside DIR, which is written whole, nor replacing or deleting an input)
+    check_outputs(
+        force,
+        json=json_path,
+        folder=("--output", output),
+        inputs={
+            **model_input(model),
+            **recipe_input(recipe),
+            "the data (--data)": data,
+            "the tokenizer (--tokenizer)": tokenizer,
+        },
+    )
     r = load_recipe(recipe, step)
     wl = O.workload(mode, batch_size, seq_len, dtype, optimizer, attn, task, world_size=world_size)
     # the library checks --output, then MODEL; it answers a bad --output itself (with what it
     # repaired of killed runs beside it, which the command line does not touch)
     out = Path(output).expanduser().resolve()
     if not leftovers(out):
-        check_output_folder(out, "--output", force=force)
+        check_output_folder(output, "--output", force=force)
         check_spec(model, trust_remote_code)
     # the library (torch, transformers) loads once the arguments are known to be good
     from memprof.apply import apply as run_apply

@@ -8,13 +8,13 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 
 from rich.console import Console
 
 from memprof.errors import InputError
-from memprof.files import check_output_file, is_stream, write_atomic, write_error
+from memprof.files import check_output_file, check_outputs_apart, is_stream, write_atomic, write_error
 
 #: set by :func:`memprof.cli.main` in the console script's own process (not for a library caller)
 console_script = False
@@ -111,12 +111,39 @@ def check_output(path: str | Path | None, flag: str, *, force: bool = False) -> 
     check_output_file(path, flag, force=force)
 
 
-def check_outputs(force: bool, **paths: str | Path | None) -> None:
+def check_outputs(
+    force: bool,
+    *,
+    inputs: Mapping[str, str | Path | None] | None = None,
+    folder: tuple[str, str | Path] | None = None,
+    not_streams: Collection[str] = (),
+    stdout: str | None = None,
+    **paths: str | Path | None,
+) -> None:
     """:func:`check_output` for several options at once: ``check_outputs(force, json=..., html=...)``.
 
     The keyword is the flag without its dashes (``write_recipe`` for ``--write-recipe``).
+    Also refused, whatever ``force`` says: two options naming one file; more than one
+    output to stdout (``-``), which would mix them; an output that would replace an
+    input or lie inside the output folder (:func:`memprof.files.check_outputs_apart`).
+
+    Args:
+        inputs: what the command reads, in words, -> path (see :func:`model_input`).
+        folder: the command's output folder (``apply --output``), checked on its own.
+        not_streams: keywords whose file cannot go to stdout (``snapshot``: a pickle).
+        stdout: what else of the command writes to stdout (``--format json``), if anything.
     """
-    given = [(f"--{k.replace('_', '-')}", p) for k, p in paths.items() if p is not None and str(p) != "-"]
+
+    def opt(k: str) -> str:
+        return f"--{k.replace('_', '-')}"
+
+    given = [(opt(k), p) for k, p in paths.items() if p is not None and str(p) != "-"]
+    streams = [k for k, p in paths.items() if p is not None and str(p) == "-"]
+    for k in streams:
+        check_output_file("-", opt(k), stream=k not in not_streams)
+    users = [f"{opt(k)} -" for k in streams] + ([stdout] if stdout else [])
+    if len(users) > 1:
+        raise InputError(f"{', '.join(users)}: only one output can go to stdout; give the others a file name")
     for flag, p in given:
         check_output(p, flag, force=force)
     seen: dict[str, str] = {}
@@ -127,3 +154,43 @@ def check_outputs(force: bool, **paths: str | Path | None) -> None:
         if real in seen:
             raise InputError(f"{seen[real]} and {flag} name the same file {p}; give each its own")
         seen[real] = flag
+    outputs: dict[str, str | Path | None] = dict(given)
+    if folder is not None:
+        outputs[folder[0]] = folder[1]
+    check_outputs_apart(outputs, inputs or {}, folders=[folder[0]] if folder else ())
+
+
+def on_stdout(*paths: str | Path | None) -> bool:
+    """One of the outputs is stdout (``-``): the terminal report then stays off it."""
+    return any(p is not None and str(p) == "-" for p in paths)
+
+
+def model_input(spec: str | Path | None, where: str = "MODEL") -> dict[str, Path]:
+    """What a MODEL spec reads from disk, in words, for :func:`check_outputs`'s ``inputs``.
+
+    A config file or a model folder, or a bundled config by its name; nothing for
+    a Hub id or a ``module:factory``.
+    """
+    if spec is None or str(spec) == "":
+        return {}
+    p = Path(spec).expanduser()
+    if not p.exists():
+        from memprof.model_config import bundled_configs_dir
+
+        p = bundled_configs_dir() / f"{spec}.json"
+        if "/" in str(spec) or not p.is_file():
+            return {}
+    kind = "folder" if p.is_dir() else "config"
+    return {f"the model {kind} ({where})": p}
+
+
+def recipe_input(spec: str | None, where: str = "--recipe") -> dict[str, Path]:
+    """The recipe file a ``--recipe`` reads (a shipped one by its name), for :func:`check_outputs`."""
+    if not spec:
+        return {}
+    from memprof import recipes
+
+    try:
+        return {f"the recipe ({where})": recipes.resolve_path(spec)}
+    except InputError:
+        return {}  # refused as a recipe later, with its own message

@@ -9,8 +9,17 @@ import typer
 
 from memprof import recipes
 from memprof.cli import options as O
-from memprof.cli.common import check_outputs, spinner, stdout_console, write_output
+from memprof.cli.common import (
+    check_outputs,
+    model_input,
+    on_stdout,
+    recipe_input,
+    spinner,
+    stdout_console,
+    write_output,
+)
 from memprof.errors import InputError
+from memprof.files import not_regular
 from memprof.model_config import check_spec
 from memprof.optimizations.registry import require_environment
 
@@ -30,6 +39,11 @@ def load_recipe(
     """The recipe of ``--recipe`` and/or ``--step`` options (``allow_repeats``: ``--step`` variants measured alone)."""
     if not recipe and not steps:
         raise InputError("give a recipe (--recipe FILE or a shipped name) or at least one --step")
+    kind = not_regular(recipe) if recipe else None
+    if kind and kind != "a directory":  # recipes.resolve_path would call it a directory
+        raise InputError(
+            f"{recipe}: is {kind}, not a regular file; give a recipe YAML file or a shipped name"
+        )
     r = recipes.load(recipe) if recipe else None
     extra = recipes.from_names(steps, allow_repeats=allow_repeats) if steps else None
     if r and extra:
@@ -81,7 +95,18 @@ def compare(
     preset = O.gpu(gpu)
     if timing_steps < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--timing-steps")
-    check_outputs(force, json=json_path, html=html_path)
+    check_outputs(
+        force,
+        json=json_path,
+        html=html_path,
+        inputs={
+            **model_input(model),
+            **model_input(teacher, "--teacher"),
+            **recipe_input(recipe),
+            "the data (--data)": data,
+            "the tokenizer (--tokenizer)": tokenizer,
+        },
+    )
     r = load_recipe(recipe, step, allow_repeats=separate)
     wl = O.workload(
         mode,
@@ -127,6 +152,6 @@ def compare(
         from memprof.report.html import compare_html
 
         write_output(html_path, compare_html(result))
-    if json_path != "-":
+    if not on_stdout(json_path, html_path):  # stdout holds the JSON or the HTML
         render_compare(result, stdout_console())
     return 0

@@ -7,7 +7,7 @@ import platform
 import typer
 from rich.table import Table
 
-from memprof.cli.common import stdout_console, write_output
+from memprof.cli.common import check_outputs, stdout_console, write_output
 from memprof.units import format_bytes
 
 
@@ -47,10 +47,12 @@ def collect() -> dict:
 
 def env(
     json_path: str | None = typer.Option(None, "--json", help="Write as JSON to PATH ('-' for stdout)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --json file."),
 ) -> int:
     """Print torch, CUDA and driver versions, the GPUs and the engines available here."""
     import json
 
+    check_outputs(force, json=json_path)  # before torch loads (2 s), like every command
     info = collect()
     if json_path:
         write_output(json_path, json.dumps(info, indent=2))

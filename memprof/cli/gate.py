@@ -11,12 +11,29 @@ import typer
 
 from memprof import gate
 from memprof.cli import options as O
-from memprof.cli.common import check_output, check_outputs, spinner, stdout_console, write_output
+from memprof.cli.common import (
+    check_outputs,
+    model_input,
+    on_stdout,
+    recipe_input,
+    spinner,
+    stdout_console,
+    write_output,
+)
 from memprof.cli.compare import RECIPE, STEP
 from memprof.errors import EnvironmentProblem, ExitCode, InputError
-from memprof.files import write_error
+from memprof.files import check_outputs_apart, write_error
 
 #: exit code of `memprof check` when a workload's peak grew beyond the tolerance
+
+
+def workload_inputs(workloads: list[gate.GateWorkload]) -> dict[str, Path]:
+    """The model configs and recipes the workloads read, for :func:`memprof.files.check_outputs_apart`."""
+    found: dict[str, Path] = {}
+    for w in workloads:
+        found.update(model_input(w.model, f"workload {w.name}"))
+        found.update(recipe_input(w.recipe, f"workload {w.name}"))
+    return found
 
 
 class Format(str, Enum):
@@ -77,7 +94,16 @@ def baseline(
     if given != 1:
         raise InputError("give exactly one of: a MODEL, --workloads FILE, or --update (with --output)")
     # --update rewrites the file it reads (atomically): overwriting is its purpose
-    check_output(output, "--output", force=force or update)
+    check_outputs(
+        force or update,
+        output=output,
+        not_streams=["output"],  # a file check reads, and the lines below are stdout
+        inputs={
+            **model_input(model),
+            **recipe_input(recipe),
+            "the workloads file (--workloads)": workloads,
+        },
+    )
     if model is not None:
         wl = O.workload(
             mode,
@@ -110,6 +136,7 @@ def baseline(
         ws = gate.read_workloads(workloads)
     else:
         ws = gate.load_baseline(output).workloads
+    check_outputs_apart({"--output": output}, workload_inputs(ws))
     gate.check_models(ws, "workloads")  # before the library loads, where every MODEL names nothing
     with spinner() as progress:
         b = gate.record(ws, progress=progress)
@@ -152,17 +179,28 @@ def check(
 ) -> int:
     """Profile the baseline's workloads again; exit 5 when a peak grew beyond the tolerance."""
     tol = gate.Tolerance.parse(tolerance)
+    # the text report stays off stdout when --junit - or --html - takes it; the others are outputs
+    report_out = fmt is Format.github or (fmt in (Format.json, Format.junit) and output is None)
     check_outputs(
-        force, output=output if fmt in (Format.json, Format.junit) else None, junit=junit_path, html=html_path
+        force,
+        output=output if fmt in (Format.json, Format.junit) else None,
+        junit=junit_path,
+        html=html_path,
+        stdout=f"--format {fmt.value}" if report_out else None,
+        inputs={"the baseline (--baseline)": baseline},
     )
     # the library (torch, transformers) loads once the arguments are known to be good
     from memprof.report import gate as render
 
     b = gate.load_baseline(baseline)
+    check_outputs_apart(
+        {"--output": output, "--junit": junit_path, "--html": html_path}, workload_inputs(b.workloads)
+    )
     with spinner() as progress:
         rep = gate.check(b, tol, baseline_path=str(baseline), progress=progress)
     if fmt is Format.text:
-        render.render_text(rep, stdout_console())
+        if not on_stdout(junit_path, html_path):
+            render.render_text(rep, stdout_console())
     elif fmt is Format.json:
         write_output(output or "-", json.dumps(rep.to_dict(), indent=2))
     elif fmt is Format.junit:

@@ -11,7 +11,7 @@ import typer
 from memprof.budget import DEFAULT_CONTEXT_BYTES
 from memprof.budget import check as check_budget
 from memprof.cli import options as O
-from memprof.cli.common import check_outputs, spinner, stdout_console, write_output
+from memprof.cli.common import check_outputs, model_input, on_stdout, spinner, stdout_console, write_output
 from memprof.errors import InputError, NoPlanFits
 from memprof.model_config import check_spec
 from memprof.units import format_bytes, parse_percent
@@ -91,7 +91,13 @@ def plan(
     else:
         assert preset is not None
         budget_bytes = preset.memory_bytes
-    check_outputs(force, write_recipe=write_recipe, json=json_path, html=html_path)
+    check_outputs(
+        force,
+        write_recipe=write_recipe,
+        json=json_path,
+        html=html_path,
+        inputs={**model_input(model), **model_input(teacher, "--teacher")},
+    )
     if context_overhead is not None:
         context_bytes = O.size(context_overhead, "--context-overhead")
     else:
@@ -168,7 +174,7 @@ def plan(
         from memprof.report.html import plan_html
 
         write_output(html_path, plan_html(result))
-    if json_path != "-":
+    if not on_stdout(write_recipe, json_path, html_path):  # stdout holds the recipe, the JSON or the HTML
         render_plan(
             result, stdout_console(), model=model, recipe_path=written, asked_recipe=write_recipe is not None
         )

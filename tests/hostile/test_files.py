@@ -380,3 +380,232 @@ def test_the_console_script_is_the_guarded_entry():
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["memprof"] == "memprof.__main__:run"
+
+
+# 5. outputs kept apart: from stdout, from each other, from what the command reads ------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["analyze", LLAMA, *SIM, "--json", "-", "--html", "-"],
+        ["compare", LLAMA, "--step", "checkpointing", *SIM, "--json", "-", "--html", "-"],
+        ["plan", LLAMA, "--budget", "1GiB", "--write-recipe", "-", "--json", "-"],
+        ["check", "-b", "{file}", "--format", "json", "--junit", "-"],
+        ["check", "-b", "{file}", "--junit", "-", "--html", "-"],
+    ],
+)
+def test_two_outputs_to_stdout_are_refused_before_any_work(args, tmp_path, capsys, no_work):
+    (tmp_path / "f").write_text("{}\n")
+    assert main([a.format(file=tmp_path / "f") for a in args]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "only one output can go to stdout" in line, line
+
+
+def test_html_to_stdout_keeps_the_terminal_report_off_it(capsys):
+    # as --json - does: stdout holds the one document, whole
+    assert main(["analyze", LLAMA, *SIM, "--html", "-"]) == 0
+    out = capsys.readouterr().out
+    assert out.lstrip().lower().startswith("<!doctype html") and out.rstrip().endswith("</html>"), out[-300:]
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["analyze", LLAMA, *SIM, "--snapshot", "-"], "--snapshot -: cannot go to stdout"),
+        ([*APPLY, "-o", "-"], "--output -: a folder cannot go to stdout"),
+        (["baseline", LLAMA, "-o", "-"], "--output -: cannot go to stdout"),
+    ],
+)
+def test_a_pickle_or_a_folder_is_never_a_file_named_dash(args, says, tmp_path, monkeypatch, capsys, no_work):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert says in one_error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["config.json", "README.md", "sub/x.json", "."])
+def test_apply_refuses_another_output_inside_its_folder_whatever_force_says(name, tmp_path, capsys, no_work):
+    out = tmp_path / "out"
+    old_folder(out)
+    json_path = str(out / name) if name != "." else str(out)
+    assert main([*APPLY, "-o", str(out), "--json", json_path, "--force"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--json" in line and ("inside --output" in line or "is a directory" in line), line
+    assert is_complete_old(out)
+
+
+def clobber_cases(tmp_path: Path) -> dict[str, tuple[list[str], list[Path]]]:
+    """A case -> (argv, the inputs it must leave as they are)."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text((TINY / "llama.json").read_text())
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(cfg.read_text())
+    (tmp_path / "link.json").symlink_to(cfg)
+    base = tmp_path / "good.json"
+    base.write_text('{"schema": "memprof.baseline/1"}\n')
+    sb = tmp_path / "sb"
+    sb.mkdir()
+    (sb / "r.yaml").write_text("steps: [checkpointing]\n")
+    (sb / "data.txt").write_text("one\ntwo\n")
+    wl = tmp_path / "wl.yaml"
+    wl.write_text(f'workloads:\n  - {{name: a, model: "{cfg}", batch_size: 1, seq_len: 8}}\n')
+    F = "--force"
+    return {
+        "json over the model config": (["analyze", str(cfg), *SIM, "--json", str(cfg), F], [cfg]),
+        "json over a link to it": (
+            ["analyze", str(cfg), *SIM, "--json", str(tmp_path / "link.json"), F],
+            [cfg],
+        ),
+        "html over a file of the model folder": (
+            ["analyze", str(folder), *SIM, "--html", str(folder / "config.json"), F],
+            [folder / "config.json"],
+        ),
+        "json over the teacher": (
+            ["analyze", LLAMA, "--mode", "distill", "--teacher", str(cfg), *SIM, "--json", str(cfg), F],
+            [cfg],
+        ),
+        "json over the recipe": (
+            ["analyze", LLAMA, "-r", str(sb / "r.yaml"), "--json", str(sb / "r.yaml"), F],
+            [sb / "r.yaml"],
+        ),
+        "compare json over --data": (
+            [
+                "compare",
+                LLAMA,
+                "--step",
+                "checkpointing",
+                "--data",
+                str(sb / "data.txt"),
+                "--json",
+                str(sb / "data.txt"),
+                F,
+            ],
+            [sb / "data.txt"],
+        ),
+        "plan recipe over the model": (
+            ["plan", str(cfg), "--budget", "1GiB", "--write-recipe", str(cfg), F],
+            [cfg],
+        ),
+        "check junit over the baseline": (["check", "-b", str(base), "--junit", str(base), F], [base]),
+        "baseline over its workloads file": (["baseline", "--workloads", str(wl), "-o", str(wl), F], [wl]),
+        "baseline over a workload's model": (["baseline", "--workloads", str(wl), "-o", str(cfg), F], [cfg]),
+        "apply's folder holding the recipe and data": (
+            [
+                "apply",
+                LLAMA,
+                "--recipe",
+                str(sb / "r.yaml"),
+                "--data",
+                str(sb / "data.txt"),
+                "-o",
+                str(sb),
+                F,
+            ],
+            [sb / "r.yaml", sb / "data.txt"],
+        ),
+        "apply's folder inside the model folder": (
+            ["apply", str(folder), "--step", "checkpointing", "-o", str(folder / "out"), F],
+            [folder / "config.json"],
+        ),
+    }
+
+
+CLOBBER_CASES = [
+    "json over the model config",
+    "json over a link to it",
+    "html over a file of the model folder",
+    "json over the teacher",
+    "json over the recipe",
+    "compare json over --data",
+    "plan recipe over the model",
+    "check junit over the baseline",
+    "baseline over its workloads file",
+    "baseline over a workload's model",
+    "apply's folder holding the recipe and data",
+    "apply's folder inside the model folder",
+]
+
+
+@pytest.mark.parametrize("case", CLOBBER_CASES)
+def test_an_output_never_replaces_an_input_even_with_force(case, tmp_path, capsys, no_work):
+    argv, inputs = clobber_cases(tmp_path)[case]
+    before = {p: p.read_bytes() for p in inputs}
+    assert main(argv) == 2, case
+    line = one_error_line(capsys.readouterr().err)
+    assert "this command reads" in line, line
+    assert {p: p.read_bytes() for p in inputs} == before
+
+
+def test_env_checks_its_json_up_front_and_replaces_only_with_force(tmp_path, capsys, monkeypatch):
+    import memprof.cli.env
+
+    old = tmp_path / "env.json"
+    old.write_text("keep me\n")
+    real = memprof.cli.env.collect
+
+    def collected():
+        raise AssertionError("env collected before its --json path was checked")
+
+    monkeypatch.setattr(memprof.cli.env, "collect", collected)
+    assert main(["env", "--json", str(old)]) == 2
+    assert f"--json {old}: already exists; pass --force" in one_error_line(capsys.readouterr().err)
+    assert main(["env", "--json", str(old / "x")]) == 2
+    assert f"{old} is a file, not a folder" in one_error_line(capsys.readouterr().err)
+    assert old.read_text() == "keep me\n"
+    monkeypatch.setattr(memprof.cli.env, "collect", real)
+    assert main(["env", "--json", str(old), "--force"]) == 0
+    assert "sim" in json.loads(old.read_text())["engines"]
+
+
+@pytest.mark.parametrize("link_to", ["missing/x", "missing"])
+def test_a_link_to_a_missing_folder_is_refused_and_no_folder_is_made(link_to, tmp_path, capsys, no_work):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / link_to)
+    out = link if link_to == "missing/x" else link / "p.json"  # the link is the file, or a folder on the way
+    assert main(["analyze", LLAMA, *SIM, "--json", str(out)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"--json {out}: " in line and "is a link to" in line and "does not exist" in line, line
+    with pytest.raises(FileNotFoundError):
+        files.write_atomic(out, "{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["link"]  # no folder made where it points
+
+
+def test_a_link_to_a_missing_file_in_a_folder_that_exists_is_written(tmp_path):
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    files.check_output_file(tmp_path / "link.json", "--json")
+    files.write_atomic(tmp_path / "link.json", "{}")
+    assert (tmp_path / "real.json").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize(
+    "what, says",
+    [
+        ("model /dev/null", "/dev/null: is a character device, not a regular file"),
+        ("model fifo", "fifo: is a named pipe (FIFO), not a regular file"),
+        ("model empty", "an empty model name"),
+        ("folder with a fifo config.json", "its config.json is a named pipe (FIFO), not a regular file"),
+        ("recipe /dev/null", "/dev/null: is a character device, not a regular file"),
+        ("recipe fifo", "fifo: is a named pipe (FIFO), not a regular file"),
+    ],
+)
+def test_a_path_that_is_not_a_regular_file_says_so(what, says, tmp_path, monkeypatch, capsys, no_work):
+    if not os.path.exists("/dev/null") or not hasattr(os, "mkfifo"):
+        pytest.skip("needs /dev/null and FIFOs")
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("fifo")
+    os.mkdir("model")
+    os.mkfifo("model/config.json")
+    model, recipe = {
+        "model /dev/null": ("/dev/null", None),
+        "model fifo": ("fifo", None),
+        "model empty": ("", None),
+        "folder with a fifo config.json": ("model", None),
+        "recipe /dev/null": (LLAMA, "/dev/null"),
+        "recipe fifo": (LLAMA, "fifo"),
+    }[what]
+    argv = ["analyze", model, *SIM] + (["--recipe", recipe] if recipe else [])
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert says in line, line
