@@ -246,8 +246,8 @@ def check_outputs_apart(
                 )
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write a text file so that readers see the old content or the new, never half.
+def write_atomic(path: str | Path, text: str | bytes) -> None:
+    """Write a file (text, or bytes: a pickle) so that readers see the old content or the new, never half.
 
     A temporary file in the same folder (created if missing), flushed to disk,
     then one ``os.replace``; a link is followed (its target is replaced; a link
@@ -258,12 +258,13 @@ def write_atomic(path: str | Path, text: str) -> None:
     Raises:
         OSError: the file cannot be written (see :func:`write_error`).
     """
-    if not text.endswith("\n"):
-        text += "\n"
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    if isinstance(text, str) and not text.endswith("\n"):
+        data += b"\n"  # a text file ends its last line
     path = Path(path)
     if is_stream(path):
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(path, "wb") as f:
+            f.write(data)
         return
     why = dangling_link(path)
     if why:  # never create folders where a link points, outside what the user named
@@ -272,8 +273,8 @@ def write_atomic(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the content is on disk before the name points at it
         # mkstemp makes a private file: give it a normal file's permissions

@@ -42,10 +42,8 @@ from __future__ import annotations
 import bisect
 import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from memprof.allocator_model import (
@@ -61,6 +59,7 @@ from memprof.allocator_model import (
     settings_from_conf,
 )
 from memprof.errors import InputError
+from memprof.files import write_atomic
 
 #: the file name of the one frame a sim snapshot gives each allocation
 SIM_FRAME_FILENAME = "<memprof sim>"
@@ -194,8 +193,10 @@ def _snapshot_of(model: CachingAllocatorModel, events: Sequence[Any]) -> dict[st
 def write_snapshot(snapshot: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Pickle a snapshot as ``torch.cuda.memory._dump_snapshot`` does, atomically.
 
-    The file is written next to ``path`` under a temporary name and renamed
-    over it: readers see the old file or the whole new one, never half.
+    Written by :func:`memprof.files.write_atomic`, as every output: next to
+    ``path`` under a temporary name and renamed over it, so readers see the old
+    file or the whole new one; a link's target is replaced, and a device or pipe
+    (``/dev/null``) is written in place, never replaced by a file.
 
     Args:
         snapshot: the snapshot dict.
@@ -204,28 +205,11 @@ def write_snapshot(snapshot: Mapping[str, Any], path: str | os.PathLike[str]) ->
     Raises:
         InputError: the file cannot be written there.
     """
-    target = Path(path)
+    data = pickle.dumps(dict(snapshot), protocol=PICKLE_PROTOCOL)  # one that cannot pickle leaves no file
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        write_atomic(os.fspath(path), data)
     except OSError as e:
-        raise InputError(f"cannot write the snapshot {target}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(dict(snapshot), f, protocol=PICKLE_PROTOCOL)
-        # mkstemp makes a private file: give it a normal file's permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise InputError(f"cannot write the snapshot {target}: {e.strerror or e}") from None
-        raise
+        raise InputError(f"cannot write the snapshot {path}: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------- snapshot to allocator view

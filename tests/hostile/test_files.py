@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -609,3 +610,28 @@ def test_a_path_that_is_not_a_regular_file_says_so(what, says, tmp_path, monkeyp
     assert main(argv) == 2
     line = one_error_line(capsys.readouterr().err)
     assert says in line, line
+
+
+def test_a_snapshot_follows_the_output_rules_a_link_and_a_pipe_kept(tmp_path):
+    import threading
+
+    from memprof.snapshot import write_snapshot
+
+    # a link: its target replaced, as write_atomic does (the link was replaced by a file)
+    target = tmp_path / "real.pickle"
+    target.write_bytes(b"old")
+    (tmp_path / "link.pickle").symlink_to(target)
+    write_snapshot({"segments": []}, tmp_path / "link.pickle")
+    assert (tmp_path / "link.pickle").is_symlink() and target.read_bytes()[:2] == b"\x80\x04"
+    # a pipe (as /dev/null or /dev/stdout): written in place, never renamed over
+    if not hasattr(os, "mkfifo"):
+        return
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    write_snapshot({"segments": []}, fifo)
+    reader.join(10)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert got and got[0][:2] == b"\x80\x04"
