@@ -78,6 +78,9 @@ def quiet_libraries() -> None:
 
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # a meta kernel that raises is logged with its whole traceback before the error reaches
+    # the engine, which reports it in one line (and an internal error's crash file keeps it)
+    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
     warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
     warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated")

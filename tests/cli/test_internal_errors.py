@@ -242,3 +242,25 @@ def test_a_subprocess_gets_one_line_and_exit_70(tmp_path, monkeypatch):
     assert path.parent == tmp_path / "crashes"
     text = path.read_text()
     assert "Traceback (most recent call last)" in text and "ZeroDivisionError: in a child" in text
+
+
+def test_a_meta_kernel_that_raises_is_one_line_not_torchs_logged_traceback(tmp_path, monkeypatch):
+    """FakeTensorMode logs a failing meta kernel with its whole traceback (``log.exception``)
+    before the error reaches the engine: the console script keeps that log quiet."""
+    spec = factory(
+        tmp_path, monkeypatch, "badcat_proc", "return torch.cat([self.inner(x), torch.zeros(3, 5)]).sum()"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(tmp_path), env.get("PYTHONPATH", "")])
+    env["MEMPROF_CRASH_DIR"] = str(tmp_path / "crashes")
+    proc = subprocess.run(
+        [sys.executable, "-m", "memprof", "analyze", spec, "--engine", "sim", "-b", "1", "-s", "8"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 70, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Sizes of tensors must match" in lines[0] and "aten.cat" in lines[0], lines[0]
