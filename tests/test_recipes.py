@@ -74,6 +74,25 @@ def test_malformed_recipes(text, message):
         recipes.parse(text)
 
 
+@pytest.mark.parametrize(
+    ("entry", "option", "shown"),
+    [
+        ("{name: pruning, amount: .nan}", "amount", "nan"),
+        ("{name: lora, alpha: .inf, rank: 8}", "alpha", "inf"),
+        ("{name: lora, dropout: -.inf}", "dropout", "-inf"),
+        ("{name: allocator, garbage_collection_threshold: .nan}", "garbage_collection_threshold", "nan"),
+    ],
+)
+def test_a_non_finite_float_option_is_refused(entry, option, shown):
+    # was: "ok", then ValueError: cannot convert float NaN to integer (exit 70) when run
+    with pytest.raises(RecipeError) as e:
+        recipes.parse(f"optimizations:\n  - {entry}\n", "r.yaml")
+    assert e.value.problems[-1].endswith(f"option {option!r} must be a finite number, got {shown}")
+    # the same check for a --step value
+    with pytest.raises(RecipeError, match="must be a finite number"):
+        recipes.from_names([f"pruning:amount={'.nan' if shown == 'nan' else '.inf'}"])
+
+
 def test_recipe_never_runs_code(tmp_path):
     f = tmp_path / "evil.yaml"
     f.write_text("optimizations:\n  - !!python/object/apply:os.system ['echo pwned']\n")

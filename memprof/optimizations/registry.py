@@ -57,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -418,6 +419,9 @@ def parse_options(config_cls: type, options: dict[str, Any]) -> tuple[Any, list[
         meta = f.metadata
         if not _type_ok(v, tp):
             problems.append(f"option {name!r} must be {_type_name(tp)}, got {v!r}")
+            continue
+        if isinstance(v, float) and not math.isfinite(v):  # YAML's .nan and .inf are floats
+            problems.append(f"option {name!r} must be a finite number, got {v!r}")
             continue
         choices = meta.get("choices")
         if choices is not None and v not in choices:
