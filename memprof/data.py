@@ -11,6 +11,7 @@ each batch, or length-grouped batches) and counts the padding.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import statistics
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memprof.bounds import MAX_SAMPLES
+from memprof.bounds import MAX_POSITIONS, MAX_SAMPLES
 from memprof.errors import InputError
 
 STRATEGIES = ("fixed", "longest", "grouped")
@@ -100,6 +101,9 @@ def from_file(path: str | Path, tokenizer: Any, field_name: str = "text") -> Sam
     return Samples(lengths=[len(x) for x in ids], source=Path(path).name, texts=texts)
 
 
+#: the log of the longest length a draw keeps (a larger exponent would overflow exp)
+_LOG_MAX_LENGTH = math.log(MAX_POSITIONS) + 1
+
 _DIST = re.compile(r"^(uniform|normal|lognormal)\(([^,()]+),([^,()]+)\)$")
 
 
@@ -134,6 +138,8 @@ def from_spec(spec: str, n: int = 1000, seed: int = 0) -> Samples:
             a, b = float(m.group(2)), float(m.group(3))
         except ValueError:
             raise InputError(f"--lengths {spec!r}: the parameters must be numbers") from None
+        if not (math.isfinite(a) and math.isfinite(b)):  # float() reads nan, inf and 1e400 (inf)
+            raise InputError(f"--lengths {spec!r}: the parameters must be finite numbers")
         samples_problem(n)
         if kind == "uniform":
             if not 1 <= a <= b:
@@ -146,10 +152,15 @@ def from_spec(spec: str, n: int = 1000, seed: int = 0) -> Samples:
         else:
             if b < 0:
                 raise InputError(f"--lengths {spec!r}: sigma must be 0 or more")
-            draws = [rng.lognormvariate(a, b) for _ in range(n)]
-        return Samples(
-            lengths=[max(1, round(x)) for x in draws], source=f"{kind}{m.group(0)[len(kind) :]} x {n}"
-        )
+            # rng.lognormvariate's draws (exp of a normal draw), the exponent capped where exp overflows
+            draws = [math.exp(min(rng.normalvariate(a, b), _LOG_MAX_LENGTH)) for _ in range(n)]
+        # a draw is at least 1 token and at most MAX_POSITIONS (no model has more positions;
+        # a sample longer than --seq-len is truncated to it in any case)
+        clipped = sum(1 for x in draws if x > MAX_POSITIONS)
+        source = f"{kind}{m.group(0)[len(kind) :]} x {n}"
+        if clipped:
+            source += f" ({clipped} draws clipped to {MAX_POSITIONS:,} tokens)"
+        return Samples(lengths=[round(min(max(x, 1.0), MAX_POSITIONS)) for x in draws], source=source)
     try:
         lengths = [int(x) for x in text.split(",") if x]
     except ValueError:
@@ -281,6 +292,8 @@ class DataSpec:
         if not self.path and (self.tokenizer or self.text_field != "text"):
             raise InputError("--tokenizer and --text-field go with --data FILE")
         samples_problem(self.samples)
+        if self.lengths:
+            from_spec(self.lengths, 1)  # a spec it cannot read, before the model loads (one draw)
 
     def load(self, model_folder: str | Path | None, model_name: str) -> Samples | None:
         """The samples (None when neither a file nor lengths were given).

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from memprof import data, optimizations
+from memprof import bounds, data, optimizations
 from memprof.cli import main
 from memprof.compare import compare
 from memprof.engines import CpuEngine
@@ -53,6 +53,27 @@ def test_lengths_from_the_command_line():
     for bad in ("a,b", "uniform(0,5)", "poisson(3)", "0,4"):
         with pytest.raises(InputError):
             data.from_spec(bad)
+
+
+@pytest.mark.parametrize("spec", ["normal(1e400,1)", "normal(nan,1)", "uniform(1,inf)", "lognormal(1,-inf)"])
+def test_lengths_of_a_distribution_with_a_non_finite_parameter_are_refused(spec):
+    # normal(1e400,1) was: OverflowError: cannot convert float infinity to integer (exit 70)
+    with pytest.raises(InputError, match="the parameters must be finite numbers"):
+        data.from_spec(spec)
+
+
+def test_draws_past_any_position_are_clipped_and_said():
+    # lognormal(1000,1) was: OverflowError: math range error (exit 70)
+    for spec in ("lognormal(1000,1)", "normal(1e308,1e308)", "uniform(1,1e300)"):
+        s = data.from_spec(spec, n=200)
+        assert min(s.lengths) >= 1 and max(s.lengths) == bounds.MAX_POSITIONS, spec
+        assert "draws clipped to 268,435,456 tokens" in s.source
+    # within the positions: the draws of random's own lognormvariate, unclipped
+    rng = random.Random(0)
+    assert data.from_spec("lognormal(5,1)", n=50).lengths == [
+        max(1, round(rng.lognormvariate(5, 1))) for _ in range(50)
+    ]
+    assert "clipped" not in data.from_spec("lognormal(5,1)").source
 
 
 def test_padding_plans_count_the_padding_of_the_whole_sample():

@@ -272,6 +272,11 @@ def test_baseline_checks_every_workload_before_running_one(tmp_path, capsys):
     assert not (tmp_path / "b.json").exists()
 
 
+def test_lengths_not_finite(capsys):
+    args = ["compare", tiny("llama"), *TRAIN, "--step", "dynamic_padding", "--lengths", "normal(1e400,1)"]
+    assert "the parameters must be finite numbers" in refused(capsys, *args)  # was: OverflowError, exit 70
+
+
 def test_bound_samples(capsys):
     args = ["compare", tiny("llama"), *TRAIN, "--step", "dynamic_padding", "--lengths", "uniform(1,8)"]
     line = refused(capsys, *args, "--samples", "1000000000000")
