@@ -29,7 +29,9 @@ import datetime as _dt
 import json
 import math
 import re
+import sys
 import tomllib
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -139,6 +141,9 @@ class GateWorkload:
             problems.append(f"{where}: 'steps' must be a list of NAME[:key=value,...] strings")
             steps = []
         kw = {k: entry[k] for k in _WORKLOAD_KEYS if k in entry}
+        for k in _WHOLE_KEYS:  # YAML's true, 1.5 and .nan are not counts (nor TOML's inf)
+            if k in kw and type(kw[k]) is not int:
+                problems.append(f"{where}.{k}: must be a whole number, got {_shown(kw.pop(k))}")
         try:
             wl = Workload(**kw)
             wl.validate()
@@ -148,6 +153,10 @@ class GateWorkload:
         if len(problems) > before:
             return None
         name = entry.get("name") or default_name(str(model), wl)
+        bad_name = name_problem(str(name))
+        if bad_name:
+            problems.append(f"{where}.name: {bad_name}")
+            return None
         return cls(
             name=str(name), model=str(model), workload=wl, engine=engine, recipe=recipe, steps=steps, gpu=gpu
         )
@@ -237,6 +246,18 @@ def _prefixed(say: Progress, prefix: str) -> Progress:
     return lambda msg: say(prefix + msg)
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a workload, or None.
+
+    A control character or a line break in a name would end up in the reports: a
+    newline starts a forged line of a GitHub summary (``::warning ...``), and XML 1.0
+    cannot hold most control characters at all (a JUnit file).
+    """
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+        return f"must not hold control characters or line breaks, got {repr(name)[:80]}"
+    return None
+
+
 def default_name(model: str, wl: Workload) -> str:
     stem = Path(model).stem if ("/" in model or model.endswith(".json")) else model
     return f"{stem}-{wl.mode}-b{wl.batch_size}-s{wl.seq_len}"
@@ -269,6 +290,8 @@ def read_workloads(path: str | Path) -> list[GateWorkload]:
         raise GateError(
             src, [f"not valid {'TOML' if p.suffix.lower() == '.toml' else 'YAML'}: {e}"]
         ) from None
+    except (RecursionError, ValueError) as e:  # tomllib: deep nesting, a number of thousands of digits
+        raise GateError(src, [f"not valid TOML: {_unreadable(e)}"]) from None
     if not isinstance(data, dict) or not isinstance(data.get("workloads"), list) or not data["workloads"]:
         raise GateError(src, ["expected a 'workloads' list of {model: ..., mode: ..., ...} entries"])
     problems: list[str] = []
@@ -378,6 +401,16 @@ def _is_bytes(v: Any) -> bool:
     return type(v) is int and 0 <= v <= MAX_BYTES
 
 
+def _unreadable(e: BaseException) -> str:
+    """Why a parser gave up on a file that is JSON or TOML in form: too deep, or a number too long."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    if "integer string conversion" in str(e):
+        # Python reads no integer of more digits (CVE-2020-10735); no byte count needs them
+        return f"a number of more than {sys.get_int_max_str_digits()} digits"
+    return str(e).split(";")[0][:200]
+
+
 def _shown(v: Any) -> str:
     """A value as the JSON file spells it (null, true, Infinity, "text")."""
     try:
@@ -473,6 +506,8 @@ def load_baseline(path: str | Path) -> Baseline:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{src}: not valid JSON ({e.msg} at line {e.lineno}): a corrupt baseline") from None
+    except (RecursionError, ValueError) as e:
+        raise InputError(f"{src}: not valid JSON ({_unreadable(e)}): a corrupt baseline") from None
     if not isinstance(d, dict) or "schema" not in d:
         raise InputError(f"{src}: not a memprof baseline (no 'schema' key)")
     name, _, ver = str(d["schema"]).partition("/")

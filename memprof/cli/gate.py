@@ -117,9 +117,13 @@ def baseline(
             moe_routing=moe_routing,
             experts=experts,
         )
+        name = name or gate.default_name(model, wl)
+        bad_name = gate.name_problem(name)
+        if bad_name:
+            raise InputError(f"--name: {bad_name}")
         ws = [
             gate.GateWorkload(
-                name=name or gate.default_name(model, wl),
+                name=name,
                 model=model,
                 workload=wl,
                 engine=engine.value,
@@ -179,11 +183,17 @@ def check(
 ) -> int:
     """Profile the baseline's workloads again; exit 5 when a peak grew beyond the tolerance."""
     tol = gate.Tolerance.parse(tolerance)
+    if output is not None and fmt not in (Format.json, Format.junit):
+        # the text report and the annotations go to stdout: a file named here would never be written
+        raise InputError(
+            f"--output writes the json or junit report; give --format json or junit with it "
+            f"(--format {fmt.value} prints to stdout)"
+        )
     # the text report stays off stdout when --junit - or --html - takes it; the others are outputs
     report_out = fmt is Format.github or (fmt in (Format.json, Format.junit) and output is None)
     check_outputs(
         force,
-        output=output if fmt in (Format.json, Format.junit) else None,
+        output=output,
         junit=junit_path,
         html=html_path,
         stdout=f"--format {fmt.value}" if report_out else None,

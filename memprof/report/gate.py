@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 
 from rich import box
@@ -127,12 +128,32 @@ def junit(rep: CheckReport) -> str:
                 + [f"module {m}: {a} -> {b}" for m, a, b in r.modules]
             )
     ET.indent(suite)
-    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
+    # ElementTree escapes <, & and quotes but writes control characters as they are, which
+    # XML 1.0 cannot hold (a module or phase name of a baseline file may carry them)
+    text = _XML_FORBIDDEN.sub("\ufffd", ET.tostring(suite, encoding="unicode"))
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + text + "\n"
+
+
+#: the characters XML 1.0 forbids (its Char production): C0 controls but tab, LF and CR; surrogates; FFFE, FFFF
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 def _escape_annotation(text: str) -> str:
     # GitHub workflow commands: %, CR and LF are escaped in the message
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _one_line(text: str) -> str:
+    # a line break in a name (a workload's, a module's, a phase's) or a path read from the
+    # baseline file would start a line of the summary: a forged `::warning` command, say
+    return _CONTROL.sub(" ", text)
+
+
+def _cell(text: str) -> str:
+    return _one_line(text).replace("|", "\\|")
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def github(rep: CheckReport) -> tuple[str, str]:
@@ -152,7 +173,7 @@ def github(rep: CheckReport) -> tuple[str, str]:
     md = [
         "## memprof check",
         "",
-        f"Baseline `{rep.baseline_path}`, tolerance {rep.tolerance}: "
+        f"Baseline `{_one_line(rep.baseline_path)}`, tolerance {rep.tolerance}: "
         + (f"**{len(rep.regressions)} regression(s)**" if rep.regressions else "**passed**"),
         "",
         "| workload | baseline | now | change | status | what moved |",
@@ -160,7 +181,7 @@ def github(rep: CheckReport) -> tuple[str, str]:
     ]
     for r in rep.results:
         md.append(
-            f"| {r.name} | {format_bytes(r.baseline_peak)} | {format_bytes(r.peak)} | {_signed(r.delta)} ({_pct(r)}) "
-            f"| {r.status} | {why(r) or '-'} |"
+            f"| {_cell(r.name)} | {format_bytes(r.baseline_peak)} | {format_bytes(r.peak)} | {_signed(r.delta)} "
+            f"({_pct(r)}) | {r.status} | {_cell(why(r)) or '-'} |"
         )
     return "\n".join(lines) + ("\n" if lines else ""), "\n".join(md) + "\n"

@@ -143,6 +143,129 @@ def test_a_baseline_with_good_fields_still_loads(recorded, tmp_path):
     assert [w.name for w in b.workloads] == ["net"] and b.profiles[0].peak_bytes > 0
 
 
+# --------------------------------------------------------------------------- files a parser gives up on
+_DIGITS = f"a number of more than {sys.get_int_max_str_digits()} digits"
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # was: RecursionError, exit 70
+        (
+            '{"schema": "memprof.baseline/1", "workloads": [{"profile": {"peak_bytes": '
+            + "9" * 5000
+            + "}}]}",
+            _DIGITS,
+        ),
+    ],
+)
+def test_a_baseline_the_json_parser_gives_up_on_is_one_line(tmp_path, capsys, no_run, raw, problem):
+    f = write(tmp_path, {}, raw)
+    assert main(["check", "--baseline", str(f)]) == 2
+    line = one_error(capsys)
+    assert line == f"memprof: error: memprof-baseline.json: not valid JSON ({problem}): a corrupt baseline"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("a = " + "[" * 10_000 + "]" * 10_000 + "\n", "nested too deeply"),  # was: RecursionError, exit 70
+        ("a = " + "9" * 5000 + "\n", _DIGITS),
+    ],
+)
+def test_a_workloads_file_the_toml_parser_gives_up_on_is_one_line(tmp_path, capsys, text, problem):
+    f = tmp_path / "workloads.toml"
+    f.write_text(text)
+    assert main(["baseline", "--workloads", str(f), "-o", str(tmp_path / "b.json")]) == 2
+    assert one_error(capsys) == f"memprof: error: workloads.toml: 1 problem: not valid TOML: {problem}"
+    assert not (tmp_path / "b.json").exists()
+
+
+# --------------------------------------------------------------------------- workloads files: counts, names
+def test_every_count_of_a_workloads_file_is_checked_with_the_other_problems(tmp_path, capsys, no_run):
+    f = tmp_path / "workloads.yaml"
+    f.write_text(
+        "workloads:\n"
+        f'  - {{model: "{MODEL}", batch_size: true, seq_len: 16}}\n'  # was: TypeError in randint, exit 70
+        f'  - {{model: "{MODEL}", batch_size: .nan, seq_len: 16, mode: frob}}\n'  # was: the NaN unlisted
+        f'  - {{model: "{MODEL}", batch_size: 1.5, seq_len: .inf}}\n'
+        f'  - {{model: "{MODEL}", mode: infer, decode_tokens: 2.0}}\n'
+    )
+    assert main(["baseline", "--workloads", str(f), "-o", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "memprof: error: workloads.yaml: 6 problems",
+        "  - workloads[1].batch_size: must be a whole number, got true",
+        "  - workloads[2].batch_size: must be a whole number, got NaN",
+        "  - workloads[2]: mode must be one of train, infer, distill, got 'frob'",
+        "  - workloads[3].batch_size: must be a whole number, got 1.5",
+        "  - workloads[3].seq_len: must be a whole number, got Infinity",
+        "  - workloads[4].decode_tokens: must be a whole number, got 2.0",
+    ]
+
+
+@pytest.mark.parametrize(
+    "name", ["w\n::warning title=injected::owned", "a\x1b[31mred", "tab\there", "a\u2028b"]
+)
+def test_a_workload_name_with_control_characters_is_refused(recorded, tmp_path, capsys, no_run, name):
+    d = json.loads(json.dumps(recorded))
+    d["workloads"][0]["name"] = name
+    assert main(["check", "--baseline", str(write(tmp_path, d)), "--format", "github"]) == 2
+    assert one_error(capsys) == (
+        "memprof: error: memprof-baseline.json: malformed baseline: 1 problem: workloads[1].name: "
+        f"must not hold control characters or line breaks, got {name!r}"
+    )
+    # the same in a workloads file, and for --name
+    wf = tmp_path / "workloads.json"  # JSON is YAML, and spells every character
+    wf.write_text(json.dumps({"workloads": [{"name": name, "model": MODEL}]}))
+    assert main(["baseline", "--workloads", str(wf), "-o", str(tmp_path / "b.json")]) == 2
+    assert "workloads[1].name: must not hold control characters or line breaks" in one_error(capsys)
+    assert main(["baseline", MODEL, "--name", name, "-o", str(tmp_path / "b.json")]) == 2
+    assert one_error(capsys).startswith("memprof: error: --name: must not hold control characters")
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_the_reports_forge_no_line_and_write_well_formed_xml():
+    from xml.dom import minidom
+
+    from memprof.report import gate as render
+
+    # names the baseline file gives the reports besides the workload's: a module's, a phase's, its path
+    evil = "x\n::warning title=injected::owned\x1b[31m\x00|"
+    r = gate.WorkloadCheck(
+        name="net",
+        status="regression",
+        baseline_peak=100,
+        peak=200,
+        allowed=0,
+        modules=[(f"m{evil}", 0, 100)],
+        phase=(f"fwd{evil}", "backward"),
+    )
+    rep = gate.CheckReport(f"b{evil}.json", "1%", [r], {"torch": (evil, "2.0")})
+    minidom.parseString(render.junit(rep))  # was: ExpatError (not well-formed)
+    annotations, summary = render.github(rep)
+    assert [line[:30] for line in annotations.splitlines()] == [
+        "::error title=memprof: memory ",
+        "::warning title=memprof: versi",
+    ]
+    lines = summary.splitlines()
+    assert len(lines) == 7 and not any(line.startswith("::") for line in lines), summary
+    assert lines[-1].startswith("| net |") and lines[-1].count(" | ") == 5  # the | in the names escaped
+
+
+@pytest.mark.parametrize("fmt", ["text", "github"])
+def test_check_output_without_a_format_that_writes_a_file_is_refused(recorded, tmp_path, capsys, no_run, fmt):
+    out = tmp_path / "new.txt"
+    args = ["check", "--baseline", str(write(tmp_path, recorded)), "--format", fmt, "--output", str(out)]
+    assert main(args) == 2  # was: 0, and no file
+    assert one_error(capsys) == (
+        "memprof: error: --output writes the json or junit report; give --format json or junit with it "
+        f"(--format {fmt} prints to stdout)"
+    )
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- tolerance
 @pytest.mark.parametrize("text", ["nan%", "inf%", "-inf%", "1e400%", "-1%", "", "1e400", "9" * 400])
 def test_a_non_finite_or_negative_tolerance_is_refused_before_the_run(
