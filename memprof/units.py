@@ -15,6 +15,10 @@ from memprof.errors import InputError
 #: the tracker's rounding on cuda and sim, and the allocator model's smallest block
 CUDA_BLOCK_BYTES = 512
 
+#: the largest size memprof reads (1 EiB): past any GPU's memory by a factor of millions, and
+#: far inside the 2**63-1 bytes a baseline or profile may record
+MAX_SIZE_BYTES = 2**60
+
 _BINARY = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _DECIMAL = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
@@ -42,6 +46,8 @@ def parse_size(text: str) -> int:
         raise InputError(f"unknown size unit {m.group(2)!r} in {text!r} (use B, KiB, MiB, GiB, TiB)")
     if not math.isfinite(value * factor):  # hundreds of digits: float() says inf
         raise InputError(f"not a size: {text!r} is too large")
+    if value * factor > MAX_SIZE_BYTES:
+        raise InputError(f"{text!r} is too large: memprof reads sizes up to 1 EiB (2**60 bytes)")
     return int(round(value * factor))
 
 

@@ -23,6 +23,9 @@ from memprof.files import not_regular
 from memprof.model_config import check_spec
 from memprof.optimizations.registry import require_environment
 
+#: untracked steps timed per row (a bound beside memprof.bounds': the median settles after a few)
+MAX_TIMING_STEPS = 100
+
 RECIPE = typer.Option(
     None, "--recipe", "-r", help="Recipe YAML file, or the name of a shipped recipe (see `memprof recipes`)."
 )
@@ -95,6 +98,12 @@ def compare(
     preset = O.gpu(gpu)
     if timing_steps < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--timing-steps")
+    if timing_steps > MAX_TIMING_STEPS:
+        raise typer.BadParameter(
+            f"{timing_steps} is more than memprof times ({MAX_TIMING_STEPS}): each is a whole step, "
+            "and the median settles after a few",
+            param_hint="--timing-steps",
+        )
     check_outputs(
         force,
         json=json_path,

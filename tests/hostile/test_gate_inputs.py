@@ -267,7 +267,9 @@ def test_check_output_without_a_format_that_writes_a_file_is_refused(recorded, t
 
 
 # --------------------------------------------------------------------------- tolerance
-@pytest.mark.parametrize("text", ["nan%", "inf%", "-inf%", "1e400%", "-1%", "", "1e400", "9" * 400])
+@pytest.mark.parametrize(
+    "text", ["nan%", "inf%", "-inf%", "1e400%", "-1%", "", "1e400", "9" * 400, "1048577TiB"]
+)
 def test_a_non_finite_or_negative_tolerance_is_refused_before_the_run(
     recorded, tmp_path, capsys, no_run, text
 ):
@@ -293,6 +295,14 @@ def test_parse_size_refuses_a_number_too_large_for_a_float():
     with pytest.raises(InputError, match="too large"):
         parse_size("9" * 400)
     assert parse_size("1.5GiB") == 3 * 2**29
+
+
+def test_parse_size_caps_a_size_at_one_exbibyte():
+    # was: 1e41 bytes, past the 2**63-1 a baseline or a profile may hold
+    assert parse_size("1048576TiB") == 2**60 == parse_size(str(2**60))
+    for text in ("1048577TiB", str(2**61), "99999999999999999999999999999TiB"):
+        with pytest.raises(InputError, match="memprof reads sizes up to 1 EiB"):
+            parse_size(text)
 
 
 # --------------------------------------------------------------------------- the pytest marker

@@ -272,6 +272,37 @@ def test_baseline_checks_every_workload_before_running_one(tmp_path, capsys):
     assert not (tmp_path / "b.json").exists()
 
 
+def test_bound_timing_steps(capsys):
+    args = ["compare", tiny("llama"), "-e", "cpu", "-b", "1", "-s", "8", "--step", "checkpointing"]
+    line = refused(capsys, *args, "--timing-steps", "99999999")  # was: no bound
+    assert "--timing-steps" in line and "99999999 is more than memprof times (100)" in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["analyze", tiny("llama"), *TRAIN, "--budget", "99999999999999999999999999999TiB"],
+        ["plan", tiny("llama"), "-b", "1", "-s", "8", "--budget", "1048577TiB"],
+        [
+            "plan",
+            tiny("llama"),
+            "-b",
+            "1",
+            "-s",
+            "8",
+            "--budget",
+            "24GiB",
+            "--context-overhead",
+            "2000000TiB",
+        ],
+    ],
+)
+def test_bound_sizes(capsys, args):
+    # was: a profile with budget_bytes ~1e41, past the 2**63-1 a baseline may hold
+    line = refused(capsys, *args)
+    assert "is too large: memprof reads sizes up to 1 EiB (2**60 bytes)" in line
+
+
 def test_lengths_not_finite(capsys):
     args = ["compare", tiny("llama"), *TRAIN, "--step", "dynamic_padding", "--lengths", "normal(1e400,1)"]
     assert "the parameters must be finite numbers" in refused(capsys, *args)  # was: OverflowError, exit 70
