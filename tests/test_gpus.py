@@ -227,6 +227,28 @@ def test_plan_gpu_without_budget_uses_the_presets_memory_and_context(capsys):
     assert b["usable_bytes"] == preset.memory_bytes - preset.context_bytes - b["cublas_workspace_bytes"]
 
 
+@pytest.mark.parametrize(
+    ("budget", "label"),
+    [
+        (None, "the H100 80GB SXM's memory (--gpu)"),
+        (24 * 2**30, "--budget; the H100 80GB SXM (--gpu) has 79.6 GiB"),  # was: "the H100 ...'s memory"
+    ],
+)
+def test_plan_says_where_its_budget_comes_from(budget, label):
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from memprof.report.plan import budget_table
+
+    preset = lookup("h100")
+    b = Budget(budget or preset.memory_bytes, preset.context_bytes, 0, gpu=preset.name)
+    console = Console(width=200, record=True)
+    console.print(budget_table(SimpleNamespace(budget=b)))  # type: ignore[arg-type]
+    row = " ".join(console.export_text().splitlines()[0].split())
+    assert row == f"budget {b.budget_bytes / 2**30:.1f} GiB {label}"
+
+
 def test_plan_gpu_with_context_overhead(capsys):
     b = plan_budget(capsys, "--gpu", "t4", "--context-overhead", "100MiB")
     assert b["context_bytes"] == 100 * MiB and b["budget_bytes"] == lookup("t4").memory_bytes

@@ -9,6 +9,8 @@ from rich.text import Text
 
 from memprof import optimizations
 from memprof.budget import nccl_buffers
+from memprof.errors import InputError
+from memprof.gpus import lookup
 from memprof.plan import ESTIMATE_MARGIN, SIDE_COSTS, Candidate, PlanResult, compare_command
 from memprof.units import format_bytes
 from memprof.workload import Workload
@@ -33,6 +35,20 @@ def _signed(n: int) -> str:
     return ("+" if n > 0 else "-" if n < 0 else "±") + format_bytes(abs(n))
 
 
+def _budget_source(budget_bytes: int, gpu: str | None) -> str:
+    """Where the budget comes from: the ``--gpu`` preset's memory, or ``--budget`` (beside a preset)."""
+    if gpu is None:
+        return ""
+    try:
+        memory = lookup(gpu).memory_bytes
+    except InputError:  # a preset of another memprof version, in a result read back
+        memory = None
+    if memory == budget_bytes:
+        return f"the {gpu}'s memory (--gpu)"
+    has = f" has {format_bytes(memory)}" if memory is not None else ""
+    return f"--budget; the {gpu} (--gpu){has}"
+
+
 def budget_table(r: PlanResult) -> Table:
     b = r.budget
     t = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2))
@@ -40,7 +56,7 @@ def budget_table(r: PlanResult) -> Table:
     t.add_column(justify="right")
     t.add_column(style="dim")
     per = " per rank" if b.world_size > 1 else ""
-    t.add_row(f"budget{per}", format_bytes(b.budget_bytes), f"the {b.gpu}'s memory (--gpu)" if b.gpu else "")
+    t.add_row(f"budget{per}", format_bytes(b.budget_bytes), _budget_source(b.budget_bytes, b.gpu))
     t.add_row(
         "− CUDA context",
         format_bytes(b.context_bytes),
