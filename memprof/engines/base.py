@@ -26,7 +26,7 @@ from memprof._version import __version__
 from memprof.distill_loss import SIDES, resolve_teacher
 from memprof.engines.moe import router_counts
 from memprof.engines.runner import RunEnv, StepRunner
-from memprof.errors import InputError, InternalError, MemprofError, OutOfMemory
+from memprof.errors import InputError, InternalError, MemprofError, NotSupported, OutOfMemory
 from memprof.models import DTYPES, ResolvedModel, build_model, parameter_count, parameter_split
 from memprof.optimizations.registry import check_setup, config_overrides
 from memprof.profile import Profile, from_tracker
@@ -563,7 +563,7 @@ class Engine:
                 f"out of memory outside the measured step{f' ({where})' if where else ''}: "
                 f"{line[0][:300] if line else type(e).__name__}"
             )
-        known = self.translate_error(e, rm.name, where)
+        known = self.translate_error(e, rm.name, where) or _packed_weight_read(e, rm.name, model, where)
         if known is not None:
             return known
         return InternalError(e, model=rm.name, engine=self.name, op=op, op_raised=raised, module=module)
@@ -827,3 +827,27 @@ class Engine:
             host=extra.get("host"),
             parameters=extra.get("parameters"),
         )
+
+
+def _packed_weight_read(
+    e: Exception, model_name: str, model: torch.nn.Module | None, where: str
+) -> NotSupported | None:
+    """A model that reads a 4-bit layer's weight outside the layer (Jamba's Mamba mixer takes
+    ``dt_proj.weight`` into a matmul of its own), or None.
+
+    bitsandbytes packs the weight two values to a byte (uint8) and unpacks it only in
+    ``Linear4bit``'s forward, so such a model fails on a GPU too: transformers'
+    answer is to leave those modules unquantized (``llm_int8_skip_modules``). Not a
+    bug of memprof's, so not an internal error.
+    """
+    if model is None or "uint8" not in str(e):
+        return None
+    if not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        return None
+    at = f" ({where})" if where else ""
+    return NotSupported(
+        model_name,
+        f"the model reads a 4-bit quantized layer's weight outside the layer{at}; bitsandbytes "
+        "unpacks it only in the layer's own forward, on a GPU too (transformers leaves such "
+        "modules unquantized with llm_int8_skip_modules); use lora instead of qlora for it",
+    )

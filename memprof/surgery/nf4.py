@@ -86,7 +86,8 @@ def quantize_4bit(model: torch.nn.Module, spec: NF4Spec) -> str:
     with quiet_imports():
         import bitsandbytes as bnb
 
-    layers = linears(model)
+    kept = not_converted(model)
+    layers = [(n, lin) for n, lin in linears(model) if n not in kept]
     if not layers:
         raise InputError(f"{type(model).__name__} has no Linear layers to quantize")
     fake = any(_is_fake(lin.weight) for _, lin in layers)
@@ -98,12 +99,39 @@ def quantize_4bit(model: torch.nn.Module, spec: NF4Spec) -> str:
     # PEFT dispatches its 4-bit LoRA layer on this flag (set by transformers' bitsandbytes loading)
     model.is_loaded_in_4bit = True  # type: ignore[assignment]
     double = ", double-quantized scales" if spec.double_quant else ""
+    others = sorted({n.rpartition(".")[2] for n in kept} - {""})
+    unconverted = f" (nor {', '.join(others)}, which transformers keeps in full precision)" if others else ""
     # only counts in the note: the bytes are the profile's (the parameters line, the categories),
     # and a count extends with the depth where bytes rounded for reading do not (memprof.engines.depth)
     return (
         f"{spec.quant_type} 4-bit base weights (bitsandbytes Linear4bit{double}, compute in "
-        f"{spec.compute_dtype}): {len(layers):,} Linear layers; the output head is not quantized"
+        f"{spec.compute_dtype}): {len(layers):,} Linear layers; the output head is not quantized{unconverted}"
     )
+
+
+def not_converted(model: torch.nn.Module) -> set[str]:
+    """The Linear layers transformers' bitsandbytes quantizer leaves unquantized, by name.
+
+    ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True))``
+    skips the output head (and tied weights) and the modules a model keeps in full
+    precision (``_keep_in_fp32_modules``: T5's ``wo``, whose forward casts its input to
+    ``wo``'s weight dtype). The same rule here, from transformers' own functions; the
+    output head alone where they are missing. Returns the names of Linear layers only.
+    """
+    from memprof.surgery.common import linears
+
+    try:
+        from transformers.quantizers.base import HfQuantizer
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:  # pragma: no cover - a transformers without them: the head alone
+        return set()
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):  # a module:factory model: its output head alone
+        return set()
+    keep = model._keep_in_fp32_modules
+    patterns = HfQuantizer.get_modules_to_not_convert(model, None, list(keep) if keep else None)
+    return {n for n, _ in linears(model) if not should_convert_module(n, patterns)}
 
 
 def _quantized_real(bnb: Any, lin: torch.nn.Linear, spec: NF4Spec) -> torch.nn.Module:

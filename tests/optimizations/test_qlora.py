@@ -286,3 +286,32 @@ def test_frozen_count_is_the_base_model_s_values_not_its_packed_bytes(wide_llama
     # two 4-bit values per stored byte: the count is of the values, as before quantization
     assert q.parameters["frozen"] == base.parameters["trainable"]
     assert q.model["parameters"] == base.model["parameters"] + q.parameters["trainable"]
+
+
+def test_qlora_leaves_what_transformers_keeps_in_full_precision_and_runs_t5():
+    """T5 keeps ``wo`` in float32 (``_keep_in_fp32_modules``): transformers' bitsandbytes
+    quantizer does not convert it, and T5's forward casts its input to ``wo``'s weight
+    dtype, so a 4-bit ``wo`` made the step fail (uint8 activations, an internal error)."""
+    model, _ = build_model(resolve(tiny("t5")), dtype="bfloat16", attn="sdpa", load_weights=False)
+    note = quantize_4bit(model, NF4Spec())
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if n.endswith((".wo", ".wi", ".q"))}
+    assert kinds and all(k == "Linear" for n, k in kinds.items() if n.endswith(".wo"))
+    assert all(k == "Linear4bit" for n, k in kinds.items() if not n.endswith(".wo"))
+    assert "nor wo, which transformers keeps in full precision" in note
+    r = run(sim_engine(), tiny("t5"), setup_with(BF16, ("qlora", {})))
+    assert r.profile.peak_bytes > 0
+
+
+def test_a_model_that_reads_a_4bit_weight_outside_its_layer_is_not_supported(tmp_path, capsys):
+    """Jamba's Mamba mixer multiplies by ``dt_proj.weight`` itself: a 4-bit weight cannot serve
+    that on a GPU either. One line, exit 2 (was an internal error, exit 70)."""
+    from memprof.cli import main
+    from tests.families import FAMILIES
+
+    path = tmp_path / "jamba.json"
+    path.write_text(json.dumps(FAMILIES["jamba"]))
+    code = main(["analyze", str(path), "-e", "sim", "-b", "2", "-s", "16", "--step", "qlora"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "reads a 4-bit quantized layer's weight outside the layer" in err[0]
+    assert "in module model.layers.0.mamba" in err[0]
