@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from memprof.errors import InputError
 from memprof.optimizations.registry import Optimization, for_setup, option, register
 from memprof.surgery.lora import (
     INSTALL_HINT,
@@ -173,7 +174,10 @@ class Lora(Optimization):
         return problems
 
     def transform_model(self, model: torch.nn.Module, setup: StepSetup) -> str | None:
-        attach_lora(model, self.spec, upcast=self.config.adapter_dtype == "float32")
+        try:
+            attach_lora(model, self.spec, upcast=self.config.adapter_dtype == "float32")
+        except ValueError as e:  # PEFT refuses the targets (Mamba's out_proj and conv1d under all-linear)
+            raise InputError(f"lora: targets {self.config.targets!r}: {e}") from None
         adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         total = sum(p.numel() for p in model.parameters())
         return (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -312,3 +313,19 @@ def test_lora_with_chunked_loss_and_activation_offload_traces_in_sim():
     plain = SimEngine().run(rm, stacked)
     p = SimEngine().run(rm, chunked)
     assert p.peak_bytes < plain.peak_bytes  # the full logits never exist at once
+
+
+def test_targets_peft_refuses_are_one_line_not_an_internal_error(tmp_path, capsys):
+    """PEFT refuses Mamba's out_proj and conv1d, which all-linear picks: the user's choice of
+    targets, said in one line with exit 2 (was an internal error, exit 70)."""
+    from memprof.cli import main
+    from tests.families import FAMILIES
+
+    path = tmp_path / "mamba.json"
+    path.write_text(json.dumps(FAMILIES["mamba"]))
+    code = main(
+        ["analyze", str(path), "-e", "sim", "-b", "2", "-s", "16", "--step", "lora:targets=all-linear"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("memprof: error: lora: targets 'all-linear': ") and "out_proj" in err[0]
