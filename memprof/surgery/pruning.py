@@ -67,8 +67,17 @@ def ffn_layout(model: torch.nn.Module) -> str | None:
             f"{type(model).__name__}: no feed-forward layout it can rewrite (Llama-style gate/up/down "
             "projections or BERT-style intermediate/output)"
         )
-    if getattr(getattr(model, "config", None), "intermediate_size", None) is None:
+    width = getattr(getattr(model, "config", None), "intermediate_size", None)
+    if width is None:
         return f"{type(model).__name__}: its config has no intermediate_size to update"
+    other = sorted({down.in_features for _, down, _, _ in _ffn_pairs(model)} - {width})
+    if other:
+        # shared experts (DeepSeek-V3, Qwen2-MoE) take their width from other config fields:
+        # intermediate_size cannot describe them pruned, and the checkpoint would not reload
+        return (
+            f"{type(model).__name__}: feed-forward blocks {', '.join(map(str, other))} wide beside "
+            f"intermediate_size {width} (shared experts): one intermediate_size cannot describe them pruned"
+        )
     return None
 
 

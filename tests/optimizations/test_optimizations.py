@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -461,6 +462,21 @@ def test_structured_pruning_says_why_not():
     assert "no feed-forward layout" in optimizations.make("pruning").applies_to(
         gpt2, StepSetup.of(Workload())
     )
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe"])
+def test_structured_pruning_refuses_feed_forwards_its_config_cannot_describe(family, tmp_path):
+    """Shared experts are as wide as another config field says (moe_intermediate_size x
+    n_shared_experts, shared_expert_intermediate_size): DeepSeek-V3's topk asked for more
+    neurons than they have (an internal error), Qwen2-MoE's pruned checkpoint would not reload."""
+    from memprof.prepare import fake_model
+    from tests.families import FAMILIES
+
+    path = tmp_path / f"{family}.json"
+    path.write_text(json.dumps(FAMILIES[family]))
+    model = fake_model(resolve(str(path)), Workload())
+    why = optimizations.make("pruning").applies_to(model, StepSetup.of(Workload()))
+    assert why and "wide beside intermediate_size 128 (shared experts)" in why
 
 
 # ------------------------------------------------------------ local attention
