@@ -305,21 +305,35 @@ def main_output(out: Any) -> torch.Tensor | None:
 
 
 def split_batch(inputs: dict[str, Any], k: int, batch_size: int) -> list[dict[str, Any]]:
-    """``k`` equal micro-batches of ``inputs`` (views along the batch dimension)."""
+    """``k`` equal micro-batches of ``inputs`` (views along the batch dimension).
+
+    Qwen2-VL's inputs are not all batch-first: its ``pixel_values`` are every image's
+    patches in turn (one image per sequence, each of the same grid, as memprof builds
+    them), and its M-RoPE ``position_ids`` are ``(3, batch, seq)``; each is cut where
+    its sequences are.
+    """
     import torch
 
     if k <= 1:
         return [inputs]
     size = batch_size // k
+    packed = "image_grid_thw" in inputs
 
-    def part(v: Any, i: int) -> Any:
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size:
-            return v[i * size : (i + 1) * size]
+    def part(key: str, v: Any, i: int) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            if v.shape[0] == batch_size:
+                return v[i * size : (i + 1) * size]
+            if key == "position_ids" and v.dim() == 3 and v.shape[1] == batch_size:
+                return v[:, i * size : (i + 1) * size]
+            if packed and key == "pixel_values" and v.shape[0] % batch_size == 0:
+                rows = v.shape[0] // batch_size * size
+                return v[i * rows : (i + 1) * rows]
+            return v
         if isinstance(v, list):
-            return [part(x, i) for x in v]
+            return [part(key, x, i) for x in v]
         return v
 
-    return [{key: part(v, i) for key, v in inputs.items()} for i in range(k)]
+    return [{key: part(key, v, i) for key, v in inputs.items()} for i in range(k)]
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

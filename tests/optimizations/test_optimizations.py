@@ -199,6 +199,21 @@ def test_grad_accumulation_divides_activations_and_keeps_the_gradient(llama):
     assert acc.loss_after == pytest.approx(base.loss_after, abs=1e-5)
 
 
+def test_grad_accumulation_splits_qwen2_vl_images_and_m_rope_positions(tmp_path):
+    """Qwen2-VL's pixel_values are every image's patches in turn and its position_ids are
+    (3, batch, seq): cut where their sequences are, each micro-batch is its own images and
+    positions (before, only image_grid_thw was cut: an internal error on every engine)."""
+    from tests.families import FAMILIES
+
+    path = tmp_path / "qwen2_vl.json"
+    path.write_text(json.dumps(FAMILIES["qwen2_vl"]))
+    wl = Workload(batch_size=2, seq_len=16)
+    base = run(CpuEngine(), str(path), StepSetup.of(wl), QUALITY)
+    acc = run(CpuEngine(), str(path), setup_with(wl, ("grad_accumulation", {"steps": 2})), QUALITY)
+    assert cats(acc)["activations"] < cats(base)["activations"]
+    assert acc.loss_after == pytest.approx(base.loss_after, abs=1e-5)  # the same gradient
+
+
 # ------------------------------------------------------------------ optimizer
 def test_optimizer_state_by_algorithm(llama):
     wl = Workload(batch_size=2, seq_len=32)
