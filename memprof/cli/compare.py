@@ -133,9 +133,9 @@ def compare(
         moe_routing,
         experts,
     )
-    data_spec = O.data_spec(data, text_field, tokenizer, lengths, samples)
     # the library's first check after the workload (a folder, a config, a bundled name...)
     check_spec(model, trust_remote_code)
+    data_spec = O.data_spec(data, text_field, tokenizer, lengths, samples)
     # the library (torch, transformers) loads once the arguments are known to be good
     from memprof.compare import compare as run_compare
     from memprof.report.compare import render_compare
