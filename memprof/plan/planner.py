@@ -199,10 +199,20 @@ def plan(
 
     search, result = searched(None)
     if kinds:
-        options = [("full", search, result)] + [(k, *searched(k)) for k in kinds]
+        options: list[tuple[str, Search, PlanResult]] = [("full", search, result)]
+        left_out: list[dict[str, Any]] = []
+        for k in kinds:
+            try:
+                options.append((k, *searched(k)))
+            except InputError as e:
+                if peft != "any":
+                    raise  # asked for by name: its reason is the answer
+                # --peft any: a kind this model cannot train (QLoRA of GPT-2's Conv1D layers) is
+                # left out, said in its row, and the others are searched
+                left_out.append({"trains": k, "fits": False, "not_applicable": str(e), "runs": 0})
         if result.chosen is None:
             search, result = next(((s, r) for _, s, r in options if r.chosen is not None), (search, result))
-        result.peft = [_peft_option(k, r) for k, _, r in options]
+        result.peft = [_peft_option(k, r) for k, _, r in options] + left_out
     if result.chosen is not None:
         result.recipe = recipe_text(result, spec, recipe_path) if result.chosen.steps else None
         if maximize:

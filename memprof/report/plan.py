@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -181,6 +182,12 @@ def peft_table(r: PlanResult) -> Table:
     t.add_column("cost", justify="right")
     t.add_column("runs", justify="right")
     for o in r.peft:
+        if o.get("not_applicable"):
+            why = escape(o["not_applicable"])
+            t.add_row(
+                _TRAINS.get(o["trains"], o["trains"]), f"does not apply: {why}", "-", "-", "-", "-", "0"
+            )
+            continue
         t.add_row(
             _TRAINS.get(o["trains"], o["trains"]),
             o["label"] or "-",

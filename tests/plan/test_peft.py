@@ -94,3 +94,19 @@ def test_peft_needs_a_training_step_and_its_library(wide, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "peft" else real(n, *a))
     with pytest.raises(EnvironmentProblem, match="pip install"):
         P.plan(wide, WL, 10**12, peft="lora")
+
+
+def test_any_leaves_out_a_kind_the_model_cannot_train_and_searches_the_others():
+    """GPT-2's projections are Conv1D, not Linear: QLoRA has nothing to quantize. --peft any
+    says so in QLoRA's row and plans with the others (it refused the whole plan, exit 2);
+    --peft qlora, asked for by name, still refuses."""
+    from tests.conftest import tiny
+
+    wl = Workload(batch_size=2, seq_len=16)
+    r = P.plan(tiny("gpt2"), wl, WORKSPACE + 2 * MiB, context_overhead=0, max_runs=4, peft="any")
+    kinds = {o["trains"]: o for o in r.peft}
+    assert list(kinds) == ["full", "lora", "qlora"]
+    assert "no Linear layers to quantize" in kinds["qlora"]["not_applicable"]
+    assert kinds["lora"]["runs"] > 0 and "not_applicable" not in kinds["lora"]
+    with pytest.raises(InputError, match="--peft qlora: GPT2LMHeadModel has no Linear layers"):
+        P.plan(tiny("gpt2"), wl, WORKSPACE + 2 * MiB, context_overhead=0, max_runs=4, peft="qlora")
