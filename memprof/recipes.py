@@ -29,6 +29,7 @@ import yaml
 from memprof import optimizations
 from memprof.bounds import is_key, load_yaml
 from memprof.errors import InputError, ProblemsError
+from memprof.files import not_regular
 from memprof.optimizations.registry import Optimization, parse_options, unknown_name_message
 
 _TOP_KEYS = ("description", "optimizations")
@@ -77,7 +78,7 @@ def resolve_path(spec: str | Path) -> Path:
     if p.is_file():
         return p
     if p.exists():
-        raise InputError(f"{spec}: is a directory, not a recipe file")
+        raise InputError(f"{spec}: is {not_regular(p) or 'not a regular file'}, not a recipe file")
     shipped = recipes_dir() / f"{spec}.yaml"
     if "/" not in str(spec) and shipped.is_file():
         return shipped

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from memprof import recipes
@@ -128,3 +130,15 @@ def test_cli_lists_optimizations_and_recipes(capsys):
     out = capsys.readouterr().out
     for name in ("checkpointing", "mixed_precision", "optimizer_in_backward", "low-memory-finetune", "every"):
         assert name in out
+
+
+def test_a_recipe_path_that_is_no_file_says_what_it_is(tmp_path):
+    import os
+
+    from memprof.recipes import resolve_path
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    for path, says in ((fifo, "is a named pipe (FIFO), not a recipe file"), (tmp_path, "is a directory")):
+        with pytest.raises(InputError, match=re.escape(says)):
+            resolve_path(path)
