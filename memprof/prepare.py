@@ -61,15 +61,26 @@ def estimate_state_bytes(rm: ResolvedModel, workload: Workload) -> int:
     return total
 
 
+#: the tasks whose models generate tokens (a KV cache and a greedy decode: ``--decode-tokens``)
+GENERATES = ("causal-lm", "seq2seq-lm", "speech-seq2seq", "image-text-to-text")
+
+
 def check_positions(rm: ResolvedModel, workload: Workload) -> None:
-    """Refuse a prefill plus decode longer than the model's positions, before anything is built.
+    """Refuse a decode the model cannot run, or a prefill plus decode longer than its positions,
+    before anything is built.
 
     Raises:
-        InputError: ``seq_len + decode_tokens`` past :meth:`ResolvedModel.position_limit`
+        InputError: ``decode_tokens`` for a model that does not generate (an encoder, a
+            classifier); ``seq_len + decode_tokens`` past :meth:`ResolvedModel.position_limit`
             (``seq_len`` alone: :meth:`memprof.inputs.InputBuilder.validate`, once a step runs).
     """
     if not workload.decode_tokens:  # --seq-len alone: the input builder checks it, where a step runs
         return
+    if rm.task not in GENERATES:
+        raise InputError(
+            f"--decode-tokens: {rm.name} is a {rm.task} model, which does not generate tokens; decoding "
+            f"needs a {', '.join(GENERATES[:-1])} or {GENERATES[-1]} model (a --task)"
+        )
     limit = rm.position_limit()
     if limit is None or rm.task == "image-classification":
         return

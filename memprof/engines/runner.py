@@ -720,7 +720,13 @@ def _generate(
     enter: Callable[[str], Any],
     prefill: Callable[[dict[str, Any]], Any] | None = None,
 ) -> None:
-    """Prefill, then ``n`` greedy decode steps on the KV cache; ``prefill``: an optimization's own (None: its default)."""
+    """Prefill, then ``n`` greedy decode steps on the KV cache; ``prefill``: an optimization's own (None: its default).
+
+    An encoder-decoder (T5, BART, Whisper) decodes as ``generate`` does: the encoder runs
+    once, in the prefill, and each decode step feeds the decoder its last token with
+    the encoder's output and the cache (self- and cross-attention), the encoder's
+    attention mask unchanged.
+    """
     cache_kw = cache_keyword(model)
     with enter("prefill"):
         out = prefill(inputs) if prefill is not None else None
@@ -728,7 +734,25 @@ def _generate(
             out = model(**inputs, use_cache=True)
         past = output_cache(out)
         next_ids = out.logits[:, -1:].argmax(-1)
+        encoded = getattr(out, "encoder_last_hidden_state", None)
         del out
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and encoded is not None:
+        mask = inputs.get("attention_mask")
+        with enter("decode"):
+            for _ in range(n):
+                out = model(
+                    encoder_outputs=(encoded,),
+                    attention_mask=mask,
+                    decoder_input_ids=next_ids,
+                    use_cache=True,
+                    **{cache_kw: past},
+                )
+                past = output_cache(out)
+                next_ids = out.logits[:, -1:].argmax(-1)
+                del out
+        del past, encoded
+        return
+    del encoded
     mask = inputs.get("attention_mask")
     with enter("decode"):
         for _ in range(n):

@@ -189,6 +189,39 @@ def test_infer_decode_has_prefill_and_decode_phases():
         memprof.analyze(tiny("llama"), engine="cpu", mode="train", decode_tokens=2)
 
 
+@pytest.mark.parametrize("family", ["t5", "bart", "whisper"])
+def test_an_encoder_decoder_decodes_with_its_encoder_run_once(family, tmp_path):
+    """As ``generate``: the encoder in the prefill only, then the decoder on its last token,
+    the encoder's output and the cache (T5 and Whisper were internal errors; BART re-encoded
+    each new token as if it were the input)."""
+    import contextlib
+    import json
+
+    from memprof.engines.runner import _generate
+    from memprof.models import build_model
+    from tests.families import FAMILIES
+
+    spec = tmp_path / f"{family}.json"
+    spec.write_text(json.dumps(FAMILIES[family]))
+    model, builder = build_model(resolve(str(spec)), dtype="float32", attn="sdpa", load_weights=False)
+    inputs = builder.build(2, 8, torch.device("cpu"), with_labels=False)
+    calls = {"encoder": 0, "decoder": 0}
+    for part in calls:
+        getattr(model, f"get_{part}")().register_forward_hook(
+            lambda *a, part=part: calls.__setitem__(part, calls[part] + 1)
+        )
+    with torch.no_grad():
+        _generate(model, inputs, 3, lambda name: contextlib.nullcontext())
+    assert calls == {"encoder": 1, "decoder": 4}
+    p = memprof.analyze(str(spec), engine="cpu", mode="infer", batch_size=2, seq_len=8, decode_tokens=3)
+    assert [ph.name for ph in p.phases] == ["prefill", "decode"]
+
+
+def test_decoding_a_model_that_does_not_generate_is_refused():
+    with pytest.raises(InputError, match="bert is a masked-lm model, which does not generate tokens"):
+        memprof.analyze(tiny("bert"), engine="sim", mode="infer", batch_size=2, seq_len=8, decode_tokens=2)
+
+
 def test_minilm_real_checkpoint_cpu(minilm_dir):
     p = memprof.analyze(str(minilm_dir), engine="cpu", mode="infer", batch_size=4, seq_len=128)
     assert any("loaded from the checkpoint" in n for n in p.notes)
