@@ -144,7 +144,7 @@ def shard_model(
         how it was sharded, for the report.
 
     Raises:
-        InputError: the model has no repeated blocks.
+        InputError: the model has no repeated blocks, or a scalar parameter.
     """
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -153,6 +153,12 @@ def shard_model(
     if not blocks:
         raise InputError(
             f"{type(model).__name__} has no repeated blocks: FSDP2 would gather the whole model at once"
+        )
+    scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
+    if scalars:  # fully_shard refuses them, on a GPU too (CLIP's logit_scale)
+        raise InputError(
+            f"{type(model).__name__} has a scalar parameter ({scalars[0]}), which FSDP2's fully_shard "
+            "does not shard; as FSDP2 asks, make it a 1-D tensor of one element"
         )
     kind = type(blocks[0]).__name__  # before fully_shard renames the class (FSDP<name>)
     kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}

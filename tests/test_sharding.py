@@ -220,6 +220,22 @@ def test_sharding_needs_repeated_blocks(capsys: pytest.CaptureFixture[str]):
     assert code == 2 and "repeated blocks" in err and "Traceback" not in err
 
 
+def test_a_scalar_parameter_fsdp2_cannot_shard_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """CLIP's logit_scale is 0-D: fully_shard refuses it (on a GPU too). Was an internal error."""
+    from tests.families import FAMILIES
+
+    spec = tmp_path / "clip.json"
+    spec.write_text(json.dumps(FAMILIES["clip"]))
+    code = main(
+        ["analyze", str(spec), "-e", "sim", "--shard", "fsdp", "--world-size", "2", "-b", "2", "-s", "8"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "has a scalar parameter (logit_scale), which FSDP2's fully_shard does not shard" in err[0]
+
+
 def test_mixed_precision_gathers_half_precision_parameters():
     """With mixed precision FSDP2 all-gathers bf16 parameters (MixedPrecisionPolicy): half the buffers."""
     wl = Workload(batch_size=2, seq_len=64, world_size=8)
