@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from memprof._version import __version__
-from memprof.bounds import load_yaml
+from memprof.bounds import MAX_YAML_BYTES, load_yaml
 from memprof.choices import EngineName, Task, values
 from memprof.errors import InputError, MemprofError, ProblemsError
 from memprof.gpus import lookup
@@ -271,10 +271,7 @@ def read_workloads(path: str | Path) -> list[GateWorkload]:
     """
     p = Path(path)
     src = p.name
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
+    text = _read_text(p, MAX_YAML_BYTES, "a workloads file")
     try:
         if p.suffix.lower() == ".toml":
             data: Any = tomllib.loads(text)
@@ -401,6 +398,27 @@ def _is_bytes(v: Any) -> bool:
     return type(v) is int and 0 <= v <= MAX_BYTES
 
 
+#: a baseline file: each workload's profile is a few KiB to a few hundred (its modules)
+MAX_BASELINE_BYTES = 64 * 1024 * 1024
+
+
+def _read_text(p: Path, limit: int, what: str) -> str:
+    """A file's UTF-8 text, at most ``limit`` bytes.
+
+    Raises:
+        InputError: unreadable, larger than ``limit``, or not UTF-8 text (a binary file).
+    """
+    try:
+        size = p.stat().st_size
+        if size > limit:
+            raise InputError(f"{p}: {size} bytes, more than memprof reads in {what} ({limit})")
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{p}: not a text file (not UTF-8); expected {what}") from None
+    except OSError as e:
+        raise InputError(f"{p}: cannot read it ({e.strerror or e})") from None
+
+
 def _unreadable(e: BaseException) -> str:
     """Why a parser gave up on a file that is JSON or TOML in form: too deep, or a number too long."""
     if isinstance(e, RecursionError):
@@ -496,12 +514,9 @@ def load_baseline(path: str | Path) -> Baseline:
     """
     p = Path(path)
     src = p.name
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such baseline file (make one with memprof baseline)") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not p.exists():
+        raise InputError(f"{path}: no such baseline file (make one with memprof baseline)")
+    text = _read_text(p, MAX_BASELINE_BYTES, "a baseline")
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:

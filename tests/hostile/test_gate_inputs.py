@@ -494,3 +494,21 @@ def test_an_unloadable_pickle_checkpoint_is_one_line_naming_the_file(
     assert line.endswith("it is corrupt, cut short, or holds objects other than tensors")
     assert "weights_only` set to `False`" not in line  # torch's advice, wrong for such a file
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "crash").exists()
+
+
+@pytest.mark.parametrize("name", ["baseline.json", "workloads.toml", "workloads.yaml"])
+def test_a_binary_baseline_or_workloads_file_is_one_line(tmp_path, capsys, name):
+    """Not UTF-8: a UnicodeDecodeError, an internal error (exit 70) before."""
+    from memprof.cli import main
+
+    path = tmp_path / name
+    path.write_bytes(b"\xff\xfe\x00\x98 not text")
+    args = (
+        ["check", "--baseline", str(path)]
+        if name.startswith("baseline")
+        else ["baseline", "--workloads", str(path), "-o", str(tmp_path / "out.json")]
+    )
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "not a text file (not UTF-8)" in err[0]
