@@ -246,6 +246,32 @@ def _prefixed(say: Progress, prefix: str) -> Progress:
     return lambda msg: say(prefix + msg)
 
 
+def _control_characters(x: Any, where: str, limit: int = 5) -> list[str]:
+    """Where strings of a baseline entry hold control characters or line breaks (the first ``limit``).
+
+    memprof writes none; the reports print module, phase and note strings as they are,
+    and a terminal acts on escape sequences in them.
+    """
+    out: list[str] = []
+
+    def walk(v: Any, at: str) -> None:
+        if len(out) >= limit:
+            return
+        if isinstance(v, str):
+            if name_problem(v):
+                out.append(f"{at}: {name_problem(v)}")
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                walk(k, f"{at} (a key)")
+                walk(item, f"{at}.{k}")
+        elif isinstance(v, list):
+            for i, item in enumerate(v):
+                walk(item, f"{at}[{i}]")
+
+    walk(x, where)
+    return out
+
+
 def name_problem(name: str) -> str | None:
     """Why ``name`` cannot name a workload, or None.
 
@@ -545,6 +571,11 @@ def load_baseline(path: str | Path) -> Baseline:
             continue
         if "name" in item and (not isinstance(item["name"], str) or not item["name"]):
             problems.append(f"{where}.name: must be a non-empty string, got {_shown(item['name'])}")
+        # a module, phase or note string that would drive the terminal (the name: checked below)
+        controls = _control_characters({k: v for k, v in item.items() if k != "name"}, where)
+        if controls:
+            problems += controls
+            continue
         entry = {
             k: item.get(k)
             for k in ("name", "model", "engine", "recipe", "steps", "gpu")

@@ -512,3 +512,19 @@ def test_a_binary_baseline_or_workloads_file_is_one_line(tmp_path, capsys, name)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "not a text file (not UTF-8)" in err[0]
+
+
+def test_a_baseline_string_with_an_escape_sequence_is_refused(tmp_path, capsys):
+    """The reports print module, phase and note strings as they are (Rich passes ESC through):
+    a crafted baseline could drive the terminal. memprof writes none."""
+    from memprof.cli import main
+    from tests.conftest import REPO
+
+    d = json.loads((REPO / "configs" / "baselines" / "memprof-baseline.json").read_text())
+    d["workloads"][0]["profile"]["modules"][0]["name"] = "evil\x1b]0;pwned\x07"
+    path = tmp_path / "esc.json"
+    path.write_text(json.dumps(d))
+    code = main(["check", "--baseline", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "\x1b" not in err
+    assert "workloads[1].profile.modules[0].name: must not hold control characters" in err
