@@ -78,7 +78,8 @@ def check_positions(rm: ResolvedModel, workload: Workload) -> None:
         return
     if rm.task not in GENERATES:
         raise InputError(
-            f"--decode-tokens: {rm.name} is a {rm.task} model, which does not generate tokens; decoding "
+            f"--decode-tokens: {rm.name} is {'an' if str(rm.task)[:1] in 'aeiou' else 'a'} {rm.task} model, "
+            "which does not generate tokens; decoding "
             f"needs a {', '.join(GENERATES[:-1])} or {GENERATES[-1]} model (a --task)"
         )
     limit = rm.position_limit()
