@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from memprof.choices import Task
 from memprof.distill_loss import resolve_teacher
 from memprof.engines import get_engine
 from memprof.engines.base import Engine
@@ -62,7 +63,9 @@ def estimate_state_bytes(rm: ResolvedModel, workload: Workload) -> int:
 
 
 #: the tasks whose models generate tokens (a KV cache and a greedy decode: ``--decode-tokens``)
-GENERATES = ("causal-lm", "seq2seq-lm", "speech-seq2seq", "image-text-to-text")
+GENERATES = tuple(
+    t.value for t in (Task.causal_lm, Task.seq2seq_lm, Task.speech_seq2seq, Task.image_text_to_text)
+)
 
 
 def check_positions(rm: ResolvedModel, workload: Workload) -> None:

@@ -209,7 +209,7 @@ def plan(
                     raise  # asked for by name: its reason is the answer
                 # --peft any: a kind this model cannot train (QLoRA of GPT-2's Conv1D layers) is
                 # left out, said in its row, and the others are searched
-                left_out.append({"trains": k, "fits": False, "not_applicable": str(e), "runs": 0})
+                left_out.append({**_peft_option(k, None), "not_applicable": str(e)})
         if result.chosen is None:
             search, result = next(((s, r) for _, s, r in options if r.chosen is not None), (search, result))
         result.peft = [_peft_option(k, r) for k, _, r in options] + left_out
@@ -232,19 +232,20 @@ def plan(
     return result
 
 
-def _peft_option(kind: str, r: PlanResult) -> dict[str, Any]:
-    """One line of ``result.peft``: what training ``kind`` (full, lora, qlora) takes under the budget."""
-    best = r.chosen or (r.frontier[0] if r.frontier else None)
+def _peft_option(kind: str, r: PlanResult | None) -> dict[str, Any]:
+    """One line of ``result.peft``: what training ``kind`` (full, lora, qlora) takes under the budget
+    (``r`` None: not searched, the model cannot train it)."""
+    best = (r.chosen or (r.frontier[0] if r.frontier else None)) if r is not None else None
     return {
         "trains": kind,
-        "fits": r.chosen is not None,
+        "fits": r is not None and r.chosen is not None,
         "steps": best.steps if best else [],
         "label": best.label if best else None,
         "peak_bytes": best.peak_bytes if best else None,
         "need_bytes": best.need_bytes if best else None,
         "cost": best.cost if best else None,
         "source": best.source if best else None,
-        "runs": len(r.runs),
+        "runs": len(r.runs) if r is not None else 0,
     }
 
 

@@ -196,7 +196,8 @@ class PlanResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     #: ``--peft``: what each kind of training takes ({"trains": full | lora | qlora, "fits",
-    #: "steps", "label", "peak_bytes", "need_bytes", "cost", "source", "runs"}); empty without it
+    #: "steps", "label", "peak_bytes", "need_bytes", "cost", "source", "runs"}, and
+    #: "not_applicable": why, for a kind ``--peft any`` left out); empty without it
     peft: list[dict[str, Any]] = field(default_factory=list)
     schema: str = SCHEMA
 

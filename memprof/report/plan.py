@@ -185,7 +185,13 @@ def peft_table(r: PlanResult) -> Table:
         if o.get("not_applicable"):
             why = escape(o["not_applicable"])
             t.add_row(
-                _TRAINS.get(o["trains"], o["trains"]), f"does not apply: {why}", "-", "-", "-", "-", "0"
+                _TRAINS.get(o["trains"], o["trains"]),
+                f"does not apply: {why}",
+                "-",
+                "-",
+                "-",
+                "-",
+                str(o["runs"]),
             )
             continue
         t.add_row(
